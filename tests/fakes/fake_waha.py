@@ -1,0 +1,158 @@
+"""FakeWaha: WAHA's send endpoints, validated against WAHA's own OpenAPI spec, with engine-shaped replies."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from tests.fakes.base import FakeServer, Request, Response, phrase, run_cli
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "waha-openapi.json"
+_SPEC_URI = "urn:waha-openapi"
+SEND_TEXT = "/api/sendText"
+PRESENCE_PATHS = ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")
+ENGINES = ("WEBJS", "WEBJS_EMPTY", "NOWEB", "GOWS")
+NOT_WORKING = "Session status is not as expected. Try again later or restart the session"
+
+
+@lru_cache(maxsize=1)
+def _spec() -> tuple[dict[str, Any], Registry]:
+    spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    resource = Resource.from_contents(spec, default_specification=DRAFT202012)
+    return spec, Registry().with_resource(_SPEC_URI, resource)
+
+
+@lru_cache(maxsize=None)
+def _validator(path: str) -> Draft202012Validator:
+    spec, registry = _spec()
+    try:
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    except KeyError:
+        raise ValueError(f"WAHA spec has no JSON request body for POST {path}") from None
+    # Refs like "#/components/schemas/X" must resolve against the whole spec document.
+    ref = schema.get("$ref")
+    return Draft202012Validator({"$ref": _SPEC_URI + ref} if ref else schema, registry=registry)
+
+
+def validate_waha_request(path: str, body: Any) -> list[str]:
+    """Errors of `body` against the requestBody schema of POST `path` in WAHA's spec ([] = valid)."""
+    errors = sorted(_validator(path).iter_errors(body), key=lambda e: list(e.absolute_path))
+    return [f"{'.'.join(map(str, e.absolute_path)) or 'body'}: {e.message}" for e in errors]
+
+
+def _hex(n_bytes: int) -> str:
+    return secrets.token_hex(n_bytes).upper()
+
+
+class FakeWaha(FakeServer):
+    """Fake WAHA: /ping, GET /api/sessions/{name}, POST sendText/sendSeen/startTyping/stopTyping."""
+
+    config_keys = FakeServer.config_keys | {"session_status", "engine"}
+
+    def __init__(self, *, api_key: str = "test-waha-key", engine: str = "WEBJS", session: str = "default",
+                 me_id: str = "11111111111@c.us", host: str = "127.0.0.1", port: int = 0,
+                 latency_s: float = 0.0, log_path: str | None = None, session_status: str = "WORKING") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}")
+        super().__init__(host=host, port=port, latency_s=latency_s, log_path=log_path)
+        self.api_key, self.engine, self.session = api_key, engine, session
+        self.me_id, self.session_status = me_id, session_status
+
+    # -- convenience for assertions ---------------------------------------
+    def sent_texts(self) -> list[dict[str, Any]]:
+        """Accepted (201) sendText calls in arrival order."""
+        return [{k: r["body"].get(k) for k in ("session", "chatId", "text", "reply_to")}
+                for r in self.requests(SEND_TEXT, "POST") if r["status"] == 201]
+
+    def presence_calls(self, chat_id: str | None = None) -> list[tuple[str, str]]:
+        """Accepted (201) sendSeen/startTyping/stopTyping calls as (path, chatId), arrival order."""
+        return [(r["path"], r["body"]["chatId"]) for r in self.requests(method="POST")
+                if r["path"] in PRESENCE_PATHS and r["status"] == 201
+                and (chat_id is None or r["body"]["chatId"] == chat_id)]
+
+    # -- HTTP --------------------------------------------------------------
+    def error_body(self, status: int) -> Any:
+        if status == 422:
+            return self._not_working(self.session)
+        if status == 500:  # WAHA's engine-error shape (#2271, #2094)
+            return {"statusCode": 500, "timestamp": datetime.now(timezone.utc).isoformat(),
+                    "exception": {"message": "Fake engine failure", "name": "Error",
+                                  "stack": "Error: Fake engine failure\n    at FakeWaha"}}
+        return _nest_error(status, phrase(status))
+
+    def route(self, req: Request) -> Response:
+        if req.method == "GET" and req.path == "/ping":
+            return Response(200, {"message": "pong"})
+        key = req.headers.get("x-api-key") or req.query.get("x-api-key")  # WAHA accepts both
+        if req.path.startswith("/api/") and key != self.api_key:
+            return Response(401, {"message": "Unauthorized", "statusCode": 401})
+        if req.method == "GET" and (m := re.fullmatch(r"/api/sessions/([^/]+)", req.path)):
+            return self._session_info(m.group(1))
+        if req.method == "POST" and req.path in (SEND_TEXT, *PRESENCE_PATHS):
+            if not (req.json_ok and isinstance(req.body, dict)):
+                return Response(400, _nest_error(400, ["request body must be a JSON object"]))
+            if errors := validate_waha_request(req.path, req.body):
+                return Response(400, _nest_error(400, errors))
+            if req.body["session"] != self.session or self.session_status != "WORKING":
+                return Response(422, self._not_working(req.body["session"]))
+            if req.path == SEND_TEXT:
+                return self._send_text(req.body)
+            # sendSeen answers an (empty) object; typing endpoints return void -> empty 201 in NestJS.
+            return Response(201, {} if req.path == "/api/sendSeen" else None)
+        return Response(404, _nest_error(404, f"Cannot {req.method} {req.path}"))
+
+    def _not_working(self, session: str) -> dict[str, Any]:
+        status = self.session_status if session == self.session else "STOPPED"
+        return {"error": NOT_WORKING, "session": session, "status": status, "expected": ["WORKING"]}
+
+    def _session_info(self, name: str) -> Response:
+        if name != self.session:
+            return Response(404, _nest_error(404, f"We didn't find a session with name '{name}'"))
+        working = self.session_status == "WORKING"
+        return Response(200, {"name": name, "status": self.session_status, "config": {},
+                              "me": {"id": self.me_id, "pushName": "Bot"} if working else None,
+                              "engine": {"engine": self.engine.removesuffix("_EMPTY")}})
+
+    def _send_text(self, body: dict[str, Any]) -> Response:
+        """201 with the engine's raw object: WAHA does not map it to the documented WAMessage."""
+        chat, text, now = body["chatId"], body["text"], int(time.time())
+        if self.engine == "WEBJS_EMPTY":  # WAHA 2025.6.5 quirk (#1083, #1087)
+            return Response(201)
+        if self.engine == "NOWEB":  # Baileys WebMessageInfo (#760, #407)
+            jid = chat.replace("@c.us", "@s.whatsapp.net")
+            return Response(201, {"key": {"remoteJid": jid, "fromMe": True, "id": "BAE5" + _hex(6)},
+                                  "message": {"extendedTextMessage": {"text": text}},
+                                  "messageTimestamp": str(now), "status": "PENDING"})
+        if self.engine == "GOWS":  # messageResponse(): {id: serialized id, _data: parsed whatsmeow message}
+            msg_id = f"true_{chat}_3EB0{_hex(9)}" + (f"_{self.me_id}" if chat.endswith("@g.us") else "")
+            return Response(201, {"id": msg_id, "_data": {"extendedTextMessage": {"text": text}}})
+        msg_id = "3EB0" + _hex(10)  # WEBJS: whatsapp-web.js Message (#1615)
+        id_obj = {"fromMe": True, "remote": chat, "id": msg_id, "_serialized": f"true_{chat}_{msg_id}"}
+        return Response(201, {
+            "_data": {"id": id_obj, "body": text, "type": "chat", "t": now, "from": self.me_id, "to": chat,
+                      "self": "out", "ack": 0, "isNewMsg": True},
+            "id": id_obj, "ack": 0, "hasMedia": False, "body": text, "type": "chat", "timestamp": now,
+            "from": self.me_id, "to": chat, "deviceType": "web", "isForwarded": False, "forwardingScore": 0,
+            "isStatus": False, "isStarred": False, "fromMe": True, "hasQuotedMsg": bool(body.get("reply_to")),
+            "hasReaction": False, "vCards": [], "mentionedIds": [], "links": []})
+
+
+def _nest_error(status: int, message: Any) -> dict[str, Any]:
+    return {"statusCode": status, "message": message, "error": phrase(status)}
+
+
+if __name__ == "__main__":
+    run_cli(FakeWaha, "Fake WAHA server", lambda p: (
+        p.add_argument("--engine", choices=ENGINES),
+        p.add_argument("--session"),
+        p.add_argument("--me-id", dest="me_id"),
+        p.add_argument("--session-status", dest="session_status")))

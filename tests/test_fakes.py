@@ -1,0 +1,192 @@
+"""Quick checks of the fake upstreams themselves (they are the ground truth for the end-to-end tests)."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes import FakeOpenRouter, FakeWaha, validate_waha_request
+
+WAHA_KEY = {"X-Api-Key": "test-waha-key"}
+LLM_KEY = {"Authorization": "Bearer test-llm-key"}
+TEXT = {"session": "default", "chatId": "22222222222@c.us", "text": "hello"}
+CHAT = {"model": "google/gemini-2.0-flash-001",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]}
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=5) as c:
+        yield c
+
+
+@pytest.fixture
+def waha() -> Iterator[FakeWaha]:
+    with FakeWaha() as fake:
+        yield fake
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeOpenRouter]:
+    with FakeOpenRouter() as fake:
+        yield fake
+
+
+def completion(client: httpx.Client, llm: FakeOpenRouter) -> httpx.Response:
+    return client.post(f"{llm.url}/api/v1/chat/completions", json=CHAT, headers=LLM_KEY)
+
+
+def test_auth_errors(waha: FakeWaha, llm: FakeOpenRouter, client: httpx.Client) -> None:
+    assert client.get(f"{waha.url}/ping").json() == {"message": "pong"}
+    r = client.post(f"{waha.url}/api/sendText", json=TEXT, headers={"X-Api-Key": "wrong"})
+    assert (r.status_code, r.json()) == (401, {"message": "Unauthorized", "statusCode": 401})
+    r = client.post(f"{llm.url}/api/v1/chat/completions", json=CHAT)
+    assert (r.status_code, r.json()["error"]["code"]) == (401, 401)
+    assert waha.sent_texts() == [] and len(llm.completions()) == 1
+
+
+def test_schema_validation(waha: FakeWaha, client: httpx.Client) -> None:
+    body = {k: v for k, v in TEXT.items() if k != "session"}
+    r = client.post(f"{waha.url}/api/sendText", json=body, headers=WAHA_KEY)
+    assert r.status_code == 400 and r.json()["error"] == "Bad Request"
+    assert any("session" in m for m in r.json()["message"])
+    assert validate_waha_request("/api/sendText", {**TEXT, "reply_to": "false_1@c.us_AAA"}) == []
+    assert validate_waha_request("/api/sendSeen", {"session": "default", "chatId": 5}) != []
+    assert waha.sent_texts() == []
+
+
+def test_session_not_working(client: httpx.Client) -> None:
+    with FakeWaha(session_status="STARTING") as waha:
+        r = client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY)
+        assert r.status_code == 422 and r.json()["expected"] == ["WORKING"]
+        waha.session_status = "WORKING"
+        r = client.post(f"{waha.url}/api/sendText", json={**TEXT, "session": "other"}, headers=WAHA_KEY)
+        assert r.status_code == 422 and r.json()["session"] == "other"
+
+
+@pytest.mark.parametrize("engine", ["WEBJS", "NOWEB", "GOWS", "WEBJS_EMPTY"])
+def test_engine_shaped_send_text(engine: str, client: httpx.Client) -> None:
+    with FakeWaha(engine=engine) as waha:
+        r = client.post(f"{waha.url}/api/sendText", json={**TEXT, "reply_to": "false_x@c.us_AAA"}, headers=WAHA_KEY)
+        assert r.status_code == 201
+        if engine == "WEBJS":
+            assert r.json()["id"]["_serialized"].startswith("true_22222222222@c.us_3EB0")
+        elif engine == "NOWEB":
+            assert r.json()["key"]["remoteJid"] == "22222222222@s.whatsapp.net"
+            assert r.json()["message"]["extendedTextMessage"]["text"] == "hello"
+        elif engine == "GOWS":
+            assert r.json()["id"].startswith("true_22222222222@c.us_3EB0")
+        else:
+            assert r.content == b""
+        for path in ("/api/sendSeen", "/api/startTyping", "/api/stopTyping"):
+            assert client.post(waha.url + path, json=TEXT, headers=WAHA_KEY).status_code == 201
+        assert waha.sent_texts() == [{**TEXT, "reply_to": "false_x@c.us_AAA"}]
+        assert [p for p, _ in waha.presence_calls("22222222222@c.us")] == ["/api/sendSeen", "/api/startTyping",
+                                                                         "/api/stopTyping"]
+
+
+def test_llm_echo_and_models(llm: FakeOpenRouter, client: httpx.Client) -> None:
+    body = completion(client, llm).json()
+    assert body["choices"][0]["message"]["content"] == "Echo: Hi there!"
+    assert body["model"] == CHAT["model"] and body["id"].startswith("gen-")
+    assert [m["id"] for m in client.get(f"{llm.url}/api/v1/models").json()["data"]] == list(llm.models)
+
+
+def test_faults_consumed_in_order(llm: FakeOpenRouter, client: httpx.Client) -> None:
+    llm.add_fault("/chat/completions", status=503, times=2)
+    llm.add_fault("/chat/completions", status=429, headers={"Retry-After": "1"})
+    responses = [completion(client, llm) for _ in range(4)]
+    assert [r.status_code for r in responses] == [503, 503, 429, 200]
+    assert responses[2].headers["Retry-After"] == "1"
+    assert responses[2].json()["error"]["message"] == "Rate limit exceeded"
+    llm.add_fault("/chat/completions", status=502, times=None)
+    assert {completion(client, llm).status_code for _ in range(3)} == {502}
+    llm.clear_faults()
+    assert completion(client, llm).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["error_200", "finish_error", "empty_content", "null_content", "malformed"])
+def test_unusable_200s(kind: str, llm: FakeOpenRouter, client: httpx.Client) -> None:
+    llm.add_fault("/chat/completions", kind=kind)
+    r = completion(client, llm)
+    assert r.status_code == 200
+    if kind == "malformed":
+        with pytest.raises(json.JSONDecodeError):
+            r.json()
+        return
+    body = r.json()
+    if kind == "error_200":
+        assert "choices" not in body and body["error"]["code"] == 502
+    else:
+        choice = body["choices"][0]
+        expected = {"finish_error": "error", "empty_content": "stop", "null_content": "stop"}[kind]
+        assert choice["finish_reason"] == expected
+        if kind == "finish_error":  # partial content that a client must not send
+            assert "Echo: Hi there!".startswith(choice["message"]["content"]) and choice["error"]["code"] == 502
+        else:
+            assert choice["message"]["content"] == {"empty_content": "", "null_content": None}[kind]
+
+
+def test_hang_and_drop_close_without_response(llm: FakeOpenRouter, client: httpx.Client) -> None:
+    llm.add_fault("/chat/completions", kind="hang", delay_s=0.1)
+    llm.add_fault("/chat/completions", drop_connection=True)
+    for _ in range(2):
+        with pytest.raises(httpx.RemoteProtocolError):
+            completion(client, llm)
+    assert completion(client, llm).status_code == 200
+    assert [r["status"] for r in llm.requests()] == [None, None, 200]
+
+
+def test_delay_does_not_block_others(waha: FakeWaha, client: httpx.Client) -> None:
+    waha.add_fault("/api/sendText", delay_s=0.4)  # delay only: normal 201 afterwards
+    slow: list[float] = []
+
+    def send() -> None:
+        t0 = time.monotonic()
+        assert client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY).status_code == 201
+        slow.append(time.monotonic() - t0)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    assert client.get(f"{waha.url}/ping").status_code == 200
+    assert time.monotonic() - t0 < 0.2
+    thread.join()
+    assert slow[0] >= 0.4 and len(waha.sent_texts()) == 1
+
+
+def test_control_endpoints(waha: FakeWaha, client: httpx.Client) -> None:
+    rules = {"rules": [{"path": "/api/sendText", "status": 500, "times": 1}]}
+    assert client.post(f"{waha.url}/_fake/faults", json=rules).json()["added"] == 1
+    assert client.post(f"{waha.url}/_fake/faults", json={"rules": [{"path": "/x", "kind": "nope"}]}).status_code == 400
+    r = client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY)
+    assert r.status_code == 500 and r.json()["exception"]["name"] == "Error"
+    assert client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY).status_code == 201
+    recorded = client.get(f"{waha.url}/_fake/requests", params={"path": "/api/sendText"}).json()["requests"]
+    assert [r["status"] for r in recorded] == [500, 201] and recorded[0]["headers"]["x-api-key"] == "test-waha-key"
+    client.post(f"{waha.url}/_fake/faults", json={"rules": [{"path": "/ping", "status": 503, "times": None}]})
+    assert client.delete(f"{waha.url}/_fake/faults").status_code == 200
+    assert client.post(f"{waha.url}/_fake/config", json={"latency_s": 0.05}).json()["latency_s"] == 0.05
+    assert client.post(f"{waha.url}/_fake/config", json={"bogus": 1}).status_code == 400
+    assert client.post(f"{waha.url}/_fake/reset").status_code == 200
+    assert client.get(f"{waha.url}/ping").status_code == 200 and len(waha.requests()) == 1
+
+
+def test_log_file_and_malformed_requests(tmp_path: Path, client: httpx.Client) -> None:
+    log = tmp_path / "waha.jsonl"
+    with FakeWaha(log_path=str(log)) as waha:
+        with socket.create_connection(("127.0.0.1", waha.port)) as s:  # garbage request line
+            s.sendall(b"\x00\x01 NOT HTTP\r\n\r\n")
+            s.recv(1024)
+        r = client.post(f"{waha.url}/api/sendText", content=b"{not json", headers=WAHA_KEY)
+        assert r.status_code == 400
+        assert client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY).status_code == 201
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["path"], line["status"]) for line in lines] == [("/api/sendText", 400), ("/api/sendText", 201)]
