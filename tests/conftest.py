@@ -1,0 +1,127 @@
+"""Shared fixtures: settings for tests, an app wired to respx-mocked upstreams, and helpers to post WAHA events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+import whatsapp_webhook_server as server
+from tests import waha_payloads as wp
+from tests.fakes.fake_waha import validate_waha_request
+
+LLM_BASE = "https://llm.test/api/v1"
+WAHA_BASE = "http://waha.test"
+WAHA_KEY = "test-waha-key"
+LLM_KEY = "test-llm-key"
+
+
+def make_settings(tmp_path: Any, **overrides: Any) -> server.Settings:
+    values: dict[str, Any] = dict(
+        openrouter_api_key=LLM_KEY, openrouter_base_url=LLM_BASE, waha_base_url=WAHA_BASE,
+        waha_api_key=WAHA_KEY, state_db=str(tmp_path / "state.db"), log_file=None,
+        typing_simulation=False, webhook_sync_wait_seconds=10.0, llm_attempt_timeout_seconds=5.0,
+        llm_deadline_seconds=8.0, waha_timeout_seconds=2.0)
+    values.update(overrides)
+    return server.Settings(**values)
+
+
+async def no_sleep(seconds: float) -> None:
+    """Backoff and typing pauses are recorded by the tests that care, never actually waited."""
+    SLEEPS.append(seconds)
+
+
+SLEEPS: list[float] = []
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> server.Settings:
+    return make_settings(tmp_path)
+
+
+class Upstreams:
+    """respx routes for WAHA and the LLM, with the defaults a healthy deployment would give."""
+
+    def __init__(self, router: respx.MockRouter) -> None:
+        self.router = router
+        self.llm = router.post(f"{LLM_BASE}/chat/completions", name="llm")
+        self.llm.side_effect = self._echo_completion
+        self.send_text = router.post(f"{WAHA_BASE}/api/sendText", name="sendText")
+        self.send_text.side_effect = self._waha_ok
+        for path in ("sendSeen", "startTyping", "stopTyping"):
+            router.post(f"{WAHA_BASE}/api/{path}", name=path).side_effect = self._waha_ok
+
+    @staticmethod
+    def _echo_completion(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        return httpx.Response(200, json=completion(f"Echo: {body['messages'][-1]['content']}", model=body["model"]))
+
+    @staticmethod
+    def _waha_ok(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        errors = validate_waha_request(request.url.path, body)
+        if request.headers.get("X-Api-Key") != WAHA_KEY:
+            return httpx.Response(401, json={"message": "Unauthorized", "statusCode": 401})
+        if errors:
+            return httpx.Response(400, json={"statusCode": 400, "message": errors, "error": "Bad Request"})
+        if request.url.path == "/api/sendText":
+            return httpx.Response(201, json={"id": {"fromMe": True, "remote": body["chatId"], "id": "3EB0AAAA",
+                                                    "_serialized": f"true_{body['chatId']}_3EB0AAAA"}})
+        return httpx.Response(201, json={})
+
+    def sent_texts(self) -> list[dict[str, Any]]:
+        return [json.loads(call.request.content) for call in self.send_text.calls
+                if call.response is not None and call.response.status_code == 201]
+
+    def calls_to(self, name: str) -> list[dict[str, Any]]:
+        return [json.loads(call.request.content) for call in self.router.routes[name].calls]
+
+
+def completion(content: Any, *, model: str = "google/gemini-2.0-flash-001", finish_reason: str = "stop") -> dict[str, Any]:
+    """An OpenRouter chat completion body as documented (choices, usage, model actually used)."""
+    return {"id": "gen-123", "object": "chat.completion", "created": 1700000000, "model": model,
+            "provider": "Google",
+            "choices": [{"index": 0, "finish_reason": finish_reason, "native_finish_reason": "STOP",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}}
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Upstreams]:
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield Upstreams(router)
+
+
+@pytest.fixture
+def make_app(tmp_path: Any, upstreams: Upstreams) -> Iterator[Any]:
+    apps: list[Any] = []
+    SLEEPS.clear()
+
+    def build(**overrides: Any) -> Any:
+        app = server.create_app(make_settings(tmp_path, **overrides), sleep=no_sleep)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        server.shutdown(app)
+
+
+@pytest.fixture
+def client(make_app: Any) -> Any:
+    return make_app().test_client()
+
+
+def post_event(client: Any, envelope: dict[str, Any] | bytes, *, hmac_key: str | None = None,
+               headers: dict[str, str] | None = None, content_type: str = "application/json") -> Any:
+    """POST a webhook exactly as WAHA does: compact JSON bytes, optional HMAC over those bytes."""
+    body = envelope if isinstance(envelope, bytes) else wp.dumps(envelope)
+    all_headers = {"X-Webhook-Request-Id": "req-test"}
+    if hmac_key is not None:
+        all_headers.update({"X-Webhook-Hmac": wp.sign(body, hmac_key), "X-Webhook-Hmac-Algorithm": "sha512"})
+    all_headers.update(headers or {})
+    return client.post(server.WEBHOOK_PATH, data=body, headers=all_headers, content_type=content_type)

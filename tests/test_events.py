@@ -1,0 +1,136 @@
+"""Event parsing and filters, fed with WAHA-shaped envelopes from all three engines."""
+
+from __future__ import annotations
+
+import pytest
+
+import whatsapp_webhook_server as server
+from tests import waha_payloads as wp
+
+
+def classify(envelope: dict, *, reply_in_groups: bool = False):
+    return server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=reply_in_groups)
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+@pytest.mark.parametrize("sender", [wp.CUSTOMER_PN, wp.CUSTOMER_LID])
+def test_customer_text_is_answered_in_the_chat_it_came_from(engine: str, sender: str) -> None:
+    envelope = wp.text_message(engine, body="  Qual o horário?  ", sender=sender)
+    message = classify(envelope)
+    assert isinstance(message, server.IncomingMessage)
+    assert message.chat_id == sender  # @lid kept exactly as received
+    assert message.session == envelope["session"] and message.engine == engine
+    assert message.text == "Qual o horário?"
+    assert message.message_id == envelope["payload"]["id"]
+    assert message.event_id == envelope["id"]
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_dedupe_key_is_the_bare_message_id_shared_by_lid_and_phone_deliveries(engine: str) -> None:
+    by_lid, by_phone = wp.lid_and_pn_pair(engine)
+    first, second = classify(by_lid), classify(by_phone)
+    assert first.chat_id != second.chat_id and by_lid["id"] != by_phone["id"]
+    assert first.dedupe_key == second.dedupe_key
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_message_and_message_any_of_one_message_share_a_key(engine: str) -> None:
+    envelope = wp.text_message(engine)
+    twin = wp.text_message(engine, event="message.any", message_id=envelope["payload"]["id"].split("_")[2])
+    assert classify(envelope).dedupe_key == classify(twin).dedupe_key
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+@pytest.mark.parametrize("builder, reason", [
+    (wp.message_ack, "event_not_handled"),
+    (wp.session_status, "event_not_handled"),
+    (wp.reaction, "event_not_handled"),
+    (wp.own_api_message_any, "from_me"),
+    (wp.own_app_message_any, "from_me"),
+    (wp.status_broadcast_message, "status_broadcast"),
+    (wp.newsletter_message, "channel"),
+    (wp.broadcast_list_message, "broadcast_list"),
+])
+def test_what_a_reply_bot_must_not_answer(engine: str, builder, reason: str) -> None:
+    decision = classify(builder(engine))
+    assert isinstance(decision, server.Ignored) and decision.reason == reason
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_groups_are_ignored_unless_enabled_and_then_answered_in_the_group(engine: str) -> None:
+    envelope = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID)
+    assert classify(envelope) == server.Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    message = classify(envelope, reply_in_groups=True)
+    assert message.chat_id == wp.GROUP_ID and message.participant == wp.CUSTOMER_LID and message.is_group
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_messages_from_the_bots_own_ids_are_ignored(engine: str) -> None:
+    for own_id in (wp.BOT_ID, wp.BOT_LID):
+        envelope = wp.text_message(engine, sender=own_id)
+        envelope["me"] = {"id": wp.BOT_ID, "lid": wp.BOT_LID, "pushName": "Bot"}
+        assert classify(envelope).reason == "own_number"
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_media_uses_the_caption_or_is_flagged_as_non_text(engine: str) -> None:
+    assert classify(wp.media_message(engine, caption="Quanto custa este?")).text == "Quanto custa este?"
+    for kind in ("image", "audio", "sticker", "document"):
+        message = classify(wp.media_message(engine, kind=kind))
+        assert isinstance(message, server.IncomingMessage) and message.text is None, kind
+    assert classify(wp.location_message(engine)).text is None
+
+
+def test_missing_me_and_envelope_id_are_tolerated() -> None:
+    envelope = wp.text_message("WEBJS")
+    envelope.pop("id")
+    envelope["me"] = None
+    assert isinstance(classify(envelope), server.IncomingMessage)
+
+
+def test_a_message_without_any_content_is_ignored() -> None:
+    envelope = wp.text_message("NOWEB", body="")
+    assert classify(envelope).reason == "no_content"
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"", "request body is empty"),
+    (b"   ", "request body is empty"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object, got an array"),
+    (b'"message"', "must be a JSON object, got a string"),
+    (b"42", "must be a JSON object, got a number"),
+    (b"null", "must be a JSON object, got null"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'{"session": "default"}', "field 'event' is required"),
+    (b'{"event": 7}', "field 'event' must be a string, got a number"),
+    (b'{"event": "message", "payload": "hi"}', "field 'payload' must be an object, got a string"),
+    (b'{"event": "message", "me": [], "payload": {}}', "field 'me' must be an object"),
+])
+def test_malformed_bodies_are_explained(body: bytes, error: str) -> None:
+    with pytest.raises(server.BadRequestError, match=error.replace("(", r"\(")):
+        server.parse_event(body)
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda p: p.pop("from"), "field 'payload.from' is required"),
+    (lambda p: p.pop("id"), "field 'payload.id' is required"),
+    (lambda p: p.update({"from": 5511}), "field 'payload.from' must be a string, got a number"),
+    (lambda p: p.update({"fromMe": "no"}), "field 'payload.fromMe' must be a boolean, got a string"),
+    (lambda p: p.update({"body": 123}), "field 'payload.body' must be a string, got a number"),
+    (lambda p: p.update({"timestamp": True}), "field 'payload.timestamp' must be a number, got a boolean"),
+    (lambda p: p.update({"hasMedia": 1}), "field 'payload.hasMedia' must be a boolean"),
+])
+def test_message_fields_of_the_wrong_type_are_explained(mutate, error: str) -> None:
+    envelope = wp.text_message("GOWS")
+    mutate(envelope["payload"])
+    with pytest.raises(server.BadRequestError, match=error):
+        classify(envelope)
+
+
+def test_message_without_session_cannot_be_answered() -> None:
+    envelope = wp.text_message("WEBJS")
+    envelope.pop("session")
+    with pytest.raises(server.BadRequestError, match="session"):
+        classify(envelope)

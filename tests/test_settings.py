@@ -1,0 +1,102 @@
+"""Settings: defaults, validation messages that say how to fix things, and .env.webhook loading."""
+
+import os
+
+import pytest
+
+import whatsapp_webhook_server as server
+
+REQUIRED = {"OPENROUTER_API_KEY": "sk-or-v1-test", "WAHA_API_KEY": "waha-test"}
+
+
+def test_defaults_match_the_documented_values() -> None:
+    settings = server.Settings.from_env(REQUIRED)
+    assert (settings.host, settings.port) == ("0.0.0.0", 5002)
+    assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
+    assert settings.openrouter_model == "google/gemini-2.0-flash-001"
+    assert settings.log_file == "/tmp/whatsapp_webhook.log"
+    assert settings.reply_in_groups is False and settings.typing_simulation is True
+    assert settings.webhook_sync_wait_seconds == 20.0
+    assert settings.webhook_secret_token is None and settings.webhook_hmac_key is None
+
+
+def test_every_documented_variable_is_read() -> None:
+    env = dict(REQUIRED, WEBHOOK_HOST="127.0.0.1", WEBHOOK_PORT="8080", DEBUG="true",
+               OPENROUTER_BASE_URL="http://localhost:11434/v1/", OPENROUTER_MODEL="llama3",
+               AI_SYSTEM_PROMPT="Be brief.", WAHA_BASE_URL="http://waha:3000", WEBHOOK_SECRET_TOKEN="tok",
+               WEBHOOK_HMAC_KEY="hk", STATE_DB="/tmp/x.db", LOG_FILE="", LOG_LEVEL="debug",
+               REPLY_IN_GROUPS="yes", FALLBACK_MESSAGE="Sorry!", TYPING_SIMULATION="off",
+               WEBHOOK_SYNC_WAIT_SECONDS="2.5")
+    s = server.Settings.from_env(env)
+    assert (s.host, s.port, s.debug) == ("127.0.0.1", 8080, True)
+    assert s.openrouter_base_url == "http://localhost:11434/v1"  # trailing slash dropped
+    assert (s.openrouter_model, s.ai_system_prompt, s.waha_base_url) == ("llama3", "Be brief.", "http://waha:3000")
+    assert (s.webhook_secret_token, s.webhook_hmac_key, s.state_db) == ("tok", "hk", "/tmp/x.db")
+    assert s.log_file is None and s.log_level == "DEBUG"
+    assert s.reply_in_groups is True and s.typing_simulation is False
+    assert (s.fallback_message, s.webhook_sync_wait_seconds) == ("Sorry!", 2.5)
+
+
+def test_missing_keys_are_all_named_with_where_to_set_them() -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env({})
+    message = str(error.value)
+    assert "OPENROUTER_API_KEY is not set" in message and "WAHA_API_KEY is not set" in message
+    assert ".env.webhook" in message
+
+
+def test_placeholder_values_from_the_example_file_are_refused() -> None:
+    with pytest.raises(server.SettingsError, match="OPENROUTER_API_KEY still holds the placeholder"):
+        server.Settings.from_env(dict(REQUIRED, OPENROUTER_API_KEY="sk-or-v1-your-key-here"))
+
+
+def test_a_local_openai_compatible_server_needs_no_openrouter_key() -> None:
+    settings = server.Settings.from_env({"WAHA_API_KEY": "k", "OPENROUTER_BASE_URL": "http://localhost:8000/v1"})
+    assert settings.openrouter_api_key == "" and not settings.uses_openrouter
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("WEBHOOK_PORT", "abc", "WEBHOOK_PORT must be a whole number from 1 to 65535, got 'abc'"),
+    ("WEBHOOK_PORT", "70000", "WEBHOOK_PORT must be a whole number"),
+    ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'"),
+    ("WAHA_BASE_URL", "waha:3000", "WAHA_BASE_URL must be an http:// or https:// URL"),
+    ("WEBHOOK_SYNC_WAIT_SECONDS", "-1", "WEBHOOK_SYNC_WAIT_SECONDS must be a number from 0 to 600"),
+    ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+    ("FALLBACK_MESSAGE", " ", None),  # blank means "use the default", not an empty reply
+])
+def test_invalid_values_are_explained(name: str, value: str, expected: str | None) -> None:
+    env = dict(REQUIRED, **{name: value})
+    if expected is None:
+        assert server.Settings.from_env(env).fallback_message == server.DEFAULT_FALLBACK_MESSAGE
+        return
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env(env)
+    assert expected in str(error.value)
+
+
+def test_secrets_never_appear_in_the_settings_repr() -> None:
+    settings = server.Settings.from_env(dict(REQUIRED, WEBHOOK_HMAC_KEY="hmac-secret", WEBHOOK_SECRET_TOKEN="tok-secret"))
+    text = repr(settings)
+    for secret in ("sk-or-v1-test", "waha-test", "hmac-secret", "tok-secret"):
+        assert secret not in text
+
+
+def test_env_file_fills_gaps_but_real_environment_wins(tmp_path, monkeypatch) -> None:
+    env_file = tmp_path / ".env.webhook"
+    env_file.write_text("OPENROUTER_API_KEY=from-file\nWAHA_API_KEY=waha-from-file\nWEBHOOK_PORT=6000\n")
+    for name in ("OPENROUTER_API_KEY", "WAHA_API_KEY", "WEBHOOK_PORT", "OPENROUTER_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WEBHOOK_PORT", "7000")
+    settings = server.load_settings(str(env_file))
+    assert settings.openrouter_api_key == "from-file" and settings.waha_api_key == "waha-from-file"
+    assert settings.port == 7000
+    for name in ("OPENROUTER_API_KEY", "WAHA_API_KEY"):
+        os.environ.pop(name, None)  # load_dotenv wrote them into the real environment
+
+
+def test_unwritable_state_db_fails_at_start_with_a_fix(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    settings = server.Settings.from_env(dict(REQUIRED, STATE_DB=str(blocker / "state.db"), LOG_FILE=""))
+    with pytest.raises(server.SettingsError, match="STATE_DB .* point STATE_DB at a writable file"):
+        server.create_app(settings)

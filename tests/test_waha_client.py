@@ -1,0 +1,126 @@
+"""WAHA client: request bodies valid against WAHA's OpenAPI spec, engine-specific responses, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import respx
+
+import whatsapp_webhook_server as server
+from tests.fakes.fake_waha import validate_waha_request
+
+BASE = "http://waha.test"
+
+
+def run(coro_factory, responses: dict[str, list]) -> tuple[object, dict[str, respx.Route], list[float]]:
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def scenario():
+        async with httpx.AsyncClient() as http:
+            client = server.WahaClient(http=http, base_url=BASE, api_key="waha-key", sleep=fake_sleep, rng=lambda: 0.5)
+            try:
+                return await coro_factory(client)
+            except server.WahaError as exc:
+                return exc
+
+    with respx.mock(assert_all_called=False) as router:
+        routes = {}
+        for path, side_effect in responses.items():
+            routes[path] = router.post(BASE + path)
+            routes[path].side_effect = side_effect
+        result = asyncio.run(scenario())
+    return result, routes, sleeps
+
+
+def sent_bodies(route: respx.Route) -> list[dict]:
+    return [json.loads(call.request.content) for call in route.calls]
+
+
+@pytest.mark.parametrize("chat_id", ["5511988887777@c.us", "200000000000002@lid", "120363000000000001@g.us"])
+def test_send_text_body_is_valid_for_waha_and_keeps_the_chat_id_as_received(chat_id: str) -> None:
+    result, routes, _ = run(lambda c: c.send_text(session="default", chat_id=chat_id, text="Olá!"),
+                            {"/api/sendText": [httpx.Response(201, json={})]})
+    (body,) = sent_bodies(routes["/api/sendText"])
+    assert body == {"session": "default", "chatId": chat_id, "text": "Olá!"}
+    assert validate_waha_request("/api/sendText", body) == []
+    assert routes["/api/sendText"].calls[0].request.headers["X-Api-Key"] == "waha-key"
+
+
+def test_presence_bodies_are_valid_for_waha() -> None:
+    async def calls(client: server.WahaClient) -> None:
+        await client.send_seen(session="s1", chat_id="120363000000000001@g.us",
+                               message_id="false_120363000000000001@g.us_AAA_200000000000002@lid",
+                               participant="200000000000002@lid")
+        await client.start_typing(session="s1", chat_id="120363000000000001@g.us")
+        await client.stop_typing(session="s1", chat_id="120363000000000001@g.us")
+
+    ok = [httpx.Response(201, json={})]
+    _, routes, _ = run(calls, {p: ok for p in ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")})
+    for path, route in routes.items():
+        (body,) = sent_bodies(route)
+        assert body["session"] == "s1" and validate_waha_request(path, body) == []
+
+
+@pytest.mark.parametrize("response_body, expected", [
+    # WEBJS: whatsapp-web.js message object
+    ({"id": {"fromMe": True, "remote": "x@c.us", "id": "3EB0ABC", "_serialized": "true_x@c.us_3EB0ABC"}},
+     "true_x@c.us_3EB0ABC"),
+    # NOWEB: Baileys WebMessageInfo (WAHA issue #760)
+    ({"key": {"remoteJid": "x@s.whatsapp.net", "fromMe": True, "id": "3EB08A6895830F110A5E4D"},
+      "message": {"extendedTextMessage": {"text": "Hi"}}, "messageTimestamp": "1738070128", "status": "PENDING"},
+     "3EB08A6895830F110A5E4D"),
+    # GOWS: whatsmeow-style
+    ({"Info": {"ID": "3EB0GOWS", "IsFromMe": True}}, "3EB0GOWS"),
+    # a normalized WAMessage
+    ({"id": "true_x@c.us_AAAA", "body": "Hi"}, "true_x@c.us_AAAA"),
+    ({}, None),
+])
+def test_sent_message_id_is_read_from_each_engines_response(response_body: dict, expected: str | None) -> None:
+    result, _, _ = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                       {"/api/sendText": [httpx.Response(201, json=response_body)]})
+    assert result == expected
+
+
+def test_empty_201_body_is_still_a_success() -> None:
+    result, _, _ = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                       {"/api/sendText": [httpx.Response(201, content=b"")]})
+    assert result is None
+
+
+SESSION_NOT_READY = {"error": "Session status is not as expected. Try again later or restart the session",
+                     "session": "default", "status": "STARTING", "expected": ["WORKING"]}
+
+
+@pytest.mark.parametrize("first", [
+    httpx.Response(422, json=SESSION_NOT_READY),
+    httpx.Response(500, json={"statusCode": 500, "exception": {"message": "engine error"}}),
+    httpx.ConnectError("connection refused"),
+    httpx.ReadTimeout("timed out"),
+])
+def test_transient_send_failures_are_retried(first) -> None:
+    result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                                 {"/api/sendText": [first, httpx.Response(201, json={"id": "ok"})]})
+    assert result == "ok" and routes["/api/sendText"].call_count == 2 and sleeps == [1.0]
+
+
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_permanent_send_failures_are_not_retried(status: int) -> None:
+    result, routes, _ = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                            {"/api/sendText": [httpx.Response(status, json={"message": "Unauthorized",
+                                                                             "statusCode": status})] * 3})
+    assert isinstance(result, server.WahaError) and result.status == status and not result.transient
+    assert routes["/api/sendText"].call_count == 1
+    assert "waha-key" not in str(result)
+
+
+def test_retries_are_bounded() -> None:
+    result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                                 {"/api/sendText": [httpx.Response(500, json={})] * 5})
+    assert isinstance(result, server.WahaError) and result.transient
+    assert routes["/api/sendText"].call_count == 3 and sleeps == [1.0, 2.0]

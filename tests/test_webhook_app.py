@@ -1,0 +1,352 @@
+"""The webhook through Flask's test client, with WAHA and the LLM faked at their HTTP boundary by respx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+import whatsapp_webhook_server as server
+from tests import waha_payloads as wp
+from tests.conftest import SLEEPS, completion, post_event
+
+
+def stats(client) -> dict:
+    return client.get("/stats").get_json()["stats"]
+
+
+# --- answering -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+@pytest.mark.parametrize("sender", [wp.CUSTOMER_PN, wp.CUSTOMER_LID])
+def test_a_customer_text_is_answered_once_by_the_llm_in_the_same_chat_and_session(
+        client, upstreams, engine: str, sender: str) -> None:
+    envelope = wp.text_message(engine, body="Qual o horário de funcionamento?", sender=sender, session="loja-1")
+    response = post_event(client, envelope)
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "processed"
+    assert body["result"] == {"status": "success", "from_number": sender, "response_sent": True,
+                              "message_id": f"true_{sender}_3EB0AAAA"}
+    assert "timestamp" in body
+    assert upstreams.sent_texts() == [{"session": "loja-1", "chatId": sender,
+                                       "text": "Echo: Qual o horário de funcionamento?"}]
+    (llm_request,) = upstreams.calls_to("llm")
+    assert llm_request["model"] == "google/gemini-2.0-flash-001"
+    assert llm_request["messages"][0]["role"] == "system"
+    assert "same language" in llm_request["messages"][0]["content"]
+    assert llm_request["messages"][-1] == {"role": "user", "content": "Qual o horário de funcionamento?"}
+    assert sender.split("@")[0] not in json.dumps(llm_request)  # the LLM sees a hash, not the number
+    counts = stats(client)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_failed"]) == (1, 1, 0)
+
+
+def test_a_custom_system_prompt_replaces_the_default(make_app, upstreams) -> None:
+    client = make_app(ai_system_prompt="Você é a assistente da Padaria Central.").test_client()
+    post_event(client, wp.text_message("WEBJS"))
+    assert upstreams.calls_to("llm")[0]["messages"][0]["content"] == "Você é a assistente da Padaria Central."
+
+
+def test_groups_are_answered_in_the_group_when_enabled(make_app, upstreams) -> None:
+    client = make_app(reply_in_groups=True).test_client()
+    response = post_event(client, wp.text_message("NOWEB", group=wp.GROUP_ID, sender=wp.CUSTOMER_LID))
+    assert response.get_json()["result"]["from_number"] == wp.GROUP_ID
+    assert upstreams.sent_texts()[0]["chatId"] == wp.GROUP_ID
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_media_with_a_caption_is_answered_from_the_caption(client, upstreams, engine: str) -> None:
+    post_event(client, wp.media_message(engine, caption="Tem este modelo em azul?"))
+    assert upstreams.sent_texts()[0]["text"] == "Echo: Tem este modelo em azul?"
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "sticker", "document"])
+def test_media_without_a_caption_gets_the_text_only_note_and_no_llm_call(client, upstreams, kind: str) -> None:
+    response = post_event(client, wp.media_message("GOWS", kind=kind))
+    assert response.get_json()["result"]["status"] == "non_text"
+    assert upstreams.sent_texts()[0]["text"] == server.DEFAULT_NON_TEXT_REPLY
+    assert upstreams.llm.call_count == 0
+
+
+def test_the_text_only_note_is_configurable(make_app, upstreams) -> None:
+    client = make_app(non_text_reply="Only text, please.").test_client()
+    post_event(client, wp.location_message("WEBJS"))
+    assert upstreams.sent_texts()[0]["text"] == "Only text, please."
+
+
+# --- what is ignored -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("builder, reason", [
+    (wp.message_ack, "event_not_handled"),
+    (wp.session_status, "event_not_handled"),
+    (wp.own_api_message_any, "from_me"),
+    (wp.own_app_message_any, "from_me"),
+    (lambda e: wp.text_message(e, group=wp.GROUP_ID), "group_chat"),
+    (wp.status_broadcast_message, "status_broadcast"),
+    (wp.newsletter_message, "channel"),
+    (wp.broadcast_list_message, "broadcast_list"),
+])
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_ignored_events_get_200_with_the_reason_and_cause_no_calls(client, upstreams, builder, reason, engine) -> None:
+    response = post_event(client, builder(engine))
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ignored" and response.get_json()["reason"] == reason
+    assert upstreams.llm.call_count == 0 and upstreams.send_text.call_count == 0
+    counts = stats(client)
+    assert counts["ignored_by_reason"] == {reason: 1} and counts["messages_received"] == 0
+
+
+# --- nothing answered twice ----------------------------------------------------------------------
+
+def test_a_redelivered_message_is_answered_once(client, upstreams) -> None:
+    envelope = wp.text_message("WEBJS")
+    assert post_event(client, envelope).get_json()["status"] == "processed"
+    again = post_event(client, envelope)
+    assert again.status_code == 200
+    assert again.get_json() == {"status": "ignored", "reason": "duplicate", "detail": "message already answered"}
+    assert upstreams.send_text.call_count == 1 and upstreams.llm.call_count == 1
+
+
+def test_message_and_message_any_of_the_same_message_get_one_reply(client, upstreams) -> None:
+    envelope = wp.text_message("NOWEB")
+    twin = wp.text_message("NOWEB", event="message.any", message_id=envelope["payload"]["id"].split("_")[2])
+    post_event(client, envelope)
+    assert post_event(client, twin).get_json()["reason"] == "duplicate"
+    assert upstreams.send_text.call_count == 1
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_one_message_delivered_under_its_lid_and_its_phone_number_gets_one_reply(client, upstreams, engine) -> None:
+    by_lid, by_phone = wp.lid_and_pn_pair(engine)
+    post_event(client, by_lid)
+    assert post_event(client, by_phone).get_json()["reason"] == "duplicate"
+    assert [t["chatId"] for t in upstreams.sent_texts()] == [by_lid["payload"]["from"]]
+
+
+def test_concurrent_copies_while_the_first_is_still_thinking_get_one_reply(make_app, upstreams) -> None:
+    async def slow_llm(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, json=completion("Resposta"))
+
+    upstreams.llm.side_effect = slow_llm
+    app = make_app()
+    envelope = wp.text_message("GOWS")
+    copies = [envelope, wp.text_message("GOWS", event="message.any", message_id=envelope["payload"]["id"].split("_")[2])]
+    results: list[dict] = []
+
+    def deliver(copy: dict) -> None:
+        results.append(post_event(app.test_client(), copy).get_json())
+
+    threads = [threading.Thread(target=deliver, args=(copies[i % 2],)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r["status"] for r in results) == ["ignored"] * 9 + ["processed"]
+    assert upstreams.send_text.call_count == 1 and upstreams.llm.call_count == 1
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("llm_response", [
+    httpx.Response(401, json={"error": {"code": 401, "message": "No auth credentials found"}}),
+    httpx.Response(402, json={"error": {"code": 402, "message": "Insufficient credits"}}),
+    httpx.Response(200, json={"error": {"code": 502, "message": "Provider returned error"}}),
+    httpx.Response(200, json=completion("")),
+    httpx.ConnectError("refused"),
+])
+def test_when_the_llm_cannot_answer_the_customer_gets_the_fallback_and_it_counts_as_failed(
+        client, upstreams, llm_response) -> None:
+    upstreams.llm.side_effect = None
+    upstreams.llm.mock(side_effect=[llm_response] * 5)
+    response = post_event(client, wp.text_message("WEBJS"))
+    assert response.status_code == 200
+    assert response.get_json()["result"]["status"] == "fallback"
+    (sent,) = upstreams.sent_texts()
+    assert sent["text"] == server.DEFAULT_FALLBACK_MESSAGE
+    counts = stats(client)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_failed"]) == (1, 0, 1)
+
+
+def test_a_rate_limited_llm_is_retried_after_the_requested_wait(client, upstreams) -> None:
+    upstreams.llm.side_effect = [httpx.Response(429, headers={"Retry-After": "2"}, json={"error": {"code": 429}}),
+                                 httpx.Response(200, json=completion("Tudo certo"))]
+    response = post_event(client, wp.text_message("WEBJS"))
+    assert response.get_json()["result"]["status"] == "success"
+    assert upstreams.sent_texts()[0]["text"] == "Tudo certo" and 2.0 in SLEEPS
+
+
+def test_when_send_text_keeps_failing_waha_gets_503_and_only_the_redelivery_sends(client, upstreams) -> None:
+    envelope = wp.text_message("NOWEB", body="Vocês abrem no domingo?")
+    healthy = upstreams.send_text.side_effect
+    upstreams.send_text.side_effect = lambda request: httpx.Response(500, json={"statusCode": 500})
+
+    first = post_event(client, envelope)
+    assert first.status_code == 503 and "redeliver" in first.get_json()["error"]
+    assert upstreams.send_text.call_count == 3  # bounded retries inside one delivery
+    counts = stats(client)
+    assert counts["messages_awaiting_redelivery"] == 1 and counts["messages_processed"] == 0
+
+    upstreams.send_text.side_effect = healthy
+    second = post_event(client, envelope)  # WAHA retries with the same body
+    assert second.status_code == 200 and second.get_json()["result"]["status"] == "success"
+    assert upstreams.sent_texts() == [{"session": "default", "chatId": envelope["payload"]["from"],
+                                       "text": "Echo: Vocês abrem no domingo?"}]
+    assert upstreams.llm.call_count == 1  # the redelivery resends the stored reply
+    assert post_event(client, envelope).get_json()["reason"] == "duplicate"
+    counts = stats(client)
+    assert (counts["messages_processed"], counts["messages_in_progress"]) == (1, 0)
+
+
+def test_a_slow_reply_is_acknowledged_with_202_and_still_sent(make_app, upstreams) -> None:
+    async def slow_llm(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.5)
+        return httpx.Response(200, json=completion("Demorei mas cheguei"))
+
+    upstreams.llm.side_effect = slow_llm
+    client = make_app(webhook_sync_wait_seconds=0.05).test_client()
+    response = post_event(client, wp.text_message("WEBJS"))
+    assert response.status_code == 202 and response.get_json()["status"] == "accepted"
+    deadline = time.monotonic() + 5
+    while not upstreams.sent_texts() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstreams.sent_texts()[0]["text"] == "Demorei mas cheguei"
+
+
+def test_typing_simulation_follows_wahas_recipe_and_survives_presence_failures(make_app, upstreams) -> None:
+    order: list[str] = []
+    for name in ("sendSeen", "startTyping", "stopTyping", "sendText"):
+        route = upstreams.router.routes[name]
+        previous = route.side_effect
+        route.side_effect = (lambda prev, n: lambda request: (order.append(n), prev(request))[1])(previous, name)
+    upstreams.router.routes["sendSeen"].side_effect = lambda request: (order.append("sendSeen"),
+                                                                       httpx.Response(500, json={}))[1]
+    envelope = wp.text_message("NOWEB", group=wp.GROUP_ID, sender=wp.CUSTOMER_LID)
+    client = make_app(typing_simulation=True, reply_in_groups=True).test_client()
+    response = post_event(client, envelope)
+    assert response.get_json()["result"]["status"] == "success"
+    assert order == ["sendSeen", "startTyping", "stopTyping", "sendText"]
+    seen = upstreams.calls_to("sendSeen")[0]
+    assert seen["messageIds"] == [envelope["payload"]["id"]] and seen["participant"] == wp.CUSTOMER_LID
+    assert any(0.8 <= pause <= 4.8 for pause in SLEEPS)  # the length-based typing pause
+
+
+def test_without_typing_simulation_there_are_no_presence_calls_and_no_pause(client, upstreams) -> None:
+    post_event(client, wp.text_message("WEBJS"))
+    assert [r.name for r in upstreams.router.routes if r.call_count] == ["llm", "sendText"]
+    assert SLEEPS == []
+
+
+# --- bad input and authentication ----------------------------------------------------------------
+
+@pytest.mark.parametrize("body, content_type, status, error", [
+    (b"{broken", "application/json", 400, "not valid JSON"),
+    (b"[]", "application/json", 400, "must be a JSON object"),
+    (b"", "application/json", 400, "empty"),
+    (b'{"event": "message"}', "text/plain", 415, "Content-Type must be application/json"),
+    (b"\xc3\x28", "application/json", 400, "UTF-8"),
+    (b'{"event": "message", "session": "default", "payload": {"from": 1, "id": "x"}}', "application/json", 400,
+     "payload.from"),
+    (b'{"event": "message", "session": "default", "payload": {"from": "1@c.us"}}', "application/json", 400,
+     "payload.id"),
+])
+def test_bad_input_gets_a_json_4xx_is_counted_and_the_server_keeps_serving(
+        client, upstreams, body, content_type, status, error) -> None:
+    response = post_event(client, body, content_type=content_type)
+    assert response.status_code == status and response.is_json
+    assert error in response.get_json()["error"]
+    assert stats(client)["requests_rejected"] == 1
+    assert post_event(client, wp.text_message("WEBJS")).get_json()["status"] == "processed"
+
+
+def test_an_oversized_body_gets_413_json(make_app, upstreams) -> None:
+    client = make_app(max_body_bytes=4096).test_client()
+    envelope = wp.text_message("WEBJS", body="x" * 5000)
+    response = post_event(client, envelope)
+    assert response.status_code == 413 and "larger than 4096 bytes" in response.get_json()["error"]
+    assert upstreams.llm.call_count == 0 and stats(client)["requests_rejected"] == 1
+
+
+def test_unknown_routes_and_methods_answer_json(client) -> None:
+    assert client.get("/nope").status_code == 404 and client.get("/nope").is_json
+    response = client.put(server.WEBHOOK_PATH)
+    assert response.status_code == 405 and response.is_json
+
+
+def test_token_header_is_required_when_configured(make_app, upstreams) -> None:
+    client = make_app(webhook_secret_token="tok-123").test_client()
+    envelope = wp.text_message("WEBJS")
+    for headers in ({}, {"X-Webhook-Token": "wrong"}):
+        response = post_event(client, envelope, headers=headers)
+        assert response.status_code == 401 and "X-Webhook-Token" in response.get_json()["error"]
+    assert upstreams.llm.call_count == 0 and stats(client)["requests_unauthorized"] == 2
+    assert post_event(client, envelope, headers={"X-Webhook-Token": "tok-123"}).status_code == 200
+    assert upstreams.send_text.call_count == 1
+
+
+def test_waha_hmac_is_required_when_configured(make_app, upstreams) -> None:
+    client = make_app(webhook_hmac_key="hmac-key").test_client()
+    envelope = wp.text_message("GOWS")
+    assert post_event(client, envelope).status_code == 401
+    assert post_event(client, envelope, hmac_key="other-key").status_code == 401
+    tampered = wp.dumps(envelope).replace(b"Ol", b"ol")
+    signed_original = {"X-Webhook-Hmac": wp.sign(wp.dumps(envelope), "hmac-key")}
+    assert post_event(client, tampered, headers=signed_original).status_code == 401
+    assert upstreams.llm.call_count == 0
+    response = post_event(client, envelope, hmac_key="hmac-key")
+    assert response.status_code == 200 and response.get_json()["status"] == "processed"
+
+
+def test_authentication_is_checked_before_the_body_is_judged(make_app) -> None:
+    client = make_app(webhook_hmac_key="hmac-key").test_client()
+    response = post_event(client, b"{broken")
+    assert response.status_code == 401
+
+
+# --- status endpoints, logs ----------------------------------------------------------------------
+
+def test_status_endpoints_share_the_documented_shape(client, upstreams) -> None:
+    post_event(client, wp.text_message("WEBJS"))
+    post_event(client, wp.message_ack("WEBJS"))
+    for path, status in (("/health", "healthy"), ("/stats", "ok"), (server.WEBHOOK_PATH, "active")):
+        document = client.get(path).get_json()
+        assert document["status"] == status
+        assert document["service"] == "whatsapp-webhook-server" and document["version"] == server.__version__
+        assert isinstance(document["uptime_seconds"], float) and "timestamp" in document
+        counts = document["stats"]
+        assert {k: counts[k] for k in ("messages_received", "messages_processed", "messages_failed")} == {
+            "messages_received": 1, "messages_processed": 1, "messages_failed": 0}
+        assert counts["ignored_by_reason"] == {"event_not_handled": 1}
+        assert counts["server_started_at"].endswith("+00:00")
+
+
+def test_health_reports_a_broken_store_with_503(make_app, tmp_path) -> None:
+    app = make_app()
+    store = app.extensions[server.EXTENSION_KEY].store
+
+    def broken() -> None:
+        raise server.StoreUnavailable("disk I/O error")
+
+    store.ping = broken
+    response = app.test_client().get("/health")
+    assert response.status_code == 503 and response.get_json()["status"] == "unhealthy"
+
+
+def test_logs_name_the_decision_but_never_the_text_or_secrets(make_app, upstreams, tmp_path, capsys) -> None:
+    log_file = tmp_path / "webhook.log"
+    client = make_app(log_file=str(log_file), webhook_secret_token="tok-secret-1").test_client()
+    envelope = wp.text_message("WEBJS", body="meu cpf é 123.456.789-00")
+    post_event(client, envelope, headers={"X-Webhook-Token": "tok-secret-1"})
+    post_event(client, wp.message_ack("WEBJS"), headers={"X-Webhook-Token": "wrong"})
+    console = capsys.readouterr().out
+    written = log_file.read_text()
+    for output in (console, written):
+        assert f"event={envelope['id']} chat={envelope['payload']['from']}" in output
+        assert "decision=replied outcome=success" in output and "rejected status=401" in output
+        for secret in ("123.456.789-00", "tok-secret-1", "test-llm-key", "test-waha-key"):
+            assert secret not in output
