@@ -1,0 +1,168 @@
+"""End to end: WAHA-shaped deliveries to gunicorn (2 workers) -> fake OpenRouter -> fake WAHA, all on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests import waha_payloads as wp
+from tests.e2e.conftest import REPO, GunicornServer
+
+pytestmark = pytest.mark.e2e
+WEBHOOK = "/api/v1/whatsapp/webhook"
+
+
+def deliver(server: GunicornServer, envelope: dict | bytes, *, headers: dict | None = None,
+            hmac_key: str | None = None) -> httpx.Response:
+    """One WAHA delivery on its own connection, like WAHA's sender does."""
+    body = envelope if isinstance(envelope, bytes) else wp.dumps(envelope)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if hmac_key:
+        all_headers.update({"X-Webhook-Hmac": wp.sign(body, hmac_key), "X-Webhook-Hmac-Algorithm": "sha512"})
+    return httpx.post(server.url + WEBHOOK, content=body, headers=all_headers, timeout=30)
+
+
+def stats(server: GunicornServer) -> dict:
+    return httpx.get(server.url + "/stats", timeout=5).json()["stats"]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_text_message_is_answered_once_in_the_same_chat_and_session(server, fake_waha, fake_llm, engine) -> None:
+    envelope = wp.text_message(engine, body="Vocês entregam em Campinas?", sender=wp.CUSTOMER_LID, session="default")
+    response = deliver(server, envelope)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert result["status"] == "success" and result["from_number"] == wp.CUSTOMER_LID
+    assert result["message_id"].startswith(f"true_{wp.CUSTOMER_LID}_")  # the fake WAHA runs the WEBJS engine
+    assert fake_waha.sent_texts() == [{"session": "default", "chatId": wp.CUSTOMER_LID,
+                                       "text": "Echo: Vocês entregam em Campinas?", "reply_to": None}]
+    assert len(fake_llm.completions()) == 1
+
+
+def test_twenty_copies_at_once_on_both_workers_get_one_reply(server, fake_waha, fake_llm) -> None:
+    fake_llm.add_fault("/chat/completions", delay_s=0.5)  # keep the first copy busy while the others land
+    by_lid, by_phone = wp.lid_and_pn_pair("NOWEB")
+    bare_id = by_lid["payload"]["id"].split("_")[2]
+    any_copy = wp.text_message("NOWEB", event="message.any", sender=wp.CUSTOMER_LID, message_id=bare_id)
+    copies = [by_lid, by_phone, any_copy, by_lid] * 5
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda envelope: deliver(server, envelope), copies))
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert all(r.status_code == 200 for r in responses)
+    assert statuses == ["ignored"] * 19 + ["processed"]
+    assert len(fake_waha.sent_texts()) == 1 and len(fake_llm.completions()) == 1
+
+
+def test_stats_are_the_same_whichever_worker_answers(start_server) -> None:
+    server = start_server()
+    sent = 0
+    # Deliver until the log shows both worker pids took requests (connections spread unevenly).
+    while sent < 600:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda _: deliver(server, wp.message_ack("GOWS")), range(40)))
+        sent += 40
+        if len(set(re.findall(r"\[pid (\d+)\].*decision=ignored", server.log_text()))) >= 2:
+            break
+    assert len(set(re.findall(r"\[pid (\d+)\].*decision=ignored", server.log_text()))) == 2
+    snapshots = [stats(server) for _ in range(20)]
+    assert all(s["ignored_by_reason"] == {"event_not_handled": sent} for s in snapshots)
+    assert len({s["server_started_at"] for s in snapshots}) == 1
+
+
+def test_llm_failure_sends_the_fallback_and_counts_a_failure(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(FALLBACK_MESSAGE="Estamos com instabilidade, já voltamos.")
+    fake_llm.add_fault("/chat/completions", status=401, times=0)
+    response = deliver(server, wp.text_message("GOWS"))
+    assert response.status_code == 200 and response.json()["result"]["status"] == "fallback"
+    assert [t["text"] for t in fake_waha.sent_texts()] == ["Estamos com instabilidade, já voltamos."]
+    counts = stats(server)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_failed"]) == (1, 0, 1)
+
+
+def test_send_failure_gets_503_and_wahas_redelivery_sends_the_reply_once(server, fake_waha, fake_llm) -> None:
+    fake_waha.add_fault("/api/sendText", status=500, times=3)
+    envelope = wp.text_message("WEBJS", body="Quero cancelar meu pedido")
+    first = deliver(server, envelope)
+    assert first.status_code == 503 and "redeliver" in first.json()["error"]
+    assert fake_waha.sent_texts() == []
+    second = deliver(server, envelope)  # WAHA retries non-2xx with the same body
+    assert second.status_code == 200 and second.json()["status"] == "processed"
+    assert [t["text"] for t in fake_waha.sent_texts()] == ["Echo: Quero cancelar meu pedido"]
+    assert len(fake_llm.completions()) == 1
+    assert deliver(server, envelope).json()["reason"] == "duplicate"
+
+
+def test_slow_llm_gets_202_and_the_reply_still_arrives(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(WEBHOOK_SYNC_WAIT_SECONDS="0.5")
+    fake_llm.add_fault("/chat/completions", delay_s=2.0)
+    response = deliver(server, wp.text_message("NOWEB", body="Oi"))
+    assert response.status_code == 202 and response.json()["status"] == "accepted"
+    wait_for(lambda: fake_waha.sent_texts())
+    assert fake_waha.sent_texts()[0]["text"] == "Echo: Oi"
+
+
+def test_typing_simulation_calls_presence_then_sends(start_server, fake_waha) -> None:
+    server = start_server(TYPING_SIMULATION="true")
+    envelope = wp.text_message("WEBJS", body="Bom dia")
+    assert deliver(server, envelope).status_code == 200
+    chat = envelope["payload"]["from"]
+    assert [path for path, _ in fake_waha.presence_calls(chat)] == ["/api/sendSeen", "/api/startTyping",
+                                                                     "/api/stopTyping"]
+    assert [r["path"] for r in fake_waha.requests(method="POST")][-1] == "/api/sendText"
+
+
+def test_bad_input_gets_json_errors_and_the_server_keeps_serving(server, fake_waha) -> None:
+    cases = [(b"{not json", 400), (b"[1,2,3]", 400), (b"", 400), (b"\xff\xfe", 400), (b"{}" + b" " * 2_000_000, 413)]
+    for body, status in cases:
+        response = deliver(server, body)
+        assert response.status_code == status and "error" in response.json(), body[:20]
+    response = httpx.post(server.url + WEBHOOK, content=b'{"event":"message"}', headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "error" in response.json()
+    assert deliver(server, wp.text_message("WEBJS")).json()["status"] == "processed"
+
+
+def test_hmac_protected_server_rejects_unsigned_and_answers_signed(start_server, fake_waha) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY="e2e-hmac-key", WEBHOOK_SECRET_TOKEN="e2e-token")
+    envelope = wp.text_message("GOWS")
+    token = {"X-Webhook-Token": "e2e-token"}
+    assert deliver(server, envelope, headers=token).status_code == 401
+    assert deliver(server, envelope, hmac_key="e2e-hmac-key").status_code == 401
+    assert fake_waha.sent_texts() == []
+    response = deliver(server, envelope, headers=token, hmac_key="e2e-hmac-key")
+    assert response.status_code == 200 and len(fake_waha.sent_texts()) == 1
+    assert "e2e-hmac-key" not in server.log_text() and "e2e-token" not in server.log_text()
+
+
+def test_live_suite_passes_against_a_running_server(server) -> None:
+    result = subprocess.run([sys.executable, "test_webhook_server.py", server.url], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 failed" in result.stdout
+
+
+def test_missing_settings_stop_start_up_with_one_clear_message(start_server) -> None:
+    server = start_server(wait=False, WAHA_API_KEY="", OPENROUTER_BASE_URL="https://openrouter.ai/api/v1",
+                          OPENROUTER_API_KEY="")
+    assert server.process.wait(timeout=30) != 0
+    output = server.tail()
+    assert "OPENROUTER_API_KEY is not set" in output and "WAHA_API_KEY is not set" in output
+    assert "Traceback" not in output
+
+
+def test_sigterm_stops_the_server_cleanly(start_server) -> None:
+    server = start_server()
+    assert server.stop() == 0
