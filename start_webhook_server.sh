@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# WhatsApp AI reply server: set up and run.
+#
+#   ./start_webhook_server.sh          set up (venv, dependencies, .env.webhook) and start the server
+#   ./start_webhook_server.sh test     set up the same way and run the whole test suite
+#
+# Production runs gunicorn with gunicorn.conf.py; DEBUG=true runs Flask's development server.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV_DIR:-.venv}"
+mode="${1:-serve}"
+[ $# -gt 0 ] && shift
+
+setup_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "Creating virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  # Reinstall only when requirements-webhook.txt changed since the last install.
+  local wanted stamp="$VENV/.requirements-webhook.sha256"
+  wanted="$(sha256sum requirements-webhook.txt | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "Installing requirements-webhook.txt"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -r requirements-webhook.txt
+    echo "$wanted" > "$stamp"
+  fi
+}
+
+ensure_env_file() {
+  if [ ! -f .env.webhook ]; then
+    cp .env.webhook.example .env.webhook
+    echo "Created .env.webhook from .env.webhook.example."
+  fi
+  local pending
+  pending="$(grep -E '^(OPENROUTER_API_KEY|WAHA_API_KEY)=.*(your-key-here|your-waha-api-key)' .env.webhook | cut -d= -f1 || true)"
+  if [ -n "$pending" ]; then
+    echo "Fill in these values in .env.webhook (or export them): $(echo "$pending" | tr '\n' ' ')"
+  fi
+}
+
+case "$mode" in
+  test)
+    setup_venv
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  serve)
+    setup_venv
+    ensure_env_file
+    # Validates every setting and prints what to fix before anything starts.
+    "$VENV/bin/python" whatsapp_webhook_server.py --check-settings
+    debug="$("$VENV/bin/python" -c 'import whatsapp_webhook_server as s; print(s.load_settings().debug)')"
+    if [ "$debug" = "True" ]; then
+      exec "$VENV/bin/python" whatsapp_webhook_server.py
+    fi
+    exec "$VENV/bin/gunicorn" -c gunicorn.conf.py whatsapp_webhook_server:app "$@"
+    ;;
+  *)
+    echo "usage: $0 [serve|test] [extra arguments for gunicorn or pytest]" >&2
+    exit 64
+    ;;
+esac
