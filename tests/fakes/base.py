@@ -105,7 +105,8 @@ class _Server(ThreadingHTTPServer):
 class FakeServer:
     """Base fake: subclasses implement `route()` and may extend `fault_response()` / `error_body()`."""
 
-    fault_kinds: frozenset[str] = frozenset({"hang"})
+    # "hang": no answer; "process_then_hang": do the work (e.g. deliver the text), then never answer.
+    fault_kinds: frozenset[str] = frozenset({"hang", "process_then_hang"})
     config_keys: frozenset[str] = frozenset({"latency_s"})  # settable via POST /_fake/config
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
@@ -244,10 +245,13 @@ class FakeServer:
         resp: Response | None = None
         if rule is not None:
             record["fault"] = rule.kind or ("drop" if rule.drop_connection else rule.status or "delay")
-            wait = rule.delay_s or (HANG_S if rule.kind == "hang" else 0.0)
+            hangs = rule.kind in ("hang", "process_then_hang")
+            if rule.kind == "process_then_hang":
+                self.route(req)
+            wait = rule.delay_s or (HANG_S if hangs else 0.0)
             if wait:
                 self._stopping.wait(wait)
-            if rule.drop_connection or rule.kind == "hang" or self._stopping.is_set():
+            if rule.drop_connection or hangs or self._stopping.is_set():
                 h.close_connection = True  # closing without a response
                 self._log_record(record)
                 return

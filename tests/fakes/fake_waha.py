@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
@@ -66,12 +67,23 @@ class FakeWaha(FakeServer):
         super().__init__(host=host, port=port, latency_s=latency_s, log_path=log_path)
         self.api_key, self.engine, self.session = api_key, engine, session
         self.me_id, self.session_status = me_id, session_status
+        self._delivered: list[dict[str, Any]] = []  # what reached WhatsApp, even if the HTTP answer never did
+
+    def reset(self) -> None:
+        super().reset()
+        with self._lock:
+            self._delivered.clear()
 
     # -- convenience for assertions ---------------------------------------
     def sent_texts(self) -> list[dict[str, Any]]:
         """Accepted (201) sendText calls in arrival order."""
         return [{k: r["body"].get(k) for k in ("session", "chatId", "text", "reply_to")}
                 for r in self.requests(SEND_TEXT, "POST") if r["status"] == 201]
+
+    def delivered_texts(self) -> list[dict[str, Any]]:
+        """What customers received, in order: includes sends whose HTTP response was lost (process_then_hang)."""
+        with self._lock:
+            return [{"session": m["session"], "chatId": m["to"], "text": m["body"]} for m in self._delivered]
 
     def presence_calls(self, chat_id: str | None = None) -> list[tuple[str, str]]:
         """Accepted (201) sendSeen/startTyping/stopTyping calls as (path, chatId), arrival order."""
@@ -97,6 +109,8 @@ class FakeWaha(FakeServer):
             return Response(401, {"message": "Unauthorized", "statusCode": 401})
         if req.method == "GET" and (m := re.fullmatch(r"/api/sessions/([^/]+)", req.path)):
             return self._session_info(m.group(1))
+        if req.method == "GET" and (m := re.fullmatch(r"/api/([^/]+)/chats/([^/]+)/messages", req.path)):
+            return self._chat_messages(unquote(m.group(1)), unquote(m.group(2)), req.query)
         if req.method == "POST" and req.path in (SEND_TEXT, *PRESENCE_PATHS):
             if not (req.json_ok and isinstance(req.body, dict)):
                 return Response(400, _nest_error(400, ["request body must be a JSON object"]))
@@ -122,9 +136,24 @@ class FakeWaha(FakeServer):
                               "me": {"id": self.me_id, "pushName": "Bot"} if working else None,
                               "engine": {"engine": self.engine.removesuffix("_EMPTY")}})
 
+    def _chat_messages(self, session: str, chat: str, query: dict[str, str]) -> Response:
+        """GET /api/{session}/chats/{chatId}/messages: WAMessage list, newest first (only our own sends)."""
+        if "limit" not in query:
+            return Response(400, _nest_error(400, ["limit must be a number"]))
+        since = float(query.get("filter.timestamp.gte", 0))
+        with self._lock:
+            found = [m for m in self._delivered
+                     if m["session"] == session and m["to"] == chat and m["timestamp"] >= since]
+        return Response(200, [{k: v for k, v in m.items() if k != "session"}
+                              for m in reversed(found)][: int(float(query["limit"]))])
+
     def _send_text(self, body: dict[str, Any]) -> Response:
         """201 with the engine's raw object: WAHA does not map it to the documented WAMessage."""
         chat, text, now = body["chatId"], body["text"], int(time.time())
+        with self._lock:
+            self._delivered.append({"id": f"true_{chat}_3EB0{_hex(9)}", "session": body["session"], "timestamp": now,
+                                    "from": self.me_id, "fromMe": True, "to": chat, "body": text,
+                                    "hasMedia": False, "ack": 1, "ackName": "SERVER"})
         if self.engine == "WEBJS_EMPTY":  # WAHA 2025.6.5 quirk (#1083, #1087)
             return Response(201)
         if self.engine == "NOWEB":  # Baileys WebMessageInfo (#760, #407)
