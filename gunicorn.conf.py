@@ -11,29 +11,55 @@ import time
 
 import whatsapp_webhook_server as server
 
-try:
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise server.SettingsError(f"{name} must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
+try:  # fail in the master with one readable message, not with a traceback in every worker
     _settings = server.load_settings()
-except server.SettingsError as exc:  # fail in the master with a readable message, not in every worker
+    server.check_local_resources(_settings)
+    _workers = _positive_int("GUNICORN_WORKERS", 2)
+    _threads = _positive_int("GUNICORN_THREADS", 32)
+    _graceful = _positive_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+except server.SettingsError as exc:
     print(f"whatsapp_webhook_server: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gthread"
-workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+workers = _workers
+threads = _threads
 # gthread's timeout is a heartbeat, but it must still outlast the slowest synchronous webhook wait.
 timeout = int(max(60, _settings.webhook_sync_wait_seconds + 30))
-graceful_timeout = 30
+graceful_timeout = _graceful
 keepalive = 5
 errorlog = "-"
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 loglevel = _settings.log_level.lower()
 
 
+# Replies still in flight at SIGTERM get this long to finish; the rest go back to the inbox
+# and the next start finishes them. Kept under graceful_timeout so the master never kills us first.
+REPLY_DRAIN_SECONDS = max(1, graceful_timeout - 10)
+
+
 def on_starting(server_arbiter):  # noqa: ARG001 - gunicorn hook signature
     # Workers inherit this, so /stats reports the same start time whichever worker answers.
     os.environ["WEBHOOK_SERVER_STARTED_AT"] = str(time.time())
+    server.configure_logging(_settings)
+    server.recover_after_restart(_settings)
+
+
+def post_worker_init(worker):  # noqa: ARG001 - gunicorn hook signature
+    # Start the dispatcher now: messages left by a killed worker must be finished without new traffic.
+    server.start_worker()
 
 
 def worker_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature
-    server.shutdown()
+    server.shutdown(drain_seconds=REPLY_DRAIN_SECONDS)

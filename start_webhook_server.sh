@@ -31,12 +31,7 @@ setup_venv() {
 ensure_env_file() {
   if [ ! -f .env.webhook ]; then
     cp .env.webhook.example .env.webhook
-    echo "Created .env.webhook from .env.webhook.example."
-  fi
-  local pending
-  pending="$(grep -E '^(OPENROUTER_API_KEY|WAHA_API_KEY)=.*(your-key-here|your-waha-api-key)' .env.webhook | cut -d= -f1 || true)"
-  if [ -n "$pending" ]; then
-    echo "Fill in these values in .env.webhook (or export them): $(echo "$pending" | tr '\n' ' ')"
+    echo "Created .env.webhook from .env.webhook.example: fill in OPENROUTER_API_KEY and WAHA_API_KEY."
   fi
 }
 

@@ -19,7 +19,9 @@ import hmac
 import json
 import logging
 import logging.handlers
+import math
 import os
+import pathlib
 import random
 import re
 import sqlite3
@@ -30,7 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import httpx
 from flask import Flask, jsonify, request
@@ -104,17 +106,17 @@ class Settings:
     non_text_reply: str = DEFAULT_NON_TEXT_REPLY
     typing_simulation: bool = True
     webhook_sync_wait_seconds: float = 20.0
+    webhook_max_waiting: int = 16
     max_body_bytes: int = 1024 * 1024
+    reply_max_attempts: int = 5
+    reply_retry_seconds: float = 10.0
+    lease_seconds: float = 30.0
+    state_retention_hours: float = 72.0
+    max_replies_in_flight: int = 200
 
     @property
     def uses_openrouter(self) -> bool:
         return (urlparse(self.openrouter_base_url).hostname or "").endswith("openrouter.ai")
-
-    @property
-    def processing_lease_seconds(self) -> float:
-        """How long a claimed message may stay in progress before a redelivery may take it over."""
-        waha_budget = self.waha_timeout_seconds * (self.waha_send_attempts + 3)
-        return self.llm_deadline_seconds + waha_budget + 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -147,7 +149,13 @@ class Settings:
             non_text_reply=env.text("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY),
             typing_simulation=env.boolean("TYPING_SIMULATION", True),
             webhook_sync_wait_seconds=env.number("WEBHOOK_SYNC_WAIT_SECONDS", 20.0, minimum=0.0, maximum=600),
+            webhook_max_waiting=env.integer("WEBHOOK_MAX_WAITING", 16, minimum=0, maximum=10_000),
             max_body_bytes=env.integer("MAX_BODY_BYTES", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024),
+            reply_max_attempts=env.integer("REPLY_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+            reply_retry_seconds=env.number("REPLY_RETRY_SECONDS", 10.0, minimum=0.0, maximum=3600),
+            lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600),
+            state_retention_hours=env.number("STATE_RETENTION_HOURS", 72.0, minimum=0.01, maximum=24 * 365),
+            max_replies_in_flight=env.integer("MAX_REPLIES_IN_FLIGHT", 200, minimum=1, maximum=10_000),
         )
         env.require_real("WAHA_API_KEY", settings.waha_api_key, "the X-Api-Key your WAHA server expects (WAHA_API_KEY in WAHA's own config)")
         if settings.uses_openrouter:
@@ -310,6 +318,18 @@ class IncomingMessage:
     def is_group(self) -> bool:
         return self.chat_id.endswith("@g.us")
 
+    @property
+    def chat_key(self) -> str:
+        """Replies within one chat of one WAHA session go out one at a time, in order."""
+        return f"{self.session}:{self.chat_id}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> IncomingMessage:
+        return cls(**json.loads(text))
+
 
 @dataclass(frozen=True)
 class Ignored:
@@ -333,6 +353,8 @@ def parse_event(body: bytes) -> WebhookEvent:
         raise BadRequestError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequestError("request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit limit
+        raise BadRequestError(f"request body is not usable JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BadRequestError(f"request body must be a JSON object, got {_json_type(type(document))}")
 
@@ -362,7 +384,25 @@ def _field(document: Mapping[str, Any], name: str, kind: type | tuple[type, ...]
     # bool is a subclass of int: a JSON true must not pass as a number.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise BadRequestError(f"field '{label}' must be {_json_type(kinds[0])}, got {_json_type(type(value))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequestError(f"field '{label}' must be a finite number")
+    if isinstance(value, str) and not _is_valid_unicode(value):
+        raise BadRequestError(f"field '{label}' contains an invalid character (lone UTF-16 surrogate)")
     return value
+
+
+def _is_valid_unicode(text: str) -> bool:
+    """JSON escapes like \\ud800 decode to lone surrogates, which cannot be stored or sent on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _repair_text(text: str) -> str:
+    """A message cut inside an emoji still deserves an answer: replace the broken half instead of refusing."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _json_type(kind: type) -> str:
@@ -384,7 +424,10 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
     from_me = _field(payload, "fromMe", bool, where="payload.")
     source = _field(payload, "source", str, where="payload.")
     participant = _field(payload, "participant", str, where="payload.")
-    body = _field(payload, "body", str, where="payload.")
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str):
+        _field(payload, "body", str, where="payload.")  # raises the usual type error
+    body = _repair_text(body) if body else body
     has_media = _field(payload, "hasMedia", bool, where="payload.")
     media = _field(payload, "media", dict, where="payload.")
     timestamp = _field(payload, "timestamp", (int, float), where="payload.")
@@ -419,8 +462,15 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         dedupe_key=f"{event.session}:{bare_id}",
         participant=participant,
         text=text or None,
-        timestamp=float(timestamp) if timestamp is not None else None,
+        timestamp=_seconds(timestamp),
     )
+
+
+def _seconds(timestamp: int | float | None) -> float | None:
+    try:
+        return float(timestamp) if timestamp is not None else None
+    except OverflowError:
+        raise BadRequestError("field 'payload.timestamp' is out of range") from None
 
 
 # ---------------------------------------------------------------------------
@@ -436,7 +486,11 @@ def verify_waha_hmac(body: bytes, signature: str | None, key: str, *, algorithm:
     """True when `signature` is WAHA's HMAC of exactly these bytes (compared in constant time)."""
     if not signature or (algorithm is not None and algorithm.lower() != "sha512"):
         return False
-    return hmac.compare_digest(compute_waha_hmac(body, key), signature.strip().lower())
+    try:
+        provided = signature.strip().lower().encode("ascii")
+    except UnicodeEncodeError:  # compare_digest refuses non-ASCII str; such a header is simply wrong
+        return False
+    return hmac.compare_digest(compute_waha_hmac(body, key).encode("ascii"), provided)
 
 
 def verify_token(provided: str | None, expected: str) -> bool:
@@ -445,57 +499,109 @@ def verify_token(provided: str | None, expected: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Store: shared state for every gunicorn worker (SQLite)
+# Store: the durable inbox and counters shared by every gunicorn worker (SQLite)
 # ---------------------------------------------------------------------------
 
 class StoreUnavailable(Exception):
     """The state store could not be read or written."""
 
 
-@dataclass(frozen=True)
-class Claim:
-    """Result of trying to take ownership of a message before doing any work on it."""
+OPEN_STATUSES = ("queued", "processing", "sending")
 
-    owned: bool
-    status: str  # processing | send_failed | done
-    stored_reply: str | None = None
-    stored_outcome: str | None = None
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What the inbox did with a delivery: stored it, woke a failed one up for retry, or saw a duplicate."""
+
+    stored: bool
+    status: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """A message this worker now owns until `lease_owner`'s lease runs out."""
+
+    message: IncomingMessage
+    lease_owner: str
+    previous_status: str  # 'sending' means an earlier attempt may already have sent the reply
+    attempts: int
+    reply_text: str | None
+    outcome: str | None
+    send_started_at: float | None
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    status: str
+    attempts: int
+    outcome: str | None
+    sent_message_id: str | None
+    last_error: str | None
 
 
 STORE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
+CREATE TABLE IF NOT EXISTS inbox (
     key TEXT PRIMARY KEY,
-    session TEXT NOT NULL,
-    chat_id TEXT NOT NULL,
-    event_id TEXT,
+    chat_key TEXT NOT NULL,
+    sort_ts REAL NOT NULL,
+    message TEXT NOT NULL,
     status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at REAL NOT NULL DEFAULT 0,
     outcome TEXT,
     reply_text TEXT,
     sent_message_id TEXT,
-    attempts INTEGER NOT NULL,
-    lease_expires_at REAL NOT NULL,
+    last_error TEXT,
+    send_started_at REAL,
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    last_error TEXT
+    finished_at REAL
 );
-CREATE INDEX IF NOT EXISTS messages_status ON messages (status);
+CREATE INDEX IF NOT EXISTS inbox_by_status ON inbox (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS inbox_by_chat ON inbox (chat_key, sort_ts);
+CREATE INDEX IF NOT EXISTS inbox_by_finish ON inbox (finished_at);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 IGNORED_COUNTER_PREFIX = "ignored."
 
+# The earliest message of its chat that is due, whose chat has no other reply in progress.
+# Order within a chat is the customer's send time, then arrival (rowid).
+NEXT_DUE_SQL = """
+SELECT m.key FROM inbox m
+WHERE m.status IN ('queued', 'processing', 'sending')
+  AND ((m.status = 'queued' AND m.next_attempt_at <= :now)
+       OR (m.status != 'queued' AND m.lease_expires_at < :now))
+  AND NOT EXISTS (
+      SELECT 1 FROM inbox o
+      WHERE o.chat_key = m.chat_key AND o.key != m.key AND o.status IN ('queued', 'processing', 'sending')
+        AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid)
+             OR (o.status != 'queued' AND o.lease_expires_at >= :now)))
+ORDER BY m.sort_ts, m.rowid
+LIMIT 1
+"""
+EARLIER_OPEN_SQL = """
+SELECT 1 FROM inbox o, inbox m
+WHERE m.key = :key AND o.chat_key = m.chat_key AND o.key != m.key AND o.status IN ('queued', 'processing', 'sending')
+  AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid))
+LIMIT 1
+"""
+
 
 class StateStore:
-    """Message claims and counters in one SQLite file, safe across threads and processes.
+    """The durable inbox plus counters in one SQLite file, safe across threads and processes.
 
-    Every state change is a short write transaction, so SQLite's file lock makes claims
-    atomic across gunicorn workers. Connections are per thread and per process: a
-    connection must never cross a fork.
+    A message is written here before the webhook answers 2xx, so it survives any crash.
+    Workers then take due messages under a renewable lease; a lease that runs out
+    (killed worker) lets any other worker finish the message. Every state change is one
+    short write transaction, so SQLite's file lock makes it atomic across workers.
+    Connections are per thread and per process: a connection must never cross a fork.
     """
 
-    def __init__(self, path: str, *, lease_seconds: float = 300.0, busy_timeout_ms: int = 10_000,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000, clock: Callable[[], float] = time.time) -> None:
         self.path = path
-        self.lease_seconds = lease_seconds
         self.busy_timeout_ms = busy_timeout_ms
         self.clock = clock
         self._local = threading.local()
@@ -514,7 +620,9 @@ class StateStore:
             raise SettingsError(f"STATE_DB {self.path!r} cannot be used ({exc}); point STATE_DB at a writable file") from None
 
     def _open(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+        # mode=rwc: fail when the file is not writable instead of quietly opening it read-only.
+        uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=rwc"
+        connection = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
                                      check_same_thread=False)
         connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         connection.execute("PRAGMA journal_mode = WAL")
@@ -529,19 +637,33 @@ class StateStore:
             local.pid = os.getpid()
         return local.connection
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], *, begin: str = "BEGIN IMMEDIATE") -> T:
+        """Run `work` in one transaction; IMMEDIATE takes the write lock up front so writers never deadlock."""
+        connection: sqlite3.Connection | None = None
         try:
             connection = self._connection()
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(connection)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+            connection.execute(begin)
+            result = work(connection)
             connection.execute("COMMIT")
             return result
         except sqlite3.Error as exc:
+            self._abandon(connection)
             raise StoreUnavailable(f"state store error: {exc}") from exc
+        except BaseException:
+            self._abandon(connection)
+            raise
+
+    def _abandon(self, connection: sqlite3.Connection | None) -> None:
+        """Roll back and drop the connection: after an I/O error SQLite may refuse to work on it again."""
+        if connection is None:
+            return
+        try:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            connection.close()
+        except sqlite3.Error:
+            pass
+        self._local.pid = None  # the next call on this thread opens a fresh connection
 
     @staticmethod
     def _bump(connection: sqlite3.Connection, name: str, amount: int = 1) -> None:
@@ -554,68 +676,166 @@ class StateStore:
     def count(self, name: str, amount: int = 1) -> None:
         self._transaction(lambda c: self._bump(c, name, amount))
 
-    def count_ignored(self, reason: str) -> None:
-        self.count(IGNORED_COUNTER_PREFIX + reason)
+    # --- the webhook side ------------------------------------------------------------------------
 
-    def claim(self, message: IncomingMessage) -> Claim:
-        """Atomically take a message: new, or handed back for redelivery, or abandoned past its lease."""
+    def accept(self, message: IncomingMessage) -> Acceptance:
+        """Record a delivery durably, once per message; a redelivery after a failed send makes it due now."""
         now = self.clock()
-        lease = now + self.lease_seconds
 
-        def work(c: sqlite3.Connection) -> Claim:
+        def work(c: sqlite3.Connection) -> Acceptance:
             inserted = c.execute(
-                "INSERT INTO messages (key, session, chat_id, event_id, status, attempts, lease_expires_at,"
-                " received_at, updated_at) VALUES (?, ?, ?, ?, 'processing', 1, ?, ?, ?)"
-                " ON CONFLICT (key) DO NOTHING",
-                (message.dedupe_key, message.session, message.chat_id, message.event_id, lease, now, now),
+                "INSERT INTO inbox (key, chat_key, sort_ts, message, status, next_attempt_at, received_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (message.dedupe_key, message.chat_key, message.timestamp or now, message.to_json(), now, now, now),
             ).rowcount
             if inserted:
                 self._bump(c, "messages_received")
-                return Claim(owned=True, status="processing")
-            taken = c.execute(
-                "UPDATE messages SET status = 'processing', attempts = attempts + 1, lease_expires_at = ?,"
-                " updated_at = ?, event_id = ? WHERE key = ? AND (status = 'send_failed'"
-                " OR (status = 'processing' AND lease_expires_at < ?)) RETURNING reply_text, outcome",
-                (lease, now, message.event_id, message.dedupe_key, now),
-            ).fetchone()
-            if taken:
-                return Claim(owned=True, status="processing", stored_reply=taken[0], stored_outcome=taken[1])
-            row = c.execute("SELECT status FROM messages WHERE key = ?", (message.dedupe_key,)).fetchone()
-            return Claim(owned=False, status=row[0] if row else "unknown")
+                return Acceptance(stored=True, status="queued", attempts=0)
+            status, attempts, last_error = c.execute(
+                "SELECT status, attempts, last_error FROM inbox WHERE key = ?", (message.dedupe_key,)).fetchone()
+            if status == "queued" and last_error is not None:
+                # WAHA redelivers what we answered with 5xx: try again now rather than at the backoff.
+                c.execute("UPDATE inbox SET next_attempt_at = ?, updated_at = ? WHERE key = ?",
+                          (now, now, message.dedupe_key))
+                return Acceptance(stored=True, status=status, attempts=attempts)
+            return Acceptance(stored=False, status=status, attempts=attempts)
 
         return self._transaction(work)
 
-    def save_reply(self, key: str, text: str, outcome: str) -> None:
-        """Keep the reply before sending it, so a redelivery resends the same words without a new LLM call."""
-        self._transaction(lambda c: c.execute(
-            "UPDATE messages SET reply_text = ?, outcome = ?, updated_at = ? WHERE key = ?",
-            (text, outcome, self.clock(), key)))
+    def entry(self, key: str) -> InboxEntry | None:
+        try:
+            row = self._connection().execute(
+                "SELECT status, attempts, outcome, sent_message_id, last_error FROM inbox WHERE key = ?",
+                (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store error: {exc}") from exc
+        return InboxEntry(*row) if row else None
 
-    def mark_sent(self, key: str, *, outcome: str, sent_message_id: str | None) -> None:
+    # --- the worker side -------------------------------------------------------------------------
+
+    def claim_next(self, owner: str, *, lease_seconds: float) -> ClaimedMessage | None:
+        """Take the next due message in chat order, or None when nothing is due."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> ClaimedMessage | None:
+            row = c.execute(NEXT_DUE_SQL, {"now": now}).fetchone()
+            if row is None:
+                return None
+            message, status, attempts, reply_text, outcome, send_started_at = c.execute(
+                "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
+                " attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE key = ?"
+                " RETURNING message, status, attempts, reply_text, outcome, send_started_at",
+                (owner, now + lease_seconds, now, row[0])).fetchone()
+            previous = "sending" if status == "sending" else "queued"
+            return ClaimedMessage(IncomingMessage.from_json(message), owner, previous, attempts, reply_text,
+                                  outcome, send_started_at)
+
+        return self._transaction(work)
+
+    def renew_lease(self, key: str, owner: str, *, lease_seconds: float) -> bool:
+        now = self.clock()
+        return bool(self._transaction(lambda c: c.execute(
+            "UPDATE inbox SET lease_expires_at = ? WHERE key = ? AND lease_owner = ? AND status IN ('processing', 'sending')",
+            (now + lease_seconds, key, owner)).rowcount))
+
+    def save_reply(self, key: str, owner: str, text: str, outcome: str) -> None:
+        """Keep the reply before sending it, so a retry resends the same words without a new LLM call."""
+        self._transaction(lambda c: c.execute(
+            "UPDATE inbox SET reply_text = ?, outcome = ?, updated_at = ? WHERE key = ? AND lease_owner = ?",
+            (text, outcome, self.clock(), key, owner)))
+
+    def begin_send(self, key: str, owner: str) -> str:
+        """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up) or 'lost'."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> str:
+            row = c.execute("SELECT status, lease_owner FROM inbox WHERE key = ?", (key,)).fetchone()
+            if row is None or row[1] != owner or row[0] not in ("processing", "sending"):
+                return "lost"
+            if c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone():
+                # Answering now would overtake a message the customer sent first.
+                c.execute("UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
+                          " lease_expires_at = 0, next_attempt_at = ?, reply_text = NULL, outcome = NULL,"
+                          " updated_at = ? WHERE key = ?", (now, now, key))
+                return "yield"
+            c.execute("UPDATE inbox SET status = 'sending', send_started_at = ?, updated_at = ? WHERE key = ?",
+                      (now, now, key))
+            return "send"
+
+        return self._transaction(work)
+
+    def finish(self, key: str, owner: str, *, outcome: str, sent_message_id: str | None) -> None:
+        now = self.clock()
+
         def work(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE messages SET status = 'done', outcome = ?, sent_message_id = ?, last_error = NULL,"
-                " updated_at = ? WHERE key = ?", (outcome, sent_message_id, self.clock(), key))
-            # A fallback reply means the LLM failed: the customer got an apology, not an answer.
-            self._bump(c, "messages_failed" if outcome == "fallback" else "messages_processed")
+            updated = c.execute(
+                "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = ?, lease_owner = NULL,"
+                " reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ? AND status != 'done'",
+                (outcome, sent_message_id, now, now, key)).rowcount
+            if updated:
+                # A fallback reply means the LLM failed: the customer got an apology, not an answer.
+                self._bump(c, "messages_failed" if outcome == "fallback" else "messages_processed")
 
         self._transaction(work)
 
-    def release_for_redelivery(self, key: str, error: str) -> None:
-        """Give up this attempt; the next delivery of the same message may claim it again."""
+    def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> str:
+        """After a failed attempt: 'retry' (due again later) or 'failed' once attempts are used up."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> str:
+            row = c.execute("SELECT attempts FROM inbox WHERE key = ? AND lease_owner = ?", (key, owner)).fetchone()
+            if row is None:
+                return "lost"
+            if row[0] >= max_attempts:
+                c.execute("UPDATE inbox SET status = 'failed', last_error = ?, lease_owner = NULL, finished_at = ?,"
+                          " updated_at = ? WHERE key = ?", (error[:500], now, now, key))
+                self._bump(c, "messages_failed")
+                self._bump(c, "messages_undelivered")
+                return "failed"
+            c.execute("UPDATE inbox SET status = 'queued', last_error = ?, lease_owner = NULL, lease_expires_at = 0,"
+                      " next_attempt_at = ?, updated_at = ? WHERE key = ?", (error[:500], now + retry_in, now, key))
+            return "retry"
+
+        return self._transaction(work)
+
+    def release(self, key: str, owner: str) -> None:
+        """Hand a message back untried (shutdown, crash in our code): due at once, attempt not counted.
+
+        A message caught mid-send keeps status 'sending', so whoever takes it next checks
+        WAHA before sending again.
+        """
+        now = self.clock()
         self._transaction(lambda c: c.execute(
-            "UPDATE messages SET status = 'send_failed', last_error = ?, updated_at = ? WHERE key = ?",
-            (error[:500], self.clock(), key)))
+            "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'queued' END,"
+            " attempts = MAX(attempts - 1, 0), lease_owner = NULL, lease_expires_at = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE key = ? AND lease_owner = ? AND status IN ('processing', 'sending')",
+            (now, now, key, owner)))
+
+    def expire_leases(self) -> int:
+        """At server start every lease belongs to a process that is gone: make their messages due now."""
+        return self._transaction(lambda c: c.execute(
+            "UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL WHERE status IN ('processing', 'sending')"
+        ).rowcount)
+
+    def prune(self, *, older_than: float) -> int:
+        """Forget finished messages past the retention; counters keep their totals."""
+        return self._transaction(lambda c: c.execute(
+            "DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < ?", (older_than,)).rowcount)
+
+    # --- reporting -------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters plus the live count of unfinished messages, read in one transaction."""
+        """Counters plus the live count of unfinished messages, read in one (non-locking) transaction."""
         def work(c: sqlite3.Connection) -> dict[str, Any]:
             counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
             by_status = dict(c.execute(
-                "SELECT status, COUNT(*) FROM messages WHERE status != 'done' GROUP BY status").fetchall())
-            return {"counters": counters, "by_status": by_status}
+                "SELECT status, COUNT(*) FROM inbox WHERE status IN ('queued', 'processing', 'sending')"
+                " GROUP BY status").fetchall())
+            retrying = c.execute("SELECT COUNT(*) FROM inbox WHERE status = 'queued' AND last_error IS NOT NULL"
+                                 ).fetchone()[0]
+            return {"counters": counters, "by_status": by_status, "retrying": retrying}
 
-        return self._transaction(work)
+        return self._transaction(work, begin="BEGIN")
 
     def ping(self) -> None:
         try:
@@ -661,6 +881,11 @@ class EmptyReplyError(LLMError):
 
 class WahaError(UpstreamError):
     service = "waha"
+
+    def __init__(self, message: str, *, maybe_delivered: bool = False, **details: Any) -> None:
+        super().__init__(message, **details)
+        # The request left but no answer came back: WAHA may have sent the text anyway.
+        self.maybe_delivered = maybe_delivered
 
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -746,7 +971,8 @@ class LLMClient:
         if app_title:
             self.headers["X-Title"] = app_title
 
-    async def complete(self, messages: list[dict[str, str]], *, user: str | None = None) -> LLMReply:
+    async def complete(self, messages: list[dict[str, str]], *, user: str | None = None,
+                       log_context: str = "") -> LLMReply:
         """Return the reply text, or raise LLMError once retries or the deadline are used up."""
         body: dict[str, Any] = {"model": self.model, "messages": messages,
                                 "max_tokens": self.max_tokens, "temperature": self.temperature}
@@ -782,7 +1008,7 @@ class LLMClient:
                 attempt, base=self.backoff_base, rng=self.rng)
             if loop.time() + delay >= give_up_at:
                 raise error
-            log.warning("llm attempt %d failed, retrying in %.2fs: %s", attempt, delay, error)
+            log.warning("%s llm attempt %d failed, retrying in %.2fs: %s", log_context, attempt, delay, error)
             await self.sleep(delay)
 
     async def _attempt(self, body: dict[str, Any]) -> tuple[str, str | None, Mapping[str, Any]]:
@@ -793,9 +1019,12 @@ class LLMClient:
         except httpx.TransportError as exc:
             raise LLMError(f"connection failed: {type(exc).__name__}", transient=True) from None
         if response.status_code != 200:
-            raise LLMError(_error_message(response), status=response.status_code,
-                           transient=response.status_code in TRANSIENT_STATUSES,
-                           retry_after=parse_retry_after(response.headers.get("Retry-After")))
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            # A 402 is final unless OpenRouter says when to come back (its in-flight budget limit).
+            transient = response.status_code in TRANSIENT_STATUSES or (
+                response.status_code == 402 and retry_after is not None)
+            raise LLMError(_error_message(response), status=response.status_code, transient=transient,
+                           retry_after=retry_after)
         return self._reply_from(response)
 
     @staticmethod
@@ -816,7 +1045,12 @@ class LLMClient:
             raise LLMError("200 response has no choices", status=200, transient=True)
         choice = choices[0]
         if choice.get("finish_reason") == "error" or isinstance(choice.get("error"), dict):
-            raise LLMError("provider failed while generating (finish_reason=error)", status=200, transient=True)
+            code = choice["error"].get("code") if isinstance(choice.get("error"), dict) else None
+            raise LLMError(f"provider failed while generating (finish_reason=error, code={code})", status=200,
+                           transient=not isinstance(code, int) or code in TRANSIENT_STATUSES)
+        if choice.get("finish_reason") == "content_filter":
+            # What is left after filtering is not an answer we can stand behind.
+            raise LLMError("reply withheld by the provider's content filter", status=200, transient=False)
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
@@ -845,11 +1079,9 @@ class WahaClient:
         self.sleep = sleep
         self.rng = rng
 
-    async def send_text(self, *, session: str, chat_id: str, text: str, reply_to: str | None = None) -> str | None:
+    async def send_text(self, *, session: str, chat_id: str, text: str) -> str | None:
         """Send a text; return the sent message id when the engine's response carries one."""
         body: dict[str, Any] = {"session": session, "chatId": chat_id, "text": text}
-        if reply_to:
-            body["reply_to"] = reply_to
         attempt = 0
         while True:
             attempt += 1
@@ -857,7 +1089,8 @@ class WahaClient:
                 response = await self._post("/api/sendText", body)
                 return extract_sent_message_id(response)
             except WahaError as exc:
-                if not exc.transient or attempt >= self.send_attempts:
+                # Resending after a lost answer could give the customer two copies: the caller checks first.
+                if not exc.transient or exc.maybe_delivered or attempt >= self.send_attempts:
                     raise
                 delay = _backoff_seconds(attempt, base=self.backoff_base, rng=self.rng)
                 log.warning("sendText attempt %d to chat=%s failed, retrying in %.2fs: %s", attempt, chat_id, delay, exc)
@@ -875,18 +1108,46 @@ class WahaClient:
     async def stop_typing(self, *, session: str, chat_id: str) -> None:
         await self._post("/api/stopTyping", {"session": session, "chatId": chat_id})
 
-    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def find_sent_text(self, *, session: str, chat_id: str, text: str, since: float) -> dict[str, Any] | None:
+        """Our own message with exactly this text in the chat since `since` (unix seconds), if WAHA has it.
+
+        Used when a worker died while sending: the reply may or may not have left.
+        """
+        path = f"/api/{quote(session, safe='')}/chats/{quote(chat_id, safe='')}/messages"
+        params = {"limit": 20, "downloadMedia": "false", "filter.fromMe": "true", "sortOrder": "desc",
+                  "filter.timestamp.gte": int(since)}
+        response = await self._request("GET", path, params=params)
         try:
-            response = await self.http.post(self.base_url + path, json=body, headers=self.headers)
-        except httpx.TimeoutException:
-            raise WahaError(f"{path} timed out", transient=True) from None
+            messages = response.json()
+        except ValueError:
+            raise WahaError(f"{path} answered with something that is not JSON", transient=False) from None
+        if not isinstance(messages, list):
+            raise WahaError(f"{path} answered with something that is not a list", transient=False)
+        for candidate in messages:
+            if isinstance(candidate, dict) and candidate.get("body") == text:
+                return candidate
+        return None
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        return await self._request("POST", path, json=body)
+
+    async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        try:
+            response = await self.http.request(method, self.base_url + path, headers=self.headers, **options)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise WahaError(f"{path} could not connect: {type(exc).__name__}", transient=True) from None
+        except httpx.TimeoutException as exc:
+            raise WahaError(f"{path} timed out ({type(exc).__name__})", transient=True, maybe_delivered=True) from None
         except httpx.TransportError as exc:
-            raise WahaError(f"{path} connection failed: {type(exc).__name__}", transient=True) from None
+            raise WahaError(f"{path} connection failed: {type(exc).__name__}", transient=True,
+                            maybe_delivered=True) from None
         if response.status_code in (200, 201):
             return response
-        # 422 = the WAHA session is not WORKING yet; it may recover in seconds.
-        transient = response.status_code == 422 or response.status_code in TRANSIENT_STATUSES
-        raise WahaError(f"{path} failed: {_error_message(response)}", status=response.status_code, transient=transient)
+        # 422 = the WAHA session is not WORKING yet; it may recover in seconds. A 5xx may come
+        # from an engine or proxy that gave up after the message left, so it may have been delivered.
+        status = response.status_code
+        raise WahaError(f"{path} failed: {_error_message(response)}", status=status,
+                        transient=status == 422 or status in TRANSIENT_STATUSES, maybe_delivered=status >= 500)
 
 
 def extract_sent_message_id(response: httpx.Response) -> str | None:
@@ -909,18 +1170,10 @@ def extract_sent_message_id(response: httpx.Response) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# The reply pipeline
+# The reply pipeline: one claimed message from LLM call to sendText
 # ---------------------------------------------------------------------------
 
-class ReplyNotSent(Exception):
-    """The reply could not be delivered; the message was handed back for WAHA's redelivery."""
-
-
-@dataclass(frozen=True)
-class ReplyResult:
-    outcome: str  # success | fallback | non_text
-    chat_id: str
-    sent_message_id: str | None
+PRESENCE_TIMEOUT_SECONDS = 3.0
 
 
 def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random) -> float:
@@ -928,8 +1181,13 @@ def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random)
     return min(4.0, max(1.0, len(text) * 0.02)) * (0.8 + 0.4 * rng())
 
 
+def retry_delay_seconds(attempt: int, *, base: float) -> float:
+    """Our own retries of a failed send: slower than WAHA's redelivery (2 s), so that goes first."""
+    return min(base * 3 ** (attempt - 1), 15 * 60)
+
+
 class ReplyPipeline:
-    """Owns one claimed message from LLM call to sendText, and records the outcome."""
+    """Answers one claimed message and records the outcome in the inbox."""
 
     def __init__(self, *, settings: Settings, store: StateStore, llm: LLMClient, waha: WahaClient,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -941,17 +1199,24 @@ class ReplyPipeline:
         self.sleep = sleep
         self.rng = rng
 
-    async def handle(self, message: IncomingMessage, claim: Claim) -> ReplyResult:
+    async def process(self, claimed: ClaimedMessage) -> None:
+        message = claimed.message
         try:
-            return await self._reply(message, claim)
-        except ReplyNotSent:
-            raise
-        except BaseException as exc:
-            # Whatever broke (a bug, cancellation at shutdown), the message must stay answerable.
-            await asyncio.to_thread(self.store.release_for_redelivery, message.dedupe_key, repr(exc))
+            await self._reply(claimed)
+        except BaseException:
+            # A bug or a shutdown: the message goes back to the inbox, due at once.
+            await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            log.exception("event=%s chat=%s reply interrupted; message handed back to the inbox",
+                          message.event_id, message.chat_id)
             raise
 
-    async def _reply(self, message: IncomingMessage, claim: Claim) -> ReplyResult:
+    async def _reply(self, claimed: ClaimedMessage) -> None:
+        message, owner, key = claimed.message, claimed.lease_owner, claimed.message.dedupe_key
+        if claimed.previous_status == "sending" and claimed.reply_text and await self._already_sent(
+                claimed, text=claimed.reply_text, since=(claimed.send_started_at or time.time()) - 60):
+            return
+        log.info("event=%s chat=%s decision=working attempt=%d", message.event_id, message.chat_id, claimed.attempts)
+
         loop = asyncio.get_running_loop()
         started = loop.time()
         presence = None
@@ -959,12 +1224,18 @@ class ReplyPipeline:
             # Seen + typing while the LLM thinks, so the pause below overlaps the LLM call.
             presence = asyncio.create_task(self._show_typing(message))
 
-        if claim.stored_reply and claim.stored_outcome == "success":
-            text, outcome = claim.stored_reply, "success"
-            log.info("event=%s chat=%s resending stored reply", message.event_id, message.chat_id)
-        else:
-            text, outcome = await self._compose(message)
-            await asyncio.to_thread(self.store.save_reply, message.dedupe_key, text, outcome)
+        try:
+            if claimed.reply_text and claimed.outcome in ("success", "non_text"):
+                text, outcome = claimed.reply_text, claimed.outcome
+                log.info("event=%s chat=%s attempt=%d resending the stored reply", message.event_id,
+                         message.chat_id, claimed.attempts)
+            else:
+                text, outcome = await self._compose(message)
+                await asyncio.to_thread(self.store.save_reply, key, owner, text, outcome)
+        except BaseException:
+            if presence is not None:
+                presence.cancel()
+            raise
 
         if presence is not None:
             await presence
@@ -973,16 +1244,45 @@ class ReplyPipeline:
                 await self.sleep(remaining)
             await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
 
+        verdict = await asyncio.to_thread(self.store.begin_send, key, owner)
+        if verdict != "send":
+            log.info("event=%s chat=%s decision=%s (%s)", message.event_id, message.chat_id, verdict,
+                     "an earlier message of this chat goes first" if verdict == "yield" else "lease lost")
+            return
         try:
             sent_id = await self.waha.send_text(session=message.session, chat_id=message.chat_id, text=text)
         except WahaError as exc:
-            await asyncio.to_thread(self.store.release_for_redelivery, message.dedupe_key, str(exc))
-            log.error("event=%s chat=%s decision=send_failed error=%s", message.event_id, message.chat_id, exc)
-            raise ReplyNotSent(str(exc)) from exc
-        await asyncio.to_thread(self.store.mark_sent, message.dedupe_key, outcome=outcome, sent_message_id=sent_id)
+            if exc.maybe_delivered and await self._already_sent(claimed, text=text, since=time.time() - 60):
+                return
+            result = await asyncio.to_thread(
+                self.store.record_failure, key, owner, str(exc), max_attempts=self.settings.reply_max_attempts,
+                retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds))
+            log.error("event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s", message.event_id,
+                      message.chat_id, claimed.attempts, result, exc)
+            return
+        await asyncio.to_thread(self.store.finish, key, owner, outcome=outcome, sent_message_id=sent_id)
         log.info("event=%s chat=%s decision=replied outcome=%s chars=%d sent_id=%s total_ms=%.0f",
                  message.event_id, message.chat_id, outcome, len(text), sent_id, (loop.time() - started) * 1000)
-        return ReplyResult(outcome=outcome, chat_id=message.chat_id, sent_message_id=sent_id)
+
+    async def _already_sent(self, claimed: ClaimedMessage, *, text: str, since: float) -> bool:
+        """A send was cut off (worker died, answer lost): ask WAHA whether the reply left before resending."""
+        message = claimed.message
+        try:
+            found = await self.waha.find_sent_text(session=message.session, chat_id=message.chat_id,
+                                                   text=text, since=since)
+        except WahaError as exc:
+            # Cannot tell: a possible second copy is better than a customer left without an answer.
+            log.warning("event=%s chat=%s cannot check whether the interrupted send went out (%s); will send",
+                        message.event_id, message.chat_id, exc)
+            return False
+        if found is None:
+            return False
+        sent_id = found.get("id") if isinstance(found.get("id"), str) else None
+        await asyncio.to_thread(self.store.finish, message.dedupe_key, claimed.lease_owner,
+                                outcome=claimed.outcome or "success", sent_message_id=sent_id)
+        log.info("event=%s chat=%s decision=already_sent sent_id=%s (found in WAHA after an interrupted send)",
+                 message.event_id, message.chat_id, sent_id)
+        return True
 
     async def _compose(self, message: IncomingMessage) -> tuple[str, str]:
         if message.text is None:
@@ -992,7 +1292,8 @@ class ReplyPipeline:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         try:
-            reply = await self.llm.complete(prompt, user=user)
+            reply = await self.llm.complete(prompt, user=user,
+                                            log_context=f"event={message.event_id} chat={message.chat_id}")
         except LLMError as exc:
             log.error("event=%s chat=%s llm_failed=%s -> fallback", message.event_id, message.chat_id, exc)
             return self.settings.fallback_message, "fallback"
@@ -1008,15 +1309,131 @@ class ReplyPipeline:
         await self._quietly("startTyping", self.waha.start_typing(session=message.session, chat_id=message.chat_id))
 
     async def _quietly(self, what: str, call: Awaitable[None]) -> None:
-        """Presence calls are cosmetic: their failure must never cost the customer the reply."""
+        """Presence calls are cosmetic: their failure or slowness must never cost the customer the reply."""
         try:
-            await call
-        except WahaError as exc:
-            log.warning("%s failed (ignored): %s", what, exc)
+            async with asyncio.timeout(PRESENCE_TIMEOUT_SECONDS):
+                await call
+        except (WahaError, TimeoutError) as exc:
+            log.warning("%s failed (ignored): %s", what, exc or "timed out")
 
 
 # ---------------------------------------------------------------------------
-# Per-process runtime: one event loop thread and one HTTP client per upstream
+# Per-worker dispatcher: takes due messages from the inbox and runs the pipeline
+# ---------------------------------------------------------------------------
+
+class Dispatcher:
+    """Runs on the worker's event loop: claims due messages, keeps their leases alive, recovers abandoned ones.
+
+    Any worker may finish any message: the one that received it is woken at once,
+    and every worker also polls, which is how messages of a killed worker (lease ran
+    out) or of a stopped server are finished.
+    """
+
+    def __init__(self, *, store: StateStore, pipeline: ReplyPipeline, settings: Settings,
+                 poll_seconds: float = 1.0, prune_every_seconds: float = 300.0) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.settings = settings
+        self.poll_seconds = poll_seconds
+        self.prune_every_seconds = prune_every_seconds
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._main: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[str], None]] = []
+
+    def start(self) -> None:
+        """Call on the loop."""
+        self._main = asyncio.get_running_loop().create_task(self._run(), name="dispatcher")
+
+    def wake(self) -> None:
+        """Call on the loop."""
+        self._wake.set()
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(key)` is called (on the loop) whenever an attempt on a message ends."""
+        self._listeners.append(listener)
+
+    async def _run(self) -> None:
+        next_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._claim_due()
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + self.prune_every_seconds
+                    await self._prune()
+            except StoreUnavailable as exc:
+                log.error("dispatcher cannot read the inbox: %s", exc)
+            except Exception:
+                log.exception("dispatcher loop error")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def _claim_due(self) -> None:
+        while not self._stopping and len(self._tasks) < self.settings.max_replies_in_flight:
+            claimed = await asyncio.to_thread(self.store.claim_next, self.owner,
+                                              lease_seconds=self.settings.lease_seconds)
+            if claimed is None:
+                return
+            if claimed.attempts > 1 or claimed.previous_status == "sending":
+                log.info("event=%s chat=%s decision=retry attempt=%d previous=%s", claimed.message.event_id,
+                         claimed.message.chat_id, claimed.attempts, claimed.previous_status)
+            task = asyncio.get_running_loop().create_task(self._process(claimed))
+            self._tasks.add(task)
+
+    async def _process(self, claimed: ClaimedMessage) -> None:
+        key = claimed.message.dedupe_key
+        heartbeat = asyncio.create_task(self._keep_lease(key))
+        try:
+            await self.pipeline.process(claimed)
+        except Exception:
+            pass  # logged by the pipeline; the message is back in the inbox
+        finally:
+            heartbeat.cancel()
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            for listener in self._listeners:
+                listener(key)
+            self._wake.set()  # the chat's next message may be due now
+
+    async def _keep_lease(self, key: str) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(self.store.renew_lease, key, self.owner,
+                                        lease_seconds=self.settings.lease_seconds)
+            except StoreUnavailable as exc:
+                log.warning("could not renew the lease of %s: %s", key, exc)
+
+    async def _prune(self) -> None:
+        cutoff = time.time() - self.settings.state_retention_hours * 3600
+        removed = await asyncio.to_thread(self.store.prune, older_than=cutoff)
+        if removed:
+            log.info("pruned %d finished messages older than %.0f h", removed, self.settings.state_retention_hours)
+
+    async def stop(self, *, timeout: float) -> None:
+        """Finish in-flight replies for up to `timeout` seconds; hand the rest back to the inbox."""
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            await self._main
+        pending = set(self._tasks)
+        if pending:
+            log.info("shutdown: waiting up to %.0fs for %d replies in flight", timeout, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("shutdown: %d unfinished replies handed back to the inbox", len(pending))
+
+
+# ---------------------------------------------------------------------------
+# Per-process runtime: one event loop thread, one HTTP client per upstream, the dispatcher
 # ---------------------------------------------------------------------------
 
 class BackgroundLoop:
@@ -1034,6 +1451,9 @@ class BackgroundLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def call(self, callback: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(callback)
+
     def stop(self, *, timeout: float = 5.0) -> None:
         if self.loop.is_closed():
             return
@@ -1041,6 +1461,34 @@ class BackgroundLoop:
         self.thread.join(timeout)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+class CompletionBoard:
+    """Lets a webhook thread sleep until its message's attempt ends, instead of polling tightly."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, tuple[threading.Event, int]] = {}
+
+    def watch(self, key: str) -> threading.Event:
+        with self._lock:
+            event, watchers = self._events.get(key, (threading.Event(), 0))
+            self._events[key] = (event, watchers + 1)
+            return event
+
+    def unwatch(self, key: str) -> None:
+        with self._lock:
+            event, watchers = self._events[key]
+            if watchers <= 1:
+                del self._events[key]
+            else:
+                self._events[key] = (event, watchers - 1)
+
+    def notify(self, key: str) -> None:
+        with self._lock:
+            entry = self._events.get(key)
+        if entry is not None:
+            entry[0].set()
 
 
 class WorkerRuntime:
@@ -1070,21 +1518,26 @@ class WorkerRuntime:
             app_title=SERVICE_NAME if settings.uses_openrouter else None, sleep=sleep)
         waha = WahaClient(http=self.waha_http, base_url=settings.waha_base_url, api_key=settings.waha_api_key,
                           send_attempts=settings.waha_send_attempts, sleep=sleep)
-        self.pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, sleep=sleep)
+        pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, sleep=sleep)
+        self.completions = CompletionBoard()
+        self.dispatcher = Dispatcher(store=store, pipeline=pipeline, settings=settings)
+        self.dispatcher.add_listener(self.completions.notify)
+        self.background.call(self.dispatcher.start)
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return self.background.submit(coro)
+    def wake_dispatcher(self) -> None:
+        self.background.call(self.dispatcher.wake)
 
-    def close(self, *, timeout: float = 5.0) -> None:
-        async def close_clients() -> None:
+    def close(self, *, drain_seconds: float = 10.0) -> None:
+        async def stop() -> None:
+            await self.dispatcher.stop(timeout=drain_seconds)
             await self.llm_http.aclose()
             await self.waha_http.aclose()
 
         try:
-            self.submit(close_clients()).result(timeout)
+            self.background.submit(stop()).result(drain_seconds + 5)
         except Exception as exc:  # closing must never stop a worker from exiting
-            log.warning("closing HTTP clients failed: %r", exc)
-        self.background.stop(timeout=timeout)
+            log.warning("worker shutdown was not clean: %r", exc)
+        self.background.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1099,16 +1552,21 @@ class WebhookService:
     """Turns one webhook request (raw bytes + headers) into a JSON answer and a status code."""
 
     def __init__(self, *, settings: Settings, store: StateStore, started_at: float,
-                 runtime_factory: Callable[[], WorkerRuntime]) -> None:
+                 runtime_factory: Callable[[], WorkerRuntime], poll_seconds: float = 0.25) -> None:
         self.settings = settings
         self.store = store
         self.started_at = started_at
+        self.poll_seconds = poll_seconds
         self._runtime_factory = runtime_factory
         self._runtime: WorkerRuntime | None = None
         self._runtime_lock = threading.Lock()
+        # Waiting requests hold gunicorn threads; past this many, answer 202 at once so new
+        # deliveries are still recorded promptly (the inbox makes 202 as safe as 200).
+        self._waiting_slots = threading.BoundedSemaphore(settings.webhook_max_waiting) \
+            if settings.webhook_max_waiting else None
 
     def runtime(self) -> WorkerRuntime:
-        """The worker's runtime, built lazily on first use so it is always born after gunicorn's fork."""
+        """The worker's runtime, built on first use (or by gunicorn's post_worker_init), always after the fork."""
         runtime = self._runtime
         if runtime is not None and runtime.pid == os.getpid():
             return runtime
@@ -1117,10 +1575,10 @@ class WebhookService:
                 self._runtime = self._runtime_factory()
             return self._runtime
 
-    def close(self) -> None:
+    def close(self, *, drain_seconds: float = 10.0) -> None:
         with self._runtime_lock:
             if self._runtime is not None and self._runtime.pid == os.getpid():
-                self._runtime.close()
+                self._runtime.close(drain_seconds=drain_seconds)
             self._runtime = None
         self.store.close()
 
@@ -1129,7 +1587,7 @@ class WebhookService:
         rejection = self._check_sender(body, headers)
         if rejection is not None:
             log.warning("request=%s rejected status=401 reason=%s", request_id, rejection)
-            self._count_quietly("requests_unauthorized")
+            self.count_quietly("requests_unauthorized")
             return {"error": rejection}, 401
         try:
             if (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
@@ -1138,59 +1596,79 @@ class WebhookService:
             decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
         except BadRequestError as exc:
             log.warning("request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
-            self._count_quietly("requests_rejected")
+            self.count_quietly("requests_rejected")
             return {"error": exc.message}, exc.status
 
         if isinstance(decision, Ignored):
             return self._ignore(event.event_id, self._chat_of(event), decision)
         message = decision
         try:
-            claim = self.store.claim(message)
+            accepted = self.store.accept(message)
         except StoreUnavailable as exc:
+            # Never 2xx for a message we could not write down: WAHA redelivers 5xx.
             log.error("event=%s chat=%s store unavailable, asking WAHA to redeliver: %s",
                       message.event_id, message.chat_id, exc)
-            return {"error": "state store unavailable; retry later"}, 503
-        if not claim.owned:
-            detail = "message already answered" if claim.status == "done" else "message is being answered"
+            return {"error": "state store unavailable; message not recorded, please redeliver"}, 503
+        if not accepted.stored:
+            detail = {"done": "message already answered", "failed": "message already given up on"}.get(
+                accepted.status, "message is being answered")
             return self._ignore(message.event_id, message.chat_id, Ignored("duplicate", detail))
 
         log.info("event=%s chat=%s engine=%s decision=reply key=%s text_chars=%d", message.event_id,
                  message.chat_id, message.engine, message.dedupe_key, len(message.text or ""))
-        return self._run_pipeline(message, claim)
+        return self._await_reply(message, attempts_before=accepted.attempts)
 
-    def _run_pipeline(self, message: IncomingMessage, claim: Claim) -> tuple[dict[str, Any], int]:
+    def _await_reply(self, message: IncomingMessage, *, attempts_before: int) -> tuple[dict[str, Any], int]:
+        """Wait up to WEBHOOK_SYNC_WAIT_SECONDS for this message's attempt to end (the inbox already has it)."""
+        key = message.dedupe_key
         try:
             runtime = self.runtime()
-            future = runtime.submit(runtime.pipeline.handle(message, claim))
-        except Exception as exc:
-            self.store.release_for_redelivery(message.dedupe_key, repr(exc))
-            log.exception("event=%s could not start the reply pipeline", message.event_id)
-            return {"error": "reply pipeline unavailable; retry later"}, 503
-        try:
-            result = future.result(timeout=self.settings.webhook_sync_wait_seconds)
-        except concurrent.futures.TimeoutError:
-            future.add_done_callback(lambda f: self._log_late_outcome(message, f))
-            log.info("event=%s chat=%s decision=accepted (reply continues in background)",
-                     message.event_id, message.chat_id)
-            return {"status": "accepted", "message_key": message.dedupe_key,
-                    "detail": "reply is being prepared and will be sent", "timestamp": utc_now_iso()}, 202
-        except ReplyNotSent as exc:
-            return {"error": f"reply could not be sent, please redeliver: {exc}"}, 503
+            runtime.wake_dispatcher()
         except Exception:
-            log.exception("event=%s chat=%s reply pipeline crashed", message.event_id, message.chat_id)
-            return {"error": "internal error while replying; please redeliver"}, 500
-        return {"status": "processed",
-                "result": {"status": result.outcome, "from_number": result.chat_id, "response_sent": True,
-                           "message_id": result.sent_message_id},
-                "timestamp": utc_now_iso()}, 200
+            log.exception("event=%s reply runtime unavailable; the message waits in the inbox", message.event_id)
+            return self._accepted(message)
+        if self._waiting_slots is None or not self._waiting_slots.acquire(blocking=False):
+            return self._accepted(message)
+        ended = runtime.completions.watch(key)
+        deadline = time.monotonic() + self.settings.webhook_sync_wait_seconds
+        try:
+            while True:
+                entry = self.store.entry(key)
+                if entry is not None and (entry.status in ("done", "failed") or (
+                        entry.status == "queued" and entry.attempts > attempts_before and entry.last_error)):
+                    return self._outcome(message, entry)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return self._accepted(message)
+                # Woken at once when this worker ends the attempt; polling covers the other workers.
+                ended.wait(min(remaining, self.poll_seconds))
+                ended.clear()
+        except StoreUnavailable:
+            return self._accepted(message)  # the message is recorded; a worker will finish it
+        finally:
+            runtime.completions.unwatch(key)
+            self._waiting_slots.release()
+
+    def _accepted(self, message: IncomingMessage) -> tuple[dict[str, Any], int]:
+        log.info("event=%s chat=%s decision=accepted (reply continues in background)",
+                 message.event_id, message.chat_id)
+        return {"status": "accepted", "message_key": message.dedupe_key,
+                "detail": "message recorded; the reply will be sent", "timestamp": utc_now_iso()}, 202
 
     @staticmethod
-    def _log_late_outcome(message: IncomingMessage, future: concurrent.futures.Future[ReplyResult]) -> None:
-        if future.cancelled() or future.exception() is None:
-            return
-        # WAHA already got 202 and will not redeliver: the row stays 'send_failed' for an operator to see.
-        log.error("event=%s chat=%s reply failed after the webhook was acknowledged: %s",
-                  message.event_id, message.chat_id, future.exception())
+    def _outcome(message: IncomingMessage, entry: InboxEntry) -> tuple[dict[str, Any], int]:
+        if entry.status == "done":
+            return {"status": "processed",
+                    "result": {"status": entry.outcome, "from_number": message.chat_id, "response_sent": True,
+                               "message_id": entry.sent_message_id},
+                    "timestamp": utc_now_iso()}, 200
+        if entry.status == "failed":
+            # Redelivering would not help any more: say so with 200 so WAHA stops.
+            return {"status": "failed", "result": {"status": "failed", "from_number": message.chat_id,
+                                                   "response_sent": False, "message_id": None},
+                    "error": "the reply could not be delivered after every attempt", "timestamp": utc_now_iso()}, 200
+        # WAHA's own error text stays in our log: it can carry stack traces.
+        return {"error": "the reply could not be sent yet; please redeliver"}, 503
 
     def _check_sender(self, body: bytes, headers: Mapping[str, str]) -> str | None:
         token = self.settings.webhook_secret_token
@@ -1204,7 +1682,7 @@ class WebhookService:
 
     def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
         log.info("event=%s chat=%s decision=ignored reason=%s", event_id, chat_id, ignored.reason)
-        self._count_quietly(IGNORED_COUNTER_PREFIX + ignored.reason)
+        self.count_quietly(IGNORED_COUNTER_PREFIX + ignored.reason)
         return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
 
     @staticmethod
@@ -1212,7 +1690,7 @@ class WebhookService:
         chat = (event.payload or {}).get("from")
         return chat if isinstance(chat, str) else None
 
-    def _count_quietly(self, name: str) -> None:
+    def count_quietly(self, name: str) -> None:
         """Counting ignored or rejected requests is best effort: a store hiccup must not turn them into errors."""
         try:
             self.store.count(name)
@@ -1231,12 +1709,15 @@ class WebhookService:
             "service": SERVICE_NAME,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
+            "worker_pid": os.getpid(),
             "stats": {
                 "messages_received": counters.get("messages_received", 0),
                 "messages_processed": counters.get("messages_processed", 0),
                 "messages_failed": counters.get("messages_failed", 0),
-                "messages_in_progress": by_status.get("processing", 0) + by_status.get("send_failed", 0),
-                "messages_awaiting_redelivery": by_status.get("send_failed", 0),
+                "messages_in_progress": sum(by_status.values()),
+                "messages_queued": by_status.get("queued", 0),
+                "messages_retrying": snapshot["retrying"],
+                "messages_undelivered": counters.get("messages_undelivered", 0),
                 "messages_ignored": sum(ignored.values()),
                 "ignored_by_reason": ignored,
                 "requests_rejected": counters.get("requests_rejected", 0),
@@ -1279,8 +1760,11 @@ def create_app(settings: Settings | None = None, *, store: StateStore | None = N
     """
     settings = settings or load_settings()
     configure_logging(settings)
-    store = store or StateStore(settings.state_db, lease_seconds=settings.processing_lease_seconds)
+    store = store or StateStore(settings.state_db)
     store.initialize()
+    if not (settings.webhook_secret_token or settings.webhook_hmac_key):
+        log.warning("neither WEBHOOK_HMAC_KEY nor WEBHOOK_SECRET_TOKEN is set: anyone who can reach this port "
+                    "can make the bot send WhatsApp messages; set WEBHOOK_HMAC_KEY to WAHA's HMAC key")
     # gunicorn.conf.py records the master's start so every worker reports the same uptime.
     started_at = float(os.environ.get("WEBHOOK_SERVER_STARTED_AT") or time.time())
     service = WebhookService(
@@ -1323,7 +1807,7 @@ def create_app(settings: Settings | None = None, *, store: StateStore | None = N
     def http_error(exc: HTTPException) -> Any:
         if exc.code == 413:
             log.warning("request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
-            service._count_quietly("requests_rejected")
+            service.count_quietly("requests_rejected")
             _discard_unread_body(limit=8 * settings.max_body_bytes)
             return jsonify({"error": f"request body is larger than {settings.max_body_bytes} bytes"}), 413
         return jsonify({"error": exc.description or exc.name}), exc.code
@@ -1354,11 +1838,42 @@ def _discard_unread_body(*, limit: int) -> None:
         remaining -= len(chunk)
 
 
-def shutdown(app: Flask | None = None) -> None:
-    """Release this worker's loop, clients and database connection (gunicorn's worker_exit hook)."""
+def check_local_resources(settings: Settings) -> None:
+    """Open LOG_FILE and STATE_DB once, so a bad path stops start-up with a SettingsError that names it."""
+    configure_logging(settings)
+    store = StateStore(settings.state_db)
+    store.initialize()
+    store.close()
+
+
+def recover_after_restart(settings: Settings) -> int:
+    """Called once per server start, before workers exist: unfinished messages become due at once.
+
+    Their leases belong to processes of the previous run, so nobody is working on them.
+    """
+    store = StateStore(settings.state_db)
+    store.initialize()
+    try:
+        recovered = store.expire_leases()
+    finally:
+        store.close()  # no connection may cross gunicorn's fork
+    if recovered:
+        log.warning("recovering %d messages left unfinished by the previous run", recovered)
+    return recovered
+
+
+def start_worker(app: Flask | None = None) -> None:
+    """Start this worker's loop and dispatcher now (gunicorn's post_worker_init), so recovery needs no traffic."""
     target = app or _app
     if target is not None:
-        target.extensions[EXTENSION_KEY].close()
+        target.extensions[EXTENSION_KEY].runtime()
+
+
+def shutdown(app: Flask | None = None, *, drain_seconds: float = 10.0) -> None:
+    """Finish or hand back in-flight replies, then release the loop, clients and database (worker_exit)."""
+    target = app or _app
+    if target is not None:
+        target.extensions[EXTENSION_KEY].close(drain_seconds=drain_seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -1389,16 +1904,22 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         settings = load_settings()
+        check_local_resources(settings)
         if "--check-settings" in args:
             print(f"settings OK: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
                   f"model {settings.openrouter_model}, state {settings.state_db}")
             return 0
+        recover_after_restart(settings)
         application = create_app(settings)
     except SettingsError as exc:
         print(f"whatsapp_webhook_server: {exc}", file=sys.stderr)
         return 2
     log.info("starting development server on %s:%d (use gunicorn in production)", settings.host, settings.port)
-    application.run(host=settings.host, port=settings.port, debug=settings.debug, threaded=True, use_reloader=False)
+    start_worker(application)
+    # The Werkzeug debugger executes code typed into the browser: never offer it beyond this machine.
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    application.run(host=settings.host, port=settings.port, debug=settings.debug, use_debugger=settings.debug and loopback,
+                    threaded=True, use_reloader=False)
     return 0
 
 
