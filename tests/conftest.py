@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -48,20 +49,22 @@ class Upstreams:
 
     def __init__(self, router: respx.MockRouter) -> None:
         self.router = router
+        self.delivered: list[dict[str, Any]] = []
         self.llm = router.post(f"{LLM_BASE}/chat/completions", name="llm")
         self.llm.side_effect = self._echo_completion
         self.send_text = router.post(f"{WAHA_BASE}/api/sendText", name="sendText")
         self.send_text.side_effect = self._waha_ok
         for path in ("sendSeen", "startTyping", "stopTyping"):
             router.post(f"{WAHA_BASE}/api/{path}", name=path).side_effect = self._waha_ok
+        self.chat_messages = router.get(url__regex=rf"{WAHA_BASE}/api/[^/]+/chats/[^/]+/messages", name="chatMessages")
+        self.chat_messages.side_effect = self._our_messages_in_chat
 
     @staticmethod
     def _echo_completion(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         return httpx.Response(200, json=completion(f"Echo: {body['messages'][-1]['content']}", model=body["model"]))
 
-    @staticmethod
-    def _waha_ok(request: httpx.Request) -> httpx.Response:
+    def _waha_ok(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         errors = validate_waha_request(request.url.path, body)
         if request.headers.get("X-Api-Key") != WAHA_KEY:
@@ -69,13 +72,20 @@ class Upstreams:
         if errors:
             return httpx.Response(400, json={"statusCode": 400, "message": errors, "error": "Bad Request"})
         if request.url.path == "/api/sendText":
+            self.delivered.append(body)
             return httpx.Response(201, json={"id": {"fromMe": True, "remote": body["chatId"], "id": "3EB0AAAA",
                                                     "_serialized": f"true_{body['chatId']}_3EB0AAAA"}})
         return httpx.Response(201, json={})
 
+    def _our_messages_in_chat(self, request: httpx.Request) -> httpx.Response:
+        """What WAHA would list for the chat: the texts it accepted from us there."""
+        chat = unquote(request.url.path.split("/")[4])
+        return httpx.Response(200, json=[{"id": f"true_{chat}_3EB0AAAA", "fromMe": True, "body": sent["text"]}
+                                         for sent in self.sent_texts() if sent["chatId"] == chat])
+
     def sent_texts(self) -> list[dict[str, Any]]:
-        return [json.loads(call.request.content) for call in self.send_text.calls
-                if call.response is not None and call.response.status_code == 201]
+        """What customers received (including sends whose HTTP answer a test then loses)."""
+        return list(self.delivered)
 
     def calls_to(self, name: str) -> list[dict[str, Any]]:
         return [json.loads(call.request.content) for call in self.router.routes[name].calls]

@@ -156,3 +156,21 @@ def test_parse_retry_after_forms() -> None:
     assert server.parse_retry_after(None) is None
     assert server.parse_retry_after("soon") is None
     assert server.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+def test_a_402_with_retry_after_is_the_in_flight_budget_and_is_retried() -> None:
+    reply, sleeps, _ = run_client([httpx.Response(402, headers={"Retry-After": "1"}, json=error_body(402)),
+                                   httpx.Response(200, json=completion("ok"))])
+    assert isinstance(reply, server.LLMReply) and sleeps == [1.0]
+
+
+def test_a_content_filtered_reply_is_not_sent() -> None:
+    error, _, route = run_client([httpx.Response(200, json=completion("partial", finish_reason="content_filter"))])
+    assert isinstance(error, server.LLMError) and not error.transient and route.call_count == 1
+
+
+def test_finish_error_with_a_client_error_code_is_not_retried() -> None:
+    body = {"choices": [{"finish_reason": "error", "error": {"code": 400, "message": "bad"},
+                         "message": {"role": "assistant", "content": ""}}]}
+    error, _, route = run_client([httpx.Response(200, json=body)] * 2)
+    assert isinstance(error, server.LLMError) and route.call_count == 1

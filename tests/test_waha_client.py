@@ -99,11 +99,11 @@ SESSION_NOT_READY = {"error": "Session status is not as expected. Try again late
 
 @pytest.mark.parametrize("first", [
     httpx.Response(422, json=SESSION_NOT_READY),
-    httpx.Response(500, json={"statusCode": 500, "exception": {"message": "engine error"}}),
+    httpx.Response(429, json={"statusCode": 429}),
     httpx.ConnectError("connection refused"),
-    httpx.ReadTimeout("timed out"),
+    httpx.ConnectTimeout("no connection"),
 ])
-def test_transient_send_failures_are_retried(first) -> None:
+def test_send_failures_that_surely_sent_nothing_are_retried(first) -> None:
     result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
                                  {"/api/sendText": [first, httpx.Response(201, json={"id": "ok"})]})
     assert result == "ok" and routes["/api/sendText"].call_count == 2 and sleeps == [1.0]
@@ -121,6 +121,36 @@ def test_permanent_send_failures_are_not_retried(status: int) -> None:
 
 def test_retries_are_bounded() -> None:
     result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
-                                 {"/api/sendText": [httpx.Response(500, json={})] * 5})
+                                 {"/api/sendText": [httpx.Response(422, json=SESSION_NOT_READY)] * 5})
     assert isinstance(result, server.WahaError) and result.transient
     assert routes["/api/sendText"].call_count == 3 and sleeps == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("lost_answer", [
+    httpx.ReadTimeout("timed out"),
+    httpx.RemoteProtocolError("closed"),
+    httpx.Response(500, json={"statusCode": 500, "exception": {"message": "engine error"}}),
+    httpx.Response(504, text="Gateway Timeout"),  # a proxy gave up; WAHA may still have sent it
+])
+def test_a_lost_answer_is_not_resent_blindly(lost_answer) -> None:
+    result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                                 {"/api/sendText": [lost_answer, httpx.Response(201, json={"id": "ok"})]})
+    assert isinstance(result, server.WahaError) and result.maybe_delivered and result.transient
+    assert routes["/api/sendText"].call_count == 1 and sleeps == []
+
+
+def test_find_sent_text_asks_for_our_recent_messages_in_the_chat() -> None:
+    async def scenario():
+        async with httpx.AsyncClient() as http:
+            client = server.WahaClient(http=http, base_url=BASE, api_key="waha-key")
+            return await client.find_sent_text(session="loja 1", chat_id="200000000000002@lid", text="Olá!",
+                                               since=1700000000.5)
+
+    with respx.mock() as router:
+        route = router.get(f"{BASE}/api/loja%201/chats/200000000000002%40lid/messages").respond(200, json=[
+            {"id": "true_200000000000002@lid_AAA", "body": "Outra coisa", "fromMe": True},
+            {"id": "true_200000000000002@lid_BBB", "body": "Olá!", "fromMe": True}])
+        found = asyncio.run(scenario())
+    assert found["id"] == "true_200000000000002@lid_BBB"
+    params = route.calls[0].request.url.params
+    assert (params["filter.fromMe"], params["filter.timestamp.gte"], params["limit"]) == ("true", "1700000000", "20")

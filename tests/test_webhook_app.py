@@ -188,9 +188,10 @@ def test_when_send_text_keeps_failing_waha_gets_503_and_only_the_redelivery_send
 
     first = post_event(client, envelope)
     assert first.status_code == 503 and "redeliver" in first.get_json()["error"]
-    assert upstreams.send_text.call_count == 3  # bounded retries inside one delivery
+    # A 5xx may hide a delivered text: no blind resend; WAHA was asked whether it went out.
+    assert upstreams.send_text.call_count == 1 and upstreams.chat_messages.call_count == 1
     counts = stats(client)
-    assert counts["messages_awaiting_redelivery"] == 1 and counts["messages_processed"] == 0
+    assert counts["messages_retrying"] == 1 and counts["messages_processed"] == 0
 
     upstreams.send_text.side_effect = healthy
     second = post_event(client, envelope)  # WAHA retries with the same body
@@ -350,3 +351,99 @@ def test_logs_name_the_decision_but_never_the_text_or_secrets(make_app, upstream
         assert "decision=replied outcome=success" in output and "rejected status=401" in output
         for secret in ("123.456.789-00", "tok-secret-1", "test-llm-key", "test-waha-key"):
             assert secret not in output
+
+
+# --- sends whose outcome is unknown ----------------------------------------------------------------
+
+@pytest.mark.parametrize("lost", ["read_timeout", "http_500_after_sending"])
+def test_a_send_that_went_out_but_lost_its_answer_is_not_sent_again(client, upstreams, lost: str) -> None:
+    healthy = upstreams.send_text.side_effect
+
+    def delivered_then_lost(request: httpx.Request) -> httpx.Response:
+        healthy(request)  # WhatsApp got the text...
+        if lost == "read_timeout":  # ...but the answer never came back
+            raise httpx.ReadTimeout("timed out", request=request)
+        return httpx.Response(500, json={"statusCode": 500})
+
+    upstreams.send_text.side_effect = delivered_then_lost
+    envelope = wp.text_message("WEBJS", body="Tem desconto?")
+    response = post_event(client, envelope)
+    assert response.status_code == 200 and response.get_json()["status"] == "processed"
+    assert upstreams.send_text.call_count == 1 and upstreams.chat_messages.call_count == 1
+    assert post_event(client, envelope).get_json()["reason"] == "duplicate"
+
+
+# --- hostile or broken input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, error", [
+    (b'{"event":"message","session":"default","payload":{"from":"1@c.us","id":"x","timestamp":'
+     + b"1" * 5000 + b"}}", "not usable JSON"),
+    (b'{"event":"message","session":"default","payload":{"from":"1\\ud800@c.us","id":"x","body":"oi"}}',
+     "invalid character"),
+    (b'{"event":"message","session":"default","payload":{"from":"1@c.us","id":"x","body":"oi","timestamp":NaN}}',
+     "finite number"),
+    (b'{"event":"message","session":"default","payload":{"from":"1@c.us","id":"x","body":"oi","timestamp":1e999}}',
+     "finite number"),
+])
+def test_hostile_json_gets_400_not_500(client, upstreams, body: bytes, error: str) -> None:
+    response = post_event(client, body)
+    assert response.status_code == 400 and error in response.get_json()["error"]
+    assert upstreams.llm.call_count == 0
+
+
+def test_a_non_ascii_signature_header_is_a_401_not_a_500(make_app) -> None:
+    client = make_app(webhook_hmac_key="k").test_client()
+    response = post_event(client, wp.message_ack("WEBJS"), headers={"X-Webhook-Hmac": "çççç"})
+    assert response.status_code == 401
+
+
+def test_a_text_cut_inside_an_emoji_is_still_answered(client, upstreams) -> None:
+    envelope = wp.text_message("WEBJS", body="placeholder")
+    body = wp.dumps(envelope).replace(b"placeholder", b"Oi \\ud83d")
+    assert post_event(client, body).get_json()["status"] == "processed"
+    assert upstreams.sent_texts()[0]["text"] == "Echo: Oi \ufffd"
+
+
+# --- worker lifecycle -----------------------------------------------------------------------------
+
+def test_shutdown_hands_unfinished_replies_back_to_the_inbox(make_app, upstreams) -> None:
+    async def stuck_llm(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200, json=completion("late"))
+
+    upstreams.llm.side_effect = stuck_llm
+    app = make_app(webhook_sync_wait_seconds=0.1)
+    envelope = wp.text_message("NOWEB")
+    assert post_event(app.test_client(), envelope).status_code == 202
+    store = app.extensions[server.EXTENSION_KEY].store
+    key = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=False).dedupe_key
+    deadline = time.monotonic() + 5
+    while store.entry(key).status != "processing" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.shutdown(app, drain_seconds=0.2)
+    entry = store.entry(key)
+    assert (entry.status, entry.attempts) == ("queued", 0)  # due again at once, attempt not held against it
+    assert upstreams.send_text.call_count == 0
+
+
+def test_slow_presence_calls_do_not_delay_the_reply(make_app, upstreams, monkeypatch) -> None:
+    monkeypatch.setattr(server, "PRESENCE_TIMEOUT_SECONDS", 0.1)
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(201, json={})
+
+    for name in ("sendSeen", "startTyping", "stopTyping"):
+        upstreams.router.routes[name].side_effect = slow
+    client = make_app(typing_simulation=True).test_client()
+    started = time.monotonic()
+    response = post_event(client, wp.text_message("WEBJS"))
+    assert response.status_code == 200 and response.get_json()["result"]["status"] == "success"
+    assert time.monotonic() - started < 2
+
+
+def test_an_unprotected_server_warns_at_start(make_app, capsys) -> None:
+    make_app()
+    assert "neither WEBHOOK_HMAC_KEY nor WEBHOOK_SECRET_TOKEN is set" in capsys.readouterr().out
+    make_app(webhook_hmac_key="k")
+    assert "neither WEBHOOK_HMAC_KEY" not in capsys.readouterr().out

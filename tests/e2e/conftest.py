@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,16 +39,30 @@ class GunicornServer:
         self.output = folder / "gunicorn.out"
         empty_env_file = folder / "empty.env"
         empty_env_file.write_text("")
-        self.env = {**os.environ, "STATE_DB": str(folder / "state.db"), "LOG_FILE": str(self.log_file),
+        self.state_db = str(folder / "state.db")
+        # Only what a process needs from this shell: a developer's exported settings must not leak in.
+        inherited = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+        self.env = {**inherited, "STATE_DB": self.state_db, "LOG_FILE": str(self.log_file),
                     "WEBHOOK_ENV_FILE": str(empty_env_file), "TYPING_SIMULATION": "false",
                     "WEBHOOK_SYNC_WAIT_SECONDS": "5", **env}
         self.command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}",
                         "-w", str(workers), "whatsapp_webhook_server:app"]
         self.process: subprocess.Popen[bytes] | None = None
 
+    def pid_working_on(self, event_id: str, timeout: float = 10.0) -> int:
+        """The worker that took this message, from its 'decision=working' log line."""
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(rf"\[pid (\d+)\].*event={re.escape(event_id)} .*decision=working")
+        while time.monotonic() < deadline:
+            if found := pattern.findall(self.log_text()):
+                return int(found[-1])
+            time.sleep(0.05)
+        raise AssertionError(f"no worker started on {event_id}:\n{self.tail()}")
+
     def start(self, *, wait: bool = True) -> GunicornServer:
         with open(self.output, "ab") as out:
-            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)  # its own group, so a test can kill it whole
         if wait:
             self.wait_healthy()
         return self

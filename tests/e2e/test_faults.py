@@ -1,0 +1,287 @@
+"""Fault injection: every customer message gets exactly one answer, in order, whatever breaks.
+
+Each test scripts one fault into the fake LLM, the fake WAHA, the gunicorn processes or
+the state file, then checks what WAHA saw (status codes), what the customer got (the
+fake WAHA's delivered texts) and that /stats adds up.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import waha_payloads as wp
+from tests.e2e.conftest import WAHA_KEY, GunicornServer
+from tests.e2e.test_gunicorn import deliver, stats, wait_for
+from tests.fakes import FakeWaha
+
+pytestmark = pytest.mark.e2e
+
+# Short leases and timeouts so recovery happens in seconds, not minutes.
+FAULT_ENV = {"LEASE_SECONDS": "2", "WEBHOOK_SYNC_WAIT_SECONDS": "8", "WAHA_TIMEOUT_SECONDS": "1",
+             "WAHA_SEND_ATTEMPTS": "2", "LLM_TIMEOUT_SECONDS": "1", "LLM_DEADLINE_SECONDS": "6",
+             "REPLY_RETRY_SECONDS": "1", "REPLY_MAX_ATTEMPTS": "3", "GUNICORN_GRACEFUL_TIMEOUT": "12"}
+FALLBACK = "Desculpe, tivemos um problema. Tente de novo mais tarde."
+
+
+@pytest.fixture(scope="module")
+def fault_server(start_server: Any) -> GunicornServer:
+    return start_server(**FAULT_ENV, FALLBACK_MESSAGE=FALLBACK)
+
+
+def assert_stats_add_up(server: GunicornServer) -> dict:
+    counts = stats(server)
+    assert counts["messages_received"] == (counts["messages_processed"] + counts["messages_failed"]
+                                           + counts["messages_in_progress"]), counts
+    return counts
+
+
+def customer_texts(fake_waha: FakeWaha, chat: str) -> list[str]:
+    return [t["text"] for t in fake_waha.delivered_texts() if t["chatId"] == chat]
+
+
+# --- the LLM misbehaves ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault, expected", [
+    ({"status": 429, "headers": {"Retry-After": "1"}}, "Echo: {text}"),
+    ({"status": 500}, "Echo: {text}"),
+    ({"status": 502}, "Echo: {text}"),
+    ({"delay_s": 2.0}, "Echo: {text}"),                      # one attempt times out, the retry answers
+    ({"kind": "error_200"}, "Echo: {text}"),
+    ({"kind": "finish_error"}, "Echo: {text}"),
+    ({"kind": "empty_content", "times": 2}, FALLBACK),       # empty twice: one quick retry, then give up
+    ({"kind": "hang", "times": 0}, FALLBACK),                # hangs on every attempt until the deadline
+    ({"status": 401, "times": 0}, FALLBACK),                 # never retried
+], ids=["429-retry-after", "500", "502", "timeout", "200-with-error", "finish-error", "empty-content", "hang",
+        "401"])
+def test_llm_faults_end_in_one_reply(fault_server, fake_waha, fake_llm, fault: dict, expected: str) -> None:
+    envelope = wp.text_message("NOWEB", body=f"Pergunta {random.randint(0, 10**9)}")
+    fake_llm.add_fault("/chat/completions", **{"times": 1, **fault})
+    response = deliver(fault_server, envelope)
+    chat = envelope["payload"]["from"]
+    assert response.status_code == 200, response.text
+    assert response.json()["result"]["status"] == ("fallback" if expected == FALLBACK else "success")
+    assert customer_texts(fake_waha, chat) == [expected.format(text=envelope["payload"]["body"])]
+    assert_stats_add_up(fault_server)
+
+
+# --- WAHA misbehaves -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [
+    {"status": 422, "times": 2},   # session not WORKING yet
+    {"status": 500, "times": 1},   # not retried blindly: WAHA is asked first whether the text went out
+    {"kind": "hang", "times": 1},  # no answer, nothing sent: the check finds nothing, WAHA redelivers
+], ids=["422-session-not-ready", "500", "hang"])
+def test_waha_send_failures_get_503_and_the_redelivery_sends_once(fault_server, fake_waha, fake_llm, fault) -> None:
+    envelope = wp.text_message("GOWS", body="Qual o prazo de entrega?")
+    fake_waha.add_fault("/api/sendText", **fault)
+    first = deliver(fault_server, envelope)
+    assert first.status_code == 503 and "redeliver" in first.json()["error"]
+    second = deliver(fault_server, envelope)  # WAHA's retry of the same body
+    assert second.status_code == 200 and second.json()["status"] == "processed"
+    chat = envelope["payload"]["from"]
+    assert customer_texts(fake_waha, chat) == ["Echo: Qual o prazo de entrega?"]
+    assert len(fake_llm.completions()) == 1  # the retry resent the stored reply
+    assert_stats_add_up(fault_server)
+
+
+def test_waha_sent_it_but_the_answer_was_lost_so_no_second_copy(fault_server, fake_waha) -> None:
+    envelope = wp.text_message("WEBJS", body="Vocês aceitam Pix?")
+    fake_waha.add_fault("/api/sendText", kind="process_then_hang", delay_s=5)
+    response = deliver(fault_server, envelope)
+    assert response.status_code == 200 and response.json()["status"] == "processed"
+    assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Vocês aceitam Pix?"]
+    assert "decision=already_sent" in fault_server.log_text()
+
+
+def test_waha_down_then_back_is_retried_by_the_server_itself(start_server, tmp_path) -> None:
+    waha = FakeWaha(api_key=WAHA_KEY).start()
+    port = waha.port
+    waha.stop()  # connection refused from now on
+    server = start_server(**{**FAULT_ENV, "WAHA_BASE_URL": f"http://127.0.0.1:{port}", "WEBHOOK_SYNC_WAIT_SECONDS": "3"})
+    envelope = wp.text_message("NOWEB", body="Alô?")
+    response = deliver(server, envelope)
+    assert response.status_code == 503  # WAHA would redeliver; here it does not, to prove our own retry
+    revived = FakeWaha(api_key=WAHA_KEY, port=port).start()
+    try:
+        wait_for(lambda: revived.delivered_texts(), timeout=15)
+        time.sleep(1.5)  # a second copy would show up by now
+        assert [t["text"] for t in revived.delivered_texts()] == ["Echo: Alô?"]
+        assert_stats_add_up(server)
+    finally:
+        revived.stop()
+
+
+def test_a_reply_that_keeps_failing_is_given_up_after_bounded_attempts(fault_server, fake_waha) -> None:
+    envelope = wp.text_message("GOWS", body="Teste de falha")
+    fake_waha.add_fault("/api/sendText", status=500, times=0)
+    before = stats(fault_server)
+    assert deliver(fault_server, envelope).status_code == 503
+    wait_for(lambda: stats(fault_server)["messages_undelivered"] > before["messages_undelivered"], timeout=20)
+    counts = assert_stats_add_up(fault_server)
+    assert counts["messages_failed"] == before["messages_failed"] + 1
+    assert "then=failed" in fault_server.log_text()
+    fake_waha.clear_faults()
+    again = deliver(fault_server, envelope)
+    assert again.json() == {"status": "ignored", "reason": "duplicate", "detail": "message already given up on"}
+    assert customer_texts(fake_waha, envelope["payload"]["from"]) == []
+
+
+# --- processes die ---------------------------------------------------------------------------------
+
+def test_kill_9_of_the_worker_thinking_about_a_reply(fault_server, fake_waha, fake_llm) -> None:
+    envelope = wp.text_message("WEBJS", body="Meu pedido não chegou")
+    fake_llm.add_fault("/chat/completions", delay_s=3)
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(first=_try_deliver(fault_server, envelope)))
+    thread.start()
+    os.kill(fault_server.pid_working_on(envelope["id"]), signal.SIGKILL)
+    thread.join()
+    if not isinstance(outcome["first"], httpx.Response) or outcome["first"].status_code != 200:
+        redelivery = deliver(fault_server, envelope)  # WAHA retries anything that was not a 2xx
+        assert redelivery.status_code in (200, 202), redelivery.text
+    chat = envelope["payload"]["from"]
+    wait_for(lambda: customer_texts(fake_waha, chat), timeout=20)
+    time.sleep(1.5)
+    assert customer_texts(fake_waha, chat) == ["Echo: Meu pedido não chegou"]
+    assert_stats_add_up(fault_server)
+
+
+def test_kill_9_of_the_worker_while_waha_is_sending(start_server, fake_waha) -> None:
+    server = start_server(**{**FAULT_ENV, "WAHA_TIMEOUT_SECONDS": "30"})
+    envelope = wp.text_message("NOWEB", body="Cancelar assinatura")
+    fake_waha.add_fault("/api/sendText", kind="process_then_hang", delay_s=30)
+    thread = threading.Thread(target=_try_deliver, args=(server, envelope))
+    thread.start()
+    chat = envelope["payload"]["from"]
+    wait_for(lambda: customer_texts(fake_waha, chat))  # the text reached WhatsApp...
+    os.kill(server.pid_working_on(envelope["id"]), signal.SIGKILL)  # ...and the worker died before the answer
+    thread.join()
+    wait_for(lambda: "decision=already_sent" in server.log_text(), timeout=20)
+    assert customer_texts(fake_waha, chat) == ["Echo: Cancelar assinatura"]
+    assert_stats_add_up(server)
+
+
+def test_sigterm_mid_reply_hands_it_back_and_the_next_start_finishes_it(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(**{**FAULT_ENV, "WEBHOOK_SYNC_WAIT_SECONDS": "0.5", "LLM_TIMEOUT_SECONDS": "60",
+                             "LLM_DEADLINE_SECONDS": "120"})
+    envelope = wp.text_message("GOWS", body="Preciso falar com alguém")
+    fake_llm.add_fault("/chat/completions", delay_s=30, times=0)  # the LLM is stuck past the graceful drain
+    assert deliver(server, envelope).status_code == 202
+    server.pid_working_on(envelope["id"])
+    assert server.stop() == 0
+    assert "handed back to the inbox" in server.log_text()
+    chat = envelope["payload"]["from"]
+    assert customer_texts(fake_waha, chat) == []
+    fake_llm.clear_faults()
+    server.start()  # same state file
+    wait_for(lambda: customer_texts(fake_waha, chat), timeout=15)
+    time.sleep(1.5)
+    assert customer_texts(fake_waha, chat) == ["Echo: Preciso falar com alguém"]
+    assert_stats_add_up(server)
+
+
+def test_kill_9_of_the_whole_server_mid_reply_and_restart(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(**{**FAULT_ENV, "WEBHOOK_SYNC_WAIT_SECONDS": "0.5", "LEASE_SECONDS": "600"})
+    envelope = wp.text_message("NOWEB", body="Queda de energia")
+    fake_llm.add_fault("/chat/completions", delay_s=30, times=0)
+    assert deliver(server, envelope).status_code == 202
+    server.pid_working_on(envelope["id"])
+    os.killpg(server.process.pid, signal.SIGKILL)  # master and workers at once, like a power cut
+    server.process.wait()
+    fake_llm.clear_faults()
+    server.start()  # the lease (600 s) has not run out: start-up recovery must take the message over
+    chat = envelope["payload"]["from"]
+    wait_for(lambda: customer_texts(fake_waha, chat), timeout=15)
+    time.sleep(1.5)
+    assert customer_texts(fake_waha, chat) == ["Echo: Queda de energia"]
+    assert "recovering 1 messages left unfinished" in server.log_text()
+    assert_stats_add_up(server)
+
+
+def test_sigterm_lets_an_almost_finished_reply_go_out_first(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(**{**FAULT_ENV, "WEBHOOK_SYNC_WAIT_SECONDS": "0.2"})
+    envelope = wp.text_message("WEBJS", body="Até que horas?")
+    fake_llm.add_fault("/chat/completions", delay_s=0.8)
+    assert deliver(server, envelope).status_code == 202
+    server.pid_working_on(envelope["id"])
+    assert server.stop() == 0
+    assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Até que horas?"]
+
+
+# --- the store fails -------------------------------------------------------------------------------
+
+def test_an_unwritable_state_file_gets_503_so_waha_keeps_the_message(start_server, fake_waha) -> None:
+    server = start_server(**FAULT_ENV)
+    assert deliver(server, wp.message_ack("WEBJS")).status_code == 200  # workers have open connections now
+    state_files = [p for p in (server.state_db, server.state_db + "-wal") if os.path.exists(p)]
+    if subprocess.run(["chattr", "+i", *state_files], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    envelope = wp.text_message("NOWEB", body="Tem estoque?")
+    try:
+        for _ in range(3):  # whichever worker answers
+            response = deliver(server, envelope)
+            assert response.status_code == 503 and "not recorded" in response.json()["error"]
+        assert httpx.get(server.url + "/health").status_code in (200, 503)
+    finally:
+        subprocess.run(["chattr", "-i", *state_files], check=True)
+    # Like WAHA, redeliver until a 2xx: a worker thread may fail once more while SQLite reopens the file.
+    for _ in range(10):
+        response = deliver(server, envelope)
+        if response.status_code != 503:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 200 and response.json()["status"] == "processed"
+    assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Tem estoque?"]
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+def test_burst_of_200_deliveries_answers_50_messages_once_each_in_chat_order(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(**FAULT_ENV)
+    fake_llm.latency_s = 0.5  # an LLM is never instant; order must hold while replies overlap
+    chats = [f"55119{n:08d}@c.us" for n in range(10, 20)]
+    base = int(time.time())
+    deliveries = []
+    for chat in chats:
+        for turn in range(5):
+            bare = f"3EB0{random.getrandbits(72):018X}"
+            body = f"{chat[:13]} mensagem {turn}"
+            for copy in range(4):
+                event = "message.any" if copy == 3 else "message"
+                envelope = wp.text_message("NOWEB", sender=chat, body=body, message_id=bare, event=event,
+                                           timestamp=base + turn)
+                deliveries.append(envelope)
+    random.shuffle(deliveries)
+    try:
+        # WAHA fires deliveries without waiting for each other: model that with one thread each.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(deliveries)) as pool:
+            responses = list(pool.map(lambda envelope: deliver(server, envelope), deliveries))
+        assert all(r.status_code in (200, 202) for r in responses), {r.status_code for r in responses}
+        assert sum(r.json()["status"] == "ignored" for r in responses) >= 150
+        wait_for(lambda: len(fake_waha.delivered_texts()) >= 50, timeout=60)
+        time.sleep(1)
+    finally:
+        fake_llm.latency_s = 0.0
+    for chat in chats:
+        assert customer_texts(fake_waha, chat) == [f"Echo: {chat[:13]} mensagem {turn}" for turn in range(5)]
+    assert len(fake_waha.delivered_texts()) == 50
+    counts = assert_stats_add_up(server)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_in_progress"]) == (50, 50, 0)
+    assert "database is locked" not in server.log_text()
+
+
+def _try_deliver(server: GunicornServer, envelope: dict) -> httpx.Response | Exception:
+    try:
+        return deliver(server, envelope)
+    except httpx.HTTPError as exc:  # the worker holding the connection was killed
+        return exc

@@ -1,0 +1,220 @@
+"""The durable inbox: recorded once, claimed in chat order under leases, retried within bounds, recovered."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import pytest
+
+import whatsapp_webhook_server as server
+from tests import waha_payloads as wp
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Any, clock: Clock) -> server.StateStore:
+    store = server.StateStore(str(tmp_path / "state.db"), clock=clock)
+    store.initialize()
+    return store
+
+
+def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float | None = 100.0, body: str = "Oi", session: str = "default",
+             bare: str | None = None) -> server.IncomingMessage:
+    envelope = wp.text_message("WEBJS", sender=chat, body=body, session=session, message_id=bare)
+    envelope["payload"]["timestamp"] = ts
+    message = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, server.IncomingMessage)
+    return message
+
+
+def claim(store: server.StateStore, owner: str = "w1", lease: float = 30.0) -> server.ClaimedMessage | None:
+    return store.claim_next(owner, lease_seconds=lease)
+
+
+def test_a_message_is_recorded_once_and_survives_a_new_connection(store, tmp_path, clock) -> None:
+    message = incoming(body="Qual o preço?")
+    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=0)
+    assert store.accept(message) == server.Acceptance(stored=False, status="queued", attempts=0)
+    reopened = server.StateStore(str(tmp_path / "state.db"), clock=clock)
+    claimed = claim(reopened)
+    assert claimed.message == message and claimed.attempts == 1 and claimed.previous_status == "queued"
+    assert reopened.snapshot()["counters"]["messages_received"] == 1
+
+
+def test_messages_of_one_chat_are_claimed_one_at_a_time_in_send_order(store) -> None:
+    later, earlier, other_chat = incoming(ts=200, body="2"), incoming(ts=100, body="1"), incoming(wp.OTHER_PN, ts=300)
+    for message in (later, earlier, other_chat):  # arrival order differs from send order
+        store.accept(message)
+    first = claim(store)
+    assert first.message.text == "1"
+    assert claim(store).message.chat_id == wp.OTHER_PN  # another chat does not wait
+    assert claim(store) is None  # "2" waits while "1" is in progress
+    store.finish(first.message.dedupe_key, first.lease_owner, outcome="success", sent_message_id=None)
+    assert claim(store).message.text == "2"
+
+
+def test_same_second_messages_keep_arrival_order(store) -> None:
+    for body in ("a", "b", "c"):
+        store.accept(incoming(ts=100, body=body))
+    order = []
+    while (claimed := claim(store)) is not None:
+        order.append(claimed.message.text)
+        store.finish(claimed.message.dedupe_key, claimed.lease_owner, outcome="success", sent_message_id=None)
+    assert order == ["a", "b", "c"]
+
+
+def test_an_abandoned_lease_is_taken_over_after_it_expires(store, clock) -> None:
+    store.accept(incoming())
+    dead = claim(store, "dead-worker", lease=30)
+    assert claim(store, "w2") is None
+    clock.now += 31
+    taken = claim(store, "w2")
+    assert taken.message == dead.message and taken.attempts == 2
+    assert not store.renew_lease(dead.message.dedupe_key, "dead-worker", lease_seconds=30)
+    assert store.begin_send(dead.message.dedupe_key, "dead-worker") == "lost"
+
+
+def test_a_message_interrupted_while_sending_is_reclaimed_as_sending(store, clock) -> None:
+    store.accept(incoming())
+    first = claim(store, "w1")
+    store.save_reply(first.message.dedupe_key, "w1", "Olá!", "success")
+    assert store.begin_send(first.message.dedupe_key, "w1") == "send"
+    clock.now += 31
+    again = claim(store, "w2")
+    assert (again.previous_status, again.reply_text, again.outcome) == ("sending", "Olá!", "success")
+    assert again.send_started_at == clock.now - 31
+
+
+def test_sending_yields_to_an_earlier_message_that_arrived_late(store) -> None:
+    second = incoming(ts=200, body="2")
+    store.accept(second)
+    claimed = claim(store)
+    store.accept(incoming(ts=100, body="1"))  # delivered later, sent earlier
+    assert store.begin_send(second.dedupe_key, claimed.lease_owner) == "yield"
+    assert claim(store).message.text == "1"
+    assert store.entry(second.dedupe_key).attempts == 0  # a yield is not a failed attempt
+
+
+def test_failed_attempts_are_retried_later_then_given_up_and_counted(store, clock) -> None:
+    message = incoming()
+    store.accept(message)
+    for attempt in (1, 2):
+        claimed = claim(store)
+        assert claimed.attempts == attempt
+        assert store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=3,
+                                    retry_in=10) == "retry"
+        assert claim(store) is None  # not due yet
+        clock.now += 10
+    claimed = claim(store)
+    assert store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=3,
+                                retry_in=10) == "failed"
+    entry = store.entry(message.dedupe_key)
+    assert (entry.status, entry.last_error) == ("failed", "HTTP 500")
+    counters = store.snapshot()["counters"]
+    assert counters["messages_failed"] == 1 and counters["messages_undelivered"] == 1
+    assert store.accept(message).stored is False
+
+
+def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -> None:
+    message = incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
+    assert claim(store) is None
+    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=1)
+    assert claim(store).attempts == 2
+
+
+def test_release_hands_a_message_back_untried(store) -> None:
+    message = incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.release(message.dedupe_key, claimed.lease_owner)
+    again = claim(store, "w2")
+    assert again.attempts == 1 and again.previous_status == "queued"
+
+
+def test_restart_recovery_makes_every_unfinished_message_due(store) -> None:
+    for chat in (wp.CUSTOMER_PN, wp.OTHER_PN):
+        store.accept(incoming(chat))
+        claim(store, "old-run", lease=3600)
+    assert claim(store, "new-run") is None
+    assert store.expire_leases() == 2
+    assert claim(store, "new-run") is not None and claim(store, "new-run") is not None
+
+
+def test_finished_messages_are_pruned_but_counters_and_open_messages_stay(store, clock) -> None:
+    done, still_open = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN)
+    store.accept(done)
+    claimed = claim(store)
+    store.finish(done.dedupe_key, claimed.lease_owner, outcome="success", sent_message_id="x")
+    store.accept(still_open)
+    clock.now += 3600
+    assert store.prune(older_than=clock.now - 60) == 1
+    assert store.entry(done.dedupe_key) is None and store.entry(still_open.dedupe_key).status == "queued"
+    assert store.snapshot()["counters"]["messages_processed"] == 1
+
+
+def test_stats_add_up(store) -> None:
+    a, b, c = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN), incoming(wp.CUSTOMER_LID)
+    for message in (a, b, c):
+        store.accept(message)
+    first = claim(store)
+    store.finish(first.message.dedupe_key, first.lease_owner, outcome="success", sent_message_id=None)
+    second = claim(store)
+    store.finish(second.message.dedupe_key, second.lease_owner, outcome="fallback", sent_message_id=None)
+    snapshot = store.snapshot()
+    counters, in_progress = snapshot["counters"], sum(snapshot["by_status"].values())
+    assert counters["messages_received"] == counters["messages_processed"] + counters["messages_failed"] + in_progress
+
+
+def _claim_all(path: str, owner: str, results: Any) -> None:
+    store = server.StateStore(path)
+    claimed = []
+    while (item := store.claim_next(owner, lease_seconds=600)) is not None:
+        claimed.append(item.message.dedupe_key)
+    results.put(claimed)
+
+
+def test_four_processes_never_claim_the_same_message(tmp_path) -> None:
+    path = str(tmp_path / "state.db")
+    store = server.StateStore(path)
+    store.initialize()
+    for n in range(200):
+        store.accept(incoming(f"55219{n:08d}@c.us", bare=f"3EB0{n:018X}"))
+    results: Any = multiprocessing.get_context("fork").Queue()
+    workers = [multiprocessing.get_context("fork").Process(target=_claim_all, args=(path, f"p{i}", results))
+               for i in range(4)]
+    for worker in workers:
+        worker.start()
+    claimed = [key for _ in workers for key in results.get(timeout=60)]
+    for worker in workers:
+        worker.join(timeout=10)
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+def test_an_unwritable_store_raises_store_unavailable(tmp_path) -> None:
+    path = tmp_path / "state.db"
+    store = server.StateStore(str(path))
+    store.initialize()
+    if os.system(f"chattr +i {path} 2>/dev/null") != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(server.StoreUnavailable):
+            server.StateStore(str(path)).accept(incoming())
+    finally:
+        os.system(f"chattr -i {path}")
