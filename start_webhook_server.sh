@@ -13,17 +13,18 @@ VENV="${VENV_DIR:-.venv}"
 mode="${1:-serve}"
 [ $# -gt 0 ] && shift
 
+# setup_venv FILE: create .venv if needed and install FILE, only when it (or what it includes) changed.
 setup_venv() {
+  local requirements="$1"
   if [ ! -x "$VENV/bin/python" ]; then
     echo "Creating virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  # Reinstall only when requirements-webhook.txt changed since the last install.
-  local wanted stamp="$VENV/.requirements-webhook.sha256"
-  wanted="$(sha256sum requirements-webhook.txt | cut -d' ' -f1)"
+  local wanted stamp="$VENV/.${requirements}.sha256"
+  wanted="$(cat requirements-*.txt "$requirements" | sha256sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-    echo "Installing requirements-webhook.txt"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -r requirements-webhook.txt
+    echo "Installing $requirements"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -r "$requirements"
     echo "$wanted" > "$stamp"
   fi
 }
@@ -37,11 +38,11 @@ ensure_env_file() {
 
 case "$mode" in
   test)
-    setup_venv
+    setup_venv requirements-test.txt
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   serve)
-    setup_venv
+    setup_venv requirements-webhook.txt
     ensure_env_file
     # Validates every setting and prints what to fix before anything starts.
     "$VENV/bin/python" whatsapp_webhook_server.py --check-settings
