@@ -6,10 +6,33 @@ throughput at workers / LLM latency). Command-line flags override these values.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
-import whatsapp_webhook_server as server
+
+def _fresh_metrics_dir() -> str:
+    """prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is first imported, so this runs first.
+
+    Files left by a previous run would add old totals to the new ones: the directory is
+    emptied (when given) or made new (when not) at every start.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not given:
+        return tempfile.mkdtemp(prefix="whatsapp-webhook-metrics-")
+    os.makedirs(given, exist_ok=True)
+    for name in os.listdir(given):
+        if name.endswith(".db"):
+            os.remove(os.path.join(given, name))
+    return given
+
+
+_made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir()
+
+import whatsapp_webhook_server as server  # noqa: E402 - must follow PROMETHEUS_MULTIPROC_DIR
+from prometheus_client import multiprocess  # noqa: E402
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -63,3 +86,13 @@ def post_worker_init(worker):  # noqa: ARG001 - gunicorn hook signature
 
 def worker_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature
     server.shutdown(drain_seconds=REPLY_DRAIN_SECONDS)
+
+
+def child_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature
+    # A dead worker's in-flight gauge must not count any more (its counters stay in the totals).
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server_arbiter):  # noqa: ARG001 - gunicorn hook signature
+    if _made_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

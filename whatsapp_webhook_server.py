@@ -35,7 +35,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
 
 import httpx
-from flask import Flask, jsonify, request
+import prometheus_client
+from flask import Flask, Response, jsonify, request
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import multiprocess as prometheus_multiprocess
 from werkzeug.exceptions import HTTPException
 
 __version__ = "1.0.0"
@@ -101,6 +104,9 @@ class Settings:
     state_db: str = DEFAULT_STATE_DB
     log_file: str | None = "/tmp/whatsapp_webhook.log"
     log_level: str = "INFO"
+    log_format: str = "text"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backup_count: int = 5
     reply_in_groups: bool = False
     fallback_message: str = DEFAULT_FALLBACK_MESSAGE
     non_text_reply: str = DEFAULT_NON_TEXT_REPLY
@@ -144,6 +150,9 @@ class Settings:
             state_db=env.text("STATE_DB", DEFAULT_STATE_DB),
             log_file=env.text_allowing_empty("LOG_FILE", "/tmp/whatsapp_webhook.log") or None,
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_format=env.choice("LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
+            log_max_bytes=env.integer("LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=0, maximum=2**40),
+            log_backup_count=env.integer("LOG_BACKUP_COUNT", 5, minimum=1, maximum=1000),
             reply_in_groups=env.boolean("REPLY_IN_GROUPS", False),
             fallback_message=env.text("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             non_text_reply=env.text("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY),
@@ -529,6 +538,7 @@ class ClaimedMessage:
     reply_text: str | None
     outcome: str | None
     send_started_at: float | None
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -721,14 +731,14 @@ class StateStore:
             row = c.execute(NEXT_DUE_SQL, {"now": now}).fetchone()
             if row is None:
                 return None
-            message, status, attempts, reply_text, outcome, send_started_at = c.execute(
+            message, status, attempts, reply_text, outcome, send_started_at, received_at = c.execute(
                 "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
                 " attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE key = ?"
-                " RETURNING message, status, attempts, reply_text, outcome, send_started_at",
+                " RETURNING message, status, attempts, reply_text, outcome, send_started_at, received_at",
                 (owner, now + lease_seconds, now, row[0])).fetchone()
             previous = "sending" if status == "sending" else "queued"
             return ClaimedMessage(IncomingMessage.from_json(message), owner, previous, attempts, reply_text,
-                                  outcome, send_started_at)
+                                  outcome, send_started_at, received_at)
 
         return self._transaction(work)
 
@@ -851,6 +861,39 @@ class StateStore:
 
 
 # ---------------------------------------------------------------------------
+# Metrics (Prometheus). Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before
+# this module is imported, so every worker writes its own files and /metrics adds them up.
+# ---------------------------------------------------------------------------
+
+MESSAGES_RECEIVED = Counter("webhook_messages_received", "Customer messages recorded for a reply")
+MESSAGES_PROCESSED = Counter("webhook_messages_processed", "Messages answered (LLM reply or text-only note)")
+MESSAGES_FAILED = Counter("webhook_messages_failed",
+                          "Messages answered with the fallback, or given up after every attempt", ["reason"])
+PROCESSING_SECONDS = Histogram("webhook_processing_duration_seconds",
+                               "From the message being recorded to its reply reaching WAHA",
+                               buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300, 900))
+MESSAGES_IGNORED = Counter("webhook_messages_ignored", "Events deliberately not answered", ["reason"])
+REQUESTS_REJECTED = Counter("webhook_requests_rejected", "Webhook requests refused", ["status"])
+LLM_SECONDS = Histogram("webhook_llm_duration_seconds", "LLM call time, retries included",
+                        buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60))
+LLM_ERRORS = Counter("webhook_llm_errors", "Failed LLM attempts", ["status"])
+LLM_TOKENS = Counter("webhook_llm_tokens", "Tokens used by successful LLM calls", ["kind"])
+WAHA_ERRORS = Counter("webhook_waha_errors", "Failed WAHA calls", ["endpoint", "status"])
+REPLIES_IN_FLIGHT = Gauge("webhook_replies_in_flight", "Replies being prepared or sent right now",
+                          multiprocess_mode="livesum")
+
+
+def metrics_document() -> tuple[bytes, str]:
+    """The Prometheus text exposition, summed over all gunicorn workers when running under gunicorn."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry(support_collectors_without_names=True)
+        prometheus_multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = prometheus_client.REGISTRY
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
+# ---------------------------------------------------------------------------
 # Upstream errors shared by the LLM and WAHA clients
 # ---------------------------------------------------------------------------
 
@@ -928,6 +971,13 @@ def _error_message(response: httpx.Response) -> str:
     return json.dumps(body)[:200]
 
 
+def _metric_status(error: UpstreamError) -> str:
+    """A small, fixed set of label values: the HTTP status, or what went wrong without one."""
+    if error.status is not None:
+        return str(error.status)
+    return "timeout" if "time" in str(error.args[0]) else "connection"
+
+
 def _backoff_seconds(attempt: int, *, base: float, rng: Callable[[], float]) -> float:
     """Exponential backoff with +/-25% jitter, so retries from many chats do not line up."""
     return base * (2 ** (attempt - 1)) * (0.75 + 0.5 * rng())
@@ -989,12 +1039,17 @@ class LLMClient:
             try:
                 async with asyncio.timeout(min(self.attempt_timeout, remaining)):
                     text, model, usage = await self._attempt(body)
+                LLM_SECONDS.observe(loop.time() - started)
+                for kind in ("prompt_tokens", "completion_tokens"):
+                    if isinstance(usage.get(kind), int):
+                        LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(usage[kind])
                 return LLMReply(text, model, usage, attempt, loop.time() - started)
             except TimeoutError:
                 error: LLMError = LLMError(f"no answer within {min(self.attempt_timeout, remaining):.1f}s",
                                            transient=True)
             except LLMError as exc:
                 error = exc
+            LLM_ERRORS.labels(_metric_status(error)).inc()
             if isinstance(error, EmptyReplyError):
                 if empty_retried:
                     raise error
@@ -1133,6 +1188,14 @@ class WahaClient:
 
     async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
         try:
+            return await self._call(method, path, **options)
+        except WahaError as exc:
+            endpoint = path if path.startswith("/api/send") or path.endswith("Typing") else "chat_messages"
+            WAHA_ERRORS.labels(endpoint, _metric_status(exc)).inc()
+            raise
+
+    async def _call(self, method: str, path: str, **options: Any) -> httpx.Response:
+        try:
             response = await self.http.request(method, self.base_url + path, headers=self.headers, **options)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise WahaError(f"{path} could not connect: {type(exc).__name__}", transient=True) from None
@@ -1213,7 +1276,8 @@ class ReplyPipeline:
     async def _reply(self, claimed: ClaimedMessage) -> None:
         message, owner, key = claimed.message, claimed.lease_owner, claimed.message.dedupe_key
         if claimed.previous_status == "sending" and claimed.reply_text and await self._already_sent(
-                claimed, text=claimed.reply_text, since=(claimed.send_started_at or time.time()) - 60):
+                claimed, text=claimed.reply_text, outcome=claimed.outcome or "success",
+                since=(claimed.send_started_at or time.time()) - 60):
             return
         log.info("event=%s chat=%s decision=working attempt=%d", message.event_id, message.chat_id, claimed.attempts)
 
@@ -1252,19 +1316,31 @@ class ReplyPipeline:
         try:
             sent_id = await self.waha.send_text(session=message.session, chat_id=message.chat_id, text=text)
         except WahaError as exc:
-            if exc.maybe_delivered and await self._already_sent(claimed, text=text, since=time.time() - 60):
+            if exc.maybe_delivered and await self._already_sent(claimed, text=text, outcome=outcome,
+                                                                since=time.time() - 60):
                 return
             result = await asyncio.to_thread(
                 self.store.record_failure, key, owner, str(exc), max_attempts=self.settings.reply_max_attempts,
                 retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds))
+            if result == "failed":
+                MESSAGES_FAILED.labels("undelivered").inc()
             log.error("event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s", message.event_id,
                       message.chat_id, claimed.attempts, result, exc)
             return
-        await asyncio.to_thread(self.store.finish, key, owner, outcome=outcome, sent_message_id=sent_id)
+        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id)
         log.info("event=%s chat=%s decision=replied outcome=%s chars=%d sent_id=%s total_ms=%.0f",
                  message.event_id, message.chat_id, outcome, len(text), sent_id, (loop.time() - started) * 1000)
 
-    async def _already_sent(self, claimed: ClaimedMessage, *, text: str, since: float) -> bool:
+    async def _finish(self, claimed: ClaimedMessage, *, outcome: str, sent_message_id: str | None) -> None:
+        await asyncio.to_thread(self.store.finish, claimed.message.dedupe_key, claimed.lease_owner,
+                                outcome=outcome, sent_message_id=sent_message_id)
+        if outcome == "fallback":
+            MESSAGES_FAILED.labels("llm").inc()
+        else:
+            MESSAGES_PROCESSED.inc()
+        PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
+
+    async def _already_sent(self, claimed: ClaimedMessage, *, text: str, outcome: str, since: float) -> bool:
         """A send was cut off (worker died, answer lost): ask WAHA whether the reply left before resending."""
         message = claimed.message
         try:
@@ -1278,8 +1354,7 @@ class ReplyPipeline:
         if found is None:
             return False
         sent_id = found.get("id") if isinstance(found.get("id"), str) else None
-        await asyncio.to_thread(self.store.finish, message.dedupe_key, claimed.lease_owner,
-                                outcome=claimed.outcome or "success", sent_message_id=sent_id)
+        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id)
         log.info("event=%s chat=%s decision=already_sent sent_id=%s (found in WAHA after an interrupted send)",
                  message.event_id, message.chat_id, sent_id)
         return True
@@ -1389,11 +1464,13 @@ class Dispatcher:
     async def _process(self, claimed: ClaimedMessage) -> None:
         key = claimed.message.dedupe_key
         heartbeat = asyncio.create_task(self._keep_lease(key))
+        REPLIES_IN_FLIGHT.inc()
         try:
             await self.pipeline.process(claimed)
         except Exception:
             pass  # logged by the pipeline; the message is back in the inbox
         finally:
+            REPLIES_IN_FLIGHT.dec()
             heartbeat.cancel()
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             for listener in self._listeners:
@@ -1587,6 +1664,7 @@ class WebhookService:
         rejection = self._check_sender(body, headers)
         if rejection is not None:
             log.warning("request=%s rejected status=401 reason=%s", request_id, rejection)
+            REQUESTS_REJECTED.labels("401").inc()
             self.count_quietly("requests_unauthorized")
             return {"error": rejection}, 401
         try:
@@ -1596,6 +1674,7 @@ class WebhookService:
             decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
         except BadRequestError as exc:
             log.warning("request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
+            REQUESTS_REJECTED.labels(str(exc.status)).inc()
             self.count_quietly("requests_rejected")
             return {"error": exc.message}, exc.status
 
@@ -1614,6 +1693,8 @@ class WebhookService:
                 accepted.status, "message is being answered")
             return self._ignore(message.event_id, message.chat_id, Ignored("duplicate", detail))
 
+        if accepted.attempts == 0:
+            MESSAGES_RECEIVED.inc()
         log.info("event=%s chat=%s engine=%s decision=reply key=%s text_chars=%d", message.event_id,
                  message.chat_id, message.engine, message.dedupe_key, len(message.text or ""))
         return self._await_reply(message, attempts_before=accepted.attempts)
@@ -1682,6 +1763,7 @@ class WebhookService:
 
     def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
         log.info("event=%s chat=%s decision=ignored reason=%s", event_id, chat_id, ignored.reason)
+        MESSAGES_IGNORED.labels(ignored.reason).inc()
         self.count_quietly(IGNORED_COUNTER_PREFIX + ignored.reason)
         return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
 
@@ -1728,14 +1810,70 @@ class WebhookService:
         }
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; the message's key=value pairs (event, chat, decision...) become fields."""
+
+    FIELD = re.compile(r"(\w+)=(\S+)")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        document: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "pid": record.process, "logger": record.name, "message": message}
+        for name, value in self.FIELD.findall(message):
+            document.setdefault(name, value)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+class SharedRotatingFileHandler(logging.handlers.WatchedFileHandler):
+    """Size-based rotation that is safe with several gunicorn workers writing one file.
+
+    The process that finds the file too big rotates it under an exclusive lock; the
+    others notice the new inode (WatchedFileHandler) and reopen instead of rotating again.
+    """
+
+    def __init__(self, filename: str, *, max_bytes: int, backup_count: int) -> None:
+        super().__init__(filename, encoding="utf-8")
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+        self.lock_path = self.baseFilename + ".lock"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.max_bytes and self.stream is not None and self.stream.tell() >= self.max_bytes:
+            self._rotate()
+        super().emit(record)
+
+    def _rotate(self) -> None:
+        import fcntl
+
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(self.baseFilename)
+                if current.st_size >= self.max_bytes:  # nobody rotated it while we waited
+                    for index in range(self.backup_count - 1, 0, -1):
+                        older = f"{self.baseFilename}.{index}"
+                        if os.path.exists(older):
+                            os.replace(older, f"{self.baseFilename}.{index + 1}")
+                    os.replace(self.baseFilename, f"{self.baseFilename}.1")
+            except FileNotFoundError:
+                pass
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.reopenIfNeeded()
+
+
 def configure_logging(settings: Settings) -> None:
-    """Console plus LOG_FILE, one format; safe to call again (handlers are replaced, not stacked)."""
-    formatter = logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
+    """Console plus LOG_FILE, text or JSON lines; safe to call again (handlers are replaced, not stacked)."""
+    formatter: logging.Formatter = JsonLogFormatter() if settings.log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if settings.log_file:
         try:
-            # WatchedFileHandler reopens the file after logrotate moves it, and several workers may share it.
-            handlers.append(logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8"))
+            handlers.append(SharedRotatingFileHandler(settings.log_file, max_bytes=settings.log_max_bytes,
+                                                      backup_count=settings.log_backup_count))
         except OSError as exc:
             raise SettingsError(f"LOG_FILE {settings.log_file!r} cannot be opened ({exc}); "
                                 "point LOG_FILE at a writable path or set it empty to log to the console only") from None
@@ -1803,11 +1941,17 @@ def create_app(settings: Settings | None = None, *, store: StateStore | None = N
     def stats() -> Any:
         return jsonify(service.status_document("ok"))
 
+    @app.get("/metrics")
+    def metrics() -> Any:
+        body, content_type = metrics_document()
+        return Response(body, content_type=content_type)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
         if exc.code == 413:
             log.warning("request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
             service.count_quietly("requests_rejected")
+            REQUESTS_REJECTED.labels("413").inc()
             _discard_unread_body(limit=8 * settings.max_body_bytes)
             return jsonify({"error": f"request body is larger than {settings.max_body_bytes} bytes"}), 413
         return jsonify({"error": exc.description or exc.name}), exc.code
@@ -1899,20 +2043,98 @@ def __getattr__(name: str) -> Any:
         return _app
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+        return text if self.ok or not self.hint else f"{text}\n     fix: {self.hint}"
+
+
+def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | None = None) -> list[CheckResult]:
+    """Talk to WAHA and the LLM once, the way the server will, and say what is wrong and how to fix it."""
+    results: list[CheckResult] = []
+    with httpx.Client(transport=transport, timeout=10.0) as http:
+        def get(url: str, **headers: str) -> httpx.Response | str:
+            try:
+                return http.get(url, headers=headers)
+            except httpx.HTTPError as exc:
+                return f"cannot reach {url} ({type(exc).__name__})"
+
+        ping = get(f"{settings.waha_base_url}/ping")
+        if isinstance(ping, str) or ping.status_code != 200:
+            results.append(CheckResult("WAHA reachable", False, ping if isinstance(ping, str) else
+                                       f"GET /ping answered HTTP {ping.status_code}",
+                                       "start WAHA or point WAHA_BASE_URL at it (default port 3000)"))
+        else:
+            results.append(CheckResult("WAHA reachable", True, f"{settings.waha_base_url}/ping answered pong"))
+            sessions = get(f"{settings.waha_base_url}/api/sessions?all=true", **{"X-Api-Key": settings.waha_api_key})
+            if isinstance(sessions, str) or sessions.status_code != 200:
+                status = sessions if isinstance(sessions, str) else f"HTTP {sessions.status_code}"
+                results.append(CheckResult("WAHA API key and sessions", False, f"GET /api/sessions: {status}",
+                                           "WAHA_API_KEY must equal the WAHA_API_KEY WAHA was started with"
+                                           if not isinstance(sessions, str) and sessions.status_code == 401 else ""))
+            else:
+                listed = [(str(x.get("name")), str(x.get("status"))) for x in sessions.json() if isinstance(x, dict)]
+                working = [name for name, status in listed if status == "WORKING"]
+                detail = ", ".join(f"{name}={status}" for name, status in listed) or "no sessions"
+                results.append(CheckResult("WAHA session WORKING", bool(working), detail,
+                                           "start a session and pair it: WAHA dashboard (/dashboard) or "
+                                           "GET /api/{session}/auth/qr, then scan the QR code with WhatsApp"))
+
+        auth = {"Authorization": f"Bearer {settings.openrouter_api_key}"} if settings.openrouter_api_key else {}
+        if settings.uses_openrouter:
+            key = get(f"{settings.openrouter_base_url}/key", **auth)
+            if isinstance(key, str) or key.status_code != 200:
+                results.append(CheckResult("OpenRouter key", False, key if isinstance(key, str) else
+                                           f"GET /key answered HTTP {key.status_code}",
+                                           "create a key at https://openrouter.ai/keys and set OPENROUTER_API_KEY"))
+            else:
+                data = key.json().get("data", {}) if isinstance(key.json(), dict) else {}
+                results.append(CheckResult("OpenRouter key", True, f"valid (limit_remaining="
+                                           f"{data.get('limit_remaining')}, free tier={data.get('is_free_tier')})"))
+        models = get(f"{settings.openrouter_base_url}/models", **auth)
+        if isinstance(models, str) or models.status_code != 200:
+            results.append(CheckResult("LLM reachable", False, models if isinstance(models, str) else
+                                       f"GET /models answered HTTP {models.status_code}",
+                                       "check OPENROUTER_BASE_URL (an OpenAI-compatible base URL ending in /v1)"))
+        else:
+            ids = {m.get("id") for m in models.json().get("data", []) if isinstance(m, dict)}
+            found = settings.openrouter_model in ids
+            results.append(CheckResult("LLM model available", found, f"{settings.openrouter_model} "
+                                       f"{'is listed' if found else f'is not among the {len(ids)} listed models'}",
+                                       "set OPENROUTER_MODEL to a listed id, e.g. google/gemini-2.0-flash-001 or "
+                                       "google/gemini-2.5-flash-lite"))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run Flask's development server (production uses gunicorn; see start_webhook_server.sh)."""
+    """Run Flask's development server (production uses gunicorn; see start_webhook_server.sh).
+
+    --check-settings validates the configuration; --check also talks to WAHA and the LLM.
+    """
     args = sys.argv[1:] if argv is None else argv
     try:
         settings = load_settings()
         check_local_resources(settings)
-        if "--check-settings" in args:
-            print(f"settings OK: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
+        if "--check-settings" in args or "--check" in args:
+            print(f"OK   settings: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
                   f"model {settings.openrouter_model}, state {settings.state_db}")
+        if "--check-settings" in args:
             return 0
+        if "--check" in args:
+            results = check_deployment(settings)
+            for result in results:
+                print(result.line())
+            return 0 if all(result.ok for result in results) else 1
         recover_after_restart(settings)
         application = create_app(settings)
     except SettingsError as exc:
-        print(f"whatsapp_webhook_server: {exc}", file=sys.stderr)
+        print(f"FAIL settings: {exc}" if "--check" in args else f"whatsapp_webhook_server: {exc}", file=sys.stderr)
         return 2
     log.info("starting development server on %s:%d (use gunicorn in production)", settings.host, settings.port)
     start_worker(application)
