@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -174,3 +175,63 @@ def test_missing_settings_stop_start_up_with_one_clear_message(start_server) -> 
 def test_sigterm_stops_the_server_cleanly(start_server) -> None:
     server = start_server()
     assert server.stop() == 0
+
+
+def scrape(server: GunicornServer) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(server.url + "/metrics", timeout=5)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_metrics_add_up_across_workers_and_survive_a_dead_worker(start_server, fake_llm) -> None:
+    server = start_server()
+    fake_llm.add_fault("/chat/completions", status=401, times=1)
+    results = [deliver(server, wp.text_message(engine, body=f"pergunta {engine}")) for engine in wp.ENGINES]
+    assert sorted(r.json()["result"]["status"] for r in results) == ["fallback", "success", "success"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda _: deliver(server, wp.message_ack("WEBJS")), range(20)))
+    deliver(server, b"{broken")
+
+    def check(samples: dict) -> None:
+        assert samples[("webhook_messages_received_total", ())] == 3
+        assert samples[("webhook_messages_processed_total", ())] == 2
+        assert samples[("webhook_messages_failed_total", (("reason", "llm"),))] == 1
+        assert samples[("webhook_processing_duration_seconds_count", ())] == 3
+        assert samples[("webhook_messages_ignored_total", (("reason", "event_not_handled"),))] == 20
+        assert samples[("webhook_requests_rejected_total", (("status", "400"),))] == 1
+        assert samples[("webhook_llm_errors_total", (("status", "401"),))] == 1
+        assert samples[("webhook_llm_tokens_total", (("kind", "prompt"),))] > 0
+        assert samples[("webhook_replies_in_flight", ())] == 0
+
+    for _ in range(10):  # whichever worker answers the scrape
+        check(scrape(server))
+    worker = httpx.get(server.url + "/stats", timeout=5).json()["worker_pid"]
+    os.kill(worker, signal.SIGKILL)  # its counter files stay; the master marks its live gauge dead
+    time.sleep(1)
+    check(scrape(server))
+
+
+def test_check_command_against_the_fakes(tmp_path, fake_waha, fake_llm) -> None:
+    from tests.e2e.conftest import upstream_env
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "empty.env").write_text("")
+        variables = {"PATH": os.environ["PATH"], "WEBHOOK_ENV_FILE": str(tmp_path / "empty.env"),
+                     "STATE_DB": str(tmp_path / "state.db"), "LOG_FILE": "",
+                     **upstream_env(fake_waha, fake_llm), **env}
+        return subprocess.run([sys.executable, str(REPO / "whatsapp_webhook_server.py"), "--check"], cwd=tmp_path,
+                              env=variables, capture_output=True, text=True, timeout=60)
+
+    healthy = run()
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "OK   WAHA session WORKING: default=WORKING" in healthy.stdout
+    assert "OK   LLM model available: google/gemini-2.0-flash-001 is listed" in healthy.stdout
+    wrong = run(WAHA_API_KEY="not-the-key", OPENROUTER_MODEL="google/gemini-2.0-flash")
+    assert wrong.returncode == 1
+    assert "FAIL WAHA API key and sessions: GET /api/sessions: HTTP 401" in wrong.stdout
+    assert "FAIL LLM model available: google/gemini-2.0-flash is not among" in wrong.stdout
+    assert "not-the-key" not in wrong.stdout

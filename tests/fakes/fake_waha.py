@@ -107,6 +107,8 @@ class FakeWaha(FakeServer):
         key = req.headers.get("x-api-key") or req.query.get("x-api-key")  # WAHA accepts both
         if req.path.startswith("/api/") and key != self.api_key:
             return Response(401, {"message": "Unauthorized", "statusCode": 401})
+        if req.method == "GET" and req.path == "/api/sessions":
+            return Response(200, [self._session_info(self.session).body])
         if req.method == "GET" and (m := re.fullmatch(r"/api/sessions/([^/]+)", req.path)):
             return self._session_info(m.group(1))
         if req.method == "GET" and (m := re.fullmatch(r"/api/([^/]+)/chats/([^/]+)/messages", req.path)):

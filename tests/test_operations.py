@@ -1,0 +1,113 @@
+"""Operator tools: the deployment check, /metrics in one process, JSON logs and shared log rotation."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+import whatsapp_webhook_server as server
+from tests import waha_payloads as wp
+from tests.conftest import LLM_BASE, WAHA_BASE, make_settings, post_event
+
+
+def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[server.CheckResult]:
+    settings = make_settings(tmp_path, **overrides)
+    with respx.mock(assert_all_called=False) as router:
+        for url, response in routes.items():
+            router.get(url).mock(side_effect=response if isinstance(response, Exception) else None,
+                                 return_value=None if isinstance(response, Exception) else response)
+        return server.check_deployment(settings)
+
+
+HEALTHY = {
+    f"{WAHA_BASE}/ping": httpx.Response(200, json={"message": "pong"}),
+    f"{WAHA_BASE}/api/sessions?all=true": httpx.Response(200, json=[{"name": "default", "status": "WORKING"}]),
+    f"{LLM_BASE}/models": httpx.Response(200, json={"data": [{"id": "google/gemini-2.0-flash-001"}]}),
+}
+
+
+def test_check_passes_when_waha_and_the_llm_are_ready(tmp_path) -> None:
+    results = run_check(tmp_path, HEALTHY)
+    assert [r.name for r in results] == ["WAHA reachable", "WAHA session WORKING", "LLM model available"]
+    assert all(r.ok for r in results)
+
+
+@pytest.mark.parametrize("change, failing, hint", [
+    ({f"{WAHA_BASE}/ping": httpx.ConnectError("refused")}, "WAHA reachable", "WAHA_BASE_URL"),
+    ({f"{WAHA_BASE}/api/sessions?all=true": httpx.Response(401, json={"message": "Unauthorized"})},
+     "WAHA API key and sessions", "WAHA_API_KEY must equal"),
+    ({f"{WAHA_BASE}/api/sessions?all=true": httpx.Response(200, json=[{"name": "default", "status": "SCAN_QR_CODE"}])},
+     "WAHA session WORKING", "scan the QR code"),
+    ({f"{LLM_BASE}/models": httpx.Response(200, json={"data": [{"id": "other/model"}]})},
+     "LLM model available", "OPENROUTER_MODEL"),
+    ({f"{LLM_BASE}/models": httpx.ConnectError("refused")}, "LLM reachable", "OPENROUTER_BASE_URL"),
+])
+def test_check_names_what_is_wrong_and_how_to_fix_it(tmp_path, change: dict, failing: str, hint: str) -> None:
+    results = run_check(tmp_path, {**HEALTHY, **change})
+    failed = [r for r in results if not r.ok]
+    assert [r.name for r in failed] == [failing] and hint in failed[0].line()
+    assert "test-waha-key" not in failed[0].line() and "test-llm-key" not in failed[0].line()
+
+
+def test_check_validates_an_openrouter_key(tmp_path) -> None:
+    base = "https://openrouter.ai/api/v1"
+    routes = {**HEALTHY, f"{base}/models": HEALTHY[f"{LLM_BASE}/models"],
+              f"{base}/key": httpx.Response(401, json={"error": {"code": 401, "message": "No auth"}})}
+    results = run_check(tmp_path, routes, openrouter_base_url=base)
+    assert [r.name for r in results if not r.ok] == ["OpenRouter key"]
+
+
+def test_metrics_endpoint_counts_what_the_webhook_did(client, upstreams) -> None:
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    before = client.get("/metrics").get_data(as_text=True)
+    post_event(client, wp.text_message("WEBJS"))
+    post_event(client, wp.message_ack("WEBJS"))
+    after = client.get("/metrics").get_data(as_text=True)
+    assert value(after, "webhook_messages_received_total") - value(before, "webhook_messages_received_total") == 1
+    assert value(after, "webhook_messages_processed_total") - value(before, "webhook_messages_processed_total") == 1
+    assert value(after, "webhook_messages_ignored_total") - value(before, "webhook_messages_ignored_total") == 1
+
+
+def test_json_logs_carry_the_decision_fields(make_app, upstreams, capsys) -> None:
+    client = make_app(log_format="json").test_client()
+    envelope = wp.text_message("NOWEB")
+    post_event(client, envelope)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    replied = [line for line in lines if line.get("decision") == "replied"]
+    assert replied and replied[0]["event"] == envelope["id"] and replied[0]["chat"] == envelope["payload"]["from"]
+    assert replied[0]["level"] == "INFO" and "pid" in replied[0]
+
+
+def _write_logs(path: str, worker: int) -> None:
+    handler = server.SharedRotatingFileHandler(path, max_bytes=4000, backup_count=50)
+    handler.setFormatter(server.logging.Formatter("%(message)s"))
+    logger = server.logging.getLogger(f"rotation-{worker}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    for n in range(300):
+        logger.warning("worker=%d line=%04d %s", worker, n, "x" * 40)
+    handler.close()
+
+
+def test_two_processes_rotate_one_log_file_without_losing_lines(tmp_path) -> None:
+    path = str(tmp_path / "webhook.log")
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_logs, args=(path, worker)) for worker in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=30)
+    files = [name for name in os.listdir(tmp_path) if name.startswith("webhook.log") and not name.endswith(".lock")]
+    assert len(files) > 2  # it did rotate
+    lines = [line for name in files for line in (tmp_path / name).read_text().splitlines()]
+    assert len(lines) == 600 and len(set(lines)) == 600
+    assert all(os.path.getsize(tmp_path / name) < 4000 + 200 for name in files)
