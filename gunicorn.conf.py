@@ -62,6 +62,8 @@ threads = _threads
 timeout = int(max(60, _settings.webhook_sync_wait_seconds + 30))
 graceful_timeout = _graceful
 keepalive = 5
+# The heartbeat file's fchmod can stall on a disk-backed /tmp (containers); /dev/shm is memory.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 errorlog = "-"
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 loglevel = _settings.log_level.lower()

@@ -118,7 +118,7 @@ class Settings:
     reply_retry_seconds: float = 10.0
     lease_seconds: float = 30.0
     state_retention_hours: float = 72.0
-    max_replies_in_flight: int = 200
+    max_replies_in_flight: int = 256
 
     @property
     def uses_openrouter(self) -> bool:
@@ -164,7 +164,7 @@ class Settings:
             reply_retry_seconds=env.number("REPLY_RETRY_SECONDS", 10.0, minimum=0.0, maximum=3600),
             lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600),
             state_retention_hours=env.number("STATE_RETENTION_HOURS", 72.0, minimum=0.01, maximum=24 * 365),
-            max_replies_in_flight=env.integer("MAX_REPLIES_IN_FLIGHT", 200, minimum=1, maximum=10_000),
+            max_replies_in_flight=env.integer("MAX_REPLIES_IN_FLIGHT", 256, minimum=1, maximum=10_000),
         )
         env.require_real("WAHA_API_KEY", settings.waha_api_key, "the X-Api-Key your WAHA server expects (WAHA_API_KEY in WAHA's own config)")
         if settings.uses_openrouter:
@@ -1581,7 +1581,8 @@ class WorkerRuntime:
             transport=llm_transport,
             timeout=httpx.Timeout(connect=5.0, read=settings.llm_attempt_timeout_seconds, write=10.0,
                                   pool=settings.llm_attempt_timeout_seconds),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+            # One connection per reply in flight: the LLM call is where replies spend their time.
+            limits=httpx.Limits(max_connections=settings.max_replies_in_flight, max_keepalive_connections=64))
         self.waha_http = httpx.AsyncClient(
             transport=waha_transport,
             timeout=httpx.Timeout(connect=5.0, read=settings.waha_timeout_seconds, write=10.0,
