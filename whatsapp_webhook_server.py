@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from itertools import takewhile
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
@@ -69,6 +70,12 @@ DEFAULT_FALLBACK_MESSAGE = (
 DEFAULT_NON_TEXT_REPLY = (
     "Por enquanto eu só entendo mensagens de texto. Pode me escrever sua pergunta?"
 )
+DEFAULT_RESET_REPLY = "Pronto! Comecei uma conversa nova. Como posso ajudar?"
+DEFAULT_STOP_REPLY = ("Tudo bem, não vou mais responder automaticamente. "
+                      "Se quiser voltar a falar com o assistente, envie VOLTAR.")
+DEFAULT_START_REPLY = "Que bom ter você de volta! Como posso ajudar?"
+DEFAULT_RATE_LIMIT_REPLY = ("Recebi muitas mensagens em pouco tempo. "
+                            "Vou pausar as respostas por alguns instantes; tente de novo em breve.")
 DEFAULT_STATE_DB = os.path.join(MODULE_DIR, "data", "whatsapp_webhook_state.db")
 DEFAULT_ENV_FILE = ".env.webhook"
 # Values copied from .env.webhook.example that still need a real value.
@@ -119,6 +126,36 @@ class Settings:
     lease_seconds: float = 30.0
     state_retention_hours: float = 72.0
     max_replies_in_flight: int = 256
+    history_turns: int = 10
+    history_ttl_minutes: float = 180.0
+    history_max_chars: int = 8000
+    reset_command: str = "/reset"
+    reset_reply: str = DEFAULT_RESET_REPLY
+    debounce_seconds: float = 3.0
+    max_message_chars: int = 1500
+    handoff_pause_minutes: float = 60.0
+    bot_pause_command: str = "/bot off"
+    bot_resume_command: str = "/bot on"
+    stop_word: str = "PARAR"
+    start_word: str = "VOLTAR"
+    stop_reply: str = DEFAULT_STOP_REPLY
+    start_reply: str = DEFAULT_START_REPLY
+    rate_limit_per_minute: int = 10
+    daily_message_limit: int = 200
+    rate_limit_reply: str = DEFAULT_RATE_LIMIT_REPLY
+    loop_repeats: int = 3
+    loop_window_seconds: float = 60.0
+    loop_pause_minutes: float = 60.0
+
+    def command_of(self, text: str | None) -> str | None:
+        """Which chat command a customer's whole message is, if any (case and spacing ignored)."""
+        if not text:
+            return None
+        said = " ".join(text.lower().split())
+        for name, word in (("reset", self.reset_command), ("stop", self.stop_word), ("start", self.start_word)):
+            if said == " ".join(word.lower().split()):
+                return name
+        return None
 
     @property
     def uses_openrouter(self) -> bool:
@@ -165,6 +202,26 @@ class Settings:
             lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600),
             state_retention_hours=env.number("STATE_RETENTION_HOURS", 72.0, minimum=0.01, maximum=24 * 365),
             max_replies_in_flight=env.integer("MAX_REPLIES_IN_FLIGHT", 256, minimum=1, maximum=10_000),
+            history_turns=env.integer("HISTORY_TURNS", 10, minimum=0, maximum=200),
+            history_ttl_minutes=env.number("HISTORY_TTL_MINUTES", 180.0, minimum=0.0, maximum=525_600),
+            history_max_chars=env.integer("HISTORY_MAX_CHARS", 8000, minimum=0, maximum=1_000_000),
+            reset_command=env.text("RESET_COMMAND", "/reset"),
+            reset_reply=env.text("RESET_REPLY", DEFAULT_RESET_REPLY),
+            debounce_seconds=env.number("DEBOUNCE_SECONDS", 3.0, minimum=0.0, maximum=120),
+            max_message_chars=env.integer("MAX_MESSAGE_CHARS", 1500, minimum=100, maximum=65_536),
+            handoff_pause_minutes=env.number("HANDOFF_PAUSE_MINUTES", 60.0, minimum=0.0, maximum=525_600),
+            bot_pause_command=env.text("BOT_PAUSE_COMMAND", "/bot off"),
+            bot_resume_command=env.text("BOT_RESUME_COMMAND", "/bot on"),
+            stop_word=env.text("STOP_WORD", "PARAR"),
+            start_word=env.text("START_WORD", "VOLTAR"),
+            stop_reply=env.text("STOP_REPLY", DEFAULT_STOP_REPLY),
+            start_reply=env.text("START_REPLY", DEFAULT_START_REPLY),
+            rate_limit_per_minute=env.integer("RATE_LIMIT_PER_MINUTE", 10, minimum=1, maximum=100_000),
+            daily_message_limit=env.integer("DAILY_MESSAGE_LIMIT", 200, minimum=1, maximum=1_000_000),
+            rate_limit_reply=env.text("RATE_LIMIT_REPLY", DEFAULT_RATE_LIMIT_REPLY),
+            loop_repeats=env.integer("LOOP_REPEATS", 3, minimum=2, maximum=1000),
+            loop_window_seconds=env.number("LOOP_WINDOW_SECONDS", 60.0, minimum=1.0, maximum=86_400),
+            loop_pause_minutes=env.number("LOOP_PAUSE_MINUTES", 60.0, minimum=0.0, maximum=525_600),
         )
         env.require_real("WAHA_API_KEY", settings.waha_api_key, "the X-Api-Key your WAHA server expects (WAHA_API_KEY in WAHA's own config)")
         if settings.uses_openrouter:
@@ -322,6 +379,8 @@ class IncomingMessage:
     participant: str | None
     text: str | None
     timestamp: float | None
+    mentions_bot: bool = False
+    reply_to_id: str | None = None
 
     @property
     def is_group(self) -> bool:
@@ -338,6 +397,21 @@ class IncomingMessage:
     @classmethod
     def from_json(cls, text: str) -> IncomingMessage:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnMessage:
+    """Sent from this WhatsApp account: the bot's own echo, or a person answering from the phone or WhatsApp Web."""
+
+    event_id: str | None
+    session: str
+    chat_id: str
+    message_id: str
+    text: str | None
+
+    @property
+    def chat_key(self) -> str:
+        return f"{self.session}:{self.chat_id}"
 
 
 @dataclass(frozen=True)
@@ -419,8 +493,8 @@ def _json_type(kind: type) -> str:
             int: "a number", float: "a number", type(None): "null"}.get(kind, kind.__name__)
 
 
-def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMessage | Ignored:
-    """Decide whether a parsed event is a customer message to answer, and if not, why."""
+def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMessage | OwnMessage | Ignored:
+    """Decide whether a parsed event is a customer message to answer, one of our own, or neither (and why)."""
     if event.event not in ANSWERED_EVENTS:
         return Ignored("event_not_handled", f"event '{event.event}' is not a new message")
     payload = event.payload
@@ -441,8 +515,14 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
     media = _field(payload, "media", dict, where="payload.")
     timestamp = _field(payload, "timestamp", (int, float), where="payload.")
 
-    if from_me or source == "api":
-        return Ignored("from_me", "message was sent by this WhatsApp account")
+    if source == "api":
+        return Ignored("from_me", "message was sent through the WAHA API")
+    if from_me:
+        # WEBJS reports our own messages from our id, with the chat in 'to'.
+        to = payload.get("to")
+        chat = to if chat_id in event.me_ids and isinstance(to, str) and _is_valid_unicode(to) else chat_id
+        return OwnMessage(event_id=event.event_id, session=event.session, chat_id=chat, message_id=message_id,
+                          text=body.strip() if body else None)
     if chat_id in event.me_ids or (participant is not None and participant in event.me_ids):
         return Ignored("own_number", "message comes from the bot's own number")
     if chat_id == "status@broadcast":
@@ -461,6 +541,8 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
 
     match = MESSAGE_ID_PATTERN.match(message_id)
     bare_id = match.group(1) if match else message_id
+    reply_to = payload.get("replyTo") if isinstance(payload.get("replyTo"), dict) else {}
+    reply_to_id = reply_to.get("id") if isinstance(reply_to.get("id"), str) else None
     return IncomingMessage(
         event_id=event.event_id,
         event=event.event,
@@ -472,7 +554,42 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         participant=participant,
         text=text or None,
         timestamp=_seconds(timestamp),
+        mentions_bot=chat_id.endswith("@g.us") and _addresses_bot(text, payload, reply_to, event.me_ids),
+        reply_to_id=reply_to_id,
     )
+
+
+def _number_of(whatsapp_id: str) -> str:
+    """'5511...@c.us', '5511...:12@s.whatsapp.net' and '1000...@lid' -> the digits before '@' or ':'."""
+    return whatsapp_id.split("@")[0].split(":")[0]
+
+
+def _addresses_bot(text: str, payload: Mapping[str, Any], reply_to: Mapping[str, Any], me_ids: frozenset[str]) -> bool:
+    """In a group: the bot is @mentioned (in the text or in the engine's mention list) or its message is quoted."""
+    numbers = {_number_of(i) for i in me_ids}
+    if not numbers:
+        return False  # WAHA sends 'me' only for a WORKING session; without it we cannot tell
+    if any(f"@{number}" in text for number in numbers):
+        return True
+    quoted = reply_to.get("participant")
+    if isinstance(quoted, str) and _number_of(quoted) in numbers:
+        return True
+    # WEBJS: _data.mentionedJidList; NOWEB/GOWS: contextInfo.mentionedJid / mentionedJID inside _data.
+    pending: list[Any] = [payload.get("_data")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("mentionedJidList", "mentionedJid", "mentionedJID") and isinstance(value, list):
+                    mentioned = {_number_of(v if isinstance(v, str) else str(v.get("_serialized", "")))
+                                 for v in value if isinstance(v, (str, dict))}
+                    if mentioned & numbers:
+                        return True
+                elif isinstance(value, (dict, list)):
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
 
 
 def _seconds(timestamp: int | float | None) -> float | None:
@@ -515,7 +632,7 @@ class StoreUnavailable(Exception):
     """The state store could not be read or written."""
 
 
-OPEN_STATUSES = ("queued", "processing", "sending")
+OPEN_STATUSES_SQL = "('queued', 'processing', 'sending', 'merged')"
 
 
 @dataclass(frozen=True)
@@ -529,16 +646,23 @@ class Acceptance:
 
 @dataclass(frozen=True)
 class ClaimedMessage:
-    """A message this worker now owns until `lease_owner`'s lease runs out."""
+    """A message this worker now owns until `lease_owner`'s lease runs out, with the burst merged into it."""
 
     message: IncomingMessage
     lease_owner: str
-    previous_status: str  # 'sending' means an earlier attempt may already have sent the reply
+    previous_status: str  # 'sending' means an earlier attempt may already have sent (part of) the reply
     attempts: int
     reply_text: str | None
     outcome: str | None
     send_started_at: float | None
     received_at: float
+    parts_sent: int = 0
+    merged: tuple[IncomingMessage, ...] = ()
+
+    @property
+    def texts(self) -> list[str]:
+        """What the customer wrote, in order: this message and the ones typed right after it."""
+        return [m.text for m in (self.message, *self.merged) if m.text]
 
 
 @dataclass(frozen=True)
@@ -548,6 +672,15 @@ class InboxEntry:
     outcome: str | None
     sent_message_id: str | None
     last_error: str | None
+    merged_into: str | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a chat may get a reply now; `notice` says the customer should be told once why not."""
+
+    verdict: str  # ok | paused | opted_out | rate_limited | daily_cap | loop
+    notice: bool = False
 
 
 STORE_SCHEMA = """
@@ -556,13 +689,17 @@ CREATE TABLE IF NOT EXISTS inbox (
     chat_key TEXT NOT NULL,
     sort_ts REAL NOT NULL,
     message TEXT NOT NULL,
+    text_hash TEXT,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     lease_owner TEXT,
     lease_expires_at REAL NOT NULL DEFAULT 0,
+    merged_into TEXT,
+    merged TEXT,
     outcome TEXT,
     reply_text TEXT,
+    parts_sent INTEGER NOT NULL DEFAULT 0,
     sent_message_id TEXT,
     last_error TEXT,
     send_started_at REAL,
@@ -573,16 +710,50 @@ CREATE TABLE IF NOT EXISTS inbox (
 CREATE INDEX IF NOT EXISTS inbox_by_status ON inbox (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS inbox_by_chat ON inbox (chat_key, sort_ts);
 CREATE INDEX IF NOT EXISTS inbox_by_finish ON inbox (finished_at);
+CREATE INDEX IF NOT EXISTS inbox_by_merge ON inbox (merged_into);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_key TEXT NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_chat ON history (chat_key, id);
+CREATE TABLE IF NOT EXISTS chat_state (
+    chat_key TEXT PRIMARY KEY,
+    paused_until REAL NOT NULL DEFAULT 0,
+    pause_reason TEXT,
+    opted_out INTEGER NOT NULL DEFAULT 0,
+    minute_start REAL NOT NULL DEFAULT 0,
+    minute_count INTEGER NOT NULL DEFAULT 0,
+    minute_notice INTEGER NOT NULL DEFAULT 0,
+    day TEXT NOT NULL DEFAULT '',
+    day_count INTEGER NOT NULL DEFAULT 0,
+    day_notice INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS sent (
+    chat_key TEXT NOT NULL,
+    text_hash TEXT NOT NULL,
+    bare_id TEXT,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_by_chat ON sent (chat_key, text_hash);
+CREATE INDEX IF NOT EXISTS sent_by_id ON sent (bare_id);
 """
 IGNORED_COUNTER_PREFIX = "ignored."
+PAUSED_FOREVER = 1e12  # an operator's "/bot off" lasts until "/bot on"
 
-# The earliest message of its chat that is due, whose chat has no other reply in progress.
+# The earliest message of its chat that is due, whose chat has no other reply in progress
+# and whose burst is over (no message in the last DEBOUNCE_SECONDS, or the burst is old enough).
 # Order within a chat is the customer's send time, then arrival (rowid).
 NEXT_DUE_SQL = """
 SELECT m.key FROM inbox m
 WHERE m.status IN ('queued', 'processing', 'sending')
-  AND ((m.status = 'queued' AND m.next_attempt_at <= :now)
+  AND ((m.status = 'queued' AND m.next_attempt_at <= :now
+        AND (m.received_at <= :burst_limit OR NOT EXISTS (
+            SELECT 1 FROM inbox q WHERE q.chat_key = m.chat_key AND q.status = 'queued'
+              AND q.received_at > :quiet_since)))
        OR (m.status != 'queued' AND m.lease_expires_at < :now))
   AND NOT EXISTS (
       SELECT 1 FROM inbox o
@@ -598,6 +769,20 @@ WHERE m.key = :key AND o.chat_key = m.chat_key AND o.key != m.key AND o.status I
   AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid))
 LIMIT 1
 """
+
+
+def text_fingerprint(text: str | None) -> str | None:
+    """Same words, same fingerprint: case and spacing do not make a loop or an echo look new."""
+    if not text:
+        return None
+    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()[:24]
+
+
+def bare_message_id(message_id: str | None) -> str | None:
+    if not message_id:
+        return None
+    match = MESSAGE_ID_PATTERN.match(message_id)
+    return match.group(1) if match else message_id
 
 
 class StateStore:
@@ -694,9 +879,10 @@ class StateStore:
 
         def work(c: sqlite3.Connection) -> Acceptance:
             inserted = c.execute(
-                "INSERT INTO inbox (key, chat_key, sort_ts, message, status, next_attempt_at, received_at, updated_at)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (message.dedupe_key, message.chat_key, message.timestamp or now, message.to_json(), now, now, now),
+                "INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (message.dedupe_key, message.chat_key, message.timestamp or now, message.to_json(),
+                 text_fingerprint(message.text), now, now, now),
             ).rowcount
             if inserted:
                 self._bump(c, "messages_received")
@@ -713,34 +899,63 @@ class StateStore:
         return self._transaction(work)
 
     def entry(self, key: str) -> InboxEntry | None:
+        """A message's state; a message merged into another reports that one's sent id and error."""
         try:
             row = self._connection().execute(
-                "SELECT status, attempts, outcome, sent_message_id, last_error FROM inbox WHERE key = ?",
-                (key,)).fetchone()
+                "SELECT m.status, m.attempts, m.outcome, COALESCE(m.sent_message_id, lead.sent_message_id),"
+                " COALESCE(m.last_error, lead.last_error), m.merged_into"
+                " FROM inbox m LEFT JOIN inbox lead ON lead.key = m.merged_into WHERE m.key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store error: {exc}") from exc
         return InboxEntry(*row) if row else None
 
     # --- the worker side -------------------------------------------------------------------------
 
-    def claim_next(self, owner: str, *, lease_seconds: float) -> ClaimedMessage | None:
-        """Take the next due message in chat order, or None when nothing is due."""
+    def claim_next(self, owner: str, *, lease_seconds: float, debounce_seconds: float = 0.0,
+                   mergeable: Callable[[IncomingMessage], bool] = lambda message: False) -> ClaimedMessage | None:
+        """Take the next due message in chat order, with the rest of its burst merged in; None when nothing is due."""
         now = self.clock()
+        params = {"now": now, "quiet_since": now - debounce_seconds, "burst_limit": now - 4 * debounce_seconds}
 
         def work(c: sqlite3.Connection) -> ClaimedMessage | None:
-            row = c.execute(NEXT_DUE_SQL, {"now": now}).fetchone()
+            row = c.execute(NEXT_DUE_SQL, params).fetchone()
             if row is None:
                 return None
-            message, status, attempts, reply_text, outcome, send_started_at, received_at = c.execute(
+            (message, status, attempts, reply_text, outcome, send_started_at, received_at, parts_sent,
+             merged) = c.execute(
                 "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
                 " attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE key = ?"
-                " RETURNING message, status, attempts, reply_text, outcome, send_started_at, received_at",
-                (owner, now + lease_seconds, now, row[0])).fetchone()
-            previous = "sending" if status == "sending" else "queued"
-            return ClaimedMessage(IncomingMessage.from_json(message), owner, previous, attempts, reply_text,
-                                  outcome, send_started_at, received_at)
+                " RETURNING message, status, attempts, reply_text, outcome, send_started_at, received_at,"
+                " parts_sent, merged", (owner, now + lease_seconds, now, row[0])).fetchone()
+            lead = IncomingMessage.from_json(message)
+            followers = [IncomingMessage.from_json(text) for text in json.loads(merged or "[]")]
+            # Once a reply exists, its wording is fixed: later messages wait for their own turn.
+            if debounce_seconds and reply_text is None and mergeable(lead):
+                joined = self._merge_burst(c, lead, now, mergeable)
+                if joined:
+                    followers += joined
+                    c.execute("UPDATE inbox SET merged = ? WHERE key = ?",
+                              (json.dumps([m.to_json() for m in followers]), lead.dedupe_key))
+            return ClaimedMessage(lead, owner, "sending" if status == "sending" else "queued", attempts, reply_text,
+                                  outcome, send_started_at, received_at, parts_sent, tuple(followers))
 
         return self._transaction(work)
+
+    @staticmethod
+    def _merge_burst(c: sqlite3.Connection, lead: IncomingMessage, now: float,
+                     mergeable: Callable[[IncomingMessage], bool]) -> list[IncomingMessage]:
+        """The chat's next queued messages join the lead's reply, up to the first one that must stand alone."""
+        merged: list[IncomingMessage] = []
+        rows = c.execute("SELECT key, message FROM inbox WHERE chat_key = ? AND status = 'queued' AND key != ?"
+                         " ORDER BY sort_ts, rowid", (lead.chat_key, lead.dedupe_key)).fetchall()
+        for key, text in rows:
+            follower = IncomingMessage.from_json(text)
+            if not mergeable(follower):
+                break
+            c.execute("UPDATE inbox SET status = 'merged', merged_into = ?, updated_at = ? WHERE key = ?",
+                      (lead.dedupe_key, now, key))
+            merged.append(follower)
+        return merged
 
     def renew_lease(self, key: str, owner: str, *, lease_seconds: float) -> bool:
         now = self.clock()
@@ -751,40 +966,79 @@ class StateStore:
     def save_reply(self, key: str, owner: str, text: str, outcome: str) -> None:
         """Keep the reply before sending it, so a retry resends the same words without a new LLM call."""
         self._transaction(lambda c: c.execute(
-            "UPDATE inbox SET reply_text = ?, outcome = ?, updated_at = ? WHERE key = ? AND lease_owner = ?",
+            "UPDATE inbox SET reply_text = ?, outcome = ?, parts_sent = 0, updated_at = ? WHERE key = ? AND lease_owner = ?",
             (text, outcome, self.clock(), key, owner)))
 
-    def begin_send(self, key: str, owner: str) -> str:
-        """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up) or 'lost'."""
+    def begin_send(self, key: str, owner: str, *, parts: list[str]) -> str:
+        """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up),
+        'paused' (a human took the chat over meanwhile) or 'lost' (the lease went to another worker)."""
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> str:
-            row = c.execute("SELECT status, lease_owner FROM inbox WHERE key = ?", (key,)).fetchone()
+            row = c.execute("SELECT status, lease_owner, chat_key FROM inbox WHERE key = ?", (key,)).fetchone()
             if row is None or row[1] != owner or row[0] not in ("processing", "sending"):
                 return "lost"
+            chat_key = row[2]
             if c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone():
                 # Answering now would overtake a message the customer sent first.
                 c.execute("UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
                           " lease_expires_at = 0, next_attempt_at = ?, reply_text = NULL, outcome = NULL,"
                           " updated_at = ? WHERE key = ?", (now, now, key))
+                c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = ?", (key,))
+                c.execute("UPDATE inbox SET merged = NULL WHERE key = ?", (key,))
                 return "yield"
+            paused = c.execute("SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?",
+                               (chat_key, now)).fetchone()
+            if paused and row[0] == "processing":
+                return "paused"
+            # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
+            c.executemany("INSERT INTO sent (chat_key, text_hash, sent_at) VALUES (?, ?, ?)",
+                          [(chat_key, text_fingerprint(part), now) for part in parts])
             c.execute("UPDATE inbox SET status = 'sending', send_started_at = ?, updated_at = ? WHERE key = ?",
                       (now, now, key))
             return "send"
 
         return self._transaction(work)
 
-    def finish(self, key: str, owner: str, *, outcome: str, sent_message_id: str | None) -> None:
+    def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> None:
+        """Progress of a reply sent in parts: a retry resumes after the last part WAHA accepted."""
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> None:
-            updated = c.execute(
-                "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = ?, lease_owner = NULL,"
-                " reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ? AND status != 'done'",
-                (outcome, sent_message_id, now, now, key)).rowcount
-            if updated:
-                # A fallback reply means the LLM failed: the customer got an apology, not an answer.
-                self._bump(c, "messages_failed" if outcome == "fallback" else "messages_processed")
+            c.execute("UPDATE inbox SET parts_sent = ?, sent_message_id = COALESCE(?, sent_message_id),"
+                      " send_started_at = ?, updated_at = ? WHERE key = ? AND lease_owner = ?",
+                      (parts_sent, sent_message_id, now, now, key, owner))
+            if sent_message_id:
+                c.execute("INSERT INTO sent (chat_key, text_hash, bare_id, sent_at)"
+                          " SELECT chat_key, '', ?, ? FROM inbox WHERE key = ?",
+                          (bare_message_id(sent_message_id), now, key))
+
+        self._transaction(work)
+
+    def finish(self, key: str, owner: str, *, outcome: str, sent_message_id: str | None,
+               history: tuple[str, str] | None = None) -> None:
+        """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> None:
+            row = c.execute(
+                "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = COALESCE(?, sent_message_id),"
+                " lease_owner = NULL, reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ?"
+                " AND status != 'done' RETURNING chat_key", (outcome, sent_message_id, now, now, key)).fetchone()
+            if row is None:
+                return
+            followers = c.execute(
+                "UPDATE inbox SET status = 'done', outcome = ?, finished_at = ?, updated_at = ? WHERE merged_into = ?"
+                " AND status = 'merged'", ("skipped" if outcome in ("skipped", "notice") else "merged", now, now, key)
+            ).rowcount
+            # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
+            # ("too many messages") is not an answer either.
+            counter = {"fallback": "messages_failed", "skipped": "messages_skipped",
+                       "notice": "messages_skipped"}.get(outcome, "messages_processed")
+            self._bump(c, counter, 1 + followers)
+            if history is not None:
+                c.executemany("INSERT INTO history (chat_key, role, content, created_at) VALUES (?, ?, ?, ?)",
+                              [(row[0], "user", history[0], now), (row[0], "assistant", history[1], now)])
 
         self._transaction(work)
 
@@ -799,8 +1053,10 @@ class StateStore:
             if row[0] >= max_attempts:
                 c.execute("UPDATE inbox SET status = 'failed', last_error = ?, lease_owner = NULL, finished_at = ?,"
                           " updated_at = ? WHERE key = ?", (error[:500], now, now, key))
-                self._bump(c, "messages_failed")
-                self._bump(c, "messages_undelivered")
+                followers = c.execute("UPDATE inbox SET status = 'failed', finished_at = ?, updated_at = ?"
+                                      " WHERE merged_into = ? AND status = 'merged'", (now, now, key)).rowcount
+                self._bump(c, "messages_failed", 1 + followers)
+                self._bump(c, "messages_undelivered", 1 + followers)
                 return "failed"
             c.execute("UPDATE inbox SET status = 'queued', last_error = ?, lease_owner = NULL, lease_expires_at = 0,"
                       " next_attempt_at = ?, updated_at = ? WHERE key = ?", (error[:500], now + retry_in, now, key))
@@ -812,7 +1068,7 @@ class StateStore:
         """Hand a message back untried (shutdown, crash in our code): due at once, attempt not counted.
 
         A message caught mid-send keeps status 'sending', so whoever takes it next checks
-        WAHA before sending again.
+        WAHA before sending again. Merged messages stay with it.
         """
         now = self.clock()
         self._transaction(lambda c: c.execute(
@@ -827,23 +1083,119 @@ class StateStore:
             "UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL WHERE status IN ('processing', 'sending')"
         ).rowcount)
 
-    def prune(self, *, older_than: float) -> int:
-        """Forget finished messages past the retention; counters keep their totals."""
-        return self._transaction(lambda c: c.execute(
-            "DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < ?", (older_than,)).rowcount)
+    def prune(self, *, older_than: float, history_older_than: float) -> int:
+        """Forget finished messages past the retention and conversation turns past their TTL."""
+        def work(c: sqlite3.Connection) -> int:
+            removed = c.execute("DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < ?",
+                                (older_than,)).rowcount
+            c.execute("DELETE FROM history WHERE created_at < ?", (history_older_than,))
+            c.execute("DELETE FROM sent WHERE sent_at < ?", (older_than,))
+            return removed
+
+        return self._transaction(work)
+
+    # --- conversation and chat policy ------------------------------------------------------------
+
+    def history(self, chat_key: str, *, since: float, limit: int) -> list[tuple[str, str]]:
+        """The chat's latest turns, oldest first."""
+        rows = self._transaction(lambda c: c.execute(
+            "SELECT role, content FROM history WHERE chat_key = ? AND created_at >= ? ORDER BY id DESC LIMIT ?",
+            (chat_key, since, limit)).fetchall(), begin="BEGIN")
+        return [(role, content) for role, content in reversed(rows)]
+
+    def clear_history(self, chat_key: str) -> None:
+        self._transaction(lambda c: c.execute("DELETE FROM history WHERE chat_key = ?", (chat_key,)))
+
+    def pause_chat(self, chat_key: str, *, until: float, reason: str) -> None:
+        """Stop answering a chat until `until` (0 resumes it)."""
+        self._transaction(lambda c: c.execute(
+            "INSERT INTO chat_state (chat_key, paused_until, pause_reason) VALUES (?, ?, ?) ON CONFLICT (chat_key)"
+            " DO UPDATE SET paused_until = excluded.paused_until, pause_reason = excluded.pause_reason",
+            (chat_key, until, reason if until else None)))
+
+    def set_opted_out(self, chat_key: str, opted_out: bool) -> None:
+        self._transaction(lambda c: c.execute(
+            "INSERT INTO chat_state (chat_key, opted_out) VALUES (?, ?) ON CONFLICT (chat_key)"
+            " DO UPDATE SET opted_out = excluded.opted_out", (chat_key, int(opted_out))))
+
+    def is_our_message(self, chat_key: str, *, message_id: str | None, text: str | None, within: float) -> bool:
+        """Did this server send it? By WAHA's message id, or by the same words to the same chat just now."""
+        since = self.clock() - within
+
+        def work(c: sqlite3.Connection) -> bool:
+            bare = bare_message_id(message_id)
+            if bare and c.execute("SELECT 1 FROM sent WHERE bare_id = ?", (bare,)).fetchone():
+                return True
+            fingerprint = text_fingerprint(text)
+            return bool(fingerprint and c.execute(
+                "SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
+                (chat_key, fingerprint, since)).fetchone())
+
+        return self._transaction(work, begin="BEGIN")
+
+    def admit(self, chat_key: str, *, texts: list[str], per_minute: int, per_day: int, loop_repeats: int,
+              loop_window: float, loop_pause: float) -> Admission:
+        """Decide, in the chat's turn, whether it gets an answer: pause, opt-out, loops, then rate limits.
+
+        Messages beyond a limit still count, so a flood cannot reset its own window.
+        """
+        now = self.clock()
+        today = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
+
+        def work(c: sqlite3.Connection) -> Admission:
+            c.execute("INSERT INTO chat_state (chat_key) VALUES (?) ON CONFLICT (chat_key) DO NOTHING", (chat_key,))
+            (paused_until, opted_out, minute_start, minute_count, minute_notice, day, day_count,
+             day_notice) = c.execute(
+                "SELECT paused_until, opted_out, minute_start, minute_count, minute_notice, day, day_count, day_notice"
+                " FROM chat_state WHERE chat_key = ?", (chat_key,)).fetchone()
+            if paused_until > now:
+                return Admission("paused")
+            if opted_out:
+                return Admission("opted_out")
+            for fingerprint in filter(None, map(text_fingerprint, texts)):
+                repeats = c.execute("SELECT COUNT(*) FROM inbox WHERE chat_key = ? AND text_hash = ?"
+                                    " AND received_at >= ?", (chat_key, fingerprint, now - loop_window)).fetchone()[0]
+                echoed = c.execute("SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
+                                   (chat_key, fingerprint, now - loop_window)).fetchone()
+                if repeats >= loop_repeats or echoed:
+                    c.execute("UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
+                              (now + loop_pause, chat_key))
+                    return Admission("loop")
+            if now - minute_start >= 60:
+                minute_start, minute_count, minute_notice = now, 0, 0
+            if day != today:
+                day, day_count, day_notice = today, 0, 0
+            minute_count += len(texts) or 1
+            day_count += len(texts) or 1
+            verdict, notice = "ok", False
+            if day_count > per_day:
+                verdict, notice, day_notice = "daily_cap", not day_notice, 1
+            elif minute_count > per_minute:
+                verdict, notice, minute_notice = "rate_limited", not minute_notice, 1
+            c.execute("UPDATE chat_state SET minute_start = ?, minute_count = ?, minute_notice = ?, day = ?,"
+                      " day_count = ?, day_notice = ? WHERE chat_key = ?",
+                      (minute_start, minute_count, minute_notice, day, day_count, day_notice, chat_key))
+            return Admission(verdict, notice)
+
+        return self._transaction(work)
 
     # --- reporting -------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters plus the live count of unfinished messages, read in one (non-locking) transaction."""
+        """Counters, unfinished messages and chat states, read in one (non-locking) transaction."""
+        now = self.clock()
+
         def work(c: sqlite3.Connection) -> dict[str, Any]:
             counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
             by_status = dict(c.execute(
-                "SELECT status, COUNT(*) FROM inbox WHERE status IN ('queued', 'processing', 'sending')"
-                " GROUP BY status").fetchall())
+                f"SELECT status, COUNT(*) FROM inbox WHERE status IN {OPEN_STATUSES_SQL} GROUP BY status").fetchall())
             retrying = c.execute("SELECT COUNT(*) FROM inbox WHERE status = 'queued' AND last_error IS NOT NULL"
                                  ).fetchone()[0]
-            return {"counters": counters, "by_status": by_status, "retrying": retrying}
+            paused = dict(c.execute("SELECT pause_reason, COUNT(*) FROM chat_state WHERE paused_until > ?"
+                                    " GROUP BY pause_reason", (now,)).fetchall())
+            opted_out = c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out = 1").fetchone()[0]
+            return {"counters": counters, "by_status": by_status, "retrying": retrying, "paused": paused,
+                    "opted_out": opted_out}
 
         return self._transaction(work, begin="BEGIN")
 
@@ -872,6 +1224,8 @@ MESSAGES_FAILED = Counter("webhook_messages_failed",
 PROCESSING_SECONDS = Histogram("webhook_processing_duration_seconds",
                                "From the message being recorded to its reply reaching WAHA",
                                buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300, 900))
+MESSAGES_SKIPPED = Counter("webhook_messages_skipped",
+                           "Messages deliberately left unanswered: chat paused, opted out, loop or over a limit")
 MESSAGES_IGNORED = Counter("webhook_messages_ignored", "Events deliberately not answered", ["reason"])
 REQUESTS_REJECTED = Counter("webhook_requests_rejected", "Webhook requests refused", ["status"])
 LLM_SECONDS = Histogram("webhook_llm_duration_seconds", "LLM call time, retries included",
@@ -1134,9 +1488,11 @@ class WahaClient:
         self.sleep = sleep
         self.rng = rng
 
-    async def send_text(self, *, session: str, chat_id: str, text: str) -> str | None:
-        """Send a text; return the sent message id when the engine's response carries one."""
+    async def send_text(self, *, session: str, chat_id: str, text: str, reply_to: str | None = None) -> str | None:
+        """Send a text (quoting `reply_to` if given); return the sent message id when the engine's response has one."""
         body: dict[str, Any] = {"session": session, "chatId": chat_id, "text": text}
+        if reply_to:
+            body["reply_to"] = reply_to
         attempt = 0
         while True:
             attempt += 1
@@ -1233,6 +1589,95 @@ def extract_sent_message_id(response: httpx.Response) -> str | None:
 
 
 # ---------------------------------------------------------------------------
+# Reply formatting: WhatsApp marks instead of Markdown, long replies in parts
+# ---------------------------------------------------------------------------
+
+def markdown_to_whatsapp(text: str) -> str:
+    """Convert LLM-style Markdown to WhatsApp formatting; code is never modified."""
+    stash: list[str] = []
+
+    def keep(s: str) -> str:
+        # Opaque tokens shield code and URLs from every regex that runs afterwards.
+        stash.append(s)
+        return f"\ue000{len(stash) - 1}\ue001"
+
+    # Marks we emit are placeholders so later passes (e.g. italic) cannot re-read them.
+    bold, ital, strike = "\ue002", "\ue003", "\ue004"
+    fence = r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)"  # unclosed: to the end
+    text = re.sub(fence, lambda m: keep(m[0]), text)
+    text = re.sub(r"(`+)[^`\n]+\1", lambda m: keep(m[0]), text)
+    url = r"((?:[^()\s]|\([^()\s]*\))+)"  # one level of parens, e.g. Wikipedia links
+    text = re.sub(rf"!\[([^\]\n]*)\]\({url}\)", lambda m: f"{m[1]}: {keep(m[2])}" if m[1] else keep(m[2]), text)
+    text = re.sub(rf"\[([^\]\n]+)\]\({url}\)",
+                  lambda m: keep(m[2]) if m[1] == m[2] else f"{m[1]} ({keep(m[2])})", text)
+    # Trailing punctuation/marks usually belong to the sentence, not to the URL.
+    text = re.sub(r"(?:https?://|www\.)[^\s<>]*[^\s<>.,;:!?'\")\]*_~]", lambda m: keep(m[0]), text)
+
+    lines = []
+    for line in text.split("\n"):
+        if "|" in line and "-" in line and re.fullmatch(r"[\s|:-]+", line):
+            continue  # table separator row carries no content
+        if re.fullmatch(r"[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*", line):
+            line = ""  # horizontal rule
+        elif m := re.fullmatch(r"[ \t]{0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*", line):
+            line = bold + m[1].replace("**", "") + bold  # inner ** would close the bold early
+        elif line.lstrip().startswith("|"):
+            line = " | ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
+        else:
+            # "* item" would otherwise read as an unclosed WhatsApp bold mark.
+            line = re.sub(r"^([ \t]*)[*+-][ \t]+", r"\1• ", line)
+        lines.append(line)
+    text = "\n".join(lines)
+
+    # Longest marks first so "**" is never taken as two italics. Simplified flanking rule:
+    # no space just inside the marks and no word char just outside (WhatsApp ignores
+    # intra-word marks anyway, and it keeps 2*3*4 and snake_case intact).
+    for marks, out in (("***", bold + ital), ("**", bold), ("__", bold), ("~~", strike),
+                       ("*", ital), ("_", ital)):
+        c, m = re.escape(marks[0]), re.escape(marks)
+        text = re.sub(rf"(?<![\w{c}]){m}(?![\s{c}])([^\n]+?)(?<![\s{c}]){m}(?![\w{c}])",
+                      lambda g: out + g[1] + out[::-1], text)
+    for mark, char in ((bold, "*"), (ital, "_"), (strike, "~")):
+        text = text.replace(mark, char)
+    text = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", text)  # 3+ blank lines -> 2
+    # Reverse order: a stashed string can only contain tokens created before it.
+    for i in reversed(range(len(stash))):
+        text = text.replace(f"\ue000{i}\ue001", stash[i])
+    return text.strip()
+
+
+def split_message(text: str, max_chars: int = 1500) -> list[str]:
+    """Split text into stripped, non-empty parts of <= max_chars at the most natural boundary."""
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    text = text.strip()
+    # Best boundary first; each match ends where the current part may end.
+    breaks = [re.compile(p) for p in (r"(?=\n[ \t]*\n)", r"(?=\n)",
+                                      r"[.!?…]+[\"'”’»)\]]*(?=\s)", r"(?=\s)")]
+    fence = r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)"
+    # Blocks that fit in one part must never be cut; oversized ones have to be.
+    blocked = [m.span() for m in re.finditer(fence, text) if len(m[0]) <= max_chars]
+
+    def best_cut(start: int) -> int:
+        limit = start + max_chars
+        for pattern in breaks:
+            ends = (m.end() for m in pattern.finditer(text, start + 1))
+            cuts = [c for c in takewhile(lambda c: c <= limit, ends)
+                    if not any(a < c < b for a, b in blocked)]
+            if cuts:
+                return cuts[-1]  # greedy: the latest boundary of the best kind
+        return limit  # only a single word longer than max_chars gets here
+
+    parts: list[str] = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = best_cut(start)
+        parts.append(text[start:cut].rstrip())
+        start = re.compile(r"\s*").match(text, cut).end()
+    return parts + [text[start:]] if text else []
+
+
+# ---------------------------------------------------------------------------
 # The reply pipeline: one claimed message from LLM call to sendText
 # ---------------------------------------------------------------------------
 
@@ -1250,7 +1695,7 @@ def retry_delay_seconds(attempt: int, *, base: float) -> float:
 
 
 class ReplyPipeline:
-    """Answers one claimed message and records the outcome in the inbox."""
+    """Answers one claimed message (and the burst merged into it) and records the outcome in the inbox."""
 
     def __init__(self, *, settings: Settings, store: StateStore, llm: LLMClient, waha: WahaClient,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -1275,77 +1720,189 @@ class ReplyPipeline:
 
     async def _reply(self, claimed: ClaimedMessage) -> None:
         message, owner, key = claimed.message, claimed.lease_owner, claimed.message.dedupe_key
-        if claimed.previous_status == "sending" and claimed.reply_text and await self._already_sent(
-                claimed, text=claimed.reply_text, outcome=claimed.outcome or "success",
-                since=(claimed.send_started_at or time.time()) - 60):
-            return
-        log.info("event=%s chat=%s decision=working attempt=%d", message.event_id, message.chat_id, claimed.attempts)
-
+        log.info("event=%s chat=%s decision=working attempt=%d merged=%d", message.event_id, message.chat_id,
+                 claimed.attempts, len(claimed.merged))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        presence = None
-        if self.settings.typing_simulation:
-            # Seen + typing while the LLM thinks, so the pause below overlaps the LLM call.
-            presence = asyncio.create_task(self._show_typing(message))
-
-        try:
-            if claimed.reply_text and claimed.outcome in ("success", "non_text"):
-                text, outcome = claimed.reply_text, claimed.outcome
-                log.info("event=%s chat=%s attempt=%d resending the stored reply", message.event_id,
-                         message.chat_id, claimed.attempts)
-            else:
-                text, outcome = await self._compose(message)
-                await asyncio.to_thread(self.store.save_reply, key, owner, text, outcome)
-        except BaseException:
+        parts_sent = claimed.parts_sent
+        if claimed.reply_text is not None and claimed.outcome != "fallback":
+            # A reply was already written (and maybe partly sent): the customer must get exactly it.
+            text, outcome, history = claimed.reply_text, claimed.outcome or "success", None
+            if claimed.outcome == "success":
+                history = ("\n".join(claimed.texts), text)
+            parts = split_message(text, self.settings.max_message_chars)
+            if claimed.previous_status == "sending" and parts_sent < len(parts):
+                # The worker before us died mid-send: did that part leave?
+                if await self._already_sent(claimed, part=parts[parts_sent], index=parts_sent,
+                                            since=(claimed.send_started_at or time.time()) - 60):
+                    parts_sent += 1
+        else:
+            presence = None
+            if self.settings.typing_simulation:
+                # Seen + typing while the LLM thinks, so the typing pause overlaps the LLM call.
+                presence = asyncio.create_task(self._show_typing(message))
+            try:
+                composed = await self._compose(claimed)
+            except BaseException:
+                if presence is not None:
+                    presence.cancel()
+                raise
             if presence is not None:
-                presence.cancel()
-            raise
+                await presence
+            if composed is None:  # deliberately not answered (paused, opted out, loop, over a limit)
+                await self._finish(claimed, outcome="skipped", sent_message_id=None)
+                if presence is not None:
+                    await self._quietly("stopTyping", self.waha.stop_typing(session=message.session,
+                                                                            chat_id=message.chat_id))
+                return
+            text, outcome, history = composed
+            await asyncio.to_thread(self.store.save_reply, key, owner, text, outcome)
+            parts = split_message(text, self.settings.max_message_chars)
 
-        if presence is not None:
-            await presence
-            remaining = typing_pause_seconds(text, rng=self.rng) - (loop.time() - started)
-            if remaining > 0:
-                await self.sleep(remaining)
-            await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
-
-        verdict = await asyncio.to_thread(self.store.begin_send, key, owner)
+        verdict = await asyncio.to_thread(self.store.begin_send, key, owner, parts=parts[parts_sent:])
+        if verdict == "paused":
+            log.info("event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
+                     "being written)", message.event_id, message.chat_id)
+            await self._finish(claimed, outcome="skipped", sent_message_id=None)
+            return
         if verdict != "send":
             log.info("event=%s chat=%s decision=%s (%s)", message.event_id, message.chat_id, verdict,
                      "an earlier message of this chat goes first" if verdict == "yield" else "lease lost")
             return
-        try:
-            sent_id = await self.waha.send_text(session=message.session, chat_id=message.chat_id, text=text)
-        except WahaError as exc:
-            if exc.maybe_delivered and await self._already_sent(claimed, text=text, outcome=outcome,
-                                                                since=time.time() - 60):
+        sent_id = None
+        for index in range(parts_sent, len(parts)):
+            await self._type(message, parts[index], since=started if index == parts_sent else None)
+            try:
+                part_id = await self.waha.send_text(
+                    session=message.session, chat_id=message.chat_id, text=parts[index],
+                    reply_to=message.message_id if message.is_group and index == 0 else None)
+            except WahaError as exc:
+                if exc.maybe_delivered and await self._already_sent(claimed, part=parts[index], index=index,
+                                                                    since=time.time() - 60):
+                    continue
+                await self._record_failure(claimed, exc)
                 return
-            result = await asyncio.to_thread(
-                self.store.record_failure, key, owner, str(exc), max_attempts=self.settings.reply_max_attempts,
-                retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds))
-            if result == "failed":
-                MESSAGES_FAILED.labels("undelivered").inc()
-            log.error("event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s", message.event_id,
-                      message.chat_id, claimed.attempts, result, exc)
-            return
-        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id)
-        log.info("event=%s chat=%s decision=replied outcome=%s chars=%d sent_id=%s total_ms=%.0f",
-                 message.event_id, message.chat_id, outcome, len(text), sent_id, (loop.time() - started) * 1000)
+            sent_id = sent_id or part_id
+            await asyncio.to_thread(self.store.mark_part_sent, key, owner, parts_sent=index + 1,
+                                    sent_message_id=part_id)
+        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id, history=history)
+        log.info("event=%s chat=%s decision=replied outcome=%s parts=%d chars=%d sent_id=%s total_ms=%.0f",
+                 message.event_id, message.chat_id, outcome, len(parts), len(text), sent_id,
+                 (loop.time() - started) * 1000)
 
-    async def _finish(self, claimed: ClaimedMessage, *, outcome: str, sent_message_id: str | None) -> None:
+    async def _compose(self, claimed: ClaimedMessage) -> tuple[str, str, tuple[str, str] | None] | None:
+        """The reply's text, its outcome and the turn to remember; None when this chat gets no reply now."""
+        message, settings = claimed.message, self.settings
+        command = settings.command_of(message.text)
+        context = f"event={message.event_id} chat={message.chat_id}"
+        if command == "stop":
+            await asyncio.to_thread(self.store.set_opted_out, message.chat_key, True)
+            log.info("%s decision=opted_out (the customer asked the bot to stop)", context)
+            return settings.stop_reply, "command", None
+        if command == "start":
+            await asyncio.to_thread(self.store.set_opted_out, message.chat_key, False)
+            log.info("%s decision=opted_in", context)
+            return settings.start_reply, "command", None
+        admission = await asyncio.to_thread(
+            self.store.admit, message.chat_key, texts=claimed.texts, per_minute=settings.rate_limit_per_minute,
+            per_day=settings.daily_message_limit, loop_repeats=settings.loop_repeats,
+            loop_window=settings.loop_window_seconds, loop_pause=settings.loop_pause_minutes * 60)
+        if admission.verdict != "ok":
+            log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
+            if admission.verdict == "loop":
+                log.warning("%s bot-to-bot loop suspected: chat paused for %.0f min", context,
+                            settings.loop_pause_minutes)
+            return (settings.rate_limit_reply, "notice", None) if admission.notice else None
+        if command == "reset":
+            await asyncio.to_thread(self.store.clear_history, message.chat_key)
+            log.info("%s decision=history_reset", context)
+            return settings.reset_reply, "command", None
+        if not claimed.texts:
+            return settings.non_text_reply, "non_text", None
+        user_turn = "\n".join(claimed.texts)
+        reply = await self._ask_llm(message, user_turn, context)
+        if reply is None:
+            return settings.fallback_message, "fallback", None
+        return markdown_to_whatsapp(reply), "success", (user_turn, markdown_to_whatsapp(reply))
+
+    async def _ask_llm(self, message: IncomingMessage, user_turn: str, context: str) -> str | None:
+        history = await asyncio.to_thread(self._recent_history, message.chat_key)
+        # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
+        user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
+        for attempt_history in (history, []):
+            prompt = [{"role": "system", "content": self.settings.ai_system_prompt},
+                      *({"role": role, "content": content} for role, content in attempt_history),
+                      {"role": "user", "content": user_turn}]
+            try:
+                reply = await self.llm.complete(prompt, user=user, log_context=context)
+            except LLMError as exc:
+                if exc.status == 400 and "context" in str(exc).lower() and attempt_history:
+                    log.warning("%s prompt too long for the model; retrying without history", context)
+                    continue
+                log.error("%s llm_failed=%s -> fallback", context, exc)
+                return None
+            log.info("%s llm_ok model=%s attempts=%d llm_ms=%.0f tokens=%s history_turns=%d", context, reply.model,
+                     reply.attempts, reply.latency_seconds * 1000, reply.usage.get("total_tokens"),
+                     len(attempt_history))
+            return reply.text
+        return None
+
+    def _recent_history(self, chat_key: str) -> list[tuple[str, str]]:
+        """The last HISTORY_TURNS exchanges within the TTL, trimmed from the oldest to HISTORY_MAX_CHARS."""
+        settings = self.settings
+        if not settings.history_turns:
+            return []
+        turns = self.store.history(chat_key, since=time.time() - settings.history_ttl_minutes * 60,
+                                   limit=settings.history_turns * 2)
+        while turns and (sum(len(content) for _, content in turns) > settings.history_max_chars
+                         or turns[0][0] != "user"):
+            turns = turns[1:]
+        return turns
+
+    async def _type(self, message: IncomingMessage, part: str, *, since: float | None) -> None:
+        """WAHA's anti-ban recipe before each part: typing for a human-looking time, then stop typing."""
+        if not self.settings.typing_simulation:
+            return
+        loop = asyncio.get_running_loop()
+        if since is None:  # a later part: typing starts now
+            await self._quietly("startTyping", self.waha.start_typing(session=message.session,
+                                                                      chat_id=message.chat_id))
+            since = loop.time()
+        remaining = typing_pause_seconds(part, rng=self.rng) - (loop.time() - since)
+        if remaining > 0:
+            await self.sleep(remaining)
+        await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
+
+    async def _record_failure(self, claimed: ClaimedMessage, exc: WahaError) -> None:
+        message = claimed.message
+        result = await asyncio.to_thread(
+            self.store.record_failure, message.dedupe_key, claimed.lease_owner, str(exc),
+            max_attempts=self.settings.reply_max_attempts,
+            retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds))
+        if result == "failed":
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+        log.error("event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s", message.event_id,
+                  message.chat_id, claimed.attempts, result, exc)
+
+    async def _finish(self, claimed: ClaimedMessage, *, outcome: str, sent_message_id: str | None,
+                      history: tuple[str, str] | None = None) -> None:
         await asyncio.to_thread(self.store.finish, claimed.message.dedupe_key, claimed.lease_owner,
-                                outcome=outcome, sent_message_id=sent_message_id)
+                                outcome=outcome, sent_message_id=sent_message_id, history=history)
+        count = 1 + len(claimed.merged)
         if outcome == "fallback":
-            MESSAGES_FAILED.labels("llm").inc()
+            MESSAGES_FAILED.labels("llm").inc(count)
+        elif outcome in ("skipped", "notice"):
+            MESSAGES_SKIPPED.inc(count)
         else:
-            MESSAGES_PROCESSED.inc()
+            MESSAGES_PROCESSED.inc(count)
         PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
 
-    async def _already_sent(self, claimed: ClaimedMessage, *, text: str, outcome: str, since: float) -> bool:
-        """A send was cut off (worker died, answer lost): ask WAHA whether the reply left before resending."""
+    async def _already_sent(self, claimed: ClaimedMessage, *, part: str, index: int, since: float) -> bool:
+        """A send was cut off (worker died, answer lost): ask WAHA whether the part left before resending it."""
         message = claimed.message
         try:
             found = await self.waha.find_sent_text(session=message.session, chat_id=message.chat_id,
-                                                   text=text, since=since)
+                                                   text=part, since=since)
         except WahaError as exc:
             # Cannot tell: a possible second copy is better than a customer left without an answer.
             log.warning("event=%s chat=%s cannot check whether the interrupted send went out (%s); will send",
@@ -1354,28 +1911,11 @@ class ReplyPipeline:
         if found is None:
             return False
         sent_id = found.get("id") if isinstance(found.get("id"), str) else None
-        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id)
-        log.info("event=%s chat=%s decision=already_sent sent_id=%s (found in WAHA after an interrupted send)",
-                 message.event_id, message.chat_id, sent_id)
+        await asyncio.to_thread(self.store.mark_part_sent, message.dedupe_key, claimed.lease_owner,
+                                parts_sent=index + 1, sent_message_id=sent_id)
+        log.info("event=%s chat=%s decision=already_sent part=%d sent_id=%s (found in WAHA after an interrupted "
+                 "send)", message.event_id, message.chat_id, index + 1, sent_id)
         return True
-
-    async def _compose(self, message: IncomingMessage) -> tuple[str, str]:
-        if message.text is None:
-            return self.settings.non_text_reply, "non_text"
-        prompt = [{"role": "system", "content": self.settings.ai_system_prompt},
-                  {"role": "user", "content": message.text}]
-        # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
-        user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
-        try:
-            reply = await self.llm.complete(prompt, user=user,
-                                            log_context=f"event={message.event_id} chat={message.chat_id}")
-        except LLMError as exc:
-            log.error("event=%s chat=%s llm_failed=%s -> fallback", message.event_id, message.chat_id, exc)
-            return self.settings.fallback_message, "fallback"
-        log.info("event=%s chat=%s llm_ok model=%s attempts=%d llm_ms=%.0f tokens=%s", message.event_id,
-                 message.chat_id, reply.model, reply.attempts, reply.latency_seconds * 1000,
-                 reply.usage.get("total_tokens"))
-        return reply.text, "success"
 
     async def _show_typing(self, message: IncomingMessage) -> None:
         await self._quietly("sendSeen", self.waha.send_seen(
@@ -1452,7 +1992,9 @@ class Dispatcher:
     async def _claim_due(self) -> None:
         while not self._stopping and len(self._tasks) < self.settings.max_replies_in_flight:
             claimed = await asyncio.to_thread(self.store.claim_next, self.owner,
-                                              lease_seconds=self.settings.lease_seconds)
+                                              lease_seconds=self.settings.lease_seconds,
+                                              debounce_seconds=self.settings.debounce_seconds,
+                                              mergeable=self._mergeable)
             if claimed is None:
                 return
             if claimed.attempts > 1 or claimed.previous_status == "sending":
@@ -1486,9 +2028,14 @@ class Dispatcher:
             except StoreUnavailable as exc:
                 log.warning("could not renew the lease of %s: %s", key, exc)
 
+    def _mergeable(self, message: IncomingMessage) -> bool:
+        """Text that may share one reply with the messages around it; commands and media stand alone."""
+        return message.text is not None and self.settings.command_of(message.text) is None
+
     async def _prune(self) -> None:
-        cutoff = time.time() - self.settings.state_retention_hours * 3600
-        removed = await asyncio.to_thread(self.store.prune, older_than=cutoff)
+        now = time.time()
+        removed = await asyncio.to_thread(self.store.prune, older_than=now - self.settings.state_retention_hours * 3600,
+                                          history_older_than=now - self.settings.history_ttl_minutes * 60)
         if removed:
             log.info("pruned %d finished messages older than %.0f h", removed, self.settings.state_retention_hours)
 
@@ -1681,6 +2228,15 @@ class WebhookService:
 
         if isinstance(decision, Ignored):
             return self._ignore(event.event_id, self._chat_of(event), decision)
+        try:
+            if isinstance(decision, OwnMessage):
+                return self._ignore(decision.event_id, decision.chat_id, self._notice_own_message(decision))
+            if decision.is_group and not self._addressed_in_group(decision):
+                return self._ignore(decision.event_id, decision.chat_id, Ignored(
+                    "group_not_addressed", "in groups the bot answers only when mentioned or replied to"))
+        except StoreUnavailable as exc:
+            log.error("event=%s store unavailable: %s", decision.event_id, exc)
+            return {"error": "state store unavailable; please redeliver"}, 503
         message = decision
         try:
             accepted = self.store.accept(message)
@@ -1731,6 +2287,34 @@ class WebhookService:
             runtime.completions.unwatch(key)
             self._waiting_slots.release()
 
+    def _notice_own_message(self, own: OwnMessage) -> Ignored:
+        """Our echo is ignored; a person writing from this account pauses the bot there (human handoff)."""
+        settings = self.settings
+        if self.store.is_our_message(own.chat_key, message_id=own.message_id, text=own.text, within=600):
+            return Ignored("from_me", "the bot's own reply")
+        said = " ".join((own.text or "").lower().split())
+        if said == " ".join(settings.bot_resume_command.lower().split()):
+            self.store.pause_chat(own.chat_key, until=0, reason="operator")
+            log.info("event=%s chat=%s decision=bot_resumed (operator command)", own.event_id, own.chat_id)
+            return Ignored("from_me", "operator command: bot resumed in this chat")
+        if said == " ".join(settings.bot_pause_command.lower().split()):
+            self.store.pause_chat(own.chat_key, until=PAUSED_FOREVER, reason="operator")
+            log.info("event=%s chat=%s decision=bot_paused reason=operator until=resume command",
+                     own.event_id, own.chat_id)
+            return Ignored("from_me", "operator command: bot paused in this chat until resumed")
+        if not settings.handoff_pause_minutes:
+            return Ignored("from_me", "message sent by a person from this account")
+        until = time.time() + settings.handoff_pause_minutes * 60
+        self.store.pause_chat(own.chat_key, until=until, reason="handoff")
+        log.info("event=%s chat=%s decision=bot_paused reason=handoff minutes=%.0f", own.event_id, own.chat_id,
+                 settings.handoff_pause_minutes)
+        return Ignored("from_me", f"a person answered: bot paused in this chat for "
+                                  f"{settings.handoff_pause_minutes:g} min")
+
+    def _addressed_in_group(self, message: IncomingMessage) -> bool:
+        return message.mentions_bot or bool(message.reply_to_id and self.store.is_our_message(
+            message.chat_key, message_id=message.reply_to_id, text=None, within=float("inf")))
+
     def _accepted(self, message: IncomingMessage) -> tuple[dict[str, Any], int]:
         log.info("event=%s chat=%s decision=accepted (reply continues in background)",
                  message.event_id, message.chat_id)
@@ -1741,8 +2325,8 @@ class WebhookService:
     def _outcome(message: IncomingMessage, entry: InboxEntry) -> tuple[dict[str, Any], int]:
         if entry.status == "done":
             return {"status": "processed",
-                    "result": {"status": entry.outcome, "from_number": message.chat_id, "response_sent": True,
-                               "message_id": entry.sent_message_id},
+                    "result": {"status": entry.outcome, "from_number": message.chat_id,
+                               "response_sent": entry.outcome != "skipped", "message_id": entry.sent_message_id},
                     "timestamp": utc_now_iso()}, 200
         if entry.status == "failed":
             # Redelivering would not help any more: say so with 200 so WAHA stops.
@@ -1797,10 +2381,13 @@ class WebhookService:
                 "messages_received": counters.get("messages_received", 0),
                 "messages_processed": counters.get("messages_processed", 0),
                 "messages_failed": counters.get("messages_failed", 0),
+                "messages_skipped": counters.get("messages_skipped", 0),
                 "messages_in_progress": sum(by_status.values()),
                 "messages_queued": by_status.get("queued", 0),
                 "messages_retrying": snapshot["retrying"],
                 "messages_undelivered": counters.get("messages_undelivered", 0),
+                "chats_paused": snapshot["paused"],
+                "chats_opted_out": snapshot["opted_out"],
                 "messages_ignored": sum(ignored.values()),
                 "ignored_by_reason": ignored,
                 "requests_rejected": counters.get("requests_rejected", 0),

@@ -26,7 +26,7 @@ def make_settings(tmp_path: Any, **overrides: Any) -> server.Settings:
         openrouter_api_key=LLM_KEY, openrouter_base_url=LLM_BASE, waha_base_url=WAHA_BASE,
         waha_api_key=WAHA_KEY, state_db=str(tmp_path / "state.db"), log_file=None,
         typing_simulation=False, webhook_sync_wait_seconds=10.0, llm_attempt_timeout_seconds=5.0,
-        llm_deadline_seconds=8.0, waha_timeout_seconds=2.0)
+        llm_deadline_seconds=8.0, waha_timeout_seconds=2.0, debounce_seconds=0.0)
     values.update(overrides)
     return server.Settings(**values)
 

@@ -46,7 +46,6 @@ def test_message_and_message_any_of_one_message_share_a_key(engine: str) -> None
     (wp.session_status, "event_not_handled"),
     (wp.reaction, "event_not_handled"),
     (wp.own_api_message_any, "from_me"),
-    (wp.own_app_message_any, "from_me"),
     (wp.status_broadcast_message, "status_broadcast"),
     (wp.newsletter_message, "channel"),
     (wp.broadcast_list_message, "broadcast_list"),
@@ -54,6 +53,32 @@ def test_message_and_message_any_of_one_message_share_a_key(engine: str) -> None
 def test_what_a_reply_bot_must_not_answer(engine: str, builder, reason: str) -> None:
     decision = classify(builder(engine))
     assert isinstance(decision, server.Ignored) and decision.reason == reason
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_person_writing_from_the_bots_phone_is_our_own_message_in_the_customers_chat(engine: str) -> None:
+    envelope = wp.own_app_message_any(engine, chat=wp.CUSTOMER_LID, body="Oi, aqui é a Ana da loja")
+    decision = classify(envelope)
+    assert isinstance(decision, server.OwnMessage)
+    assert decision.chat_id == wp.CUSTOMER_LID  # WEBJS puts the chat in 'to' for our own messages
+    assert decision.text == "Oi, aqui é a Ana da loja" and decision.message_id == envelope["payload"]["id"]
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_in_groups_a_mention_or_a_quote_of_the_bot_addresses_it(engine: str) -> None:
+    plain = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID, body="bom dia pessoal")
+    assert classify(plain, reply_in_groups=True).mentions_bot is False
+    number = wp.BOT_ID.split("@")[0]
+    mentioned = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID, body=f"@{number} qual o preço?")
+    mentioned["me"] = {"id": wp.BOT_ID, "lid": wp.BOT_LID, "pushName": "Bot"}
+    assert classify(mentioned, reply_in_groups=True).mentions_bot is True
+    quoting = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID, body="e para amanhã?",
+                              reply_to={"id": f"true_{wp.GROUP_ID}_3EB0ABC", "participant": wp.BOT_LID,
+                                        "body": "Hoje abrimos às 9h."})
+    quoting["me"] = {"id": wp.BOT_ID, "lid": wp.BOT_LID, "pushName": "Bot"}
+    message = classify(quoting, reply_in_groups=True)
+    # WEBJS leaves the quoted message's id out (WAHA: "depends on the engine").
+    assert message.mentions_bot is True and message.reply_to_id == quoting["payload"]["replyTo"].get("id")
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)

@@ -85,14 +85,14 @@ def test_an_abandoned_lease_is_taken_over_after_it_expires(store, clock) -> None
     taken = claim(store, "w2")
     assert taken.message == dead.message and taken.attempts == 2
     assert not store.renew_lease(dead.message.dedupe_key, "dead-worker", lease_seconds=30)
-    assert store.begin_send(dead.message.dedupe_key, "dead-worker") == "lost"
+    assert store.begin_send(dead.message.dedupe_key, "dead-worker", parts=["x"]) == "lost"
 
 
 def test_a_message_interrupted_while_sending_is_reclaimed_as_sending(store, clock) -> None:
     store.accept(incoming())
     first = claim(store, "w1")
     store.save_reply(first.message.dedupe_key, "w1", "Olá!", "success")
-    assert store.begin_send(first.message.dedupe_key, "w1") == "send"
+    assert store.begin_send(first.message.dedupe_key, "w1", parts=["Olá!"]) == "send"
     clock.now += 31
     again = claim(store, "w2")
     assert (again.previous_status, again.reply_text, again.outcome) == ("sending", "Olá!", "success")
@@ -104,7 +104,7 @@ def test_sending_yields_to_an_earlier_message_that_arrived_late(store) -> None:
     store.accept(second)
     claimed = claim(store)
     store.accept(incoming(ts=100, body="1"))  # delivered later, sent earlier
-    assert store.begin_send(second.dedupe_key, claimed.lease_owner) == "yield"
+    assert store.begin_send(second.dedupe_key, claimed.lease_owner, parts=["2"]) == "yield"
     assert claim(store).message.text == "1"
     assert store.entry(second.dedupe_key).attempts == 0  # a yield is not a failed attempt
 
@@ -164,7 +164,7 @@ def test_finished_messages_are_pruned_but_counters_and_open_messages_stay(store,
     store.finish(done.dedupe_key, claimed.lease_owner, outcome="success", sent_message_id="x")
     store.accept(still_open)
     clock.now += 3600
-    assert store.prune(older_than=clock.now - 60) == 1
+    assert store.prune(older_than=clock.now - 60, history_older_than=clock.now - 60) == 1
     assert store.entry(done.dedupe_key) is None and store.entry(still_open.dedupe_key).status == "queued"
     assert store.snapshot()["counters"]["messages_processed"] == 1
 

@@ -52,11 +52,33 @@ def test_a_custom_system_prompt_replaces_the_default(make_app, upstreams) -> Non
     assert upstreams.calls_to("llm")[0]["messages"][0]["content"] == "Você é a assistente da Padaria Central."
 
 
-def test_groups_are_answered_in_the_group_when_enabled(make_app, upstreams) -> None:
+def group_message(engine: str, body: str, **options) -> dict:
+    envelope = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID, body=body, **options)
+    envelope["me"] = {"id": wp.BOT_ID, "lid": wp.BOT_LID, "pushName": "Bot"}
+    return envelope
+
+
+BOT_MENTION = "@" + wp.BOT_ID.split("@")[0]
+
+
+def test_groups_are_answered_only_when_the_bot_is_addressed_and_the_reply_quotes(make_app, upstreams) -> None:
     client = make_app(reply_in_groups=True).test_client()
-    response = post_event(client, wp.text_message("NOWEB", group=wp.GROUP_ID, sender=wp.CUSTOMER_LID))
+    chatter = post_event(client, group_message("NOWEB", "alguém viu o jogo ontem?"))
+    assert chatter.get_json()["reason"] == "group_not_addressed"
+    envelope = group_message("NOWEB", f"{BOT_MENTION} vocês abrem sábado?")
+    response = post_event(client, envelope)
     assert response.get_json()["result"]["from_number"] == wp.GROUP_ID
-    assert upstreams.sent_texts()[0]["chatId"] == wp.GROUP_ID
+    (sent,) = upstreams.sent_texts()
+    assert sent["chatId"] == wp.GROUP_ID and sent["reply_to"] == envelope["payload"]["id"]
+
+
+def test_quoting_one_of_the_bots_replies_in_a_group_addresses_it(make_app, upstreams) -> None:
+    client = make_app(reply_in_groups=True).test_client()
+    post_event(client, group_message("GOWS", f"{BOT_MENTION} qual o horário?"))
+    bot_reply_id = "true_" + wp.GROUP_ID + "_3EB0AAAA"  # what the respx WAHA answered to sendText
+    follow_up = group_message("GOWS", "e no domingo?", reply_to={"id": bot_reply_id, "participant": wp.OTHER_LID,
+                                                                  "body": "Echo"})
+    assert post_event(client, follow_up).get_json()["status"] == "processed"
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
@@ -227,14 +249,14 @@ def test_typing_simulation_follows_wahas_recipe_and_survives_presence_failures(m
         route.side_effect = (lambda prev, n: lambda request: (order.append(n), prev(request))[1])(previous, name)
     upstreams.router.routes["sendSeen"].side_effect = lambda request: (order.append("sendSeen"),
                                                                        httpx.Response(500, json={}))[1]
-    envelope = wp.text_message("NOWEB", group=wp.GROUP_ID, sender=wp.CUSTOMER_LID)
+    envelope = group_message("NOWEB", f"{BOT_MENTION} oi")
     client = make_app(typing_simulation=True, reply_in_groups=True).test_client()
     response = post_event(client, envelope)
     assert response.get_json()["result"]["status"] == "success"
     assert order == ["sendSeen", "startTyping", "stopTyping", "sendText"]
     seen = upstreams.calls_to("sendSeen")[0]
     assert seen["messageIds"] == [envelope["payload"]["id"]] and seen["participant"] == wp.CUSTOMER_LID
-    assert any(0.8 <= pause <= 4.8 for pause in SLEEPS)  # the length-based typing pause
+    assert any(0.5 <= pause <= 4.8 for pause in SLEEPS)  # the length-based typing pause, less the LLM time
 
 
 def test_without_typing_simulation_there_are_no_presence_calls_and_no_pause(client, upstreams) -> None:

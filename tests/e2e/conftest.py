@@ -44,7 +44,11 @@ class GunicornServer:
         inherited = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
         self.env = {**inherited, "STATE_DB": self.state_db, "LOG_FILE": str(self.log_file),
                     "WEBHOOK_ENV_FILE": str(empty_env_file), "TYPING_SIMULATION": "false",
-                    "WEBHOOK_SYNC_WAIT_SECONDS": "5", **env}
+                    "WEBHOOK_SYNC_WAIT_SECONDS": "5",
+                    # Delivery tests send many similar messages from one customer quickly; the conversation
+                    # rules (debounce, limits, loop detection) have their own tests with their defaults.
+                    "DEBOUNCE_SECONDS": "0", "RATE_LIMIT_PER_MINUTE": "100000", "DAILY_MESSAGE_LIMIT": "1000000",
+                    "LOOP_REPEATS": "1000", **env}
         self.command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}",
                         "-w", str(workers), "whatsapp_webhook_server:app"]
         self.process: subprocess.Popen[bytes] | None = None
