@@ -3,6 +3,7 @@
 #
 #   ./start_webhook_server.sh          set up (venv, dependencies, .env.webhook) and start the server
 #   ./start_webhook_server.sh test     set up the same way and run the whole test suite
+#   ./start_webhook_server.sh demo     set up like test and run the no-account demo (fake WAHA + fake LLM)
 #
 # Production runs gunicorn with gunicorn.conf.py; DEBUG=true runs Flask's development server.
 set -euo pipefail
@@ -41,6 +42,10 @@ case "$mode" in
     setup_venv requirements-test.txt
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  demo)
+    setup_venv requirements-test.txt  # the fakes need jsonschema
+    exec "$VENV/bin/python" -m demo.run_demo "$@"
+    ;;
   serve)
     setup_venv requirements-webhook.txt
     ensure_env_file
@@ -53,7 +58,7 @@ case "$mode" in
     exec "$VENV/bin/gunicorn" -c gunicorn.conf.py whatsapp_webhook_server:app "$@"
     ;;
   *)
-    echo "usage: $0 [serve|test] [extra arguments for gunicorn or pytest]" >&2
+    echo "usage: $0 [serve|test|demo] [extra arguments for gunicorn, pytest or the demo]" >&2
     exit 64
     ;;
 esac

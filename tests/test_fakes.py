@@ -98,6 +98,12 @@ def test_llm_echo_and_models(llm: FakeOpenRouter, client: httpx.Client) -> None:
     assert [m["id"] for m in client.get(f"{llm.url}/api/v1/models").json()["data"]] == list(llm.models)
 
 
+def test_llm_custom_reply(client: httpx.Client) -> None:
+    with FakeOpenRouter(reply=lambda text: f"Resposta para: {text}") as llm:
+        body = completion(client, llm).json()
+    assert body["choices"][0]["message"]["content"] == "Resposta para: Hi there!"
+
+
 def test_faults_consumed_in_order(llm: FakeOpenRouter, client: httpx.Client) -> None:
     llm.add_fault("/chat/completions", status=503, times=2)
     llm.add_fault("/chat/completions", status=429, headers={"Retry-After": "1"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tests.fakes.base import FaultRule, FakeServer, Request, Response, run_cli
@@ -27,16 +28,25 @@ def _text(content: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
+def echo(text: str) -> str:
+    """The default reply: "Echo: " + the last user message."""
+    return "Echo: " + text
+
+
 class FakeOpenRouter(FakeServer):
-    """Fake OpenRouter: POST <prefix>/chat/completions (reply = "Echo: " + last user message), GET <prefix>/models."""
+    """Fake OpenRouter: POST <prefix>/chat/completions (reply = "Echo: " + last user message), GET <prefix>/models.
+
+    `reply` maps the last user message to the assistant's text (default: `echo`); the demo passes canned answers.
+    """
 
     fault_kinds = FakeServer.fault_kinds | {"error_200", "finish_error", "empty_content", "null_content", "malformed"}
 
     def __init__(self, *, api_key: str = "test-llm-key", host: str = "127.0.0.1", port: int = 0,
                  latency_s: float = 0.0, log_path: str | None = None,
-                 models: tuple[str, ...] = ("google/gemini-2.0-flash-001", "google/gemini-2.5-flash-lite")) -> None:
+                 models: tuple[str, ...] = ("google/gemini-2.0-flash-001", "google/gemini-2.5-flash-lite"),
+                 reply: Callable[[str], str] = echo) -> None:
         super().__init__(host=host, port=port, latency_s=latency_s, log_path=log_path)
-        self.api_key, self.models = api_key, tuple(models)
+        self.api_key, self.models, self.reply = api_key, tuple(models), reply
 
     def completions(self) -> list[Any]:
         """Bodies of all /chat/completions requests, arrival order."""
@@ -89,7 +99,7 @@ class FakeOpenRouter(FakeServer):
     def _reply(self, req: Request) -> str:
         messages = req.body.get("messages") if isinstance(req.body, dict) else None
         users = [m for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
-        return "Echo: " + (_text(users[-1].get("content")) if users else "")
+        return self.reply(_text(users[-1].get("content")) if users else "")
 
     def _completion(self, req: Request, content: str | None, finish: str = "stop",
                     native: str = "STOP") -> dict[str, Any]:
