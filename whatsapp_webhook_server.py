@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from itertools import takewhile
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
@@ -1113,10 +1112,17 @@ class StateStore:
             " DO UPDATE SET paused_until = excluded.paused_until, pause_reason = excluded.pause_reason",
             (chat_key, until, reason if until else None)))
 
-    def set_opted_out(self, chat_key: str, opted_out: bool) -> None:
-        self._transaction(lambda c: c.execute(
-            "INSERT INTO chat_state (chat_key, opted_out) VALUES (?, ?) ON CONFLICT (chat_key)"
-            " DO UPDATE SET opted_out = excluded.opted_out", (chat_key, int(opted_out))))
+    def set_opted_out(self, chat_key: str, opted_out: bool) -> bool:
+        """Record the customer's choice; returns whether the chat is paused right now."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> bool:
+            c.execute("INSERT INTO chat_state (chat_key, opted_out) VALUES (?, ?) ON CONFLICT (chat_key)"
+                      " DO UPDATE SET opted_out = excluded.opted_out", (chat_key, int(opted_out)))
+            return bool(c.execute("SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?",
+                                  (chat_key, now)).fetchone())
+
+        return self._transaction(work)
 
     def is_our_message(self, chat_key: str, *, message_id: str | None, text: str | None, within: float) -> bool:
         """Did this server send it? By WAHA's message id, or by the same words to the same chat just now."""
@@ -1607,7 +1613,8 @@ def markdown_to_whatsapp(text: str) -> str:
     text = re.sub(fence, lambda m: keep(m[0]), text)
     text = re.sub(r"(`+)[^`\n]+\1", lambda m: keep(m[0]), text)
     url = r"((?:[^()\s]|\([^()\s]*\))+)"  # one level of parens, e.g. Wikipedia links
-    text = re.sub(rf"!\[([^\]\n]*)\]\({url}\)", lambda m: f"{m[1]}: {keep(m[2])}" if m[1] else keep(m[2]), text)
+    text = re.sub(rf"!\[([^\]\n]*)\]\({url}\)",
+                  lambda m: f"{m[1]}: {keep(m[2])}" if m[1] else keep(m[2]), text)
     text = re.sub(rf"\[([^\]\n]+)\]\({url}\)",
                   lambda m: keep(m[2]) if m[1] == m[2] else f"{m[1]} ({keep(m[2])})", text)
     # Trailing punctuation/marks usually belong to the sentence, not to the URL.
@@ -1640,10 +1647,12 @@ def markdown_to_whatsapp(text: str) -> str:
     for mark, char in ((bold, "*"), (ital, "_"), (strike, "~")):
         text = text.replace(mark, char)
     text = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", text)  # 3+ blank lines -> 2
-    # Reverse order: a stashed string can only contain tokens created before it.
-    for i in reversed(range(len(stash))):
-        text = text.replace(f"\ue000{i}\ue001", stash[i])
-    return text.strip()
+    token = re.compile("\ue000(\\d+)\ue001")
+
+    def restore(m: re.Match[str]) -> str:
+        return token.sub(restore, stash[int(m[1])])  # link URLs may hold inline-code tokens
+
+    return token.sub(restore, text).strip()
 
 
 def split_message(text: str, max_chars: int = 1500) -> list[str]:
@@ -1655,15 +1664,17 @@ def split_message(text: str, max_chars: int = 1500) -> list[str]:
     breaks = [re.compile(p) for p in (r"(?=\n[ \t]*\n)", r"(?=\n)",
                                       r"[.!?…]+[\"'”’»)\]]*(?=\s)", r"(?=\s)")]
     fence = r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)"
+    ws = re.compile(r"\s*")
     # Blocks that fit in one part must never be cut; oversized ones have to be.
     blocked = [m.span() for m in re.finditer(fence, text) if len(m[0]) <= max_chars]
 
     def best_cut(start: int) -> int:
         limit = start + max_chars
+        # Lookaheads only inspect whitespace, so the scan can stop after the run at limit.
+        end = ws.match(text, limit).end()
         for pattern in breaks:
-            ends = (m.end() for m in pattern.finditer(text, start + 1))
-            cuts = [c for c in takewhile(lambda c: c <= limit, ends)
-                    if not any(a < c < b for a, b in blocked)]
+            cuts = [c for m in pattern.finditer(text, start + 1, end)
+                    if (c := m.end()) <= limit and not any(a < c < b for a, b in blocked)]
             if cuts:
                 return cuts[-1]  # greedy: the latest boundary of the best kind
         return limit  # only a single word longer than max_chars gets here
@@ -1673,7 +1684,7 @@ def split_message(text: str, max_chars: int = 1500) -> list[str]:
     while len(text) - start > max_chars:
         cut = best_cut(start)
         parts.append(text[start:cut].rstrip())
-        start = re.compile(r"\s*").match(text, cut).end()
+        start = ws.match(text, cut).end()
     return parts + [text[start:]] if text else []
 
 
@@ -1725,6 +1736,7 @@ class ReplyPipeline:
         loop = asyncio.get_running_loop()
         started = loop.time()
         parts_sent = claimed.parts_sent
+        typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
         if claimed.reply_text is not None and claimed.outcome != "fallback":
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed.reply_text, claimed.outcome or "success", None
@@ -1749,6 +1761,7 @@ class ReplyPipeline:
                 raise
             if presence is not None:
                 await presence
+                typing_since = started
             if composed is None:  # deliberately not answered (paused, opted out, loop, over a limit)
                 await self._finish(claimed, outcome="skipped", sent_message_id=None)
                 if presence is not None:
@@ -1771,7 +1784,8 @@ class ReplyPipeline:
             return
         sent_id = None
         for index in range(parts_sent, len(parts)):
-            await self._type(message, parts[index], since=started if index == parts_sent else None)
+            await self._type(message, parts[index], since=typing_since)
+            typing_since = None
             try:
                 part_id = await self.waha.send_text(
                     session=message.session, chat_id=message.chat_id, text=parts[index],
@@ -1795,14 +1809,13 @@ class ReplyPipeline:
         message, settings = claimed.message, self.settings
         command = settings.command_of(message.text)
         context = f"event={message.event_id} chat={message.chat_id}"
-        if command == "stop":
-            await asyncio.to_thread(self.store.set_opted_out, message.chat_key, True)
-            log.info("%s decision=opted_out (the customer asked the bot to stop)", context)
-            return settings.stop_reply, "command", None
-        if command == "start":
-            await asyncio.to_thread(self.store.set_opted_out, message.chat_key, False)
-            log.info("%s decision=opted_in", context)
-            return settings.start_reply, "command", None
+        if command in ("stop", "start"):
+            paused = await asyncio.to_thread(self.store.set_opted_out, message.chat_key, command == "stop")
+            log.info("%s decision=%s%s", context, "opted_out" if command == "stop" else "opted_in",
+                     " (chat paused: no confirmation sent)" if paused else "")
+            # While a person handles the chat, the bot stays silent even to confirm.
+            return None if paused else (settings.stop_reply if command == "stop" else settings.start_reply,
+                                        "command", None)
         admission = await asyncio.to_thread(
             self.store.admit, message.chat_key, texts=claimed.texts, per_minute=settings.rate_limit_per_minute,
             per_day=settings.daily_message_limit, loop_repeats=settings.loop_repeats,

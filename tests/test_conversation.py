@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 import whatsapp_webhook_server as server
 from tests import waha_payloads as wp
@@ -225,20 +224,8 @@ def test_another_bot_echoing_our_reply_is_a_loop(client, upstreams) -> None:
     assert upstreams.llm.call_count == 1
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("**Atenção:** leia _isto_", "*Atenção:* leia _isto_"),
-    ("# Título\n\n* item um\n* item dois", "*Título*\n\n• item um\n• item dois"),
-    ("veja [o site](https://a.com/x_y_z)", "veja o site (https://a.com/x_y_z)"),
-    ("~~caro~~ barato", "~caro~ barato"),
-    ("2 * 3 * 4 = 24", "2 * 3 * 4 = 24"),
-    ("```\n**não mexer**\n```", "```\n**não mexer**\n```"),
-])
-def test_markdown_becomes_whatsapp_formatting(text: str, expected: str) -> None:
-    assert server.markdown_to_whatsapp(text) == expected
-
-
-def test_split_never_cuts_words_and_respects_the_limit() -> None:
-    text = "Primeira frase curta. " * 40 + "\n\n" + "palavra " * 300
-    parts = server.split_message(text, 200)
-    assert all(0 < len(p) <= 200 for p in parts)
-    assert " ".join(parts).split() == text.split()
+def test_a_stop_word_while_a_person_handles_the_chat_is_recorded_silently(client, upstreams) -> None:
+    post_event(client, wp.own_app_message_any("WEBJS", chat=wp.CUSTOMER_PN, body="Olá, sou o João"))
+    assert post_event(client, customer("parar")).get_json()["result"]["status"] == "skipped"
+    assert upstreams.sent_texts() == []
+    assert client.get("/stats").get_json()["stats"]["chats_opted_out"] == 1
