@@ -7,6 +7,7 @@ throughput at workers / LLM latency). Command-line flags override these values.
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -84,6 +85,16 @@ def on_starting(server_arbiter):  # noqa: ARG001 - gunicorn hook signature
 def post_worker_init(worker):  # noqa: ARG001 - gunicorn hook signature
     # Start the dispatcher now: messages left by a killed worker must be finished without new traffic.
     server.start_worker()
+    # On SIGTERM, webhook requests stop waiting for replies at once (their messages are safe in the
+    # inbox), so gunicorn reaches worker_exit quickly and the drain gets its full time.
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        server.begin_shutdown()
+        if callable(gunicorn_handler):
+            gunicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def worker_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature

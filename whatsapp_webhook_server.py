@@ -142,8 +142,8 @@ class Settings:
     rate_limit_per_minute: int = 10
     daily_message_limit: int = 200
     rate_limit_reply: str = DEFAULT_RATE_LIMIT_REPLY
-    loop_repeats: int = 3
-    loop_window_seconds: float = 60.0
+    loop_repeats: int = 5
+    loop_window_seconds: float = 120.0
     loop_pause_minutes: float = 60.0
 
     def command_of(self, text: str | None) -> str | None:
@@ -218,8 +218,8 @@ class Settings:
             rate_limit_per_minute=env.integer("RATE_LIMIT_PER_MINUTE", 10, minimum=1, maximum=100_000),
             daily_message_limit=env.integer("DAILY_MESSAGE_LIMIT", 200, minimum=1, maximum=1_000_000),
             rate_limit_reply=env.text("RATE_LIMIT_REPLY", DEFAULT_RATE_LIMIT_REPLY),
-            loop_repeats=env.integer("LOOP_REPEATS", 3, minimum=2, maximum=1000),
-            loop_window_seconds=env.number("LOOP_WINDOW_SECONDS", 60.0, minimum=1.0, maximum=86_400),
+            loop_repeats=env.integer("LOOP_REPEATS", 5, minimum=2, maximum=1000),
+            loop_window_seconds=env.number("LOOP_WINDOW_SECONDS", 120.0, minimum=1.0, maximum=86_400),
             loop_pause_minutes=env.number("LOOP_PAUSE_MINUTES", 60.0, minimum=0.0, maximum=525_600),
         )
         env.require_real("WAHA_API_KEY", settings.waha_api_key, "the X-Api-Key your WAHA server expects (WAHA_API_KEY in WAHA's own config)")
@@ -340,7 +340,7 @@ def _find_env_file() -> str | None:
 ANSWERED_EVENTS = ("message", "message.any")
 # payload.id is "{fromMe}_{chatId}_{messageId}[_{participant}]"; the bare messageId is the
 # same when one WhatsApp message arrives under its @lid and its phone-number chat id.
-MESSAGE_ID_PATTERN = re.compile(r"^(?:true|false)_[^_]+_([^_]+)(?:_.+)?$")
+MESSAGE_ID_PATTERN = re.compile(r"^(?:true|false)_(?P<chat>[^_]+)_(?P<bare>[^_]+)(?:_.+)?$")
 
 
 class BadRequestError(Exception):
@@ -435,8 +435,8 @@ def parse_event(body: bytes) -> WebhookEvent:
         raise BadRequestError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequestError("request body is nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit limit
-        raise BadRequestError(f"request body is not usable JSON: {exc}") from None
+    except ValueError:  # e.g. an integer longer than Python's 4300-digit limit
+        raise BadRequestError("request body is not usable JSON: a number in it is too long") from None
     if not isinstance(document, dict):
         raise BadRequestError(f"request body must be a JSON object, got {_json_type(type(document))}")
 
@@ -517,12 +517,10 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
     if source == "api":
         return Ignored("from_me", "message was sent through the WAHA API")
     if from_me:
-        # WEBJS reports our own messages from our id, with the chat in 'to'.
-        to = payload.get("to")
-        chat = to if chat_id in event.me_ids and isinstance(to, str) and _is_valid_unicode(to) else chat_id
-        return OwnMessage(event_id=event.event_id, session=event.session, chat_id=chat, message_id=message_id,
-                          text=body.strip() if body else None)
-    if chat_id in event.me_ids or (participant is not None and participant in event.me_ids):
+        # The chat is the middle of '{fromMe}_{chat}_{id}': WEBJS reports our own messages *from* our id.
+        match = MESSAGE_ID_PATTERN.match(message_id)
+        chat_id = match.group("chat") if match else chat_id
+    if not from_me and (chat_id in event.me_ids or (participant is not None and participant in event.me_ids)):
         return Ignored("own_number", "message comes from the bot's own number")
     if chat_id == "status@broadcast":
         return Ignored("status_broadcast", "status updates are not answered")
@@ -532,6 +530,9 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         return Ignored("channel", "channel posts are not answered")
     if chat_id.endswith("@g.us") and not reply_in_groups:
         return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    if from_me:
+        return OwnMessage(event_id=event.event_id, session=event.session, chat_id=chat_id, message_id=message_id,
+                          text=body.strip() if body else None)
 
     text = body.strip() if body else ""
     has_other_content = bool(has_media or media or payload.get("location") or payload.get("vCards"))
@@ -539,7 +540,7 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         return Ignored("no_content", "message has neither text nor media")
 
     match = MESSAGE_ID_PATTERN.match(message_id)
-    bare_id = match.group(1) if match else message_id
+    bare_id = match.group("bare") if match else message_id
     reply_to = payload.get("replyTo") if isinstance(payload.get("replyTo"), dict) else {}
     reply_to_id = reply_to.get("id") if isinstance(reply_to.get("id"), str) else None
     return IncomingMessage(
@@ -708,6 +709,7 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 CREATE INDEX IF NOT EXISTS inbox_by_status ON inbox (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS inbox_by_chat ON inbox (chat_key, sort_ts);
+CREATE INDEX IF NOT EXISTS inbox_open_by_chat ON inbox (chat_key, status, received_at);
 CREATE INDEX IF NOT EXISTS inbox_by_finish ON inbox (finished_at);
 CREATE INDEX IF NOT EXISTS inbox_by_merge ON inbox (merged_into);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -719,6 +721,7 @@ CREATE TABLE IF NOT EXISTS history (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_by_chat ON history (chat_key, id);
+CREATE INDEX IF NOT EXISTS history_by_age ON history (created_at);
 CREATE TABLE IF NOT EXISTS chat_state (
     chat_key TEXT PRIMARY KEY,
     paused_until REAL NOT NULL DEFAULT 0,
@@ -726,10 +729,9 @@ CREATE TABLE IF NOT EXISTS chat_state (
     opted_out INTEGER NOT NULL DEFAULT 0,
     minute_start REAL NOT NULL DEFAULT 0,
     minute_count INTEGER NOT NULL DEFAULT 0,
-    minute_notice INTEGER NOT NULL DEFAULT 0,
     day TEXT NOT NULL DEFAULT '',
     day_count INTEGER NOT NULL DEFAULT 0,
-    day_notice INTEGER NOT NULL DEFAULT 0
+    notice_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sent (
     chat_key TEXT NOT NULL,
@@ -739,13 +741,16 @@ CREATE TABLE IF NOT EXISTS sent (
 );
 CREATE INDEX IF NOT EXISTS sent_by_chat ON sent (chat_key, text_hash);
 CREATE INDEX IF NOT EXISTS sent_by_id ON sent (bare_id);
+CREATE INDEX IF NOT EXISTS sent_by_age ON sent (sent_at);
 """
 IGNORED_COUNTER_PREFIX = "ignored."
 PAUSED_FOREVER = 1e12  # an operator's "/bot off" lasts until "/bot on"
+ECHO_MIN_CHARS = 40
 
 # The earliest message of its chat that is due, whose chat has no other reply in progress
 # and whose burst is over (no message in the last DEBOUNCE_SECONDS, or the burst is old enough).
-# Order within a chat is the customer's send time, then arrival (rowid).
+# Order within a chat is the customer's send time, then arrival (rowid); a reply that already
+# reached the customer in part is finished before anything else in its chat.
 NEXT_DUE_SQL = """
 SELECT m.key FROM inbox m
 WHERE m.status IN ('queued', 'processing', 'sending')
@@ -757,8 +762,10 @@ WHERE m.status IN ('queued', 'processing', 'sending')
   AND NOT EXISTS (
       SELECT 1 FROM inbox o
       WHERE o.chat_key = m.chat_key AND o.key != m.key AND o.status IN ('queued', 'processing', 'sending')
-        AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid)
-             OR (o.status != 'queued' AND o.lease_expires_at >= :now)))
+        AND ((o.status != 'queued' AND o.lease_expires_at >= :now)
+             OR (m.status != 'sending' AND m.parts_sent = 0
+                 AND (o.status = 'sending' OR o.parts_sent > 0
+                      OR o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid)))))
 ORDER BY m.sort_ts, m.rowid
 LIMIT 1
 """
@@ -781,7 +788,7 @@ def bare_message_id(message_id: str | None) -> str | None:
     if not message_id:
         return None
     match = MESSAGE_ID_PATTERN.match(message_id)
-    return match.group(1) if match else message_id
+    return match.group("bare") if match else message_id
 
 
 class StateStore:
@@ -890,9 +897,10 @@ class StateStore:
                 "SELECT status, attempts, last_error FROM inbox WHERE key = ?", (message.dedupe_key,)).fetchone()
             if status == "queued" and last_error is not None:
                 # WAHA redelivers what we answered with 5xx: try again now rather than at the backoff.
-                c.execute("UPDATE inbox SET next_attempt_at = ?, updated_at = ? WHERE key = ?",
-                          (now, now, message.dedupe_key))
-                return Acceptance(stored=True, status=status, attempts=attempts)
+                # That attempt is WAHA's (bounded by its own retry policy), so it does not use up ours.
+                c.execute("UPDATE inbox SET next_attempt_at = ?, attempts = attempts - 1, updated_at = ?"
+                          " WHERE key = ?", (now, now, message.dedupe_key))
+                return Acceptance(stored=True, status=status, attempts=attempts - 1)
             return Acceptance(stored=False, status=status, attempts=attempts)
 
         return self._transaction(work)
@@ -945,11 +953,13 @@ class StateStore:
                      mergeable: Callable[[IncomingMessage], bool]) -> list[IncomingMessage]:
         """The chat's next queued messages join the lead's reply, up to the first one that must stand alone."""
         merged: list[IncomingMessage] = []
-        rows = c.execute("SELECT key, message FROM inbox WHERE chat_key = ? AND status = 'queued' AND key != ?"
-                         " ORDER BY sort_ts, rowid", (lead.chat_key, lead.dedupe_key)).fetchall()
-        for key, text in rows:
+        rows = c.execute("SELECT key, message, attempts, reply_text, next_attempt_at FROM inbox WHERE chat_key = ?"
+                         " AND status = 'queued' AND key != ? ORDER BY sort_ts, rowid",
+                         (lead.chat_key, lead.dedupe_key)).fetchall()
+        for key, text, attempts, reply_text, next_attempt_at in rows:
             follower = IncomingMessage.from_json(text)
-            if not mergeable(follower):
+            # A message that was already tried has its own reply (maybe half sent): it keeps its turn.
+            if attempts or reply_text is not None or next_attempt_at > now or not mergeable(follower):
                 break
             c.execute("UPDATE inbox SET status = 'merged', merged_into = ?, updated_at = ? WHERE key = ?",
                       (lead.dedupe_key, now, key))
@@ -974,21 +984,22 @@ class StateStore:
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> str:
-            row = c.execute("SELECT status, lease_owner, chat_key FROM inbox WHERE key = ?", (key,)).fetchone()
+            row = c.execute("SELECT status, lease_owner, chat_key, parts_sent FROM inbox WHERE key = ?",
+                            (key,)).fetchone()
             if row is None or row[1] != owner or row[0] not in ("processing", "sending"):
                 return "lost"
-            chat_key = row[2]
-            if c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone():
+            chat_key, already_sending = row[2], row[0] == "sending" or row[3] > 0
+            if not already_sending and c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone():
                 # Answering now would overtake a message the customer sent first.
                 c.execute("UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
                           " lease_expires_at = 0, next_attempt_at = ?, reply_text = NULL, outcome = NULL,"
-                          " updated_at = ? WHERE key = ?", (now, now, key))
+                          " parts_sent = 0, updated_at = ? WHERE key = ?", (now, now, key))
                 c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = ?", (key,))
                 c.execute("UPDATE inbox SET merged = NULL WHERE key = ?", (key,))
                 return "yield"
             paused = c.execute("SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?",
                                (chat_key, now)).fetchone()
-            if paused and row[0] == "processing":
+            if paused and not already_sending:
                 return "paused"
             # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
             c.executemany("INSERT INTO sent (chat_key, text_hash, sent_at) VALUES (?, ?, ?)",
@@ -999,24 +1010,32 @@ class StateStore:
 
         return self._transaction(work)
 
-    def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> None:
-        """Progress of a reply sent in parts: a retry resumes after the last part WAHA accepted."""
+    def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool:
+        """Progress of a reply sent in parts: a retry resumes after the last part WAHA accepted.
+
+        False when the lease went to another worker meanwhile: this worker must stop sending.
+        """
         now = self.clock()
 
-        def work(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE inbox SET parts_sent = ?, sent_message_id = COALESCE(?, sent_message_id),"
-                      " send_started_at = ?, updated_at = ? WHERE key = ? AND lease_owner = ?",
-                      (parts_sent, sent_message_id, now, now, key, owner))
+        def work(c: sqlite3.Connection) -> bool:
             if sent_message_id:
                 c.execute("INSERT INTO sent (chat_key, text_hash, bare_id, sent_at)"
                           " SELECT chat_key, '', ?, ? FROM inbox WHERE key = ?",
                           (bare_message_id(sent_message_id), now, key))
+            return bool(c.execute(
+                "UPDATE inbox SET parts_sent = ?, sent_message_id = COALESCE(?, sent_message_id),"
+                " send_started_at = ?, updated_at = ? WHERE key = ? AND lease_owner = ?",
+                (parts_sent, sent_message_id, now, now, key, owner)).rowcount)
 
-        self._transaction(work)
+        return self._transaction(work)
 
     def finish(self, key: str, owner: str, *, outcome: str, sent_message_id: str | None,
                history: tuple[str, str] | None = None) -> None:
-        """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it."""
+        """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
+
+        Unlike the other updates this one does not require the lease: once WAHA took the text, the
+        message is answered even if our lease ran out meanwhile, and saying so prevents a second copy.
+        """
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> None:
@@ -1028,8 +1047,7 @@ class StateStore:
                 return
             followers = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, finished_at = ?, updated_at = ? WHERE merged_into = ?"
-                " AND status = 'merged'", ("skipped" if outcome in ("skipped", "notice") else "merged", now, now, key)
-            ).rowcount
+                " AND status = 'merged'", ("merged" if outcome == "success" else outcome, now, now, key)).rowcount
             # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
             # ("too many messages") is not an answer either.
             counter = {"fallback": "messages_failed", "skipped": "messages_skipped",
@@ -1109,7 +1127,12 @@ class StateStore:
         """Stop answering a chat until `until` (0 resumes it)."""
         self._transaction(lambda c: c.execute(
             "INSERT INTO chat_state (chat_key, paused_until, pause_reason) VALUES (?, ?, ?) ON CONFLICT (chat_key)"
-            " DO UPDATE SET paused_until = excluded.paused_until, pause_reason = excluded.pause_reason",
+            # Resuming (0) always wins; otherwise the later pause wins, so a reply typed by a person
+            # cannot shorten an operator's open-ended "/bot off".
+            " DO UPDATE SET paused_until = CASE WHEN excluded.paused_until = 0 OR excluded.paused_until"
+            " > paused_until THEN excluded.paused_until ELSE paused_until END, pause_reason = CASE WHEN"
+            " excluded.paused_until = 0 THEN NULL WHEN excluded.paused_until > paused_until"
+            " THEN excluded.pause_reason ELSE pause_reason END",
             (chat_key, until, reason if until else None)))
 
     def set_opted_out(self, chat_key: str, opted_out: bool) -> bool:
@@ -1123,6 +1146,15 @@ class StateStore:
                                   (chat_key, now)).fetchone())
 
         return self._transaction(work)
+
+    def known_sent_ids(self, message_ids: list[str]) -> set[str]:
+        """Which of these WAHA message ids (bare form) we already recorded as ours."""
+        bare = [b for b in map(bare_message_id, message_ids) if b]
+        if not bare:
+            return set()
+        marks = ",".join("?" * len(bare))
+        return {row[0] for row in self._transaction(lambda c: c.execute(
+            f"SELECT bare_id FROM sent WHERE bare_id IN ({marks})", bare).fetchall(), begin="BEGIN")}
 
     def is_our_message(self, chat_key: str, *, message_id: str | None, text: str | None, within: float) -> bool:
         """Did this server send it? By WAHA's message id, or by the same words to the same chat just now."""
@@ -1143,47 +1175,54 @@ class StateStore:
               loop_window: float, loop_pause: float) -> Admission:
         """Decide, in the chat's turn, whether it gets an answer: pause, opt-out, loops, then rate limits.
 
-        Messages beyond a limit still count, so a flood cannot reset its own window.
+        A merged burst counts once (it costs one LLM call). Replies beyond a limit still count, so a
+        flood cannot reset its own window, and the polite notice goes out at most once an hour.
         """
         now = self.clock()
         today = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
 
         def work(c: sqlite3.Connection) -> Admission:
             c.execute("INSERT INTO chat_state (chat_key) VALUES (?) ON CONFLICT (chat_key) DO NOTHING", (chat_key,))
-            (paused_until, opted_out, minute_start, minute_count, minute_notice, day, day_count,
-             day_notice) = c.execute(
-                "SELECT paused_until, opted_out, minute_start, minute_count, minute_notice, day, day_count, day_notice"
+            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = c.execute(
+                "SELECT paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
                 " FROM chat_state WHERE chat_key = ?", (chat_key,)).fetchone()
             if paused_until > now:
                 return Admission("paused")
             if opted_out:
                 return Admission("opted_out")
-            for fingerprint in filter(None, map(text_fingerprint, texts)):
-                repeats = c.execute("SELECT COUNT(*) FROM inbox WHERE chat_key = ? AND text_hash = ?"
-                                    " AND received_at >= ?", (chat_key, fingerprint, now - loop_window)).fetchone()[0]
-                echoed = c.execute("SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
-                                   (chat_key, fingerprint, now - loop_window)).fetchone()
-                if repeats >= loop_repeats or echoed:
-                    c.execute("UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
-                              (now + loop_pause, chat_key))
-                    return Admission("loop")
+            if self._looks_like_a_loop(c, chat_key, texts, since=now - loop_window, repeats=loop_repeats):
+                c.execute("UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
+                          (now + loop_pause, chat_key))
+                return Admission("loop")
             if now - minute_start >= 60:
-                minute_start, minute_count, minute_notice = now, 0, 0
+                minute_start, minute_count = now, 0
             if day != today:
-                day, day_count, day_notice = today, 0, 0
-            minute_count += len(texts) or 1
-            day_count += len(texts) or 1
-            verdict, notice = "ok", False
-            if day_count > per_day:
-                verdict, notice, day_notice = "daily_cap", not day_notice, 1
-            elif minute_count > per_minute:
-                verdict, notice, minute_notice = "rate_limited", not minute_notice, 1
-            c.execute("UPDATE chat_state SET minute_start = ?, minute_count = ?, minute_notice = ?, day = ?,"
-                      " day_count = ?, day_notice = ? WHERE chat_key = ?",
-                      (minute_start, minute_count, minute_notice, day, day_count, day_notice, chat_key))
+                day, day_count = today, 0
+            minute_count, day_count = minute_count + 1, day_count + 1
+            verdict = "daily_cap" if day_count > per_day else "rate_limited" if minute_count > per_minute else "ok"
+            notice = verdict != "ok" and now - notice_at >= 3600
+            c.execute("UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
+                      " notice_at = ? WHERE chat_key = ?",
+                      (minute_start, minute_count, day, day_count, now if notice else notice_at, chat_key))
             return Admission(verdict, notice)
 
         return self._transaction(work)
+
+    @staticmethod
+    def _looks_like_a_loop(c: sqlite3.Connection, chat_key: str, texts: list[str], *, since: float,
+                           repeats: int) -> bool:
+        """Another bot, not a person: the same message over and over, or our own longer reply echoed back."""
+        for text in texts:
+            fingerprint = text_fingerprint(text)
+            same = c.execute("SELECT COUNT(*) FROM inbox WHERE chat_key = ? AND text_hash = ? AND received_at >= ?"
+                             " AND merged_into IS NULL", (chat_key, fingerprint, since)).fetchone()[0]
+            # Short words ("ok", "obrigado") are echoed by people all the time; a paragraph is not.
+            echoed = len(text) >= ECHO_MIN_CHARS and c.execute(
+                "SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
+                (chat_key, fingerprint, since)).fetchone()
+            if same >= repeats or echoed:
+                return True
+        return False
 
     # --- reporting -------------------------------------------------------------------------------
 
@@ -1206,10 +1245,8 @@ class StateStore:
         return self._transaction(work, begin="BEGIN")
 
     def ping(self) -> None:
-        try:
-            self._connection().execute("SELECT 1").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store error: {exc}") from exc
+        """A real write: a store that can be read but not written cannot take new messages."""
+        self.count("health_checks")
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -1525,10 +1562,10 @@ class WahaClient:
     async def stop_typing(self, *, session: str, chat_id: str) -> None:
         await self._post("/api/stopTyping", {"session": session, "chatId": chat_id})
 
-    async def find_sent_text(self, *, session: str, chat_id: str, text: str, since: float) -> dict[str, Any] | None:
-        """Our own message with exactly this text in the chat since `since` (unix seconds), if WAHA has it.
+    async def find_sent_texts(self, *, session: str, chat_id: str, text: str, since: float) -> list[dict[str, Any]]:
+        """Our own messages with exactly this text in the chat since `since` (unix seconds), newest first.
 
-        Used when a worker died while sending: the reply may or may not have left.
+        Used when a send was cut off: the reply may or may not have left.
         """
         path = f"/api/{quote(session, safe='')}/chats/{quote(chat_id, safe='')}/messages"
         params = {"limit": 20, "downloadMedia": "false", "filter.fromMe": "true", "sortOrder": "desc",
@@ -1540,10 +1577,7 @@ class WahaClient:
             raise WahaError(f"{path} answered with something that is not JSON", transient=False) from None
         if not isinstance(messages, list):
             raise WahaError(f"{path} answered with something that is not a list", transient=False)
-        for candidate in messages:
-            if isinstance(candidate, dict) and candidate.get("body") == text:
-                return candidate
-        return None
+        return [m for m in messages if isinstance(m, dict) and m.get("body") == text]
 
     async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         return await self._request("POST", path, json=body)
@@ -1693,6 +1727,8 @@ def split_message(text: str, max_chars: int = 1500) -> list[str]:
 # ---------------------------------------------------------------------------
 
 PRESENCE_TIMEOUT_SECONDS = 3.0
+# WhatsApp timestamps our messages with the phone's/server's clock, not ours.
+CLOCK_SKEW_SECONDS = 10.0
 
 
 def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random) -> float:
@@ -1722,11 +1758,15 @@ class ReplyPipeline:
         message = claimed.message
         try:
             await self._reply(claimed)
-        except BaseException:
+        except BaseException as exc:
             # A bug or a shutdown: the message goes back to the inbox, due at once.
             await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
-            log.exception("event=%s chat=%s reply interrupted; message handed back to the inbox",
-                          message.event_id, message.chat_id)
+            if isinstance(exc, asyncio.CancelledError):
+                log.info("event=%s chat=%s reply interrupted by shutdown; message handed back to the inbox",
+                         message.event_id, message.chat_id)
+            else:
+                log.exception("event=%s chat=%s reply failed in our code; message handed back to the inbox",
+                              message.event_id, message.chat_id)
             raise
 
     async def _reply(self, claimed: ClaimedMessage) -> None:
@@ -1737,7 +1777,9 @@ class ReplyPipeline:
         started = loop.time()
         parts_sent = claimed.parts_sent
         typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
-        if claimed.reply_text is not None and claimed.outcome != "fallback":
+        mid_send = claimed.previous_status == "sending" or parts_sent > 0
+        # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
+        if claimed.reply_text is not None and (claimed.outcome != "fallback" or mid_send):
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed.reply_text, claimed.outcome or "success", None
             if claimed.outcome == "success":
@@ -1746,7 +1788,7 @@ class ReplyPipeline:
             if claimed.previous_status == "sending" and parts_sent < len(parts):
                 # The worker before us died mid-send: did that part leave?
                 if await self._already_sent(claimed, part=parts[parts_sent], index=parts_sent,
-                                            since=(claimed.send_started_at or time.time()) - 60):
+                                            since=(claimed.send_started_at or time.time()) - CLOCK_SKEW_SECONDS):
                     parts_sent += 1
         else:
             presence = None
@@ -1770,7 +1812,7 @@ class ReplyPipeline:
                 return
             text, outcome, history = composed
             await asyncio.to_thread(self.store.save_reply, key, owner, text, outcome)
-            parts = split_message(text, self.settings.max_message_chars)
+            parts, parts_sent = split_message(text, self.settings.max_message_chars), 0
 
         verdict = await asyncio.to_thread(self.store.begin_send, key, owner, parts=parts[parts_sent:])
         if verdict == "paused":
@@ -1786,19 +1828,23 @@ class ReplyPipeline:
         for index in range(parts_sent, len(parts)):
             await self._type(message, parts[index], since=typing_since)
             typing_since = None
+            send_started = time.time()
             try:
                 part_id = await self.waha.send_text(
                     session=message.session, chat_id=message.chat_id, text=parts[index],
                     reply_to=message.message_id if message.is_group and index == 0 else None)
             except WahaError as exc:
                 if exc.maybe_delivered and await self._already_sent(claimed, part=parts[index], index=index,
-                                                                    since=time.time() - 60):
+                                                                    since=send_started - CLOCK_SKEW_SECONDS):
                     continue
                 await self._record_failure(claimed, exc)
                 return
             sent_id = sent_id or part_id
-            await asyncio.to_thread(self.store.mark_part_sent, key, owner, parts_sent=index + 1,
-                                    sent_message_id=part_id)
+            if not await asyncio.to_thread(self.store.mark_part_sent, key, owner, parts_sent=index + 1,
+                                           sent_message_id=part_id):
+                log.warning("event=%s chat=%s lease lost after part %d; the new owner continues",
+                            message.event_id, message.chat_id, index + 1)
+                return
         await self._finish(claimed, outcome=outcome, sent_message_id=sent_id, history=history)
         log.info("event=%s chat=%s decision=replied outcome=%s parts=%d chars=%d sent_id=%s total_ms=%.0f",
                  message.event_id, message.chat_id, outcome, len(parts), len(text), sent_id,
@@ -1834,9 +1880,11 @@ class ReplyPipeline:
             return settings.non_text_reply, "non_text", None
         user_turn = "\n".join(claimed.texts)
         reply = await self._ask_llm(message, user_turn, context)
-        if reply is None:
+        formatted = markdown_to_whatsapp(reply) if reply is not None else ""
+        if not formatted:  # nothing left after formatting (an LLM answering only '---') is no answer
             return settings.fallback_message, "fallback", None
-        return markdown_to_whatsapp(reply), "success", (user_turn, markdown_to_whatsapp(reply))
+        # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
+        return formatted, "success", (user_turn, reply)
 
     async def _ask_llm(self, message: IncomingMessage, user_turn: str, context: str) -> str | None:
         history = await asyncio.to_thread(self._recent_history, message.chat_key)
@@ -1914,16 +1962,21 @@ class ReplyPipeline:
         """A send was cut off (worker died, answer lost): ask WAHA whether the part left before resending it."""
         message = claimed.message
         try:
-            found = await self.waha.find_sent_text(session=message.session, chat_id=message.chat_id,
-                                                   text=part, since=since)
+            candidates = await self.waha.find_sent_texts(session=message.session, chat_id=message.chat_id,
+                                                         text=part, since=since)
+            # The same words may have gone out for an earlier message (two voice notes, two fallbacks):
+            # only a copy no other reply of ours accounts for can be this one.
+            ids = [c.get("id") if isinstance(c.get("id"), str) else None for c in candidates]
+            known = await asyncio.to_thread(self.store.known_sent_ids, [i for i in ids if i])
         except WahaError as exc:
             # Cannot tell: a possible second copy is better than a customer left without an answer.
             log.warning("event=%s chat=%s cannot check whether the interrupted send went out (%s); will send",
                         message.event_id, message.chat_id, exc)
             return False
-        if found is None:
+        unaccounted = [i for i in ids if i is None or bare_message_id(i) not in known]
+        if not unaccounted:
             return False
-        sent_id = found.get("id") if isinstance(found.get("id"), str) else None
+        sent_id = unaccounted[0]
         await asyncio.to_thread(self.store.mark_part_sent, message.dedupe_key, claimed.lease_owner,
                                 parts_sent=index + 1, sent_message_id=sent_id)
         log.info("event=%s chat=%s decision=already_sent part=%d sent_id=%s (found in WAHA after an interrupted "
@@ -2202,6 +2255,11 @@ class WebhookService:
         # deliveries are still recorded promptly (the inbox makes 202 as safe as 200).
         self._waiting_slots = threading.BoundedSemaphore(settings.webhook_max_waiting) \
             if settings.webhook_max_waiting else None
+        self._shutting_down = threading.Event()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: stop holding webhook requests (their messages are recorded) so gunicorn can move on."""
+        self._shutting_down.set()
 
     def runtime(self) -> WorkerRuntime:
         """The worker's runtime, built on first use (or by gunicorn's post_worker_init), always after the fork."""
@@ -2289,7 +2347,7 @@ class WebhookService:
                         entry.status == "queued" and entry.attempts > attempts_before and entry.last_error)):
                     return self._outcome(message, entry)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._shutting_down.is_set():
                     return self._accepted(message)
                 # Woken at once when this worker ends the attempt; polling covers the other workers.
                 ended.wait(min(remaining, self.poll_seconds))
@@ -2612,6 +2670,13 @@ def start_worker(app: Flask | None = None) -> None:
     target = app or _app
     if target is not None:
         target.extensions[EXTENSION_KEY].runtime()
+
+
+def begin_shutdown(app: Flask | None = None) -> None:
+    """Called on SIGTERM (gunicorn.conf.py chains it to gunicorn's handler)."""
+    target = app or _app
+    if target is not None:
+        target.extensions[EXTENSION_KEY].begin_shutdown()
 
 
 def shutdown(app: Flask | None = None, *, drain_seconds: float = 10.0) -> None:

@@ -199,7 +199,7 @@ def test_stop_and_start_words(client, upstreams) -> None:
 def test_a_spammer_is_rate_limited_with_one_polite_notice(make_app, upstreams) -> None:
     client = make_app(rate_limit_per_minute=3).test_client()
     statuses = [post_event(client, customer(f"mensagem {n}")).get_json()["result"]["status"] for n in range(6)]
-    assert statuses == ["success", "success", "success", "notice", "skipped", "skipped"]
+    assert statuses == ["success", "success", "success", "notice", "skipped", "skipped"]  # one notice only
     assert [t["text"] for t in upstreams.sent_texts()][-1] == server.DEFAULT_RATE_LIMIT_REPLY
     assert upstreams.llm.call_count == 3 and len(upstreams.sent_texts()) == 4
 
@@ -212,16 +212,53 @@ def test_the_daily_cap(make_app, upstreams) -> None:
 
 def test_a_bot_repeating_itself_is_detected_as_a_loop_and_the_chat_paused(client, upstreams) -> None:
     statuses = [post_event(client, customer("Olá! Sou um robô. Como posso ajudar?")).get_json()["result"]["status"]
-                for _ in range(4)]
-    assert statuses == ["success", "success", "skipped", "skipped"]
+                for _ in range(6)]
+    assert statuses == ["success"] * 4 + ["skipped"] * 2
     assert client.get("/stats").get_json()["stats"]["chats_paused"] == {"loop": 1}
 
 
-def test_another_bot_echoing_our_reply_is_a_loop(client, upstreams) -> None:
-    post_event(client, customer("Oi"))
-    echo_bot = customer("Echo: Oi")  # the other side repeats exactly what we said
+def test_a_person_saying_the_same_short_thing_is_not_a_loop(client, upstreams) -> None:
+    for text in ("oi", "oi", "oi", "obrigado", "Echo: oi"):
+        assert post_event(client, customer(text)).get_json()["result"]["status"] == "success"
+
+
+def test_another_bot_echoing_our_long_reply_is_a_loop(client, upstreams) -> None:
+    question = "Vocês têm o modelo azul em estoque para entrega amanhã?"
+    post_event(client, customer(question))
+    echo_bot = customer(f"Echo: {question}")  # the other side repeats exactly what we said
     assert post_event(client, echo_bot).get_json()["result"]["status"] == "skipped"
     assert upstreams.llm.call_count == 1
+
+
+def test_a_human_reply_does_not_shorten_an_operator_pause(client, upstreams) -> None:
+    post_event(client, wp.own_app_message_any("WEBJS", chat=wp.CUSTOMER_PN, body="/bot off"))
+    post_event(client, wp.own_app_message_any("WEBJS", chat=wp.CUSTOMER_PN, body="Oi, já te respondo"))
+    assert client.get("/stats").get_json()["stats"]["chats_paused"] == {"operator": 1}
+
+
+def test_posting_a_status_from_the_phone_pauses_nothing(client, upstreams) -> None:
+    status = wp.own_app_message_any("NOWEB", chat="status@broadcast", body="Promoção de sábado!")
+    assert post_event(client, status).get_json()["reason"] == "status_broadcast"
+    assert client.get("/stats").get_json()["stats"]["chats_paused"] == {}
+
+
+def test_an_llm_answer_that_formats_to_nothing_gets_the_fallback(client, upstreams) -> None:
+    upstreams.llm.side_effect = lambda request: httpx.Response(200, json=completion("---"))
+    assert post_event(client, customer("oi")).get_json()["result"]["status"] == "fallback"
+    assert upstreams.sent_texts()[0]["text"] == server.DEFAULT_FALLBACK_MESSAGE
+
+
+def test_a_burst_counts_once_against_the_rate_limit(make_app, upstreams) -> None:
+    app = make_app(debounce_seconds=0.3, rate_limit_per_minute=2)
+    base = int(time.time())
+    threads = [threading.Thread(target=post_event, args=(app.test_client(), customer(f"linha {n}", ts=base + n)))
+               for n in range(5)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert upstreams.llm.call_count == 1 and len(upstreams.sent_texts()) == 1
 
 
 def test_a_stop_word_while_a_person_handles_the_chat_is_recorded_silently(client, upstreams) -> None:
@@ -229,3 +266,25 @@ def test_a_stop_word_while_a_person_handles_the_chat_is_recorded_silently(client
     assert post_event(client, customer("parar")).get_json()["result"]["status"] == "skipped"
     assert upstreams.sent_texts() == []
     assert client.get("/stats").get_json()["stats"]["chats_opted_out"] == 1
+
+
+def test_a_fallback_already_sent_before_a_crash_is_not_followed_by_another_answer(make_app, upstreams) -> None:
+    app = make_app()
+    store = app.extensions[server.EXTENSION_KEY].store
+    envelope = customer("Está aberto?")
+    message = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=False)
+    store.accept(message)
+    # A worker claimed it, the LLM failed, the fallback went out, then the worker died before recording it.
+    claimed = store.claim_next("dead-worker", lease_seconds=0.01)
+    store.save_reply(message.dedupe_key, "dead-worker", server.DEFAULT_FALLBACK_MESSAGE, "fallback")
+    store.begin_send(message.dedupe_key, "dead-worker", parts=[server.DEFAULT_FALLBACK_MESSAGE])
+    upstreams.delivered.append({"session": "default", "chatId": message.chat_id,
+                                "text": server.DEFAULT_FALLBACK_MESSAGE})
+    time.sleep(0.05)
+    response = post_event(app.test_client(), envelope)  # WAHA redelivers; a live worker takes over
+    deadline = time.monotonic() + 5
+    while store.entry(message.dedupe_key).status != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.entry(message.dedupe_key).outcome == "fallback" and claimed.attempts == 1
+    assert [t["text"] for t in upstreams.sent_texts()] == [server.DEFAULT_FALLBACK_MESSAGE]
+    assert upstreams.llm.call_count == 0 and response.status_code in (200, 202)

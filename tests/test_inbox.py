@@ -135,8 +135,8 @@ def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -
     claimed = claim(store)
     store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
     assert claim(store) is None
-    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=1)
-    assert claim(store).attempts == 2
+    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=0)
+    assert claim(store).attempts == 1  # WAHA's redelivery is WAHA's retry: it does not use up ours
 
 
 def test_release_hands_a_message_back_untried(store) -> None:
@@ -218,3 +218,85 @@ def test_an_unwritable_store_raises_store_unavailable(tmp_path) -> None:
             server.StateStore(str(path)).accept(incoming())
     finally:
         os.system(f"chattr -i {path}")
+
+
+# --- bursts merged into one reply, replies sent in parts ---------------------------------------------
+
+def text_only(message: server.IncomingMessage) -> bool:
+    return message.text is not None and message.text != "/reset"
+
+
+def test_a_burst_is_claimed_once_the_chat_is_quiet_and_finishes_together(store, clock) -> None:
+    burst = [incoming(ts=100 + n, body=text) for n, text in enumerate(["oi", "tudo bem?", "preço?"])]
+    for message in burst:
+        store.accept(message)
+        clock.now += 1
+    assert store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only) is None  # still typing
+    clock.now += 3
+    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    assert claimed.texts == ["oi", "tudo bem?", "preço?"]
+    assert [store.entry(m.dedupe_key).status for m in burst] == ["processing", "merged", "merged"]
+    store.finish(burst[0].dedupe_key, "w1", outcome="success", sent_message_id="true_x_ABC")
+    entries = [store.entry(m.dedupe_key) for m in burst]
+    assert [(e.status, e.outcome) for e in entries] == [("done", "success"), ("done", "merged"), ("done", "merged")]
+    assert entries[2].sent_message_id == "true_x_ABC"  # a merged message reports the reply it got
+    assert store.snapshot()["counters"]["messages_processed"] == 3
+
+
+def test_a_burst_that_never_pauses_is_answered_after_four_debounce_periods(store, clock) -> None:
+    store.accept(incoming(ts=100, body="primeira"))
+    for n in range(12):
+        clock.now += 1
+        store.accept(incoming(ts=101 + n, body=f"mais {n}"))
+        if (claimed := store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)):
+            break
+    assert claimed is not None and n == 11 and claimed.texts[0] == "primeira"
+
+
+def test_commands_and_already_tried_messages_are_never_merged(store, clock) -> None:
+    first, command, after = incoming(ts=100, body="oi"), incoming(ts=101, body="/reset"), incoming(ts=102, body="x")
+    for message in (first, command, after):
+        store.accept(message)
+    clock.now += 10
+    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    assert claimed.texts == ["oi"] and store.entry(command.dedupe_key).status == "queued"
+
+
+def test_a_yield_hands_the_merged_messages_back_too(store, clock) -> None:
+    later = [incoming(ts=200 + n, body=f"b{n}") for n in range(2)]
+    for message in later:
+        store.accept(message)
+    clock.now += 10
+    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    store.accept(incoming(ts=100, body="a"))  # sent before them, delivered after
+    assert store.begin_send(later[0].dedupe_key, claimed.lease_owner, parts=["r"]) == "yield"
+    assert [store.entry(m.dedupe_key).status for m in later] == ["queued", "queued"]
+
+
+def test_a_reply_that_finally_fails_fails_its_merged_messages_too(store, clock) -> None:
+    burst = [incoming(ts=100 + n, body=f"m{n}") for n in range(3)]
+    for message in burst:
+        store.accept(message)
+    clock.now += 10
+    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    assert store.record_failure(burst[0].dedupe_key, claimed.lease_owner, "HTTP 401", max_attempts=1,
+                                retry_in=10) == "failed"
+    assert {store.entry(m.dedupe_key).status for m in burst} == {"failed"}
+    counters = store.snapshot()["counters"]
+    assert counters["messages_failed"] == counters["messages_undelivered"] == 3
+
+
+def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_parts(store, clock) -> None:
+    second = incoming(ts=200, body="2")
+    store.accept(second)
+    claimed = claim(store, "w1")
+    store.save_reply(second.dedupe_key, "w1", "parte 1\n\nparte 2", "success")
+    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 1", "parte 2"]) == "send"
+    assert store.mark_part_sent(second.dedupe_key, "w1", parts_sent=1, sent_message_id="true_x_P1")
+    store.accept(incoming(ts=100, body="1"))  # too late to go first: part 1 already reached the customer
+    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 2"]) == "send"
+    clock.now += 31
+    taken = claim(store, "w2")
+    assert (taken.previous_status, taken.parts_sent, taken.reply_text) == ("sending", 1, "parte 1\n\nparte 2")
+    assert not store.mark_part_sent(second.dedupe_key, "w1", parts_sent=2, sent_message_id=None)
+    assert claimed.attempts == 1

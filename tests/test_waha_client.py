@@ -143,14 +143,14 @@ def test_find_sent_text_asks_for_our_recent_messages_in_the_chat() -> None:
     async def scenario():
         async with httpx.AsyncClient() as http:
             client = server.WahaClient(http=http, base_url=BASE, api_key="waha-key")
-            return await client.find_sent_text(session="loja 1", chat_id="200000000000002@lid", text="Olá!",
-                                               since=1700000000.5)
+            return await client.find_sent_texts(session="loja 1", chat_id="200000000000002@lid", text="Olá!",
+                                                since=1700000000.5)
 
     with respx.mock() as router:
         route = router.get(f"{BASE}/api/loja%201/chats/200000000000002%40lid/messages").respond(200, json=[
             {"id": "true_200000000000002@lid_AAA", "body": "Outra coisa", "fromMe": True},
             {"id": "true_200000000000002@lid_BBB", "body": "Olá!", "fromMe": True}])
         found = asyncio.run(scenario())
-    assert found["id"] == "true_200000000000002@lid_BBB"
+    assert [m["id"] for m in found] == ["true_200000000000002@lid_BBB"]
     params = route.calls[0].request.url.params
     assert (params["filter.fromMe"], params["filter.timestamp.gte"], params["limit"]) == ("true", "1700000000", "20")

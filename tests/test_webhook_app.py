@@ -469,3 +469,15 @@ def test_an_unprotected_server_warns_at_start(make_app, capsys) -> None:
     assert "neither WEBHOOK_HMAC_KEY nor WEBHOOK_SECRET_TOKEN is set" in capsys.readouterr().out
     make_app(webhook_hmac_key="k")
     assert "neither WEBHOOK_HMAC_KEY" not in capsys.readouterr().out
+
+
+def test_two_identical_replies_in_a_row_are_both_delivered(client, upstreams) -> None:
+    """The 'did it go out?' check must not mistake the first copy for the second."""
+    post_event(client, wp.media_message("WEBJS", kind="audio"))
+    healthy = upstreams.send_text.side_effect
+    upstreams.send_text.side_effect = lambda request: httpx.Response(500, json={"statusCode": 500})
+    second = wp.media_message("WEBJS", kind="audio")
+    assert post_event(client, second).status_code == 503  # not sent, and the earlier copy is not mistaken for it
+    upstreams.send_text.side_effect = healthy
+    assert post_event(client, second).get_json()["result"]["status"] == "non_text"
+    assert [t["text"] for t in upstreams.sent_texts()] == [server.DEFAULT_NON_TEXT_REPLY] * 2

@@ -285,3 +285,25 @@ def _try_deliver(server: GunicornServer, envelope: dict) -> httpx.Response | Exc
         return deliver(server, envelope)
     except httpx.HTTPError as exc:  # the worker holding the connection was killed
         return exc
+
+
+def test_sigterm_releases_webhooks_waiting_for_replies_at_once(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(**{**FAULT_ENV, "WEBHOOK_SYNC_WAIT_SECONDS": "20", "LLM_TIMEOUT_SECONDS": "60",
+                             "LLM_DEADLINE_SECONDS": "120"})
+    envelope = wp.text_message("WEBJS", body="Resposta demorada")
+    fake_llm.add_fault("/chat/completions", delay_s=30, times=0)
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(response=_try_deliver(server, envelope)))
+    thread.start()
+    server.pid_working_on(envelope["id"])
+    stopped_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    thread.join()
+    assert outcome["response"].status_code == 202  # recorded; WAHA need not redeliver
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - stopped_at < 10  # not the 20 s sync wait plus the drain
+    assert "handed back to the inbox" in server.log_text()
+    fake_llm.clear_faults()
+    server.start()
+    wait_for(lambda: customer_texts(fake_waha, envelope["payload"]["from"]), timeout=15)
+    assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Resposta demorada"]
