@@ -256,28 +256,22 @@ class _EnvReader:
         return default if name not in self.environ else self.environ[name].strip()
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = None
-        if value is None or not minimum <= value <= maximum:
-            self.problems.append(f"{name} must be a whole number from {minimum} to {maximum}, got {raw!r}")
-            return default
-        return value
+        return self._bounded(name, default, int, minimum, maximum, "a whole number")
 
     def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+        return self._bounded(name, default, float, minimum, maximum, "a number")
+
+    def _bounded(self, name: str, default: T, parse: Callable[[str], T], minimum: Any, maximum: Any, kind: str) -> T:
         raw = self._raw(name)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value: Any = parse(raw)
         except ValueError:
-            value = float("nan")
-        if not minimum <= value <= maximum:
-            self.problems.append(f"{name} must be a number from {minimum:g} to {maximum:g}, got {raw!r}")
+            value = None
+        # NaN fails every comparison, so "nan" is refused here too.
+        if value is None or not minimum <= value <= maximum:
+            self.problems.append(f"{name} must be {kind} from {minimum:g} to {maximum:g}, got {raw!r}")
             return default
         return value
 
