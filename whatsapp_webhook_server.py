@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import hmac
 import json
@@ -28,7 +30,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -761,7 +763,7 @@ WHERE m.status IN ('queued', 'processing', 'sending')
                  AND (o.status = 'sending' OR o.parts_sent > 0
                       OR o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.rowid < m.rowid)))))
 ORDER BY m.sort_ts, m.rowid
-LIMIT 1
+LIMIT :limit
 """
 EARLIER_OPEN_SQL = """
 SELECT 1 FROM inbox o, inbox m
@@ -785,6 +787,36 @@ def bare_message_id(message_id: str | None) -> str | None:
     return match.group("bare") if match else message_id
 
 
+class WriterGate:
+    """One writer at a time across threads (a lock) and gunicorn workers (flock on a side file).
+
+    SQLite serialises writers too, but a blocked writer polls with sleeps of 1 to 100 ms; under
+    load that idles the CPU while requests queue. Waiting here wakes the moment the writer is done.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._guard = threading.Lock()
+        self._pid: int | None = None
+        self._thread_lock = threading.Lock()
+        self._fd = -1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self._pid != os.getpid():
+            with self._guard:  # first use in this process (never share a lock or fd across fork)
+                if self._pid != os.getpid():
+                    self._thread_lock = threading.Lock()
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                    self._pid = os.getpid()
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 class StateStore:
     """The durable inbox plus counters in one SQLite file, safe across threads and processes.
 
@@ -800,6 +832,7 @@ class StateStore:
         self.busy_timeout_ms = busy_timeout_ms
         self.clock = clock
         self._local = threading.local()
+        self._writers = WriterGate(path + ".lock")
 
     def initialize(self) -> None:
         """Create the file and schema; fail early with a clear message if that is impossible."""
@@ -833,7 +866,18 @@ class StateStore:
         return local.connection
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T], *, begin: str = "BEGIN IMMEDIATE") -> T:
-        """Run `work` in one transaction; IMMEDIATE takes the write lock up front so writers never deadlock."""
+        """Run `work` in one transaction; IMMEDIATE takes the write lock up front so writers never deadlock.
+
+        Reads ("BEGIN") run beside writers, as WAL allows; writes queue at the WriterGate first.
+        """
+        try:
+            gate = self._writers.held() if begin != "BEGIN" else contextlib.nullcontext()
+            with gate:
+                return self._run(work, begin)
+        except OSError as exc:
+            raise StoreUnavailable(f"state store lock error: {exc}") from exc
+
+    def _run(self, work: Callable[[sqlite3.Connection], T], begin: str) -> T:
         connection: sqlite3.Connection | None = None
         try:
             connection = self._connection()
@@ -915,32 +959,46 @@ class StateStore:
     def claim_next(self, owner: str, *, lease_seconds: float, debounce_seconds: float = 0.0,
                    mergeable: Callable[[IncomingMessage], bool] = lambda message: False) -> ClaimedMessage | None:
         """Take the next due message in chat order, with the rest of its burst merged in; None when nothing is due."""
-        now = self.clock()
-        params = {"now": now, "quiet_since": now - debounce_seconds, "burst_limit": now - 4 * debounce_seconds}
+        claimed = self.claim_due(owner, limit=1, lease_seconds=lease_seconds, debounce_seconds=debounce_seconds,
+                                 mergeable=mergeable)
+        return claimed[0] if claimed else None
 
-        def work(c: sqlite3.Connection) -> ClaimedMessage | None:
-            row = c.execute(NEXT_DUE_SQL, params).fetchone()
-            if row is None:
-                return None
-            (message, status, attempts, reply_text, outcome, send_started_at, received_at, parts_sent,
-             merged) = c.execute(
-                "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
-                " attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE key = ?"
-                " RETURNING message, status, attempts, reply_text, outcome, send_started_at, received_at,"
-                " parts_sent, merged", (owner, now + lease_seconds, now, row[0])).fetchone()
-            lead = IncomingMessage.from_json(message)
-            followers = [IncomingMessage.from_json(text) for text in json.loads(merged or "[]")]
-            # Once a reply exists, its wording is fixed: later messages wait for their own turn.
-            if debounce_seconds and reply_text is None and mergeable(lead):
-                joined = self._merge_burst(c, lead, now, mergeable)
-                if joined:
-                    followers += joined
-                    c.execute("UPDATE inbox SET merged = ? WHERE key = ?",
-                              (json.dumps([m.to_json() for m in followers]), lead.dedupe_key))
-            return ClaimedMessage(lead, owner, "sending" if status == "sending" else "queued", attempts, reply_text,
-                                  outcome, send_started_at, received_at, parts_sent, tuple(followers))
+    def claim_due(self, owner: str, *, limit: int, lease_seconds: float, debounce_seconds: float = 0.0,
+                  mergeable: Callable[[IncomingMessage], bool] = lambda message: False) -> list[ClaimedMessage]:
+        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction.
+
+        Claiming in batches keeps the write lock short per message when hundreds are waiting.
+        """
+        now = self.clock()
+        params = {"now": now, "quiet_since": now - debounce_seconds, "burst_limit": now - 4 * debounce_seconds,
+                  "limit": limit}
+
+        def work(c: sqlite3.Connection) -> list[ClaimedMessage]:
+            return [self._claim_one(c, key, owner, now=now, lease_seconds=lease_seconds,
+                                    debounce_seconds=debounce_seconds, mergeable=mergeable)
+                    for (key,) in c.execute(NEXT_DUE_SQL, params).fetchall()]
 
         return self._transaction(work)
+
+    def _claim_one(self, c: sqlite3.Connection, key: str, owner: str, *, now: float, lease_seconds: float,
+                   debounce_seconds: float, mergeable: Callable[[IncomingMessage], bool]) -> ClaimedMessage:
+        (message, status, attempts, reply_text, outcome, send_started_at, received_at, parts_sent,
+         merged) = c.execute(
+            "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
+            " attempts = attempts + 1, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE key = ?"
+            " RETURNING message, status, attempts, reply_text, outcome, send_started_at, received_at,"
+            " parts_sent, merged", (owner, now + lease_seconds, now, key)).fetchone()
+        lead = IncomingMessage.from_json(message)
+        followers = [IncomingMessage.from_json(text) for text in json.loads(merged or "[]")]
+        # Once a reply exists, its wording is fixed: later messages wait for their own turn.
+        if debounce_seconds and reply_text is None and mergeable(lead):
+            joined = self._merge_burst(c, lead, now, mergeable)
+            if joined:
+                followers += joined
+                c.execute("UPDATE inbox SET merged = ? WHERE key = ?",
+                          (json.dumps([m.to_json() for m in followers]), lead.dedupe_key))
+        return ClaimedMessage(lead, owner, "sending" if status == "sending" else "queued", attempts, reply_text,
+                              outcome, send_started_at, received_at, parts_sent, tuple(followers))
 
     @staticmethod
     def _merge_burst(c: sqlite3.Connection, lead: IncomingMessage, now: float,
@@ -966,15 +1024,12 @@ class StateStore:
             "UPDATE inbox SET lease_expires_at = ? WHERE key = ? AND lease_owner = ? AND status IN ('processing', 'sending')",
             (now + lease_seconds, key, owner)).rowcount))
 
-    def save_reply(self, key: str, owner: str, text: str, outcome: str) -> None:
-        """Keep the reply before sending it, so a retry resends the same words without a new LLM call."""
-        self._transaction(lambda c: c.execute(
-            "UPDATE inbox SET reply_text = ?, outcome = ?, parts_sent = 0, updated_at = ? WHERE key = ? AND lease_owner = ?",
-            (text, outcome, self.clock(), key, owner)))
-
-    def begin_send(self, key: str, owner: str, *, parts: list[str]) -> str:
+    def begin_send(self, key: str, owner: str, *, parts: list[str], reply: tuple[str, str] | None = None) -> str:
         """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up),
-        'paused' (a human took the chat over meanwhile) or 'lost' (the lease went to another worker)."""
+        'paused' (a human took the chat over meanwhile) or 'lost' (the lease went to another worker).
+
+        A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
+        """
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> str:
@@ -998,6 +1053,8 @@ class StateStore:
             # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
             c.executemany("INSERT INTO sent (chat_key, text_hash, sent_at) VALUES (?, ?, ?)",
                           [(chat_key, text_fingerprint(part), now) for part in parts])
+            if reply is not None:
+                c.execute("UPDATE inbox SET reply_text = ?, outcome = ?, parts_sent = 0 WHERE key = ?", (*reply, key))
             c.execute("UPDATE inbox SET status = 'sending', send_started_at = ?, updated_at = ? WHERE key = ?",
                       (now, now, key))
             return "send"
@@ -1024,7 +1081,7 @@ class StateStore:
         return self._transaction(work)
 
     def finish(self, key: str, owner: str, *, outcome: str, sent_message_id: str | None,
-               history: tuple[str, str] | None = None) -> None:
+               history: tuple[str, str] | None = None, last_part_id: str | None = None) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
         Unlike the other updates this one does not require the lease: once WAHA took the text, the
@@ -1039,6 +1096,9 @@ class StateStore:
                 " AND status != 'done' RETURNING chat_key", (outcome, sent_message_id, now, now, key)).fetchone()
             if row is None:
                 return
+            if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
+                c.execute("INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (?, '', ?, ?)",
+                          (row[0], bare_message_id(last_part_id), now))
             followers = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, finished_at = ?, updated_at = ? WHERE merged_into = ?"
                 " AND status = 'merged'", ("merged" if outcome == "success" else outcome, now, now, key)).rowcount
@@ -1721,6 +1781,7 @@ def split_message(text: str, max_chars: int = 1500) -> list[str]:
 # ---------------------------------------------------------------------------
 
 PRESENCE_TIMEOUT_SECONDS = 3.0
+CLAIM_BATCH = 32  # due messages taken per inbox transaction
 # WhatsApp timestamps our messages with the phone's/server's clock, not ours.
 CLOCK_SKEW_SECONDS = 10.0
 
@@ -1773,7 +1834,8 @@ class ReplyPipeline:
         typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
         mid_send = claimed.previous_status == "sending" or parts_sent > 0
         # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
-        if claimed.reply_text is not None and (claimed.outcome != "fallback" or mid_send):
+        claimed_reply = claimed.reply_text is not None and (claimed.outcome != "fallback" or mid_send)
+        if claimed_reply:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed.reply_text, claimed.outcome or "success", None
             if claimed.outcome == "success":
@@ -1805,10 +1867,10 @@ class ReplyPipeline:
                                                                             chat_id=message.chat_id))
                 return
             text, outcome, history = composed
-            await asyncio.to_thread(self.store.save_reply, key, owner, text, outcome)
             parts, parts_sent = split_message(text, self.settings.max_message_chars), 0
 
-        verdict = await asyncio.to_thread(self.store.begin_send, key, owner, parts=parts[parts_sent:])
+        verdict = await asyncio.to_thread(self.store.begin_send, key, owner, parts=parts[parts_sent:],
+                                          reply=None if claimed_reply else (text, outcome))
         if verdict == "paused":
             log.info("event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
                      "being written)", message.event_id, message.chat_id)
@@ -1818,7 +1880,7 @@ class ReplyPipeline:
             log.info("event=%s chat=%s decision=%s (%s)", message.event_id, message.chat_id, verdict,
                      "an earlier message of this chat goes first" if verdict == "yield" else "lease lost")
             return
-        sent_id = None
+        sent_id = last_part_id = None
         for index in range(parts_sent, len(parts)):
             await self._type(message, parts[index], since=typing_since)
             typing_since = None
@@ -1834,12 +1896,16 @@ class ReplyPipeline:
                 await self._record_failure(claimed, exc)
                 return
             sent_id = sent_id or part_id
+            if index == len(parts) - 1:
+                last_part_id = part_id  # finish() records the last part in the same step
+                break
             if not await asyncio.to_thread(self.store.mark_part_sent, key, owner, parts_sent=index + 1,
                                            sent_message_id=part_id):
                 log.warning("event=%s chat=%s lease lost after part %d; the new owner continues",
                             message.event_id, message.chat_id, index + 1)
                 return
-        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id, history=history)
+        await self._finish(claimed, outcome=outcome, sent_message_id=sent_id, history=history,
+                           last_part_id=last_part_id)
         log.info("event=%s chat=%s decision=replied outcome=%s parts=%d chars=%d sent_id=%s total_ms=%.0f",
                  message.event_id, message.chat_id, outcome, len(parts), len(text), sent_id,
                  (loop.time() - started) * 1000)
@@ -1940,9 +2006,10 @@ class ReplyPipeline:
                   message.chat_id, claimed.attempts, result, exc)
 
     async def _finish(self, claimed: ClaimedMessage, *, outcome: str, sent_message_id: str | None,
-                      history: tuple[str, str] | None = None) -> None:
+                      history: tuple[str, str] | None = None, last_part_id: str | None = None) -> None:
         await asyncio.to_thread(self.store.finish, claimed.message.dedupe_key, claimed.lease_owner,
-                                outcome=outcome, sent_message_id=sent_message_id, history=history)
+                                outcome=outcome, sent_message_id=sent_message_id, history=history,
+                                last_part_id=last_part_id)
         count = 1 + len(claimed.merged)
         if outcome == "fallback":
             MESSAGES_FAILED.labels("llm").inc(count)
@@ -2050,18 +2117,22 @@ class Dispatcher:
                 pass
 
     async def _claim_due(self) -> None:
-        while not self._stopping and len(self._tasks) < self.settings.max_replies_in_flight:
-            claimed = await asyncio.to_thread(self.store.claim_next, self.owner,
-                                              lease_seconds=self.settings.lease_seconds,
-                                              debounce_seconds=self.settings.debounce_seconds,
-                                              mergeable=self._mergeable)
-            if claimed is None:
+        while not self._stopping and (room := self.settings.max_replies_in_flight - len(self._tasks)) > 0:
+            batch = await asyncio.to_thread(self.store.claim_due, self.owner, limit=min(room, CLAIM_BATCH),
+                                            lease_seconds=self.settings.lease_seconds,
+                                            debounce_seconds=self.settings.debounce_seconds,
+                                            mergeable=self._mergeable)
+            for claimed in batch:
+                self._start(claimed)
+            if len(batch) < min(room, CLAIM_BATCH):
                 return
-            if claimed.attempts > 1 or claimed.previous_status == "sending":
-                log.info("event=%s chat=%s decision=retry attempt=%d previous=%s", claimed.message.event_id,
-                         claimed.message.chat_id, claimed.attempts, claimed.previous_status)
-            task = asyncio.get_running_loop().create_task(self._process(claimed))
-            self._tasks.add(task)
+
+    def _start(self, claimed: ClaimedMessage) -> None:
+        if claimed.attempts > 1 or claimed.previous_status == "sending":
+            log.info("event=%s chat=%s decision=retry attempt=%d previous=%s", claimed.message.event_id,
+                     claimed.message.chat_id, claimed.attempts, claimed.previous_status)
+        task = asyncio.get_running_loop().create_task(self._process(claimed))
+        self._tasks.add(task)
 
     async def _process(self, claimed: ClaimedMessage) -> None:
         key = claimed.message.dedupe_key

@@ -44,10 +44,11 @@ def test_history_keeps_only_the_last_turns_within_the_budget(make_app, upstreams
     assert history[0]["role"] == "user" and "pergunta número 2" in history[0]["content"]
 
 
-def test_turns_that_were_never_sent_are_not_remembered(client, upstreams) -> None:
+def test_turns_that_were_never_sent_are_not_remembered(make_app, upstreams) -> None:
+    client = make_app(reply_max_attempts=1).test_client()  # given up at once, so the chat moves on
     healthy = upstreams.send_text.side_effect
     upstreams.send_text.side_effect = lambda request: httpx.Response(400, json={"statusCode": 400})
-    post_event(client, customer("Isto nunca foi respondido"))
+    assert post_event(client, customer("Isto nunca foi respondido")).get_json()["status"] == "failed"
     upstreams.send_text.side_effect = healthy
     post_event(client, customer("Oi de novo"))
     assert "nunca foi respondido" not in json.dumps(prompts(upstreams)[-1][1:-1])
@@ -276,8 +277,8 @@ def test_a_fallback_already_sent_before_a_crash_is_not_followed_by_another_answe
     store.accept(message)
     # A worker claimed it, the LLM failed, the fallback went out, then the worker died before recording it.
     claimed = store.claim_next("dead-worker", lease_seconds=0.01)
-    store.save_reply(message.dedupe_key, "dead-worker", server.DEFAULT_FALLBACK_MESSAGE, "fallback")
-    store.begin_send(message.dedupe_key, "dead-worker", parts=[server.DEFAULT_FALLBACK_MESSAGE])
+    store.begin_send(message.dedupe_key, "dead-worker", parts=[server.DEFAULT_FALLBACK_MESSAGE],
+                     reply=(server.DEFAULT_FALLBACK_MESSAGE, "fallback"))
     upstreams.delivered.append({"session": "default", "chatId": message.chat_id,
                                 "text": server.DEFAULT_FALLBACK_MESSAGE})
     time.sleep(0.05)

@@ -91,8 +91,7 @@ def test_an_abandoned_lease_is_taken_over_after_it_expires(store, clock) -> None
 def test_a_message_interrupted_while_sending_is_reclaimed_as_sending(store, clock) -> None:
     store.accept(incoming())
     first = claim(store, "w1")
-    store.save_reply(first.message.dedupe_key, "w1", "Olá!", "success")
-    assert store.begin_send(first.message.dedupe_key, "w1", parts=["Olá!"]) == "send"
+    assert store.begin_send(first.message.dedupe_key, "w1", parts=["Olá!"], reply=("Olá!", "success")) == "send"
     clock.now += 31
     again = claim(store, "w2")
     assert (again.previous_status, again.reply_text, again.outcome) == ("sending", "Olá!", "success")
@@ -290,8 +289,8 @@ def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_
     second = incoming(ts=200, body="2")
     store.accept(second)
     claimed = claim(store, "w1")
-    store.save_reply(second.dedupe_key, "w1", "parte 1\n\nparte 2", "success")
-    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 1", "parte 2"]) == "send"
+    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 1", "parte 2"],
+                            reply=("parte 1\n\nparte 2", "success")) == "send"
     assert store.mark_part_sent(second.dedupe_key, "w1", parts_sent=1, sent_message_id="true_x_P1")
     store.accept(incoming(ts=100, body="1"))  # too late to go first: part 1 already reached the customer
     assert store.begin_send(second.dedupe_key, "w1", parts=["parte 2"]) == "send"
