@@ -273,7 +273,7 @@ class _EnvReader:
             value = None
         # NaN fails every comparison, so "nan" is refused here too.
         if value is None or not minimum <= value <= maximum:
-            self.problems.append(f"{name} must be {kind} from {minimum:g} to {maximum:g}, got {raw!r}")
+            self.problems.append(f"{name} must be {kind} from {_plain(minimum)} to {_plain(maximum)}, got {raw!r}")
             return default
         return value
 
@@ -309,6 +309,11 @@ class _EnvReader:
             self.problems.append(f"{name} is not set: put {what} there")
         elif any(marker in value for marker in PLACEHOLDER_MARKERS):
             self.problems.append(f"{name} still holds the placeholder from .env.webhook.example: put {what} there")
+
+
+def _plain(number: float) -> str:
+    """65535, 1000000 and 0.5 as people write them (not 1e+06 or 0.0)."""
+    return format(number, "f").rstrip("0").rstrip(".") if isinstance(number, float) else str(number)
 
 
 def load_settings(env_file: str | None = None) -> Settings:
@@ -1426,7 +1431,7 @@ def _metric_status(error: UpstreamError) -> str:
     """A small, fixed set of label values: the HTTP status, or what went wrong without one."""
     if error.status is not None:
         return str(error.status)
-    return "timeout" if "time" in str(error.args[0]) else "connection"
+    return "timeout" if "timed out" in str(error.args[0]) else "connection"
 
 
 def _backoff_seconds(attempt: int, *, base: float, rng: Callable[[], float]) -> float:
@@ -1496,7 +1501,7 @@ class LLMClient:
                         LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(usage[kind])
                 return LLMReply(text, model, usage, attempt, loop.time() - started)
             except TimeoutError:
-                error: LLMError = LLMError(f"no answer within {min(self.attempt_timeout, remaining):.1f}s",
+                error: LLMError = LLMError(f"timed out: no answer within {min(self.attempt_timeout, remaining):.1f}s",
                                            transient=True)
             except LLMError as exc:
                 error = exc
@@ -2017,7 +2022,8 @@ class ReplyPipeline:
             MESSAGES_SKIPPED.inc(count)
         else:
             MESSAGES_PROCESSED.inc(count)
-        PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
+        if outcome != "skipped":  # the histogram is about replies reaching WAHA
+            PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
 
     async def _already_sent(self, claimed: ClaimedMessage, *, part: str, index: int, since: float) -> bool:
         """A send was cut off (worker died, answer lost): ask WAHA whether the part left before resending it."""

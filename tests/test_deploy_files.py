@@ -475,7 +475,8 @@ def test_waha_posts_to_the_webhook_service_at_the_servers_path(compose: dict[str
     assert url.port == int(webhook["environment"]["WEBHOOK_PORT"])
     assert url.port in [published(port)[2] for port in webhook["ports"]]
     events = waha["environment"]["WHATSAPP_HOOK_EVENTS"].split(",")
-    assert "message" in events and set(events) <= set(server.ANSWERED_EVENTS)
+    # message for customers; message.any for a person answering from the phone (handoff).
+    assert set(events) == {"message", "message.any"} and set(events) <= set(server.ANSWERED_EVENTS)
 
 
 def test_both_services_take_the_hmac_key_and_api_key_from_one_variable(raw_compose: dict[str, Any]) -> None:
