@@ -1,0 +1,1 @@
+"""Loopback benchmark of the webhook server: `python -m bench.run_bench` (see bench/README.md)."""
