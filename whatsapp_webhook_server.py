@@ -2202,6 +2202,9 @@ class BackgroundLoop:
 
     def __init__(self, *, name: str = "reply-loop") -> None:
         self.loop = asyncio.new_event_loop()
+        # Store calls run in threads (asyncio.to_thread); the default pool (CPUs + 4) queues them under load.
+        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                                             thread_name_prefix="store"))
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
