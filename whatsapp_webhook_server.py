@@ -961,13 +961,6 @@ class StateStore:
 
     # --- the worker side -------------------------------------------------------------------------
 
-    def claim_next(self, owner: str, *, lease_seconds: float, debounce_seconds: float = 0.0,
-                   mergeable: Callable[[IncomingMessage], bool] = lambda message: False) -> ClaimedMessage | None:
-        """Take the next due message in chat order, with the rest of its burst merged in; None when nothing is due."""
-        claimed = self.claim_due(owner, limit=1, lease_seconds=lease_seconds, debounce_seconds=debounce_seconds,
-                                 mergeable=mergeable)
-        return claimed[0] if claimed else None
-
     def claim_due(self, owner: str, *, limit: int, lease_seconds: float, debounce_seconds: float = 0.0,
                   mergeable: Callable[[IncomingMessage], bool] = lambda message: False) -> list[ClaimedMessage]:
         """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction.

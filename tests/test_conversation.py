@@ -276,7 +276,7 @@ def test_a_fallback_already_sent_before_a_crash_is_not_followed_by_another_answe
     message = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=False)
     store.accept(message)
     # A worker claimed it, the LLM failed, the fallback went out, then the worker died before recording it.
-    claimed = store.claim_next("dead-worker", lease_seconds=0.01)
+    (claimed,) = store.claim_due("dead-worker", limit=1, lease_seconds=0.01)
     store.begin_send(message.dedupe_key, "dead-worker", parts=[server.DEFAULT_FALLBACK_MESSAGE],
                      reply=(server.DEFAULT_FALLBACK_MESSAGE, "fallback"))
     upstreams.delivered.append({"session": "default", "chatId": message.chat_id,

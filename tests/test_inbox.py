@@ -41,8 +41,11 @@ def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float | None = 100.0, body: str 
     return message
 
 
-def claim(store: server.StateStore, owner: str = "w1", lease: float = 30.0) -> server.ClaimedMessage | None:
-    return store.claim_next(owner, lease_seconds=lease)
+def claim(store: server.StateStore, owner: str = "w1", lease: float = 30.0,
+          **options: Any) -> server.ClaimedMessage | None:
+    """The next due message, as the dispatcher takes it (a batch of one)."""
+    batch = store.claim_due(owner, limit=1, lease_seconds=lease, **options)
+    return batch[0] if batch else None
 
 
 def test_a_message_is_recorded_once_and_survives_a_new_connection(store, tmp_path, clock) -> None:
@@ -184,7 +187,7 @@ def test_stats_add_up(store) -> None:
 def _claim_all(path: str, owner: str, results: Any) -> None:
     store = server.StateStore(path)
     claimed = []
-    while (item := store.claim_next(owner, lease_seconds=600)) is not None:
+    while (item := claim(store, owner, lease=600)) is not None:
         claimed.append(item.message.dedupe_key)
     results.put(claimed)
 
@@ -230,9 +233,9 @@ def test_a_burst_is_claimed_once_the_chat_is_quiet_and_finishes_together(store, 
     for message in burst:
         store.accept(message)
         clock.now += 1
-    assert store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only) is None  # still typing
+    assert claim(store, debounce_seconds=3, mergeable=text_only) is None  # still typing
     clock.now += 3
-    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
     assert claimed.texts == ["oi", "tudo bem?", "preço?"]
     assert [store.entry(m.dedupe_key).status for m in burst] == ["processing", "merged", "merged"]
     store.finish(burst[0].dedupe_key, "w1", outcome="success", sent_message_id="true_x_ABC")
@@ -247,7 +250,7 @@ def test_a_burst_that_never_pauses_is_answered_after_four_debounce_periods(store
     for n in range(12):
         clock.now += 1
         store.accept(incoming(ts=101 + n, body=f"mais {n}"))
-        if (claimed := store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)):
+        if (claimed := claim(store, debounce_seconds=3, mergeable=text_only)):
             break
     assert claimed is not None and n == 11 and claimed.texts[0] == "primeira"
 
@@ -257,7 +260,7 @@ def test_commands_and_already_tried_messages_are_never_merged(store, clock) -> N
     for message in (first, command, after):
         store.accept(message)
     clock.now += 10
-    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
     assert claimed.texts == ["oi"] and store.entry(command.dedupe_key).status == "queued"
 
 
@@ -266,7 +269,7 @@ def test_a_yield_hands_the_merged_messages_back_too(store, clock) -> None:
     for message in later:
         store.accept(message)
     clock.now += 10
-    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
     store.accept(incoming(ts=100, body="a"))  # sent before them, delivered after
     assert store.begin_send(later[0].dedupe_key, claimed.lease_owner, parts=["r"]) == "yield"
     assert [store.entry(m.dedupe_key).status for m in later] == ["queued", "queued"]
@@ -277,7 +280,7 @@ def test_a_reply_that_finally_fails_fails_its_merged_messages_too(store, clock) 
     for message in burst:
         store.accept(message)
     clock.now += 10
-    claimed = store.claim_next("w1", lease_seconds=30, debounce_seconds=3, mergeable=text_only)
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
     assert store.record_failure(burst[0].dedupe_key, claimed.lease_owner, "HTTP 401", max_attempts=1,
                                 retry_in=10) == "failed"
     assert {store.entry(m.dedupe_key).status for m in burst} == {"failed"}
