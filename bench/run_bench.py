@@ -839,13 +839,7 @@ class Bench:
         r = self.results
         r.row("2", f"Processed messages/s, fakes at 0 ms ({len(tokens):,} msgs / {chats} chats, first send → last reply)",
               f"{rate:,.0f}", "≥ 300", verdict(rate >= 300))
-        statuses = Counter()
-        for t in run.wrk.data.get("threads", []):
-            statuses.update({"200": t["s200"], "202": t["s202"], "other": t["other"]})
-        r.row("2", "Webhook during run 2: last delivery sent / answered after; latency p50 / p99",
-              f"{since(run.all_sent_at, run.t0)} / {since(run.all_answered_at, run.t0)}; "
-              f"{run.wrk.ms('p50_us'):.0f} / {run.wrk.ms('p99_us'):,.0f} ms "
-              f"({statuses['200']} × 200, {statuses['202']} × 202, {statuses['other']} other)")
+        self.webhook_row("2", run)
         self.once_row("2", run)
         cpu_per_message = (meter.result.get("server workers", 0.0) + meter.result.get("server master", 0.0)) / max(1, len(tokens))
         r.row("2", "Server CPU per processed message (workers' CPU seconds / messages)", f"{cpu_per_message * 1000:.1f} ms")
@@ -854,6 +848,16 @@ class Bench:
                           "all_sent_s": ingest, "wrk": run.wrk.data, "check": run.check.__dict__,
                           "cpu": meter.result, "cpu_wall": meter.wall}
         r.notes.append("Run 2 CPU: " + meter.summary())
+
+    def webhook_row(self, label: str, run: Any) -> None:
+        """How the webhook itself fared during a run: when sending ended, when answering ended, latency, statuses."""
+        statuses: Counter[str] = Counter()
+        for t in run.wrk.data.get("threads", []):
+            statuses.update({"200": t["s200"], "202": t["s202"], "other": t["other"]})
+        self.results.row(label, f"Webhook during run {label}: last delivery sent / answered after; latency p50 / p99",
+                         f"{since(run.all_sent_at, run.t0)} / {since(run.all_answered_at, run.t0)}; "
+                         f"{run.wrk.ms('p50_us'):.0f} / {run.wrk.ms('p99_us'):,.0f} ms "
+                         f"({statuses['200']} × 200, {statuses['202']} × 202, {statuses['other']} other)")
 
     def once_row(self, run_name: str, run: OnceRun) -> None:
         extra = []
@@ -965,13 +969,7 @@ class Bench:
         if floor is not None:
             r.row("3", "… floor of this harness: a perfect server calling the same fakes (asyncio client, "
                        "no inbox); ours / floor", f"{floor:.2f} s = {floor / ideal:.2f}× ideal; ours {took / floor:.2f}× floor")
-        statuses = Counter()
-        for t in run.wrk.data.get("threads", []):
-            statuses.update({"200": t["s200"], "202": t["s202"], "other": t["other"]})
-        r.row("3", "Webhook during run 3: last delivery sent / answered after; latency p50 / p99",
-              f"{since(run.all_sent_at, run.t0)} / {since(run.all_answered_at, run.t0)}; "
-              f"{run.wrk.ms('p50_us'):.0f} / {run.wrk.ms('p99_us'):,.0f} ms "
-              f"({statuses['200']} × 200, {statuses['202']} × 202, {statuses['other']} other)")
+        self.webhook_row("3", run)
         self.once_row("3", run)
 
         def fmt(values: dict[int, float | None]) -> str:
