@@ -30,7 +30,8 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -1432,6 +1433,90 @@ def _backoff_seconds(attempt: int, *, base: float, rng: Callable[[], float]) -> 
     return base * (2 ** (attempt - 1)) * (0.75 + 0.5 * rng())
 
 
+WAHA_MAX_CONNECTIONS = 100  # per worker; sendText takes milliseconds, so far fewer than LLM calls
+
+
+class ShardedPoolTransport(httpx.AsyncBaseTransport):
+    """Several small connection pools behind one transport; each request goes to the least busy pool.
+
+    httpcore re-examines every connection of a pool (a readability check with getpeername
+    and poll on each idle one) whenever a request starts or ends, so with a few hundred LLM
+    calls in flight one big pool spent more of the event loop's time than everything else
+    the reply pipeline does (bench/README.md, "Where the time went"). Pools of
+    CONNECTIONS_PER_SHARD keep that walk short.
+    """
+
+    CONNECTIONS_PER_SHARD = 16
+
+    def __init__(self, *, max_connections: int) -> None:
+        count = max(1, math.ceil(max_connections / self.CONNECTIONS_PER_SHARD))
+        size = math.ceil(max_connections / count)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        tls = httpx.create_ssl_context()  # loading the CA bundle costs ~25 ms: once, not per pool
+        self._shards = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(count)]
+        self._busy = [0] * count
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(self._busy)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self._shards)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+        try:
+            response = await self._shards[index].handle_async_request(request)
+        except BaseException:
+            self._busy[index] -= 1
+            raise
+        response.stream = _ReleasingStream(response.stream, lambda: self._release(index))
+        return response
+
+    def _release(self, index: int) -> None:
+        self._busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that tells its pool's counter when it is closed (read to the end or abandoned)."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._release is not None:  # once, however often the body is closed
+                self._release, release = None, self._release
+                release()
+
+
+def upstream_client(*, transport: httpx.AsyncBaseTransport | None, max_connections: int,
+                    timeout: httpx.Timeout) -> httpx.AsyncClient:
+    """A worker's client for one upstream: small pools side by side, or httpx's own pool behind a proxy.
+
+    httpx honours HTTP(S)_PROXY only with its default transport, so where the environment
+    names a proxy that one is kept (with a bounded keep-alive set, which keeps its walk short).
+    """
+    proxied = any(scheme != "no" for scheme in urllib.request.getproxies_environment())
+    if transport is None and not proxied:
+        transport = ShardedPoolTransport(max_connections=max_connections)
+    return httpx.AsyncClient(transport=transport, timeout=timeout, limits=httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=min(max_connections, 64)))
+
+
 # ---------------------------------------------------------------------------
 # LLM client (OpenRouter or any OpenAI-compatible chat completions API)
 # ---------------------------------------------------------------------------
@@ -2257,17 +2342,15 @@ class WorkerRuntime:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.pid = os.getpid()
         self.background = BackgroundLoop()
-        self.llm_http = httpx.AsyncClient(
-            transport=llm_transport,
+        # One LLM connection per reply in flight: the LLM call is where replies spend their time.
+        self.llm_http = upstream_client(
+            transport=llm_transport, max_connections=settings.max_replies_in_flight,
             timeout=httpx.Timeout(connect=5.0, read=settings.llm_attempt_timeout_seconds, write=10.0,
-                                  pool=settings.llm_attempt_timeout_seconds),
-            # One connection per reply in flight: the LLM call is where replies spend their time.
-            limits=httpx.Limits(max_connections=settings.max_replies_in_flight, max_keepalive_connections=64))
-        self.waha_http = httpx.AsyncClient(
-            transport=waha_transport,
+                                  pool=settings.llm_attempt_timeout_seconds))
+        self.waha_http = upstream_client(
+            transport=waha_transport, max_connections=WAHA_MAX_CONNECTIONS,
             timeout=httpx.Timeout(connect=5.0, read=settings.waha_timeout_seconds, write=10.0,
-                                  pool=settings.waha_timeout_seconds),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50))
+                                  pool=settings.waha_timeout_seconds))
         llm = LLMClient(
             http=self.llm_http, base_url=settings.openrouter_base_url, api_key=settings.openrouter_api_key,
             model=settings.openrouter_model, max_tokens=settings.llm_max_tokens,
