@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -1017,11 +1017,21 @@ class StateStore:
             merged.append(follower)
         return merged
 
-    def renew_lease(self, key: str, owner: str, *, lease_seconds: float) -> bool:
-        now = self.clock()
-        return bool(self._transaction(lambda c: c.execute(
-            "UPDATE inbox SET lease_expires_at = ? WHERE key = ? AND lease_owner = ? AND status IN ('processing', 'sending')",
-            (now + lease_seconds, key, owner)).rowcount))
+    def renew_leases(self, keys: Iterable[str], owner: str, *, lease_seconds: float) -> int:
+        """Extend the leases `owner` still holds among `keys`, in one step; returns how many it holds."""
+        now, keys = self.clock(), list(keys)
+
+        def work(c: sqlite3.Connection) -> int:
+            renewed = 0
+            for start in range(0, len(keys), 500):  # well under SQLite's bound on parameters
+                chunk = keys[start:start + 500]
+                renewed += c.execute(
+                    f"UPDATE inbox SET lease_expires_at = ? WHERE key IN ({','.join('?' * len(chunk))})"
+                    " AND lease_owner = ? AND status IN ('processing', 'sending')",
+                    (now + lease_seconds, *chunk, owner)).rowcount
+            return renewed
+
+        return self._transaction(work) if keys else 0
 
     def begin_send(self, key: str, owner: str, *, parts: list[str], reply: tuple[str, str] | None = None) -> str:
         """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up),
@@ -1874,6 +1884,14 @@ def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random)
     return min(4.0, max(1.0, len(text) * 0.02)) * (0.8 + 0.4 * rng())
 
 
+def trim_history(turns: Iterable[tuple[str, str]], *, max_chars: int) -> list[tuple[str, str]]:
+    """Drop the oldest turns until the rest fit in max_chars and start with the customer's turn."""
+    kept = list(turns)
+    while kept and (sum(len(content) for _, content in kept) > max_chars or kept[0][0] != "user"):
+        kept = kept[1:]
+    return kept
+
+
 def retry_delay_seconds(attempt: int, *, base: float) -> float:
     """Our own retries of a failed send: slower than WAHA's redelivery (2 s), so that goes first."""
     return min(base * 3 ** (attempt - 1), 15 * 60)
@@ -2005,10 +2023,7 @@ class ReplyPipeline:
             # While a person handles the chat, the bot stays silent even to confirm.
             return None if paused else (settings.stop_reply if command == "stop" else settings.start_reply,
                                         "command", None)
-        admission = await asyncio.to_thread(
-            self.store.admit, message.chat_key, texts=claimed.texts, per_minute=settings.rate_limit_per_minute,
-            per_day=settings.daily_message_limit, loop_repeats=settings.loop_repeats,
-            loop_window=settings.loop_window_seconds, loop_pause=settings.loop_pause_minutes * 60)
+        admission, history = await asyncio.to_thread(self._admit, message.chat_key, claimed.texts)
         if admission.verdict != "ok":
             log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
             if admission.verdict == "loop":
@@ -2022,15 +2037,29 @@ class ReplyPipeline:
         if not claimed.texts:
             return settings.non_text_reply, "non_text", None
         user_turn = "\n".join(claimed.texts)
-        reply = await self._ask_llm(message, user_turn, context)
+        reply = await self._ask_llm(message, user_turn, history, context)
         formatted = markdown_to_whatsapp(reply) if reply is not None else ""
         if not formatted:  # nothing left after formatting (an LLM answering only '---') is no answer
             return settings.fallback_message, "fallback", None
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
         return formatted, "success", (user_turn, reply)
 
-    async def _ask_llm(self, message: IncomingMessage, user_turn: str, context: str) -> str | None:
-        history = await asyncio.to_thread(self._recent_history, message.chat_key)
+    def _admit(self, chat_key: str, texts: list[str]) -> tuple[Admission, list[tuple[str, str]]]:
+        """The chat's admission and, if admitted, its recent turns: one trip to a store thread, two transactions
+        (the history read stays outside the write lock, which every worker shares)."""
+        settings = self.settings
+        admission = self.store.admit(
+            chat_key, texts=texts, per_minute=settings.rate_limit_per_minute, per_day=settings.daily_message_limit,
+            loop_repeats=settings.loop_repeats, loop_window=settings.loop_window_seconds,
+            loop_pause=settings.loop_pause_minutes * 60)
+        if admission.verdict != "ok" or not settings.history_turns:
+            return admission, []
+        turns = self.store.history(chat_key, since=time.time() - settings.history_ttl_minutes * 60,
+                                   limit=settings.history_turns * 2)
+        return admission, trim_history(turns, max_chars=settings.history_max_chars)
+
+    async def _ask_llm(self, message: IncomingMessage, user_turn: str, history: list[tuple[str, str]],
+                       context: str) -> str | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
@@ -2050,18 +2079,6 @@ class ReplyPipeline:
                      len(attempt_history))
             return reply.text
         return None
-
-    def _recent_history(self, chat_key: str) -> list[tuple[str, str]]:
-        """The last HISTORY_TURNS exchanges within the TTL, trimmed from the oldest to HISTORY_MAX_CHARS."""
-        settings = self.settings
-        if not settings.history_turns:
-            return []
-        turns = self.store.history(chat_key, since=time.time() - settings.history_ttl_minutes * 60,
-                                   limit=settings.history_turns * 2)
-        while turns and (sum(len(content) for _, content in turns) > settings.history_max_chars
-                         or turns[0][0] != "user"):
-            turns = turns[1:]
-        return turns
 
     async def _type(self, message: IncomingMessage, part: str, *, since: float | None) -> None:
         """WAHA's anti-ban recipe before each part: typing for a human-looking time, then stop typing."""
@@ -2163,15 +2180,18 @@ class Dispatcher:
         self.poll_seconds = poll_seconds
         self.prune_every_seconds = prune_every_seconds
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], str] = {}  # reply in progress -> its message's key
         self._wake = asyncio.Event()
         self._stopping = False
         self._main: asyncio.Task[None] | None = None
+        self._leases: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[str], None]] = []
 
     def start(self) -> None:
         """Call on the loop."""
-        self._main = asyncio.get_running_loop().create_task(self._run(), name="dispatcher")
+        loop = asyncio.get_running_loop()
+        self._main = loop.create_task(self._run(), name="dispatcher")
+        self._leases = loop.create_task(self._keep_leases(), name="leases")
 
     def wake(self) -> None:
         """Call on the loop."""
@@ -2216,11 +2236,10 @@ class Dispatcher:
             log.info("event=%s chat=%s decision=retry attempt=%d previous=%s", claimed.message.event_id,
                      claimed.message.chat_id, claimed.attempts, claimed.previous_status)
         task = asyncio.get_running_loop().create_task(self._process(claimed))
-        self._tasks.add(task)
+        self._tasks[task] = claimed.message.dedupe_key
 
     async def _process(self, claimed: ClaimedMessage) -> None:
         key = claimed.message.dedupe_key
-        heartbeat = asyncio.create_task(self._keep_lease(key))
         REPLIES_IN_FLIGHT.inc()
         try:
             await self.pipeline.process(claimed)
@@ -2228,20 +2247,21 @@ class Dispatcher:
             pass  # logged by the pipeline; the message is back in the inbox
         finally:
             REPLIES_IN_FLIGHT.dec()
-            heartbeat.cancel()
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             for listener in self._listeners:
                 listener(key)
             self._wake.set()  # the chat's next message may be due now
 
-    async def _keep_lease(self, key: str) -> None:
+    async def _keep_leases(self) -> None:
+        """Every third of LEASE_SECONDS, one write extends the leases of all replies in progress here."""
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
+            keys = list(self._tasks.values())
             try:
-                await asyncio.to_thread(self.store.renew_lease, key, self.owner,
+                await asyncio.to_thread(self.store.renew_leases, keys, self.owner,
                                         lease_seconds=self.settings.lease_seconds)
             except StoreUnavailable as exc:
-                log.warning("could not renew the lease of %s: %s", key, exc)
+                log.warning("could not renew the leases of %d replies in progress: %s", len(keys), exc)
 
     def _mergeable(self, message: IncomingMessage) -> bool:
         """Text that may share one reply with the messages around it; commands and media stand alone."""
@@ -2269,6 +2289,8 @@ class Dispatcher:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
             log.warning("shutdown: %d unfinished replies handed back to the inbox", len(pending))
+        if self._leases is not None:  # kept renewing while the replies above drained
+            self._leases.cancel()
 
 
 # ---------------------------------------------------------------------------

@@ -87,8 +87,23 @@ def test_an_abandoned_lease_is_taken_over_after_it_expires(store, clock) -> None
     clock.now += 31
     taken = claim(store, "w2")
     assert taken.message == dead.message and taken.attempts == 2
-    assert not store.renew_lease(dead.message.dedupe_key, "dead-worker", lease_seconds=30)
+    assert store.renew_leases([dead.message.dedupe_key], "dead-worker", lease_seconds=30) == 0
     assert store.begin_send(dead.message.dedupe_key, "dead-worker", parts=["x"]) == "lost"
+
+
+def test_one_renewal_keeps_every_lease_of_a_worker_alive_and_no_one_elses(store, clock) -> None:
+    for chat in ("5511900000001@c.us", "5511900000002@c.us", "5511900000003@c.us"):
+        store.accept(incoming(chat))
+    mine = [claim(store, "w1"), claim(store, "w1")]
+    theirs = claim(store, "w2")
+    clock.now += 20
+    keys = [c.message.dedupe_key for c in (*mine, theirs)]
+    assert store.renew_leases(keys, "w1", lease_seconds=30) == 2  # only the two w1 holds
+    clock.now += 20  # 40 s after the claims: past the first lease, within the renewed one
+    taken = claim(store, "w3")  # w2 never renewed: its message goes to the next worker
+    assert taken.message == theirs.message and taken.attempts == 2
+    assert claim(store, "w3") is None  # w1's two messages are still w1's
+    assert store.renew_leases([], "w1", lease_seconds=30) == 0
 
 
 def test_a_message_interrupted_while_sending_is_reclaimed_as_sending(store, clock) -> None:
@@ -302,3 +317,4 @@ def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_
     assert (taken.previous_status, taken.parts_sent, taken.reply_text) == ("sending", 1, "parte 1\n\nparte 2")
     assert not store.mark_part_sent(second.dedupe_key, "w1", parts_sent=2, sent_message_id=None)
     assert claimed.attempts == 1
+
