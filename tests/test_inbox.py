@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -318,3 +321,33 @@ def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_
     assert not store.mark_part_sent(second.dedupe_key, "w1", parts_sent=2, sent_message_id=None)
     assert claimed.attempts == 1
 
+
+def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_path) -> None:
+    """Group commit: what queued while the lock was elsewhere goes in one transaction; nothing is lost,
+    and a bug in one write fails that write alone."""
+    batches: list[int] = []
+    commit = store._commit
+    store._commit = lambda batch: (batches.append(len(batch)), commit(batch))[1]
+    store.count("warm-up")  # opens this process's lock file
+    errors: list[BaseException] = []
+
+    def write(work) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    other_worker = os.open(str(tmp_path / "state.db.lock"), os.O_RDWR)
+    fcntl.flock(other_worker, fcntl.LOCK_EX)  # another gunicorn worker is writing
+    threads = [threading.Thread(target=write, args=(lambda: store.count("replies"),)) for _ in range(9)]
+    threads.insert(4, threading.Thread(target=write, args=(lambda: store._transaction(lambda c: 1 / 0),)))
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # all ten are queued behind the other worker
+    fcntl.flock(other_worker, fcntl.LOCK_UN)
+    os.close(other_worker)
+    for thread in threads:
+        thread.join(10)
+    assert [type(e) for e in errors] == [ZeroDivisionError]
+    assert store.snapshot()["counters"]["replies"] == 9
+    assert max(batches) == 10  # one lock turn for all ten, not one each
