@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import email.utils
 import fcntl
@@ -820,58 +819,72 @@ class WriterGate:
         self.path = path
         self._guard = threading.Lock()
         self._pid: int | None = None
-        self._thread_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
+        self._turns = threading.Condition()  # guards the queue and whether a thread is writing
         self._queue: list[QueuedWrite] = []
+        self._writing = False
         self._fd = -1
 
     def _for_this_process(self) -> None:
         if self._pid != os.getpid():
             with self._guard:  # first use in this process (never share a lock, queue or fd across fork)
                 if self._pid != os.getpid():
-                    self._thread_lock = threading.Lock()
-                    self._queue_lock = threading.Lock()
+                    self._turns = threading.Condition()
                     self._queue = []
+                    self._writing = False
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                     self._pid = os.getpid()
 
     def write(self, work: Callable[[sqlite3.Connection], T],
               commit: Callable[[list[QueuedWrite]], None]) -> T:
-        """Queue `work`; whichever thread gets the lock runs `commit` on the queue, this one included.
+        """Queue `work` and wait until a writing thread (this one, if none is) has committed it.
 
-        Returns once `work` is committed (or raises what it raised, or StoreUnavailable).
+        Returns what `work` returned, or raises what it raised (StoreUnavailable for the store itself).
         """
         self._for_this_process()
         queued = QueuedWrite(work)
-        with self._queue_lock:
+        with self._turns:
             self._queue.append(queued)
-        with self._thread_lock:
-            while not queued.done:  # another thread's turn may have committed it while this one waited
-                batch: list[QueuedWrite] = []
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX)
-                    try:
-                        # Taken only now: the writes that queued while the other workers held the lock go too.
-                        batch = self._take_batch()
-                        commit(batch)
-                    finally:
-                        fcntl.flock(self._fd, fcntl.LOCK_UN)
-                except OSError as exc:
-                    batch = batch or self._take_batch()
-                    for item in batch:
-                        if not item.done:
-                            item.error = StoreUnavailable(f"state store lock error: {exc}")
-                finally:
-                    for item in batch:  # nobody waits forever, whatever happened to this turn
-                        if not item.done:
-                            item.done = True
-                            item.error = item.error or StoreUnavailable("state store write abandoned")
+            while self._writing and not queued.done:
+                self._turns.wait()
+            leading = not queued.done
+            self._writing = self._writing or leading
+        if leading:
+            try:
+                while not queued.done:
+                    self._commit_next_batch(commit)
+            finally:
+                with self._turns:
+                    self._writing = False
+                    self._turns.notify_all()  # the next waiting write leads
         if queued.error is not None:
             raise queued.error
         return queued.result
 
+    def _commit_next_batch(self, commit: Callable[[list[QueuedWrite]], None]) -> None:
+        batch: list[QueuedWrite] = []
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                # Taken only now: the writes that queued while the other workers held the lock go too.
+                batch = self._take_batch()
+                commit(batch)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            batch = batch or self._take_batch()
+            for item in batch:
+                if not item.done:
+                    item.error = StoreUnavailable(f"state store lock error: {exc}")
+        finally:
+            with self._turns:
+                for item in batch:  # nobody waits forever, whatever happened to this turn
+                    if not item.done:
+                        item.done = True
+                        item.error = item.error or StoreUnavailable("state store write abandoned")
+                self._turns.notify_all()  # their threads return now, not after the next turn
+
     def _take_batch(self) -> list[QueuedWrite]:
-        with self._queue_lock:
+        with self._turns:
             batch = self._queue[:self.MAX_BATCH]
             del self._queue[:self.MAX_BATCH]
         return batch
