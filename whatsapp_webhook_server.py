@@ -1554,7 +1554,7 @@ class ShardedPoolTransport(httpx.AsyncBaseTransport):
     CONNECTIONS_PER_SHARD keep that walk short.
     """
 
-    CONNECTIONS_PER_SHARD = 16
+    CONNECTIONS_PER_SHARD = 8
 
     def __init__(self, *, max_connections: int) -> None:
         count = max(1, math.ceil(max_connections / self.CONNECTIONS_PER_SHARD))

@@ -80,8 +80,8 @@ async def sharded_client(max_connections: int) -> AsyncIterator[tuple[httpx.Asyn
 
 
 def test_pools_are_small_and_together_hold_the_configured_connections() -> None:
-    assert server.ShardedPoolTransport(max_connections=256).shard_count == 16
-    assert server.ShardedPoolTransport(max_connections=100).shard_count == 7
+    assert server.ShardedPoolTransport(max_connections=256).shard_count == 32
+    assert server.ShardedPoolTransport(max_connections=100).shard_count == 13
     assert server.ShardedPoolTransport(max_connections=1).shard_count == 1
 
 
