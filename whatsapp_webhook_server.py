@@ -842,20 +842,26 @@ class WriterGate:
         """
         self._for_this_process()
         queued = QueuedWrite(work)
-        with self._turns:
-            self._queue.append(queued)
-            while self._writing and not queued.done:
-                self._turns.wait()
-            leading = not queued.done
-            self._writing = self._writing or leading
-        if leading:
-            try:
-                while not queued.done:
-                    self._commit_next_batch(commit)
-            finally:
-                with self._turns:
-                    self._writing = False
-                    self._turns.notify_all()  # the next waiting write leads
+        try:
+            with self._turns:
+                self._queue.append(queued)
+                while self._writing and not queued.done:
+                    self._turns.wait()
+                leading = not queued.done
+                self._writing = self._writing or leading
+            if leading:
+                try:
+                    while not queued.done:
+                        self._commit_next_batch(commit)
+                finally:
+                    with self._turns:
+                        self._writing = False
+                        self._turns.notify_all()  # the next waiting write leads
+        except BaseException:
+            with self._turns:  # the caller is gone (interrupted): a write nobody waits for must not happen later
+                if queued in self._queue:
+                    self._queue.remove(queued)
+            raise
         if queued.error is not None:
             raise queued.error
         return queued.result
@@ -960,41 +966,40 @@ class StateStore:
             raise
 
     def _commit(self, batch: list[QueuedWrite]) -> None:
-        """The writes in one IMMEDIATE transaction, in queue order.
+        """The writes in one IMMEDIATE transaction, in queue order, each in a savepoint.
 
-        A bug in one write (any exception but a database error) rolls the batch back; that write
-        fails alone and the others run again without it. A database error fails the whole batch.
+        A write that fails on its own (a bug, or SQLite refusing that statement: a constraint, a bad
+        parameter) is undone alone and its caller gets the error; the others commit. A failure of
+        the database itself (I/O, full disk, corruption) fails the whole batch: StoreUnavailable.
         """
-        pending = list(batch)
-        while pending:
-            connection: sqlite3.Connection | None = None
-            try:
-                connection = self._connection()
-                connection.execute("BEGIN IMMEDIATE")
-                results: list[Any] = []
-                for item in pending:
-                    try:
-                        results.append(item.work(connection))
-                    except sqlite3.Error:
-                        raise
-                    except Exception as exc:
-                        connection.execute("ROLLBACK")
-                        item.error, item.done = exc, True
-                        pending.remove(item)
-                        break
-                else:
-                    connection.execute("COMMIT")
-                    for item, result in zip(pending, results):
-                        item.result, item.done = result, True
-                    return
-            except sqlite3.Error as exc:
-                self._abandon(connection)
-                for item in pending:
-                    item.result, item.error, item.done = None, StoreUnavailable(f"state store error: {exc}"), True
-                return
-            except BaseException:
-                self._abandon(connection)
-                raise
+        connection: sqlite3.Connection | None = None
+        try:
+            connection = self._connection()
+            connection.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                connection.execute("SAVEPOINT one_write")
+                try:
+                    item.result = item.work(connection)
+                except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError,
+                        sqlite3.DataError) as exc:
+                    connection.execute("ROLLBACK TO one_write")
+                    item.error = StoreUnavailable(f"state store error: {exc}")
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:
+                    connection.execute("ROLLBACK TO one_write")
+                    item.error = exc
+                connection.execute("RELEASE one_write")
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abandon(connection)
+            for item in batch:
+                item.result, item.error = None, StoreUnavailable(f"state store error: {exc}")
+        except BaseException:
+            self._abandon(connection)
+            raise
+        for item in batch:
+            item.done = True
 
     def _abandon(self, connection: sqlite3.Connection | None) -> None:
         """Roll back and drop the connection: after an I/O error SQLite may refuse to work on it again."""
@@ -1587,8 +1592,10 @@ class ShardedPoolTransport(httpx.AsyncBaseTransport):
         self._busy[index] -= 1
 
     async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()
+        errors = [e for e in await asyncio.gather(*(shard.aclose() for shard in self._shards), return_exceptions=True)
+                  if e is not None]
+        if errors:  # every pool was still closed
+            raise errors[0]
 
 
 class _ReleasingStream(httpx.AsyncByteStream):
@@ -1618,7 +1625,7 @@ def upstream_client(*, transport: httpx.AsyncBaseTransport | None, max_connectio
     httpx honours HTTP(S)_PROXY only with its default transport, so where the environment
     names a proxy that one is kept (with a bounded keep-alive set, which keeps its walk short).
     """
-    proxied = any(scheme != "no" for scheme in urllib.request.getproxies_environment())
+    proxied = bool({"http", "https", "all"} & urllib.request.getproxies_environment().keys())  # what httpx reads
     if transport is None and not proxied:
         transport = ShardedPoolTransport(max_connections=max_connections)
     return httpx.AsyncClient(transport=transport, timeout=timeout, limits=httpx.Limits(
@@ -2121,7 +2128,8 @@ class ReplyPipeline:
             # While a person handles the chat, the bot stays silent even to confirm.
             return None if paused else (settings.stop_reply if command == "stop" else settings.start_reply,
                                         "command", None)
-        admission, history = await asyncio.to_thread(self._admit, message.chat_key, claimed.texts)
+        admission, history = await asyncio.to_thread(self._admit, message.chat_key, claimed.texts,
+                                                     with_history=bool(claimed.texts) and command != "reset")
         if admission.verdict != "ok":
             log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
             if admission.verdict == "loop":
@@ -2142,7 +2150,8 @@ class ReplyPipeline:
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
         return formatted, "success", (user_turn, reply)
 
-    def _admit(self, chat_key: str, texts: list[str]) -> tuple[Admission, list[tuple[str, str]]]:
+    def _admit(self, chat_key: str, texts: list[str], *,
+               with_history: bool) -> tuple[Admission, list[tuple[str, str]]]:
         """The chat's admission and, if admitted, its recent turns: one trip to a store thread, two transactions
         (the history read stays outside the write lock, which every worker shares)."""
         settings = self.settings
@@ -2150,7 +2159,7 @@ class ReplyPipeline:
             chat_key, texts=texts, per_minute=settings.rate_limit_per_minute, per_day=settings.daily_message_limit,
             loop_repeats=settings.loop_repeats, loop_window=settings.loop_window_seconds,
             loop_pause=settings.loop_pause_minutes * 60)
-        if admission.verdict != "ok" or not settings.history_turns:
+        if admission.verdict != "ok" or not with_history or not settings.history_turns:
             return admission, []
         turns = self.store.history(chat_key, since=time.time() - settings.history_ttl_minutes * 60,
                                    limit=settings.history_turns * 2)
@@ -2360,6 +2369,8 @@ class Dispatcher:
                                         lease_seconds=self.settings.lease_seconds)
             except StoreUnavailable as exc:
                 log.warning("could not renew the leases of %d replies in progress: %s", len(keys), exc)
+            except Exception:  # this task keeps every reply of the worker its own: it must not end
+                log.exception("could not renew the leases of %d replies in progress", len(keys))
 
     def _mergeable(self, message: IncomingMessage) -> bool:
         """Text that may share one reply with the messages around it; commands and media stand alone."""
@@ -2376,19 +2387,22 @@ class Dispatcher:
         """Finish in-flight replies for up to `timeout` seconds; hand the rest back to the inbox."""
         self._stopping = True
         self._wake.set()
-        if self._main is not None:
-            await self._main
-        pending = set(self._tasks)
-        if pending:
-            log.info("shutdown: waiting up to %.0fs for %d replies in flight", timeout, len(pending))
-            _, pending = await asyncio.wait(pending, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-            log.warning("shutdown: %d unfinished replies handed back to the inbox", len(pending))
-        if self._leases is not None:  # kept renewing while the replies above drained
-            self._leases.cancel()
+        try:
+            if self._main is not None:
+                await self._main
+            pending = set(self._tasks)
+            if pending:
+                log.info("shutdown: waiting up to %.0fs for %d replies in flight", timeout, len(pending))
+                _, pending = await asyncio.wait(pending, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("shutdown: %d unfinished replies handed back to the inbox", len(pending))
+        finally:
+            if self._leases is not None:  # kept renewing while the replies above drained
+                self._leases.cancel()
+                await asyncio.gather(self._leases, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_
 
 def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_path) -> None:
     """Group commit: what queued while the lock was elsewhere goes in one transaction; nothing is lost,
-    and a bug in one write fails that write alone."""
+    and a write that fails (a bug, or SQLite refusing it) fails alone."""
     batches: list[int] = []
     commit = store._commit
     store._commit = lambda batch: (batches.append(len(batch)), commit(batch))[1]
@@ -339,8 +339,10 @@ def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_p
 
     other_worker = os.open(str(tmp_path / "state.db.lock"), os.O_RDWR)
     fcntl.flock(other_worker, fcntl.LOCK_EX)  # another gunicorn worker is writing
-    threads = [threading.Thread(target=write, args=(lambda: store.count("replies"),)) for _ in range(9)]
-    threads.insert(4, threading.Thread(target=write, args=(lambda: store._transaction(lambda c: 1 / 0),)))
+    threads = [threading.Thread(target=write, args=(lambda: store.count("replies"),)) for _ in range(8)]
+    threads.insert(3, threading.Thread(target=write, args=(lambda: store._transaction(lambda c: 1 / 0),)))
+    refused = "INSERT INTO counters (name, value) VALUES ('x', NULL)"  # NOT NULL: SQLite refuses this one write
+    threads.insert(6, threading.Thread(target=write, args=(lambda: store._transaction(lambda c: c.execute(refused)),)))
     for thread in threads:
         thread.start()
     time.sleep(0.3)  # all ten are queued behind the other worker
@@ -348,6 +350,38 @@ def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_p
     os.close(other_worker)
     for thread in threads:
         thread.join(10)
-    assert [type(e) for e in errors] == [ZeroDivisionError]
-    assert store.snapshot()["counters"]["replies"] == 9
+    assert sorted(type(e).__name__ for e in errors) == ["StoreUnavailable", "ZeroDivisionError"]
+    assert store.snapshot()["counters"]["replies"] == 8
     assert max(batches) == 10  # one lock turn for all ten, not one each
+
+
+def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
+    """One task renews every lease of the worker: an error it does not expect must not end it."""
+    import asyncio
+
+    from tests.conftest import make_settings
+
+    class FlakyStore:
+        calls = 0
+
+        def claim_due(self, *args: Any, **kwargs: Any) -> list:
+            return []
+
+        def prune(self, **kwargs: Any) -> int:
+            return 0
+
+        def renew_leases(self, keys: Any, owner: str, *, lease_seconds: float) -> int:
+            FlakyStore.calls += 1
+            if FlakyStore.calls == 1:
+                raise RuntimeError("unexpected")
+            return 0
+
+    async def scenario() -> None:
+        dispatcher = server.Dispatcher(store=FlakyStore(), pipeline=None,  # type: ignore[arg-type]
+                                       settings=make_settings(tmp_path, lease_seconds=0.03))
+        dispatcher.start()
+        await asyncio.sleep(0.2)
+        await dispatcher.stop(timeout=1)
+
+    asyncio.run(scenario())
+    assert FlakyStore.calls >= 3  # kept renewing after the first call failed
