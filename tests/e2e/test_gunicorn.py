@@ -21,8 +21,10 @@ WEBHOOK = "/api/v1/whatsapp/webhook"
 
 
 # One pooled client, like WAHA's sender: building an httpx client per call costs ~25 ms of CPU,
-# which would make a burst arrive over seconds instead of at once.
-SENDER = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=500, max_keepalive_connections=100))
+# which would make a burst arrive over seconds instead of at once. Keep-alive room equals the pool:
+# with more connections than keep-alive slots, httpcore's pool closes "surplus" idle connections,
+# and under 200 threads it can close one just handed to another thread's request (EBADF, seen in CI).
+SENDER = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=500, max_keepalive_connections=500))
 
 
 def deliver(server: GunicornServer, envelope: dict | bytes, *, headers: dict | None = None,
