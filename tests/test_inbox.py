@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ import pytest
 
 import whatsapp_webhook_server as server
 from tests import waha_payloads as wp
+from tests.conftest import make_settings
 
 
 class Clock:
@@ -246,6 +248,15 @@ def text_only(message: server.IncomingMessage) -> bool:
     return message.text is not None and message.text != "/reset"
 
 
+def claim_after_burst(store: server.StateStore, clock: Clock,
+                      messages: list[server.IncomingMessage]) -> server.ClaimedMessage | None:
+    """The messages arrive together, the chat goes quiet, and a worker claims (debounce 3 s)."""
+    for message in messages:
+        store.accept(message)
+    clock.now += 10
+    return claim(store, debounce_seconds=3, mergeable=text_only)
+
+
 def test_a_burst_is_claimed_once_the_chat_is_quiet_and_finishes_together(store, clock) -> None:
     burst = [incoming(ts=100 + n, body=text) for n, text in enumerate(["oi", "tudo bem?", "preço?"])]
     for message in burst:
@@ -275,19 +286,13 @@ def test_a_burst_that_never_pauses_is_answered_after_four_debounce_periods(store
 
 def test_commands_and_already_tried_messages_are_never_merged(store, clock) -> None:
     first, command, after = incoming(ts=100, body="oi"), incoming(ts=101, body="/reset"), incoming(ts=102, body="x")
-    for message in (first, command, after):
-        store.accept(message)
-    clock.now += 10
-    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
+    claimed = claim_after_burst(store, clock, [first, command, after])
     assert claimed.texts == ["oi"] and store.entry(command.dedupe_key).status == "queued"
 
 
 def test_a_yield_hands_the_merged_messages_back_too(store, clock) -> None:
     later = [incoming(ts=200 + n, body=f"b{n}") for n in range(2)]
-    for message in later:
-        store.accept(message)
-    clock.now += 10
-    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
+    claimed = claim_after_burst(store, clock, later)
     store.accept(incoming(ts=100, body="a"))  # sent before them, delivered after
     assert store.begin_send(later[0].dedupe_key, claimed.lease_owner, parts=["r"]) == "yield"
     assert [store.entry(m.dedupe_key).status for m in later] == ["queued", "queued"]
@@ -295,10 +300,7 @@ def test_a_yield_hands_the_merged_messages_back_too(store, clock) -> None:
 
 def test_a_reply_that_finally_fails_fails_its_merged_messages_too(store, clock) -> None:
     burst = [incoming(ts=100 + n, body=f"m{n}") for n in range(3)]
-    for message in burst:
-        store.accept(message)
-    clock.now += 10
-    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
+    claimed = claim_after_burst(store, clock, burst)
     assert store.record_failure(burst[0].dedupe_key, claimed.lease_owner, "HTTP 401", max_attempts=1,
                                 retry_in=10) == "failed"
     assert {store.entry(m.dedupe_key).status for m in burst} == {"failed"}
@@ -357,10 +359,6 @@ def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_p
 
 def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
     """One task renews every lease of the worker: an error it does not expect must not end it."""
-    import asyncio
-
-    from tests.conftest import make_settings
-
     class FlakyStore:
         calls = 0
 
