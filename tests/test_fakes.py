@@ -16,7 +16,7 @@ from tests.fakes import FakeOpenRouter, FakeWaha, validate_waha_request
 WAHA_KEY = {"X-Api-Key": "test-waha-key"}
 LLM_KEY = {"Authorization": "Bearer test-llm-key"}
 TEXT = {"session": "default", "chatId": "22222222222@c.us", "text": "hello"}
-CHAT = {"model": "google/gemini-2.0-flash-001",
+CHAT = {"model": "google/gemini-3.1-flash-lite",
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]}
 
 
@@ -95,7 +95,28 @@ def test_llm_echo_and_models(llm: FakeOpenRouter, client: httpx.Client) -> None:
     body = completion(client, llm).json()
     assert body["choices"][0]["message"]["content"] == "Echo: Hi there!"
     assert body["model"] == CHAT["model"] and body["id"].startswith("gen-")
-    assert [m["id"] for m in client.get(f"{llm.url}/api/v1/models").json()["data"]] == list(llm.models)
+    listed = client.get(f"{llm.url}/api/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == list(llm.models) == ["google/gemini-3.1-flash-lite", "google/gemini-3.5-flash"]
+    assert all("audio" in m["architecture"]["input_modalities"] for m in listed)
+    assert body["usage"]["cost"] == pytest.approx(body["usage"]["total_tokens"] * 1e-6)
+
+
+def test_llm_answers_unserved_models_like_openrouter(llm: FakeOpenRouter, client: httpx.Client) -> None:
+    def ask(**fields: object) -> httpx.Response:
+        return client.post(f"{llm.url}/api/v1/chat/completions", json={**CHAT, **fields}, headers=LLM_KEY)
+
+    retired = ask(model="google/gemini-2.0-flash-001")
+    assert (retired.status_code, retired.json()["error"]["message"]) == (
+        404, "No endpoints found for google/gemini-2.0-flash-001.")
+    unknown = ask(model="google/gemini-9-ultra")
+    assert (unknown.status_code, unknown.json()["error"]["message"]) == (
+        400, "google/gemini-9-ultra is not a valid model ID")
+    # `models` is tried in order; the answer names the model that served it.
+    fallback = ask(model="google/gemini-2.0-flash-001",
+                   models=["google/gemini-2.0-flash-001", "google/gemini-3.5-flash"])
+    assert (fallback.status_code, fallback.json()["model"]) == (200, "google/gemini-3.5-flash")
+    none_served = ask(models=["google/gemini-2.5-flash", "google/gemini-2.0-flash-001"])
+    assert none_served.status_code == 404
 
 
 def test_llm_custom_reply(client: httpx.Client) -> None:

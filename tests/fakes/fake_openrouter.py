@@ -17,6 +17,13 @@ ERRORS: dict[int, tuple[str, str]] = {
     502: ("Provider returned error", "provider_unavailable"), 503: ("No available providers", "provider_overloaded"),
     504: ("Provider timed out", "timeout"),
 }
+# What OpenRouter serves today (openrouter.md §9), with the input kinds GET /models reports for each.
+CURRENT_MODELS: dict[str, tuple[str, ...]] = {
+    "google/gemini-3.1-flash-lite": ("text", "image", "audio", "file", "video"),
+    "google/gemini-3.5-flash": ("text", "image", "audio", "file", "video"),
+}
+# Ids OpenRouter still knows but no provider serves any more: it answers 404 "No endpoints found".
+RETIRED_MODELS = ("google/gemini-2.0-flash-001", "google/gemini-2.5-flash", "google/gemini-2.5-flash-lite")
 PROVIDER_ERROR = {"code": 502, "message": "Provider returned error",
                   "metadata": {"provider_name": "Google", "raw": '{"error":{"code":503,"status":"UNAVAILABLE"}}'}}
 
@@ -37,16 +44,20 @@ class FakeOpenRouter(FakeServer):
     """Fake OpenRouter: POST <prefix>/chat/completions (reply = "Echo: " + last user message), GET <prefix>/models.
 
     `reply` maps the last user message to the assistant's text (default: `echo`); the demo passes canned answers.
+    Only `models` are served. Like OpenRouter, a request names its model in `model` and may list fallbacks in
+    `models` (tried in order; the answer's `model` says which one served); an id in `retired` answers 404
+    "No endpoints found", any other unknown id 400 "not a valid model ID". `usage.cost` is reported in USD.
     """
 
     fault_kinds = FakeServer.fault_kinds | {"error_200", "finish_error", "empty_content", "null_content", "malformed"}
 
     def __init__(self, *, api_key: str = "test-llm-key", host: str = "127.0.0.1", port: int = 0,
                  latency_s: float = 0.0, log_path: str | None = None,
-                 models: tuple[str, ...] = ("google/gemini-2.0-flash-001", "google/gemini-2.5-flash-lite"),
-                 reply: Callable[[str], str] = echo) -> None:
+                 models: tuple[str, ...] = tuple(CURRENT_MODELS), retired: tuple[str, ...] = RETIRED_MODELS,
+                 reply: Callable[[str], str] = echo, cost_per_token_usd: float = 1e-6) -> None:
         super().__init__(host=host, port=port, latency_s=latency_s, log_path=log_path)
         self.api_key, self.models, self.reply = api_key, tuple(models), reply
+        self.retired, self.cost_per_token_usd = tuple(retired), cost_per_token_usd
 
     def completions(self) -> list[Any]:
         """Bodies of all /chat/completions requests, arrival order."""
@@ -79,7 +90,7 @@ class FakeOpenRouter(FakeServer):
 
     def route(self, req: Request) -> Response:
         if req.method == "GET" and req.path.endswith("/models"):  # public on OpenRouter: no key needed
-            return Response(200, {"data": [{"id": m, "context_length": 1048576} for m in self.models]})
+            return Response(200, {"data": [self._model_entry(m) for m in self.models]})
         if not (req.method == "POST" and req.path.endswith("/chat/completions")):
             return Response(404, {"error": {"code": 404, "message": "Not Found"}})
         auth = req.headers.get("authorization")
@@ -92,9 +103,23 @@ class FakeOpenRouter(FakeServer):
             message = 'Input required: specify "model" and a non-empty "messages" array'
             return Response(400, {"error": {"code": 400, "message": message,
                                             "metadata": {"error_type": "invalid_request"}}})
-        if self.models and body["model"] not in self.models:  # like OpenRouter for an unknown id
-            return Response(400, {"error": {"code": 400, "message": f"{body['model']} is not a valid model ID"}})
-        return Response(200, self._completion(req, self._reply(req)))
+        candidates = body.get("models") if isinstance(body.get("models"), list) else [body["model"]]
+        served = next((m for m in candidates if m in self.models), None)
+        if served is None:  # OpenRouter returns the last model's error when every fallback failed
+            return self._unserved(str(candidates[-1]) if candidates else body["model"])
+        return Response(200, self._completion(req, self._reply(req), model=served))
+
+    def _unserved(self, model: str) -> Response:
+        if model in self.retired:
+            return Response(404, {"error": {"code": 404, "message": f"No endpoints found for {model}."}})
+        return Response(400, {"error": {"code": 400, "message": f"{model} is not a valid model ID"}})
+
+    @staticmethod
+    def _model_entry(model: str) -> dict[str, Any]:
+        modalities = CURRENT_MODELS.get(model, ("text",))
+        return {"id": model, "name": model, "context_length": 1048576,
+                "architecture": {"input_modalities": list(modalities), "output_modalities": ["text"],
+                                 "modality": "+".join(modalities) + "->text"}}
 
     def _reply(self, req: Request) -> str:
         messages = req.body.get("messages") if isinstance(req.body, dict) else None
@@ -102,17 +127,18 @@ class FakeOpenRouter(FakeServer):
         return self.reply(_text(users[-1].get("content")) if users else "")
 
     def _completion(self, req: Request, content: str | None, finish: str = "stop",
-                    native: str = "STOP") -> dict[str, Any]:
+                    native: str = "STOP", model: str | None = None) -> dict[str, Any]:
         body = req.body if isinstance(req.body, dict) else {}
         prompt = sum(len(_text(m.get("content")).split()) for m in body.get("messages") or [] if isinstance(m, dict))
         completion = len((content or "").split())
         return {
             "id": f"gen-{int(time.time())}-{secrets.token_urlsafe(15)}", "provider": "Google",
-            "model": body.get("model") or (self.models[0] if self.models else "unknown"),
+            "model": model or body.get("model") or (self.models[0] if self.models else "unknown"),
             "object": "chat.completion", "created": int(time.time()),
             "choices": [{"logprobs": None, "finish_reason": finish, "native_finish_reason": native, "index": 0,
                          "message": {"role": "assistant", "content": content, "refusal": None, "reasoning": None}}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                      "cost": round((prompt + completion) * self.cost_per_token_usd, 9), "is_byok": False},
         }
 
 
