@@ -49,8 +49,10 @@ IGNORED_EVENTS: list[tuple[str, dict[str, Any], str]] = [
     ("delivery receipt (message.ack)", envelope("message.ack", {
         "id": f"true_{CUSTOMER}_3EB0AAAAAAAAAAAAAAAAAA", "from": CUSTOMER, "participant": None, "fromMe": True,
         "ack": 3, "ackName": "READ"}), "event_not_handled"),
-    ("session status", envelope("session.status", {"name": "default", "status": "WORKING", "statuses": []}),
-     "event_not_handled"),
+    # Not session.status: that one is recorded for /health, and a made-up status must never mask the real one.
+    ("reaction (message.reaction)", envelope("message.reaction", {
+        "id": f"false_{CUSTOMER}_3EB0BBBBBBBBBBBBBBBBBB", "from": CUSTOMER, "fromMe": False,
+        "reaction": {"text": "👍", "messageId": f"true_{CUSTOMER}_3EB0AAAAAAAAAAAAAAAAAA"}}), "event_not_handled"),
     ("bot's own API send (message.any)", envelope("message.any", message_payload(
         CUSTOMER, "live-suite echo", from_me=True, source="api")), "from_me"),
     ("status broadcast", envelope("message", message_payload("status@broadcast", "live-suite status")),
@@ -88,13 +90,19 @@ class LiveSuite:
             headers["X-Webhook-Hmac-Algorithm"] = "sha512"
         return self.http.post(self.base_url + WEBHOOK, content=body, headers=headers)
 
-    def get_json(self, path: str, expected_status: str) -> dict[str, Any]:
+    def get_json(self, path: str, expected_status: str, service: str = "whatsapp_webhook_server") -> dict[str, Any]:
         response = self.http.get(self.base_url + path)
-        expect(response.status_code == 200, f"HTTP {response.status_code}: {response.text[:200]}")
-        document = response.json()
-        expect(document.get("status") == expected_status, f"status is {document.get('status')!r}")
+        document = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        problems = "; ".join(f"{name}: {check.get('status')} ({check.get('reason')})"
+                             for name, check in (document.get("checks") or {}).items() if check.get("status") != "ok")
+        expect(response.status_code == 200, f"HTTP {response.status_code}: {problems or response.text[:200]}")
+        expect(document.get("status") == expected_status,
+               f"status is {document.get('status')!r}" + (f": {problems}" if problems else ""))
+        expect(document.get("service") == service, f"service is {document.get('service')!r}, expected {service!r}")
         for name in ("service", "version", "uptime_seconds", "stats", "timestamp"):
             expect(name in document, f"field {name!r} missing")
+        if path == "/health":
+            expect(set(document.get("checks") or {}) >= {"store", "llm", "waha"}, "checks store, llm, waha missing")
         for name in ("messages_received", "messages_processed", "messages_failed", "server_started_at"):
             expect(name in document["stats"], f"field stats.{name} missing")
         return document
@@ -104,7 +112,8 @@ class LiveSuite:
         self.check("GET /health is healthy", lambda: self.get_json("/health", "healthy"))
         before = self.get_json("/stats", "ok")["stats"] if self._reachable() else {}
         self.check("GET /stats has the counters", lambda: self.get_json("/stats", "ok"))
-        self.check(f"GET {WEBHOOK} describes the endpoint", lambda: self.get_json(WEBHOOK, "active"))
+        self.check(f"GET {WEBHOOK} describes the endpoint",
+                   lambda: self.get_json(WEBHOOK, "ok", service="whatsapp_webhook"))
 
         for name, event, reason in IGNORED_EVENTS:
             self.check(f"ignored: {name}", lambda e=event, r=reason: self.expect_ignored(e, r))

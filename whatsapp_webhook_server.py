@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import difflib
 import email.utils
 import fcntl
 import hashlib
@@ -33,6 +34,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
 
@@ -43,8 +45,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client import multiprocess as prometheus_multiprocess
 from werkzeug.exceptions import HTTPException
 
-__version__ = "1.0.0"
-SERVICE_NAME = "whatsapp-webhook-server"
+__version__ = "1.1.0"
+# The names monitors written against the user's original document compare: /health and /stats
+# say SERVICE_NAME, GET on the webhook says WEBHOOK_SERVICE_NAME.
+SERVICE_NAME = "whatsapp_webhook_server"
+WEBHOOK_SERVICE_NAME = "whatsapp_webhook"
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 EXTENSION_KEY = "whatsapp_webhook"
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +82,11 @@ DEFAULT_STOP_REPLY = ("Tudo bem, não vou mais responder automaticamente. "
 DEFAULT_START_REPLY = "Que bom ter você de volta! Como posso ajudar?"
 DEFAULT_RATE_LIMIT_REPLY = ("Recebi muitas mensagens em pouco tempo. "
                             "Vou pausar as respostas por alguns instantes; tente de novo em breve.")
+# Served on OpenRouter as of 2026-12 (../shared/reference/openrouter.md §9); `--check` verifies them
+# against GET /models, because ids are retired every few months.
+DEFAULT_MODEL = "google/gemini-3.1-flash-lite"
+DEFAULT_FALLBACK_MODELS = ("google/gemini-3.5-flash",)
+REASONING_EFFORTS = ("NONE", "MINIMAL", "LOW", "MEDIUM", "HIGH")
 DEFAULT_STATE_DB = os.path.join(MODULE_DIR, "data", "whatsapp_webhook_state.db")
 DEFAULT_ENV_FILE = ".env.webhook"
 # Values copied from .env.webhook.example that still need a real value.
@@ -96,7 +106,9 @@ class Settings:
     debug: bool = False
     openrouter_api_key: str = field(default="", repr=False)
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
-    openrouter_model: str = "google/gemini-2.0-flash-001"
+    openrouter_model: str = DEFAULT_MODEL
+    openrouter_fallback_models: tuple[str, ...] = DEFAULT_FALLBACK_MODELS
+    llm_reasoning_effort: str = "minimal"
     ai_system_prompt: str = DEFAULT_SYSTEM_PROMPT
     llm_max_tokens: int = 512
     llm_temperature: float = 0.7
@@ -159,6 +171,11 @@ class Settings:
         return None
 
     @property
+    def llm_models(self) -> tuple[str, ...]:
+        """The configured model, then its fallbacks, in the order they are tried."""
+        return tuple(dict.fromkeys((self.openrouter_model, *self.openrouter_fallback_models)))
+
+    @property
     def uses_openrouter(self) -> bool:
         return (urlparse(self.openrouter_base_url).hostname or "").endswith("openrouter.ai")
 
@@ -172,7 +189,9 @@ class Settings:
             debug=env.boolean("DEBUG", False),
             openrouter_api_key=env.text("OPENROUTER_API_KEY", ""),
             openrouter_base_url=env.url("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1"),
-            openrouter_model=env.text("OPENROUTER_MODEL", "google/gemini-2.0-flash-001"),
+            openrouter_model=env.text("OPENROUTER_MODEL", DEFAULT_MODEL),
+            openrouter_fallback_models=env.id_list("OPENROUTER_FALLBACK_MODELS", DEFAULT_FALLBACK_MODELS),
+            llm_reasoning_effort=env.choice("LLM_REASONING_EFFORT", "MINIMAL", REASONING_EFFORTS).lower(),
             ai_system_prompt=env.text("AI_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             llm_max_tokens=env.integer("LLM_MAX_TOKENS", 512, minimum=1, maximum=100_000),
             llm_temperature=env.number("LLM_TEMPERATURE", 0.7, minimum=0.0, maximum=2.0),
@@ -304,6 +323,16 @@ class _EnvReader:
             return default
         return raw
 
+    def id_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Comma-separated ids; set and empty means none. Spaces around commas are ignored, repeats dropped."""
+        if name not in self.environ:
+            return default
+        ids = [part.strip() for part in self.environ[name].split(",")]
+        if any(" " in i for i in ids):
+            self.problems.append(f"{name} must be model ids separated by commas, got {self.environ[name]!r}")
+            return default
+        return tuple(dict.fromkeys(i for i in ids if i))
+
     def require_real(self, name: str, value: str, what: str) -> None:
         if not value:
             self.problems.append(f"{name} is not set: put {what} there")
@@ -422,6 +451,30 @@ class Ignored:
     detail: str
 
 
+# WAHA's session states (waha.md §3); WORKING is the only one that can send.
+SESSION_STATES = frozenset({"STOPPED", "STARTING", "SCAN_QR_CODE", "PASSKEY_REQUIRED",
+                            "PASSKEY_CONFIRMATION_REQUIRED", "WORKING", "FAILED"})
+SESSION_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionStatus:
+    """A `session.status` event: what /health says about that WAHA session until the next one."""
+
+    event_id: str | None
+    session: str
+    state: str
+
+    @property
+    def check(self) -> tuple[CheckStatus, str]:
+        if self.state == "WORKING":
+            return CheckStatus.OK, f"WAHA session '{self.session}' is WORKING"
+        if self.state in ("STOPPED", "FAILED"):
+            return CheckStatus.FAILING, f"WAHA session '{self.session}' is {self.state}: nothing can be sent from it"
+        hint = ": pair it by scanning the QR code in WAHA's dashboard" if self.state == "SCAN_QR_CODE" else ""
+        return CheckStatus.DEGRADED, f"WAHA session '{self.session}' is {self.state}, not WORKING{hint}"
+
+
 def parse_event(body: bytes) -> WebhookEvent:
     """Decode and type-check a WAHA webhook body; raise BadRequestError with a precise message."""
     if not body or not body.strip():
@@ -493,17 +546,30 @@ def _json_type(kind: type) -> str:
             int: "a number", float: "a number", type(None): "null"}.get(kind, kind.__name__)
 
 
-def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMessage | OwnMessage | Ignored:
-    """Decide whether a parsed event is a customer message to answer, one of our own, or neither (and why)."""
+def classify_event(event: WebhookEvent, *,
+                   reply_in_groups: bool) -> IncomingMessage | OwnMessage | SessionStatus | Ignored:
+    """Decide whether a parsed event is a customer message to answer, one of our own, or neither (and why).
+
+    Malformed fields raise BadRequestError (4xx); a well-formed event that cannot be answered (no chat,
+    no message id, no session) is Ignored, because WAHA redelivers every non-2xx and redelivery cannot fix it.
+    """
+    if event.event == "session.status":
+        return _session_status(event)
     if event.event not in ANSWERED_EVENTS:
         return Ignored("event_not_handled", f"event '{event.event}' is not a new message")
     payload = event.payload
     if payload is None:
-        raise BadRequestError(f"field 'payload' is required for '{event.event}' events")
+        return Ignored("no_payload", f"a '{event.event}' event without a payload has nothing to answer")
+    chat_id = _field(payload, "from", str, where="payload.")
+    message_id = _field(payload, "id", str, where="payload.")
+    if chat_id is None and message_id is not None:
+        # WAHA's own status-broadcast example has no `from`; the id says which chat it is.
+        match = MESSAGE_ID_PATTERN.match(message_id)
+        chat_id = match.group("chat") if match else None
+    if chat_id is None:
+        return Ignored("no_chat", "the message has neither payload.from nor a payload.id that names its chat")
     if not event.session:
-        raise BadRequestError("field 'session' is required to know which WAHA session to reply from")
-    chat_id = _field(payload, "from", str, required=True, where="payload.")
-    message_id = _field(payload, "id", str, required=True, where="payload.")
+        return Ignored("no_session", "without a session there is no WAHA session to reply from")
     from_me = _field(payload, "fromMe", bool, where="payload.")
     source = _field(payload, "source", str, where="payload.")
     participant = _field(payload, "participant", str, where="payload.")
@@ -517,7 +583,7 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
 
     if source == "api":
         return Ignored("from_me", "message was sent through the WAHA API")
-    if from_me:
+    if from_me and message_id is not None:
         # The chat is the middle of '{fromMe}_{chat}_{id}': WEBJS reports our own messages *from* our id.
         match = MESSAGE_ID_PATTERN.match(message_id)
         chat_id = match.group("chat") if match else chat_id
@@ -531,6 +597,8 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         return Ignored("channel", "channel posts are not answered")
     if chat_id.endswith("@g.us") and not reply_in_groups:
         return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    if message_id is None:
+        return Ignored("no_message_id", "without payload.id the message cannot be told apart from its redeliveries")
     if from_me:
         return OwnMessage(event_id=event.event_id, session=event.session, chat_id=chat_id, message_id=message_id,
                           text=body.strip() if body else None)
@@ -558,6 +626,15 @@ def classify_event(event: WebhookEvent, *, reply_in_groups: bool) -> IncomingMes
         mentions_bot=chat_id.endswith("@g.us") and _addresses_bot(text, payload, reply_to, event.me_ids),
         reply_to_id=reply_to_id,
     )
+
+
+def _session_status(event: WebhookEvent) -> SessionStatus | Ignored:
+    payload = event.payload or {}
+    state = _field(payload, "status", str, where="payload.")
+    session = event.session or _field(payload, "name", str, where="payload.")
+    if state not in SESSION_STATES or not session or not SESSION_NAME_PATTERN.match(session):
+        return Ignored("session_status", "session.status event without a known status and session name")
+    return SessionStatus(event_id=event.event_id, session=session, state=state)
 
 
 def _number_of(whatsapp_id: str) -> str:
@@ -623,6 +700,102 @@ def verify_waha_hmac(body: bytes, signature: str | None, key: str, *, algorithm:
 def verify_token(provided: str | None, expected: str) -> bool:
     """Constant-time comparison of the shared X-Webhook-Token."""
     return provided is not None and hmac.compare_digest(provided.encode("utf-8"), expected.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Health: what /health reports, one document shared by every worker
+# ---------------------------------------------------------------------------
+
+class CheckStatus(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"  # replies still go out, but not as configured (a fallback model, a session not WORKING)
+    FAILING = "failing"  # this part does not work at all
+
+
+class ServerHealth(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"  # HTTP 200: messages are recorded and answered, something needs a look
+    UNHEALTHY = "unhealthy"  # HTTP 503: a new message cannot be recorded
+
+
+CHECK_SEVERITY = {CheckStatus.OK: 0, CheckStatus.DEGRADED: 1, CheckStatus.FAILING: 2}
+# The parts /health always reports. Reports are stored under a part's name, or "part:detail"
+# ("waha:default", one per WAHA session); the part shows the worst of them.
+HEALTH_CHECKS = ("store", "llm", "waha")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthCheck:
+    status: CheckStatus
+    reason: str
+    since: float  # when this status began (unix seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": str(self.status), "reason": self.reason,
+                "since": datetime.fromtimestamp(self.since, timezone.utc).isoformat(timespec="seconds")}
+
+
+def combine_checks(reports: Iterable[HealthCheck]) -> HealthCheck | None:
+    """One part's status from its reports (several WAHA sessions): the worst, with the reasons for it."""
+    reports = list(reports)
+    if not reports:
+        return None
+    worst = max(CHECK_SEVERITY[r.status] for r in reports)
+    chosen = [r for r in reports if CHECK_SEVERITY[r.status] == worst]
+    return HealthCheck(status=chosen[0].status, reason="; ".join(dict.fromkeys(r.reason for r in chosen)),
+                       since=min(r.since for r in chosen))
+
+
+def overall_health(checks: Mapping[str, HealthCheck]) -> ServerHealth:
+    """Unhealthy only when a message cannot be recorded; degraded when anything else is not ok."""
+    store = checks.get("store")
+    if store is not None and store.status is CheckStatus.FAILING:
+        return ServerHealth.UNHEALTHY
+    if any(check.status is not CheckStatus.OK for check in checks.values()):
+        return ServerHealth.DEGRADED
+    return ServerHealth.HEALTHY
+
+
+class HealthReporter:
+    """Writes what a worker learns (a fallback model answered, WAHA said 422) into the shared store.
+
+    Only changes are written, and an unchanged report again after REFRESH_SECONDS (another worker
+    may have written something else meanwhile), so steady traffic costs no writes.
+    """
+
+    REFRESH_SECONDS = 10.0
+    MAX_PARTS = 200  # bounds the rows one part ("waha:<session>") can create
+
+    def __init__(self, *, store: StateStore, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._written: dict[str, tuple[CheckStatus, str, float]] = {}
+
+    def needs_write(self, name: str, status: CheckStatus, reason: str) -> bool:
+        with self._lock:
+            written = self._written.get(name)
+        return written is None or written[:2] != (status, reason) or self.clock() - written[2] >= self.REFRESH_SECONDS
+
+    def report(self, name: str, status: CheckStatus, reason: str) -> None:
+        """Record a part's state (blocking: call from a thread). A store failure only costs the report."""
+        if not self.needs_write(name, status, reason):
+            return
+        try:
+            self.store.set_health(name, status, reason, max_parts=self.MAX_PARTS)
+        except StoreUnavailable as exc:
+            log.warning("could not record health %s=%s: %s", name, status, exc)
+            return
+        with self._lock:
+            self._written[name] = (status, reason, self.clock())
+
+    def last_known(self) -> dict[str, HealthCheck]:
+        """What this worker last wrote, for when the shared store cannot be read."""
+        with self._lock:
+            written = dict(self._written)
+        now = time.time()
+        return {name: HealthCheck(status=status, reason=reason, since=now)
+                for name, (status, reason, _) in written.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -743,8 +916,16 @@ CREATE TABLE IF NOT EXISTS sent (
 CREATE INDEX IF NOT EXISTS sent_by_chat ON sent (chat_key, text_hash);
 CREATE INDEX IF NOT EXISTS sent_by_id ON sent (bare_id);
 CREATE INDEX IF NOT EXISTS sent_by_age ON sent (sent_at);
+CREATE TABLE IF NOT EXISTS health (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 IGNORED_COUNTER_PREFIX = "ignored."
+LLM_COST_COUNTER = "llm_cost_nanousd"  # counters are integers: cost in billionths of a dollar
 PAUSED_FOREVER = 1e12  # an operator's "/bot off" lasts until "/bot on"
 ECHO_MIN_CHARS = 40
 
@@ -1136,15 +1317,19 @@ class StateStore:
 
         return self._transaction(work) if keys else 0
 
-    def begin_send(self, key: str, owner: str, *, parts: list[str], reply: tuple[str, str] | None = None) -> str:
+    def begin_send(self, key: str, owner: str, *, parts: list[str], reply: tuple[str, str] | None = None,
+                   llm_cost_usd: float = 0.0) -> str:
         """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up),
         'paused' (a human took the chat over meanwhile) or 'lost' (the lease went to another worker).
 
         A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
+        `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
         """
         now = self.clock()
 
         def work(c: sqlite3.Connection) -> str:
+            if llm_cost_usd > 0:
+                self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
             row = c.execute("SELECT status, lease_owner, chat_key, parts_sent FROM inbox WHERE key = ?",
                             (key,)).fetchone()
             if row is None or row[1] != owner or row[0] not in ("processing", "sending"):
@@ -1414,6 +1599,31 @@ class StateStore:
         """A real write: a store that can be read but not written cannot take new messages."""
         self.count("health_checks")
 
+    def set_health(self, name: str, status: CheckStatus, reason: str, *, max_parts: int = 200) -> None:
+        """Record a part's state; `since` moves only when the status changes. New parts stop at `max_parts`."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> None:
+            part = name.split(":", 1)[0]
+            known = c.execute("SELECT 1 FROM health WHERE name = ?", (name,)).fetchone()
+            if not known and c.execute("SELECT COUNT(*) FROM health WHERE name = ? OR name LIKE ?",
+                                       (part, part + ":%")).fetchone()[0] >= max_parts:
+                return
+            c.execute("INSERT INTO health (name, status, reason, since, updated_at) VALUES (?, ?, ?, ?, ?)"
+                      " ON CONFLICT (name) DO UPDATE SET since = CASE WHEN health.status = excluded.status"
+                      " THEN health.since ELSE excluded.since END, status = excluded.status,"
+                      " reason = excluded.reason, updated_at = excluded.updated_at",
+                      (name, str(status), reason[:500], now, now))
+
+        self._transaction(work)
+
+    def health_reports(self) -> dict[str, HealthCheck]:
+        """Every recorded part state, by name."""
+        rows = self._transaction(lambda c: c.execute("SELECT name, status, reason, since FROM health").fetchall(),
+                                 begin="BEGIN")
+        return {name: HealthCheck(status=CheckStatus(status), reason=reason, since=since)
+                for name, status, reason, since in rows}
+
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
         if connection is not None and getattr(self._local, "pid", None) == os.getpid():
@@ -1441,6 +1651,10 @@ LLM_SECONDS = Histogram("webhook_llm_duration_seconds", "LLM call time, retries 
                         buckets=(0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60))
 LLM_ERRORS = Counter("webhook_llm_errors", "Failed LLM attempts", ["status"])
 LLM_TOKENS = Counter("webhook_llm_tokens", "Tokens used by successful LLM calls", ["kind"])
+LLM_COST_USD = Counter("webhook_llm_cost_usd", "What the LLM provider reported the replies cost (usage.cost), USD")
+LLM_MODEL_UNAVAILABLE = Counter("webhook_llm_model_unavailable",
+                                "LLM answers saying a configured model is not served (a configuration error)",
+                                ["model"])
 WAHA_ERRORS = Counter("webhook_waha_errors", "Failed WAHA calls", ["endpoint", "status"])
 REPLIES_IN_FLIGHT = Gauge("webhook_replies_in_flight", "Replies being prepared or sent right now",
                           multiprocess_mode="livesum")
@@ -1483,6 +1697,38 @@ class LLMError(UpstreamError):
 
 class EmptyReplyError(LLMError):
     """The LLM answered 200 without usable text; worth one quick retry, not many."""
+
+
+class ModelUnavailableError(LLMError):
+    """The server does not serve this model id (retired, misspelt, not pulled): a configuration error.
+
+    Trying again cannot help; trying the next configured model can.
+    """
+
+    def __init__(self, message: str, *, model: str, **details: Any) -> None:
+        super().__init__(message, transient=False, **details)
+        self.model = model
+
+
+# How OpenRouter, OpenAI-style servers, Ollama, vLLM and llama.cpp say a model id is not served.
+MODEL_UNAVAILABLE_PATTERN = re.compile(
+    r"no endpoints found|not a valid model|model[^.]{0,80}(?:not found|does not exist|not exist)|unknown model"
+    r"|model_not_found|invalid model (?:name|id)", re.IGNORECASE)
+
+
+def model_unavailable_model(status: int | None, message: str, *, requested: str,
+                            candidates: Iterable[str] = ()) -> str | None:
+    """Which model an error says is not served, or None when the error is about something else.
+
+    Only 400 and 404 answers (or an error inside a 200) whose text says so, or a 404 that names the
+    model: a bare 404 is more often a base URL without its /v1. The model named in the text wins
+    (OpenRouter names the last one of a `models` list it tried).
+    """
+    named = [m for m in (*candidates, requested) if m in message]
+    if status not in (400, 404, 200, None) or not (
+            MODEL_UNAVAILABLE_PATTERN.search(message) or (status == 404 and named)):
+        return None
+    return max(named, key=len) if named else requested
 
 
 class WahaError(UpstreamError):
@@ -1636,27 +1882,108 @@ def upstream_client(*, transport: httpx.AsyncBaseTransport | None, max_connectio
 # LLM client (OpenRouter or any OpenAI-compatible chat completions API)
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LLMReply:
     text: str
-    model: str | None
+    model: str | None  # the model that answered, as the server reports it
     usage: Mapping[str, Any]
     attempts: int
     latency_seconds: float
+    answered_by: str  # which of the configured ids wrote it
+    configured_model: str
+    unserved_models: tuple[str, ...] = ()  # configured models this worker currently knows are not served
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What the provider says this call cost (OpenRouter's usage.cost); None when it does not say."""
+        cost = self.usage.get("cost")
+        return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0 else None
+
+    @property
+    def from_fallback(self) -> bool:
+        """True when a model other than the configured one wrote the reply."""
+        return self.answered_by != self.configured_model
+
+
+def served_model(answered: str | None, candidates: Iterable[str]) -> str | None:
+    """Which requested id an answer's `model` is: equal, or a dated/variant form of it (longest match wins)."""
+    if answered is None:
+        return None
+    matches = [m for m in candidates if answered == m or answered.startswith((m + "-", m + ":", m + "@"))]
+    return max(matches, key=len) if matches else None
+
+
+class UnservedModels:
+    """The configured models this worker has been told are not served, each for RECHECK_SECONDS.
+
+    While the configured model is known to be gone, requests start at the first fallback that may
+    be served, so a retired id costs one failed request every few minutes, not one per message.
+    """
+
+    RECHECK_SECONDS = 600.0
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._until: dict[str, float] = {}
+
+    def mark(self, model: str) -> None:
+        self._until[model] = self.clock() + self.RECHECK_SECONDS
+
+    def served(self, model: str) -> None:
+        self._until.pop(model, None)
+
+    def is_unserved(self, model: str) -> bool:
+        until = self._until.get(model)
+        if until is not None and until <= self.clock():
+            del self._until[model]
+            return False
+        return until is not None
+
+    def order(self, models: tuple[str, ...]) -> list[str]:
+        """The models worth asking now, in configured order; all of them when every one is marked."""
+        usable = [m for m in models if not self.is_unserved(m)]
+        return usable or list(models)
+
+
+class EveryMinute:
+    """Log a recurring configuration error once a minute per key, with how many were not logged."""
+
+    def __init__(self, *, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def due(self, key: str) -> int | None:
+        """None when this occurrence stays quiet; else how many were kept quiet since the last line."""
+        now = self.clock()
+        if key in self._last and now - self._last[key] < self.interval:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._quiet.pop(key, 0)
 
 
 class LLMClient:
     """Asks the chat completions endpoint for one reply, with bounded retries under one deadline."""
 
     def __init__(self, *, http: httpx.AsyncClient, base_url: str, api_key: str, model: str,
+                 fallback_models: Iterable[str] = (), openrouter: bool = False,
+                 reasoning_effort: str | None = None,
                  max_tokens: int = 512, temperature: float = 0.7, attempt_timeout: float = 30.0,
                  deadline: float = 45.0, max_attempts: int = 3, retry_after_cap: float = 5.0,
                  backoff_base: float = 0.5, app_title: str | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, clock: Callable[[], float] = time.monotonic) -> None:
         self.http = http
-        self.url = f"{base_url.rstrip('/')}/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
         self.model = model
+        self.models = tuple(dict.fromkeys((model, *fallback_models)))
+        # OpenRouter tries a `models` list itself; any other server gets one model per request.
+        self.openrouter = openrouter
+        self.reasoning_effort = reasoning_effort
+        self.unserved = UnservedModels(clock=clock)
+        self._config_errors = EveryMinute(clock=clock)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.attempt_timeout = attempt_timeout
@@ -1670,13 +1997,25 @@ class LLMClient:
         if app_title:
             self.headers["X-Title"] = app_title
 
-    async def complete(self, messages: list[dict[str, str]], *, user: str | None = None,
-                       log_context: str = "") -> LLMReply:
-        """Return the reply text, or raise LLMError once retries or the deadline are used up."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages,
+    def _body(self, messages: list[dict[str, str]], models: list[str], user: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": models[0], "messages": messages,
                                 "max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.openrouter:
+            if len(models) > 1:
+                body["models"] = models
+            if self.reasoning_effort:
+                # The fallback is a thinking model: unbounded thinking can spend all of max_tokens and
+                # come back empty (openrouter.md §6.7). The reply never shows the reasoning anyway.
+                body["reasoning"] = {"effort": self.reasoning_effort, "exclude": True}
         if user:
             body["user"] = user
+        return body
+
+    async def complete(self, messages: list[dict[str, str]], *, user: str | None = None,
+                       log_context: str = "") -> LLMReply:
+        """Return the reply text, or raise LLMError once retries, models or the deadline are used up."""
+        models = self.unserved.order(self.models)
+        body = self._body(messages, models, user)
         loop = asyncio.get_running_loop()
         started = loop.time()
         give_up_at = started + self.deadline
@@ -1692,13 +2031,31 @@ class LLMClient:
                 for kind in ("prompt_tokens", "completion_tokens"):
                     if isinstance(usage.get(kind), int):
                         LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(usage[kind])
-                return LLMReply(text, model, usage, attempt, loop.time() - started)
+                # Only OpenRouter picks among `models` itself; elsewhere the answer is from what we asked for
+                # (llama.cpp, for one, reports whatever name it likes).
+                answered_by = (served_model(model, models) if self.openrouter else None) or models[0]
+                self.unserved.served(answered_by)
+                reply = LLMReply(text=text, model=model, usage=usage, attempts=attempt,
+                                 latency_seconds=loop.time() - started, answered_by=answered_by,
+                                 configured_model=self.model,
+                                 unserved_models=tuple(m for m in self.models if self.unserved.is_unserved(m)))
+                if reply.cost_usd:
+                    LLM_COST_USD.inc(reply.cost_usd)
+                return reply
             except TimeoutError:
                 error: LLMError = LLMError(f"timed out: no answer within {min(self.attempt_timeout, remaining):.1f}s",
                                            transient=True)
             except LLMError as exc:
                 error = exc
             LLM_ERRORS.labels(_metric_status(error)).inc()
+            if isinstance(error, ModelUnavailableError):
+                self._report_unserved(error, log_context)
+                models = [m for m in models if m != error.model]
+                if not models:
+                    raise error
+                body = self._body(messages, models, user)
+                attempt -= 1  # another model is a new request, not a retry of a transient failure
+                continue
             if isinstance(error, EmptyReplyError):
                 if empty_retried:
                     raise error
@@ -1715,6 +2072,18 @@ class LLMClient:
             log.warning("%s llm attempt %d failed, retrying in %.2fs: %s", log_context, attempt, delay, error)
             await self.sleep(delay)
 
+    def _report_unserved(self, error: ModelUnavailableError, log_context: str) -> None:
+        self.unserved.mark(error.model)
+        LLM_MODEL_UNAVAILABLE.labels(error.model).inc()
+        quiet = self._config_errors.due(error.model)
+        if quiet is None:
+            return
+        setting = "OPENROUTER_MODEL" if error.model == self.model else "OPENROUTER_FALLBACK_MODELS"
+        log.error("%s llm model_unavailable model=%s setting=%s: %s answered that it does not serve this model "
+                  "(%s). Set %s to a served id; `python whatsapp_webhook_server.py --check` lists them.%s",
+                  log_context, error.model, setting, self.base_url, error.args[0], setting,
+                  f" ({quiet} more such answers in the last minute)" if quiet else "")
+
     async def _attempt(self, body: dict[str, Any]) -> tuple[str, str | None, Mapping[str, Any]]:
         try:
             response = await self.http.post(self.url, json=body, headers=self.headers)
@@ -1723,16 +2092,20 @@ class LLMClient:
         except httpx.TransportError as exc:
             raise LLMError(f"connection failed: {type(exc).__name__}", transient=True) from None
         if response.status_code != 200:
+            message = _error_message(response)
+            unserved = model_unavailable_model(response.status_code, message, requested=body["model"],
+                                               candidates=body.get("models") or [body["model"]])
+            if unserved is not None:
+                raise ModelUnavailableError(message, model=unserved, status=response.status_code)
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             # A 402 is final unless OpenRouter says when to come back (its in-flight budget limit).
             transient = response.status_code in TRANSIENT_STATUSES or (
                 response.status_code == 402 and retry_after is not None)
-            raise LLMError(_error_message(response), status=response.status_code, transient=transient,
-                           retry_after=retry_after)
-        return self._reply_from(response)
+            raise LLMError(message, status=response.status_code, transient=transient, retry_after=retry_after)
+        return self._reply_from(response, body)
 
     @staticmethod
-    def _reply_from(response: httpx.Response) -> tuple[str, str | None, Mapping[str, Any]]:
+    def _reply_from(response: httpx.Response, body: Mapping[str, Any]) -> tuple[str, str | None, Mapping[str, Any]]:
         """Apply OpenRouter's rule: a 200 is a reply only with choices, no error and non-empty content."""
         try:
             data = response.json()
@@ -1742,7 +2115,12 @@ class LLMClient:
             raise LLMError("200 response is not a JSON object", status=200, transient=True)
         if isinstance(data.get("error"), dict):
             code = data["error"].get("code")
-            raise LLMError(f"error in 200 body: {_error_message(response)}", status=200,
+            message = _error_message(response)
+            unserved = model_unavailable_model(code if isinstance(code, int) else 200, message,
+                                               requested=body["model"], candidates=body.get("models") or ())
+            if unserved is not None:
+                raise ModelUnavailableError(f"error in 200 body: {message}", model=unserved, status=200)
+            raise LLMError(f"error in 200 body: {message}", status=200,
                            transient=not isinstance(code, int) or code in TRANSIENT_STATUSES)
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -2002,18 +2380,35 @@ def retry_delay_seconds(attempt: int, *, base: float) -> float:
     return min(base * 3 ** (attempt - 1), 15 * 60)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ComposedReply:
+    """What to send for a message: the text, its outcome, the turn to remember and what the LLM charged."""
+
+    text: str
+    outcome: str
+    history: tuple[str, str] | None = None
+    llm_cost_usd: float = 0.0
+
+
 class ReplyPipeline:
     """Answers one claimed message (and the burst merged into it) and records the outcome in the inbox."""
 
     def __init__(self, *, settings: Settings, store: StateStore, llm: LLMClient, waha: WahaClient,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 health: HealthReporter | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.store = store
         self.llm = llm
         self.waha = waha
+        self.health = health or HealthReporter(store=store)
         self.sleep = sleep
         self.rng = rng
+        self._notices = EveryMinute()
+
+    async def _report(self, name: str, status: CheckStatus, reason: str) -> None:
+        """Tell /health what this reply learned; costs a store write only when something changed."""
+        if self.health.needs_write(name, status, reason):
+            await asyncio.to_thread(self.health.report, name, status, reason)
 
     async def process(self, claimed: ClaimedMessage) -> None:
         message = claimed.message
@@ -2072,11 +2467,12 @@ class ReplyPipeline:
                     await self._quietly("stopTyping", self.waha.stop_typing(session=message.session,
                                                                             chat_id=message.chat_id))
                 return
-            text, outcome, history = composed
+            text, outcome, history, cost = composed.text, composed.outcome, composed.history, composed.llm_cost_usd
             parts, parts_sent = split_message(text, self.settings.max_message_chars), 0
 
         verdict = await asyncio.to_thread(self.store.begin_send, key, owner, parts=parts[parts_sent:],
-                                          reply=None if claimed_reply else (text, outcome))
+                                          reply=None if claimed_reply else (text, outcome),
+                                          llm_cost_usd=0.0 if claimed_reply else cost)
         if verdict == "paused":
             log.info("event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
                      "being written)", message.event_id, message.chat_id)
@@ -2096,11 +2492,15 @@ class ReplyPipeline:
                     session=message.session, chat_id=message.chat_id, text=parts[index],
                     reply_to=message.message_id if message.is_group and index == 0 else None)
             except WahaError as exc:
+                await self._report_waha_failure(message.session, exc)
                 if exc.maybe_delivered and await self._already_sent(claimed, part=parts[index], index=index,
                                                                     since=send_started - CLOCK_SKEW_SECONDS):
                     continue
                 await self._record_failure(claimed, exc)
                 return
+            if index == parts_sent:
+                await self._report(f"waha:{message.session}", CheckStatus.OK,
+                                   f"sendText works for WAHA session '{message.session}'")
             sent_id = sent_id or part_id
             if index == len(parts) - 1:
                 last_part_id = part_id  # finish() records the last part in the same step
@@ -2116,7 +2516,17 @@ class ReplyPipeline:
                  message.event_id, message.chat_id, outcome, len(parts), len(text), sent_id,
                  (loop.time() - started) * 1000)
 
-    async def _compose(self, claimed: ClaimedMessage) -> tuple[str, str, tuple[str, str] | None] | None:
+    async def _report_waha_failure(self, session: str, exc: WahaError) -> None:
+        if exc.status == 401:
+            await self._report(f"waha:{session}", CheckStatus.FAILING,
+                               "WAHA rejected WAHA_API_KEY (HTTP 401): set it to the key WAHA was started with")
+        elif exc.status == 422:
+            await self._report(f"waha:{session}", CheckStatus.DEGRADED,
+                               f"WAHA session '{session}' is not WORKING (sendText answered HTTP 422)")
+        else:
+            await self._report(f"waha:{session}", CheckStatus.DEGRADED, f"sendText failed: {exc}")
+
+    async def _compose(self, claimed: ClaimedMessage) -> ComposedReply | None:
         """The reply's text, its outcome and the turn to remember; None when this chat gets no reply now."""
         message, settings = claimed.message, self.settings
         command = settings.command_of(message.text)
@@ -2126,8 +2536,8 @@ class ReplyPipeline:
             log.info("%s decision=%s%s", context, "opted_out" if command == "stop" else "opted_in",
                      " (chat paused: no confirmation sent)" if paused else "")
             # While a person handles the chat, the bot stays silent even to confirm.
-            return None if paused else (settings.stop_reply if command == "stop" else settings.start_reply,
-                                        "command", None)
+            return None if paused else ComposedReply(
+                text=settings.stop_reply if command == "stop" else settings.start_reply, outcome="command")
         admission, history = await asyncio.to_thread(self._admit, message.chat_key, claimed.texts,
                                                      with_history=bool(claimed.texts) and command != "reset")
         if admission.verdict != "ok":
@@ -2135,20 +2545,21 @@ class ReplyPipeline:
             if admission.verdict == "loop":
                 log.warning("%s bot-to-bot loop suspected: chat paused for %.0f min", context,
                             settings.loop_pause_minutes)
-            return (settings.rate_limit_reply, "notice", None) if admission.notice else None
+            return ComposedReply(text=settings.rate_limit_reply, outcome="notice") if admission.notice else None
         if command == "reset":
             await asyncio.to_thread(self.store.clear_history, message.chat_key)
             log.info("%s decision=history_reset", context)
-            return settings.reset_reply, "command", None
+            return ComposedReply(text=settings.reset_reply, outcome="command")
         if not claimed.texts:
-            return settings.non_text_reply, "non_text", None
+            return ComposedReply(text=settings.non_text_reply, outcome="non_text")
         user_turn = "\n".join(claimed.texts)
         reply = await self._ask_llm(message, user_turn, history, context)
-        formatted = markdown_to_whatsapp(reply) if reply is not None else ""
+        cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
+        formatted = markdown_to_whatsapp(reply.text) if reply is not None else ""
         if not formatted:  # nothing left after formatting (an LLM answering only '---') is no answer
-            return settings.fallback_message, "fallback", None
+            return ComposedReply(text=settings.fallback_message, outcome="fallback", llm_cost_usd=cost)
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
-        return formatted, "success", (user_turn, reply)
+        return ComposedReply(text=formatted, outcome="success", history=(user_turn, reply.text), llm_cost_usd=cost)
 
     def _admit(self, chat_key: str, texts: list[str], *,
                with_history: bool) -> tuple[Admission, list[tuple[str, str]]]:
@@ -2166,7 +2577,7 @@ class ReplyPipeline:
         return admission, trim_history(turns, max_chars=settings.history_max_chars)
 
     async def _ask_llm(self, message: IncomingMessage, user_turn: str, history: list[tuple[str, str]],
-                       context: str) -> str | None:
+                       context: str) -> LLMReply | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
@@ -2180,12 +2591,40 @@ class ReplyPipeline:
                     log.warning("%s prompt too long for the model; retrying without history", context)
                     continue
                 log.error("%s llm_failed=%s -> fallback", context, exc)
+                await self._report_llm_failure(exc)
                 return None
             log.info("%s llm_ok model=%s attempts=%d llm_ms=%.0f tokens=%s history_turns=%d", context, reply.model,
                      reply.attempts, reply.latency_seconds * 1000, reply.usage.get("total_tokens"),
                      len(attempt_history))
-            return reply.text
+            await self._report_llm_success(reply, context)
+            return reply
         return None
+
+    async def _report_llm_success(self, reply: LLMReply, context: str) -> None:
+        configured = reply.configured_model
+        if not reply.from_fallback:
+            await self._report("llm", CheckStatus.OK, f"replies come from OPENROUTER_MODEL={configured}")
+            return
+        why = "is not served" if configured in reply.unserved_models else "did not answer"
+        await self._report("llm", CheckStatus.DEGRADED,
+                           f"OPENROUTER_MODEL={configured} {why}; replies come from the fallback {reply.answered_by}")
+        quiet = self._notices.due("fallback")
+        if quiet is not None:
+            log.warning("%s llm decision=fallback_model model=%s configured=%s: OPENROUTER_MODEL %s, so a fallback "
+                        "model answered; check the id with `python whatsapp_webhook_server.py --check`%s", context,
+                        reply.model, configured, why, f" ({quiet} more in the last minute)" if quiet else "")
+
+    async def _report_llm_failure(self, exc: LLMError) -> None:
+        if isinstance(exc, ModelUnavailableError):
+            models = ", ".join(self.llm.models)
+            await self._report("llm", CheckStatus.FAILING, f"no configured model is served ({models}): customers "
+                               "get FALLBACK_MESSAGE; set OPENROUTER_MODEL to an id that --check lists")
+        elif exc.status in (401, 402):
+            what = "rejected OPENROUTER_API_KEY" if exc.status == 401 else "says the account is out of credits"
+            await self._report("llm", CheckStatus.FAILING, f"the LLM server {what} (HTTP {exc.status}): customers "
+                               "get FALLBACK_MESSAGE")
+        elif exc.transient:
+            await self._report("llm", CheckStatus.DEGRADED, f"the last reply fell back to FALLBACK_MESSAGE: {exc}")
 
     async def _type(self, message: IncomingMessage, part: str, *, since: float | None) -> None:
         """WAHA's anti-ban recipe before each part: typing for a human-looking time, then stop typing."""
@@ -2470,7 +2909,7 @@ class CompletionBoard:
 class WorkerRuntime:
     """Everything that must exist once per worker process and never cross a fork."""
 
-    def __init__(self, *, settings: Settings, store: StateStore,
+    def __init__(self, *, settings: Settings, store: StateStore, health: HealthReporter,
                  llm_transport: httpx.AsyncBaseTransport | None = None,
                  waha_transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
@@ -2487,13 +2926,15 @@ class WorkerRuntime:
                                   pool=settings.waha_timeout_seconds))
         llm = LLMClient(
             http=self.llm_http, base_url=settings.openrouter_base_url, api_key=settings.openrouter_api_key,
-            model=settings.openrouter_model, max_tokens=settings.llm_max_tokens,
+            model=settings.openrouter_model, fallback_models=settings.openrouter_fallback_models,
+            openrouter=settings.uses_openrouter, reasoning_effort=settings.llm_reasoning_effort,
+            max_tokens=settings.llm_max_tokens,
             temperature=settings.llm_temperature, attempt_timeout=settings.llm_attempt_timeout_seconds,
             deadline=settings.llm_deadline_seconds, max_attempts=settings.llm_max_attempts,
             app_title=SERVICE_NAME if settings.uses_openrouter else None, sleep=sleep)
         waha = WahaClient(http=self.waha_http, base_url=settings.waha_base_url, api_key=settings.waha_api_key,
                           send_attempts=settings.waha_send_attempts, sleep=sleep)
-        pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, sleep=sleep)
+        pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, health=health, sleep=sleep)
         self.completions = CompletionBoard()
         self.dispatcher = Dispatcher(store=store, pipeline=pipeline, settings=settings)
         self.dispatcher.add_listener(self.completions.notify)
@@ -2527,10 +2968,13 @@ class WebhookService:
     """Turns one webhook request (raw bytes + headers) into a JSON answer and a status code."""
 
     def __init__(self, *, settings: Settings, store: StateStore, started_at: float,
-                 runtime_factory: Callable[[], WorkerRuntime], poll_seconds: float = 0.25) -> None:
+                 runtime_factory: Callable[[], WorkerRuntime], health: HealthReporter | None = None,
+                 poll_seconds: float = 0.25) -> None:
         self.settings = settings
         self.store = store
+        self.health = health or HealthReporter(store=store)
         self.started_at = started_at
+        self._store_health = (CheckStatus.OK, started_at)  # this worker's view: the store cannot report itself
         self.poll_seconds = poll_seconds
         self._runtime_factory = runtime_factory
         self._runtime: WorkerRuntime | None = None
@@ -2581,6 +3025,10 @@ class WebhookService:
             self.count_quietly("requests_rejected")
             return {"error": exc.message}, exc.status
 
+        if isinstance(decision, SessionStatus):
+            check, reason = decision.check
+            self.health.report(f"waha:{decision.session}", check, reason)
+            return self._ignore(decision.event_id, None, Ignored("session_status", f"recorded for /health: {reason}"))
         if isinstance(decision, Ignored):
             return self._ignore(event.event_id, self._chat_of(event), decision)
         try:
@@ -2719,7 +3167,42 @@ class WebhookService:
         except StoreUnavailable as exc:
             log.warning("could not count %s: %s", name, exc)
 
-    def status_document(self, status: str) -> dict[str, Any]:
+    def health_document(self) -> tuple[dict[str, Any], int]:
+        """/health: one status for the whole server, the same from every worker, and the checks behind it."""
+        checks = self.health_checks()
+        status = overall_health(checks)
+        shown = {name: check.to_json() for name, check in checks.items()}
+        if status is ServerHealth.UNHEALTHY:
+            return {"status": str(status), "service": SERVICE_NAME, "version": __version__, "checks": shown,
+                    "error": "state store unavailable", "timestamp": utc_now_iso()}, 503
+        return self.status_document(str(status), checks=shown), 200
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        """store (a real write, now), llm and waha (what the workers reported, from the shared store)."""
+        try:
+            self.store.ping()
+            store = self._store_check(CheckStatus.OK, "the state store takes writes")
+            reports = self.store.health_reports()
+        except StoreUnavailable as exc:
+            log.error("health check failed: %s", exc)
+            store = self._store_check(CheckStatus.FAILING, "the state store cannot take writes: new messages get "
+                                                           "503 so WAHA redelivers them (see the server log)")
+            reports = self.health.last_known()
+        checks = {"store": store}
+        for part in HEALTH_CHECKS[1:]:
+            checks[part] = combine_checks(report for name, report in reports.items()
+                                          if name == part or name.startswith(part + ":")) or HealthCheck(
+                status=CheckStatus.OK, reason=f"no {part.upper()} problem reported since the server started",
+                since=self.started_at)
+        return checks
+
+    def _store_check(self, status: CheckStatus, reason: str) -> HealthCheck:
+        if self._store_health[0] is not status:
+            self._store_health = (status, time.time())
+        return HealthCheck(status=status, reason=reason, since=self._store_health[1])
+
+    def status_document(self, status: str, *, service: str = SERVICE_NAME,
+                        checks: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The JSON shared by /health, /stats and GET on the webhook."""
         snapshot = self.store.snapshot()
         counters: dict[str, int] = snapshot["counters"]
@@ -2728,8 +3211,9 @@ class WebhookService:
                    if name.startswith(IGNORED_COUNTER_PREFIX)}
         return {
             "status": status,
-            "service": SERVICE_NAME,
+            "service": service,
             "version": __version__,
+            **({"checks": checks} if checks is not None else {}),
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "worker_pid": os.getpid(),
             "stats": {
@@ -2747,6 +3231,7 @@ class WebhookService:
                 "ignored_by_reason": ignored,
                 "requests_rejected": counters.get("requests_rejected", 0),
                 "requests_unauthorized": counters.get("requests_unauthorized", 0),
+                "llm_cost_usd": round(counters.get(LLM_COST_COUNTER, 0) / 1e9, 6),
                 "server_started_at": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
             },
             "timestamp": utc_now_iso(),
@@ -2848,10 +3333,12 @@ def create_app(settings: Settings | None = None, *, store: StateStore | None = N
                     "can make the bot send WhatsApp messages; set WEBHOOK_HMAC_KEY to WAHA's HMAC key")
     # gunicorn.conf.py records the master's start so every worker reports the same uptime.
     started_at = float(os.environ.get("WEBHOOK_SERVER_STARTED_AT") or time.time())
+    reporter = HealthReporter(store=store)
     service = WebhookService(
-        settings=settings, store=store, started_at=started_at,
-        runtime_factory=lambda: WorkerRuntime(settings=settings, store=store, llm_transport=llm_transport,
-                                              waha_transport=waha_transport, sleep=sleep))
+        settings=settings, store=store, started_at=started_at, health=reporter,
+        runtime_factory=lambda: WorkerRuntime(settings=settings, store=store, health=reporter,
+                                              llm_transport=llm_transport, waha_transport=waha_transport,
+                                              sleep=sleep))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -2865,20 +3352,15 @@ def create_app(settings: Settings | None = None, *, store: StateStore | None = N
 
     @app.get(WEBHOOK_PATH)
     def describe_webhook() -> Any:
-        document = service.status_document("active")
+        document = service.status_document("ok", service=WEBHOOK_SERVICE_NAME)
         document["endpoint"] = WEBHOOK_PATH
         document["accepts"] = "POST application/json (WAHA webhook events: message, message.any)"
         return jsonify(document)
 
     @app.get("/health")
     def health() -> Any:
-        try:
-            service.store.ping()
-            return jsonify(service.status_document("healthy"))
-        except StoreUnavailable as exc:
-            log.error("health check failed: %s", exc)
-            return jsonify({"status": "unhealthy", "service": SERVICE_NAME, "version": __version__,
-                            "error": "state store unavailable", "timestamp": utc_now_iso()}), 503
+        document, status = service.health_document()
+        return jsonify(document), status
 
     @app.get("/stats")
     def stats() -> Any:
@@ -3037,29 +3519,100 @@ def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | Non
                                            "GET /api/{session}/auth/qr, then scan the QR code with WhatsApp"))
 
         auth = {"Authorization": f"Bearer {settings.openrouter_api_key}"} if settings.openrouter_api_key else {}
-        if settings.uses_openrouter:
-            key = get(f"{settings.openrouter_base_url}/key", **auth)
-            if isinstance(key, str) or key.status_code != 200:
-                results.append(CheckResult("OpenRouter key", False, key if isinstance(key, str) else
-                                           f"GET /key answered HTTP {key.status_code}",
-                                           "create a key at https://openrouter.ai/keys and set OPENROUTER_API_KEY"))
+        base = settings.openrouter_base_url
+        if settings.uses_openrouter:  # its /models is public: only /key says whether the key works
+            key = get(f"{base}/key", **auth)
+            if isinstance(key, str):
+                results.append(CheckResult("OpenRouter key", False, key, "check the network path to openrouter.ai"))
+            elif key.status_code in (401, 403):
+                results.append(CheckResult("OpenRouter key", False, f"the key was rejected (GET /key answered HTTP "
+                                           f"{key.status_code})", "create a key at https://openrouter.ai/keys and "
+                                           "set OPENROUTER_API_KEY"))
+            elif key.status_code != 200:
+                results.append(CheckResult("OpenRouter key", False, f"GET /key answered HTTP {key.status_code}"))
             else:
-                data = key.json().get("data", {}) if isinstance(key.json(), dict) else {}
+                data = _json_or_none(key)
+                data = data.get("data", {}) if isinstance(data, dict) else {}
                 results.append(CheckResult("OpenRouter key", True, f"valid (limit_remaining="
                                            f"{data.get('limit_remaining')}, free tier={data.get('is_free_tier')})"))
-        models = get(f"{settings.openrouter_base_url}/models", **auth)
-        if isinstance(models, str) or models.status_code != 200:
-            results.append(CheckResult("LLM reachable", False, models if isinstance(models, str) else
-                                       f"GET /models answered HTTP {models.status_code}",
+        models = get(f"{base}/models", **auth)
+        if isinstance(models, str):
+            results.append(CheckResult("LLM reachable", False, models,
+                                       "check OPENROUTER_BASE_URL (an OpenAI-compatible base URL ending in /v1)"))
+        elif models.status_code in (401, 403):
+            results.append(CheckResult("LLM key", False, f"{base}/models rejected the key (HTTP {models.status_code})",
+                                       "set OPENROUTER_API_KEY to a key this server accepts"))
+        elif models.status_code != 200 or (listed := listed_models(models)) is None:
+            results.append(CheckResult("LLM reachable", False, f"GET {base}/models answered HTTP {models.status_code}"
+                                       f"{'' if models.status_code != 200 else ' without a model list'}",
                                        "check OPENROUTER_BASE_URL (an OpenAI-compatible base URL ending in /v1)"))
         else:
-            ids = {m.get("id") for m in models.json().get("data", []) if isinstance(m, dict)}
-            found = settings.openrouter_model in ids
-            results.append(CheckResult("LLM model available", found, f"{settings.openrouter_model} "
-                                       f"{'is listed' if found else f'is not among the {len(ids)} listed models'}",
-                                       "set OPENROUTER_MODEL to a listed id, e.g. google/gemini-2.0-flash-001 or "
-                                       "google/gemini-2.5-flash-lite"))
+            settings_of = [("OPENROUTER_MODEL", settings.openrouter_model),
+                           *(("OPENROUTER_FALLBACK_MODELS", m) for m in settings.openrouter_fallback_models)]
+            for setting, model in settings_of:
+                name = f"LLM model {setting}"
+                if model in listed:
+                    kinds = listed[model]
+                    results.append(CheckResult(name, True, f"{model} is served"
+                                               + (f" (input: {', '.join(kinds)})" if kinds else "")))
+                    continue
+                suggestions = suggest_models(model, list(listed))
+                results.append(CheckResult(
+                    name, False, f"{model} is not among the {len(listed)} models {base}/models lists",
+                    f"set {setting} to a listed id" + (f", e.g. {' or '.join(suggestions)}" if suggestions else "")))
+            if not settings.uses_openrouter and settings.openrouter_model in listed:
+                results.append(_check_test_completion(http, settings, auth))
     return results
+
+
+def _check_test_completion(http: httpx.Client, settings: Settings, auth: Mapping[str, str]) -> CheckResult:
+    """A one-token request: on servers other than OpenRouter only this shows whether the key is accepted
+    (their /models is often open to anyone)."""
+    url = f"{settings.openrouter_base_url}/chat/completions"
+    body = {"model": settings.openrouter_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    try:
+        response = http.post(url, json=body, headers=auth, timeout=settings.llm_attempt_timeout_seconds)
+    except httpx.HTTPError as exc:
+        return CheckResult("LLM answers", False, f"cannot reach {url} ({type(exc).__name__})")
+    if response.status_code in (401, 403):
+        return CheckResult("LLM key", False, f"{url} rejected the key (HTTP {response.status_code})",
+                           "set OPENROUTER_API_KEY to a key this server accepts")
+    if response.status_code != 200:
+        return CheckResult("LLM answers", False, f"a one-token test request answered HTTP {response.status_code}: "
+                           f"{_error_message(response)}")
+    return CheckResult("LLM answers", True, f"{settings.openrouter_model} answered a one-token test request")
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def listed_models(response: httpx.Response) -> dict[str, tuple[str, ...]] | None:
+    """GET /models as {id: input modalities}; None when the answer is not an OpenAI-style model list."""
+    document = _json_or_none(response)
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        return None
+    listed: dict[str, tuple[str, ...]] = {}
+    for entry in data:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            architecture = entry.get("architecture") if isinstance(entry.get("architecture"), dict) else {}
+            kinds = architecture.get("input_modalities")
+            listed[entry["id"]] = tuple(k for k in kinds if isinstance(k, str)) if isinstance(kinds, list) else ()
+    return listed
+
+
+def suggest_models(missing: str, listed: list[str], *, count: int = 3) -> list[str]:
+    """Ids from the server's own list that look like the missing one (never a hard-coded id: those retire)."""
+    close = difflib.get_close_matches(missing, listed, n=count, cutoff=0.6)
+    if close:
+        return close
+    vendor = missing.split("/")[0] + "/" if "/" in missing else ""
+    same_vendor = sorted(m for m in listed if vendor and m.startswith(vendor))
+    return difflib.get_close_matches(missing, same_vendor, n=count, cutoff=0.0) if same_vendor else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3072,8 +3625,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         check_local_resources(settings)
         if "--check-settings" in args or "--check" in args:
+            fallbacks = ", ".join(settings.openrouter_fallback_models) or "none"
             print(f"OK   settings: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
-                  f"model {settings.openrouter_model}, state {settings.state_db}")
+                  f"model {settings.openrouter_model} (fallbacks: {fallbacks}), state {settings.state_db}")
         if "--check-settings" in args:
             return 0
         if "--check" in args:

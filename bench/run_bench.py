@@ -617,7 +617,7 @@ async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host
 async def _floor(llm_url: str, waha_url: str, chats: int, per_chat: int) -> tuple[float, int]:
     """Every chat at once on its own keep-alive connections: LLM call, then sendText, per_chat times."""
     llm, waha = httpx.URL(llm_url), httpx.URL(waha_url)
-    llm_body = json.dumps({"model": "google/gemini-2.0-flash-001",
+    llm_body = json.dumps({"model": "google/gemini-3.1-flash-lite",
                            "messages": [{"role": "user", "content": "floor"}]}).encode()
     failures = 0
 

@@ -23,7 +23,7 @@ from flask import Flask, jsonify, request
 
 LLM_URL = os.environ.get("SEED_LLM_URL", "https://openrouter.ai/api/v1").rstrip("/")
 LLM_KEY = os.environ.get("SEED_LLM_KEY", "")
-LLM_MODEL = os.environ.get("SEED_LLM_MODEL", "google/gemini-2.0-flash-001")
+LLM_MODEL = os.environ.get("SEED_LLM_MODEL", "google/gemini-3.1-flash-lite")
 WAHA_URL = os.environ.get("SEED_WAHA_URL", "http://localhost:3000").rstrip("/")
 WAHA_KEY = os.environ.get("SEED_WAHA_KEY", "")
 SYSTEM_PROMPT = "Você é um assistente prestativo. Responda de forma breve e educada."

@@ -91,7 +91,7 @@ class Upstreams:
         return [json.loads(call.request.content) for call in self.router.routes[name].calls]
 
 
-def completion(content: Any, *, model: str = "google/gemini-2.0-flash-001", finish_reason: str = "stop") -> dict[str, Any]:
+def completion(content: Any, *, model: str = "google/gemini-3.1-flash-lite", finish_reason: str = "stop") -> dict[str, Any]:
     """An OpenRouter chat completion body as documented (choices, usage, model actually used)."""
     return {"id": "gen-123", "object": "chat.completion", "created": 1700000000, "model": model,
             "provider": "Google",

@@ -475,8 +475,10 @@ def test_waha_posts_to_the_webhook_service_at_the_servers_path(compose: dict[str
     assert url.port == int(webhook["environment"]["WEBHOOK_PORT"])
     assert url.port in [published(port)[2] for port in webhook["ports"]]
     events = waha["environment"]["WHATSAPP_HOOK_EVENTS"].split(",")
-    # message for customers; message.any for a person answering from the phone (handoff).
-    assert set(events) == {"message", "message.any"} and set(events) <= set(server.ANSWERED_EVENTS)
+    # message for customers; message.any for a person answering from the phone (handoff);
+    # session.status so /health can say when the WAHA session is not WORKING.
+    assert set(events) == {"message", "message.any", "session.status"}
+    assert set(events) <= {*server.ANSWERED_EVENTS, "session.status"}
 
 
 def test_both_services_take_the_hmac_key_and_api_key_from_one_variable(raw_compose: dict[str, Any]) -> None:

@@ -43,7 +43,6 @@ def test_message_and_message_any_of_one_message_share_a_key(engine: str) -> None
 @pytest.mark.parametrize("engine", wp.ENGINES)
 @pytest.mark.parametrize("builder, reason", [
     (wp.message_ack, "event_not_handled"),
-    (wp.session_status, "event_not_handled"),
     (wp.reaction, "event_not_handled"),
     (wp.own_api_message_any, "from_me"),
     (wp.status_broadcast_message, "status_broadcast"),
@@ -139,8 +138,6 @@ def test_malformed_bodies_are_explained(body: bytes, error: str) -> None:
 
 
 @pytest.mark.parametrize("mutate, error", [
-    (lambda p: p.pop("from"), "field 'payload.from' is required"),
-    (lambda p: p.pop("id"), "field 'payload.id' is required"),
     (lambda p: p.update({"from": 5511}), "field 'payload.from' must be a string, got a number"),
     (lambda p: p.update({"fromMe": "no"}), "field 'payload.fromMe' must be a boolean, got a string"),
     (lambda p: p.update({"body": 123}), "field 'payload.body' must be a string, got a number"),
@@ -157,5 +154,46 @@ def test_message_fields_of_the_wrong_type_are_explained(mutate, error: str) -> N
 def test_message_without_session_cannot_be_answered() -> None:
     envelope = wp.text_message("WEBJS")
     envelope.pop("session")
-    with pytest.raises(server.BadRequestError, match="session"):
-        classify(envelope)
+    assert classify(envelope).reason == "no_session"
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_message_without_from_is_answered_in_the_chat_its_id_names(engine: str) -> None:
+    envelope = wp.text_message(engine, sender=wp.CUSTOMER_LID, body="Oi")
+    envelope["payload"].pop("from")
+    message = classify(envelope)
+    assert isinstance(message, server.IncomingMessage) and message.chat_id == wp.CUSTOMER_LID
+
+
+def test_waha_status_broadcast_example_without_from_is_ignored_as_a_status() -> None:
+    envelope = wp.status_broadcast_message("WEBJS")
+    envelope["payload"].pop("from")
+    assert classify(envelope).reason == "status_broadcast"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda p: (p.pop("from"), p.pop("id")), "no_chat"),
+    (lambda p: (p.pop("from"), p.update({"id": "not-a-waha-id"})), "no_chat"),
+    (lambda p: p.pop("id"), "no_message_id"),
+])
+def test_a_well_formed_message_that_cannot_be_answered_is_ignored_with_its_reason(mutate, reason: str) -> None:
+    envelope = wp.text_message("GOWS")
+    mutate(envelope["payload"])
+    assert classify(envelope).reason == reason
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+@pytest.mark.parametrize("state, check", [("WORKING", "ok"), ("SCAN_QR_CODE", "degraded"), ("STARTING", "degraded"),
+                                          ("FAILED", "failing"), ("STOPPED", "failing")])
+def test_session_status_events_say_what_health_should_report(engine: str, state: str, check: str) -> None:
+    envelope = wp.session_status(engine, status=state)
+    decision = classify(envelope)
+    assert isinstance(decision, server.SessionStatus) and decision.state == state
+    assert decision.check[0] == check and state in decision.check[1]
+
+
+def test_session_status_with_an_unknown_state_or_odd_name_is_not_recorded() -> None:
+    unknown = wp.session_status("WEBJS")
+    unknown["payload"]["status"] = "MAYBE"
+    for envelope in (unknown, {**wp.session_status("WEBJS"), "session": "a/../b"}):
+        assert classify(envelope).reason == "session_status"

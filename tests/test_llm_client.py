@@ -28,7 +28,7 @@ def run_client(route_responses: list[httpx.Response | Exception], **options) -> 
     async def scenario():
         async with httpx.AsyncClient() as http:
             client = server.LLMClient(http=http, base_url="https://openrouter.ai/api/v1", api_key="sk-or-v1-test",
-                                      model="google/gemini-2.0-flash-001", sleep=fake_sleep, rng=lambda: 0.5,
+                                      model="google/gemini-3.1-flash-lite", sleep=fake_sleep, rng=lambda: 0.5,
                                       **options)
             try:
                 return await client.complete(PROMPT, user="hash")
@@ -53,7 +53,7 @@ def test_sends_model_messages_limits_and_bearer_key() -> None:
     request = route.calls[0].request
     assert request.headers["Authorization"] == "Bearer sk-or-v1-test"
     body = json.loads(request.content)
-    assert body == {"model": "google/gemini-2.0-flash-001", "messages": PROMPT, "max_tokens": 512,
+    assert body == {"model": "google/gemini-3.1-flash-lite", "messages": PROMPT, "max_tokens": 512,
                     "temperature": 0.7, "user": "hash"}
 
 
@@ -174,3 +174,95 @@ def test_finish_error_with_a_client_error_code_is_not_retried() -> None:
                          "message": {"role": "assistant", "content": ""}}]}
     error, _, route = run_client([httpx.Response(200, json=body)] * 2)
     assert isinstance(error, server.LLMError) and route.call_count == 1
+
+
+# --- models that are not served --------------------------------------------------------------------
+
+LOCAL_URL = "http://llm.local:11434/v1/chat/completions"
+
+
+def not_served(request: httpx.Request) -> httpx.Response | None:
+    """Like an Ollama/vLLM server that has only google/gemini-3.5-flash: any other model is a 404."""
+    model = json.loads(request.content)["model"]
+    if model == "google/gemini-3.5-flash":
+        return httpx.Response(200, json=completion(f"answer from {model}", model=model))
+    return httpx.Response(404, json={"error": {"message": f"model '{model}' not found", "type": "not_found"}})
+
+
+def test_a_model_that_is_not_served_is_a_configuration_error_and_the_next_model_answers(caplog) -> None:
+    sleeps: list[float] = []
+    now = [1000.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def scenario() -> list[server.LLMReply]:
+        async with httpx.AsyncClient() as http:
+            client = server.LLMClient(http=http, base_url="http://llm.local:11434/v1", api_key="",
+                                      model="google/gemini-2.0-flash-001", fallback_models=["google/gemini-3.5-flash"],
+                                      sleep=fake_sleep, clock=lambda: now[0])
+            replies = [await client.complete(PROMPT, log_context="event=e1")]
+            now[0] += 30
+            replies.append(await client.complete(PROMPT, log_context="event=e2"))
+            now[0] += server.UnservedModels.RECHECK_SECONDS  # later the configured model is asked again
+            replies.append(await client.complete(PROMPT, log_context="event=e3"))
+            return replies
+
+    unavailable = server.LLM_MODEL_UNAVAILABLE.labels("google/gemini-2.0-flash-001")
+    before = unavailable._value.get()
+    with respx.mock() as router, caplog.at_level("ERROR", logger="whatsapp_webhook"):
+        route = router.post(LOCAL_URL)
+        route.side_effect = not_served
+        first, second, third = asyncio.run(scenario())
+    asked = [json.loads(call.request.content)["model"] for call in route.calls]
+    # Not retried as transient (no backoff); the next message skips the retired id for a while.
+    assert asked == ["google/gemini-2.0-flash-001", "google/gemini-3.5-flash", "google/gemini-3.5-flash",
+                     "google/gemini-2.0-flash-001", "google/gemini-3.5-flash"]
+    assert sleeps == [] and all("models" not in json.loads(c.request.content) for c in route.calls)
+    assert first.text == "answer from google/gemini-3.5-flash" and first.from_fallback and first.attempts == 1
+    assert first.unserved_models == ("google/gemini-2.0-flash-001",) and second.from_fallback and third.from_fallback
+    assert unavailable._value.get() - before == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2  # at most once a minute
+    assert "model=google/gemini-2.0-flash-001 setting=OPENROUTER_MODEL" in errors[0]
+    assert "Set OPENROUTER_MODEL to a served id" in errors[0] and "--check" in errors[0]
+
+
+def test_when_no_configured_model_is_served_each_is_asked_once_then_the_error_is_raised() -> None:
+    error, sleeps, route = run_client(
+        [httpx.Response(404, json={"error": {"code": 404, "message": "No endpoints found for google/gemini-3.1-flash-lite."}}),
+         httpx.Response(400, json={"error": {"code": 400, "message": "x/y is not a valid model ID"}})],
+        fallback_models=["x/y"])
+    assert isinstance(error, server.ModelUnavailableError) and error.model == "x/y" and not error.transient
+    assert route.call_count == 2 and sleeps == []
+
+
+def test_openrouter_gets_the_fallback_list_and_minimal_reasoning_and_says_which_model_answered() -> None:
+    reply, _, route = run_client([httpx.Response(200, json=completion("ok", model="google/gemini-3.5-flash"))],
+                                 fallback_models=["google/gemini-3.5-flash"], openrouter=True,
+                                 reasoning_effort="minimal")
+    body = json.loads(route.calls[0].request.content)
+    assert body["model"] == "google/gemini-3.1-flash-lite"
+    assert body["models"] == ["google/gemini-3.1-flash-lite", "google/gemini-3.5-flash"]
+    assert body["reasoning"] == {"effort": "minimal", "exclude": True}
+    assert isinstance(reply, server.LLMReply) and reply.from_fallback and reply.answered_by == "google/gemini-3.5-flash"
+    dated, _, _ = run_client([httpx.Response(200, json=completion("ok", model="google/gemini-3.1-flash-lite-20260507"))],
+                             fallback_models=["google/gemini-3.5-flash"], openrouter=True)
+    assert isinstance(dated, server.LLMReply) and not dated.from_fallback
+
+
+def test_a_bare_404_is_not_blamed_on_the_model() -> None:
+    # A base URL without /v1 answers 404 for the path: that is not a retired model.
+    error, _, route = run_client([httpx.Response(404, text="404 page not found")], fallback_models=["b/other"])
+    assert type(error) is server.LLMError and error.status == 404 and route.call_count == 1
+
+
+def test_the_reported_cost_is_returned_and_counted() -> None:
+    body = completion("ok")
+    body["usage"]["cost"] = 0.00042
+    before = server.LLM_COST_USD._value.get()
+    reply, _, _ = run_client([httpx.Response(200, json=body)])
+    assert isinstance(reply, server.LLMReply) and reply.cost_usd == 0.00042
+    assert server.LLM_COST_USD._value.get() - before == pytest.approx(0.00042)
+    free, _, _ = run_client([httpx.Response(200, json=completion("ok"))])
+    assert isinstance(free, server.LLMReply) and free.cost_usd is None

@@ -13,14 +13,15 @@ import respx
 
 import whatsapp_webhook_server as server
 from tests import waha_payloads as wp
-from tests.conftest import LLM_BASE, WAHA_BASE, make_settings, post_event
+from tests.conftest import LLM_BASE, WAHA_BASE, completion, make_settings, post_event
 
 
 def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[server.CheckResult]:
     settings = make_settings(tmp_path, **overrides)
     with respx.mock(assert_all_called=False) as router:
         for url, response in routes.items():
-            router.get(url).mock(side_effect=response if isinstance(response, Exception) else None,
+            method, url = url.split(" ", 1) if " " in url else ("GET", url)
+            router.route(method=method, url=url).mock(side_effect=response if isinstance(response, Exception) else None,
                                  return_value=None if isinstance(response, Exception) else response)
         return server.check_deployment(settings)
 
@@ -28,14 +29,35 @@ def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[s
 HEALTHY = {
     f"{WAHA_BASE}/ping": httpx.Response(200, json={"message": "pong"}),
     f"{WAHA_BASE}/api/sessions?all=true": httpx.Response(200, json=[{"name": "default", "status": "WORKING"}]),
-    f"{LLM_BASE}/models": httpx.Response(200, json={"data": [{"id": "google/gemini-2.0-flash-001"}]}),
+    f"{LLM_BASE}/models": httpx.Response(200, json={"data": [
+        {"id": "google/gemini-3.1-flash-lite", "architecture": {"input_modalities": ["text", "image", "audio"]}},
+        {"id": "google/gemini-3.5-flash"}, {"id": "openai/gpt-5-mini"}]}),
+    f"POST {LLM_BASE}/chat/completions": httpx.Response(200, json=completion("p")),
 }
 
 
 def test_check_passes_when_waha_and_the_llm_are_ready(tmp_path) -> None:
     results = run_check(tmp_path, HEALTHY)
-    assert [r.name for r in results] == ["WAHA reachable", "WAHA session WORKING", "LLM model available"]
+    assert [r.name for r in results] == ["WAHA reachable", "WAHA session WORKING", "LLM model OPENROUTER_MODEL",
+                                         "LLM model OPENROUTER_FALLBACK_MODELS", "LLM answers"]
     assert all(r.ok for r in results)
+    assert results[2].detail == "google/gemini-3.1-flash-lite is served (input: text, image, audio)"
+
+
+def test_check_names_each_missing_model_and_suggests_ids_from_the_servers_own_list(tmp_path) -> None:
+    results = run_check(tmp_path, HEALTHY, openrouter_model="google/gemini-2.0-flash-001",
+                        openrouter_fallback_models=("google/gemini-3.5-flash", "openai/gpt-4o-mini"))
+    failed = {r.name: r.line() for r in results if not r.ok}
+    assert set(failed) == {"LLM model OPENROUTER_MODEL", "LLM model OPENROUTER_FALLBACK_MODELS"}
+    primary = failed["LLM model OPENROUTER_MODEL"]
+    assert "google/gemini-2.0-flash-001 is not among the 3 models" in primary
+    hint = primary.split("fix: set OPENROUTER_MODEL to a listed id, e.g. ")[1]
+    assert set(hint.split(" or ")) == {"google/gemini-3.1-flash-lite", "google/gemini-3.5-flash"}
+    assert "openai/gpt-4o-mini is not among" in failed["LLM model OPENROUTER_FALLBACK_MODELS"]
+    assert "e.g. openai/gpt-5-mini" in failed["LLM model OPENROUTER_FALLBACK_MODELS"]
+    # Suggestions come only from what the server lists, never from a hard-coded id.
+    bare = run_check(tmp_path, {**HEALTHY, f"{LLM_BASE}/models": httpx.Response(200, json={"data": [{"id": "x/y"}]})})
+    assert [r.line() for r in bare if not r.ok][0].endswith("fix: set OPENROUTER_MODEL to a listed id")
 
 
 @pytest.mark.parametrize("change, failing, hint", [
@@ -44,9 +66,13 @@ def test_check_passes_when_waha_and_the_llm_are_ready(tmp_path) -> None:
      "WAHA API key and sessions", "WAHA_API_KEY must equal"),
     ({f"{WAHA_BASE}/api/sessions?all=true": httpx.Response(200, json=[{"name": "default", "status": "SCAN_QR_CODE"}])},
      "WAHA session WORKING", "scan the QR code"),
-    ({f"{LLM_BASE}/models": httpx.Response(200, json={"data": [{"id": "other/model"}]})},
-     "LLM model available", "OPENROUTER_MODEL"),
     ({f"{LLM_BASE}/models": httpx.ConnectError("refused")}, "LLM reachable", "OPENROUTER_BASE_URL"),
+    ({f"{LLM_BASE}/models": httpx.Response(401, json={"error": {"message": "bad key"}})}, "LLM key",
+     "OPENROUTER_API_KEY"),
+    ({f"{LLM_BASE}/models": httpx.Response(200, text="<html>")}, "LLM reachable", "OPENROUTER_BASE_URL"),
+    # Servers other than OpenRouter often list models to anyone: only a real request shows the key is wrong.
+    ({f"POST {LLM_BASE}/chat/completions": httpx.Response(401, json={"error": {"message": "bad key"}})}, "LLM key",
+     "OPENROUTER_API_KEY"),
 ])
 def test_check_names_what_is_wrong_and_how_to_fix_it(tmp_path, change: dict, failing: str, hint: str) -> None:
     results = run_check(tmp_path, {**HEALTHY, **change})
@@ -61,6 +87,10 @@ def test_check_validates_an_openrouter_key(tmp_path) -> None:
               f"{base}/key": httpx.Response(401, json={"error": {"code": 401, "message": "No auth"}})}
     results = run_check(tmp_path, routes, openrouter_base_url=base)
     assert [r.name for r in results if not r.ok] == ["OpenRouter key"]
+    assert "the key was rejected (GET /key answered HTTP 401)" in next(r.line() for r in results if not r.ok)
+    unreachable = run_check(tmp_path, {**routes, f"{base}/key": httpx.ConnectError("refused")},
+                            openrouter_base_url=base)
+    assert next(r.detail for r in unreachable if not r.ok).startswith(f"cannot reach {base}/key (ConnectError)")
 
 
 def test_metrics_endpoint_counts_what_the_webhook_did(client, upstreams) -> None:

@@ -13,7 +13,10 @@ def test_defaults_match_the_documented_values() -> None:
     settings = server.Settings.from_env(REQUIRED)
     assert (settings.host, settings.port) == ("0.0.0.0", 5002)
     assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
-    assert settings.openrouter_model == "google/gemini-2.0-flash-001"
+    assert settings.openrouter_model == "google/gemini-3.1-flash-lite"
+    assert settings.openrouter_fallback_models == ("google/gemini-3.5-flash",)
+    assert settings.llm_models == ("google/gemini-3.1-flash-lite", "google/gemini-3.5-flash")
+    assert settings.llm_reasoning_effort == "minimal"
     assert settings.log_file == "/tmp/whatsapp_webhook.log"
     assert settings.reply_in_groups is False and settings.typing_simulation is True
     assert settings.webhook_sync_wait_seconds == 20.0
@@ -35,6 +38,23 @@ def test_every_documented_variable_is_read() -> None:
     assert s.log_file is None and s.log_level == "DEBUG"
     assert s.reply_in_groups is True and s.typing_simulation is False
     assert (s.fallback_message, s.webhook_sync_wait_seconds) == ("Sorry!", 2.5)
+
+
+@pytest.mark.parametrize("raw, models", [
+    ("", ()),  # set and empty: no fallback
+    ("a/one", ("a/one",)),
+    (" a/one , b/two,,a/one ", ("a/one", "b/two")),
+])
+def test_fallback_models_are_a_comma_separated_list(raw: str, models: tuple[str, ...]) -> None:
+    settings = server.Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS=raw))
+    assert settings.openrouter_fallback_models == models
+
+
+def test_fallback_models_and_reasoning_effort_are_validated() -> None:
+    with pytest.raises(server.SettingsError) as error:
+        server.Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS="a/one b/two", LLM_REASONING_EFFORT="max"))
+    assert "OPENROUTER_FALLBACK_MODELS must be model ids separated by commas" in str(error.value)
+    assert "LLM_REASONING_EFFORT must be one of NONE, MINIMAL, LOW, MEDIUM, HIGH" in str(error.value)
 
 
 def test_missing_keys_are_all_named_with_where_to_set_them() -> None:

@@ -37,7 +37,8 @@ def test_a_customer_text_is_answered_once_by_the_llm_in_the_same_chat_and_sessio
     assert upstreams.sent_texts() == [{"session": "loja-1", "chatId": sender,
                                        "text": "Echo: Qual o horário de funcionamento?"}]
     (llm_request,) = upstreams.calls_to("llm")
-    assert llm_request["model"] == "google/gemini-2.0-flash-001"
+    assert llm_request["model"] == "google/gemini-3.1-flash-lite"
+    assert "models" not in llm_request and "reasoning" not in llm_request  # OpenRouter-only fields
     assert llm_request["messages"][0]["role"] == "system"
     assert "same language" in llm_request["messages"][0]["content"]
     assert llm_request["messages"][-1] == {"role": "user", "content": "Qual o horário de funcionamento?"}
@@ -105,7 +106,7 @@ def test_the_text_only_note_is_configurable(make_app, upstreams) -> None:
 
 @pytest.mark.parametrize("builder, reason", [
     (wp.message_ack, "event_not_handled"),
-    (wp.session_status, "event_not_handled"),
+    (wp.session_status, "session_status"),
     (wp.own_api_message_any, "from_me"),
     (wp.own_app_message_any, "from_me"),
     (lambda e: wp.text_message(e, group=wp.GROUP_ID), "group_chat"),
@@ -275,8 +276,6 @@ def test_without_typing_simulation_there_are_no_presence_calls_and_no_pause(clie
     (b"\xc3\x28", "application/json", 400, "UTF-8"),
     (b'{"event": "message", "session": "default", "payload": {"from": 1, "id": "x"}}', "application/json", 400,
      "payload.from"),
-    (b'{"event": "message", "session": "default", "payload": {"from": "1@c.us"}}', "application/json", 400,
-     "payload.id"),
 ])
 def test_bad_input_gets_a_json_4xx_is_counted_and_the_server_keeps_serving(
         client, upstreams, body, content_type, status, error) -> None:
@@ -336,10 +335,12 @@ def test_authentication_is_checked_before_the_body_is_judged(make_app) -> None:
 def test_status_endpoints_share_the_documented_shape(client, upstreams) -> None:
     post_event(client, wp.text_message("WEBJS"))
     post_event(client, wp.message_ack("WEBJS"))
-    for path, status in (("/health", "healthy"), ("/stats", "ok"), (server.WEBHOOK_PATH, "active")):
+    for path, status, service in (("/health", "healthy", "whatsapp_webhook_server"),
+                                  ("/stats", "ok", "whatsapp_webhook_server"),
+                                  (server.WEBHOOK_PATH, "ok", "whatsapp_webhook")):
         document = client.get(path).get_json()
         assert document["status"] == status
-        assert document["service"] == "whatsapp-webhook-server" and document["version"] == server.__version__
+        assert document["service"] == service and document["version"] == server.__version__ == "1.1.0"
         assert isinstance(document["uptime_seconds"], float) and "timestamp" in document
         counts = document["stats"]
         assert {k: counts[k] for k in ("messages_received", "messages_processed", "messages_failed")} == {
@@ -358,6 +359,124 @@ def test_health_reports_a_broken_store_with_503(make_app, tmp_path) -> None:
     store.ping = broken
     response = app.test_client().get("/health")
     assert response.status_code == 503 and response.get_json()["status"] == "unhealthy"
+    checks = response.get_json()["checks"]
+    assert checks["store"]["status"] == "failing" and "503" in checks["store"]["reason"]
+    assert set(checks) == {"store", "llm", "waha"}
+
+
+# --- /health tells the truth -------------------------------------------------------------------------
+
+def health(client) -> tuple[int, dict]:
+    response = client.get("/health")
+    return response.status_code, response.get_json()
+
+
+def test_health_is_healthy_with_every_check_ok_at_start(client) -> None:
+    status, document = health(client)
+    assert (status, document["status"], document["service"]) == (200, "healthy", "whatsapp_webhook_server")
+    assert {name: check["status"] for name, check in document["checks"].items()} == {
+        "store": "ok", "llm": "ok", "waha": "ok"}
+    assert all(check["since"].endswith("+00:00") and check["reason"] for check in document["checks"].values())
+
+
+def test_a_retired_configured_model_degrades_health_while_the_fallback_answers(make_app, upstreams) -> None:
+    def served(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        if model != "google/gemini-3.5-flash":
+            return httpx.Response(404, json={"error": {"code": 404, "message": f"No endpoints found for {model}."}})
+        return httpx.Response(200, json=completion("Abrimos às 8h.", model=model))
+
+    upstreams.llm.side_effect = served
+    client = make_app(openrouter_model="google/gemini-2.0-flash-001",
+                      openrouter_fallback_models=("google/gemini-3.5-flash",)).test_client()
+    assert post_event(client, wp.text_message("WEBJS", body="Que horas abrem?")).get_json()["status"] == "processed"
+    assert [sent["text"] for sent in upstreams.sent_texts()] == ["Abrimos às 8h."]
+    status, document = health(client)
+    assert (status, document["status"]) == (200, "degraded")
+    llm = document["checks"]["llm"]
+    assert llm["status"] == "degraded"
+    assert "OPENROUTER_MODEL=google/gemini-2.0-flash-001 is not served" in llm["reason"]
+    assert "google/gemini-3.5-flash" in llm["reason"]
+
+
+def test_health_recovers_when_the_configured_model_answers_again(make_app, upstreams) -> None:
+    def down_for_the_first_message(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["messages"][-1]["content"] == "um":
+            return httpx.Response(503, json={"error": {"code": 503, "message": "No available providers"}})
+        return httpx.Response(200, json=completion("ok"))
+
+    upstreams.llm.side_effect = down_for_the_first_message
+    client = make_app().test_client()
+    post_event(client, wp.text_message("WEBJS", body="um"))
+    assert health(client)[1]["checks"]["llm"]["status"] == "degraded"
+    post_event(client, wp.text_message("WEBJS", body="dois"))
+    assert health(client)[1]["status"] == "healthy"
+
+
+@pytest.mark.parametrize("status, check, words", [
+    (401, "failing", "rejected OPENROUTER_API_KEY"), (402, "failing", "out of credits"),
+    (503, "degraded", "fell back to FALLBACK_MESSAGE"),
+])
+def test_llm_failures_that_cost_customers_their_answer_show_in_health(client, upstreams, status, check, words) -> None:
+    upstreams.llm.side_effect = lambda request: httpx.Response(status, json={"error": {"code": status,
+                                                                                       "message": "nope"}})
+    post_event(client, wp.text_message("WEBJS"))
+    code, document = health(client)
+    assert (code, document["status"]) == (200, "degraded")
+    assert document["checks"]["llm"]["status"] == check and words in document["checks"]["llm"]["reason"]
+
+
+def test_waha_session_status_events_and_422_answers_show_in_health(client, upstreams) -> None:
+    response = post_event(client, wp.session_status("GOWS", status="SCAN_QR_CODE", session="loja-2"))
+    assert response.get_json()["reason"] == "session_status"
+    code, document = health(client)
+    assert (code, document["status"], document["checks"]["waha"]["status"]) == (200, "degraded", "degraded")
+    assert "WAHA session 'loja-2' is SCAN_QR_CODE" in document["checks"]["waha"]["reason"]
+    post_event(client, wp.session_status("GOWS", status="WORKING", session="loja-2"))
+    assert health(client)[1]["status"] == "healthy"
+
+    upstreams.send_text.side_effect = lambda request: httpx.Response(422, json={
+        "error": "Session status is not as expected. Try again later or restart the session",
+        "session": "default", "status": "STARTING", "expected": ["WORKING"]})
+    post_event(client, wp.text_message("WEBJS", session="default"))
+    waha = health(client)[1]["checks"]["waha"]
+    assert waha["status"] == "degraded" and "WAHA session 'default' is not WORKING (sendText answered HTTP 422)" \
+        == waha["reason"]
+
+
+def test_every_worker_reads_the_same_health_from_the_shared_store(make_app, upstreams) -> None:
+    first, second = make_app(), make_app()  # two apps on one state file, as two gunicorn workers
+    post_event(first.test_client(), wp.session_status("WEBJS", status="FAILED"))
+    documents = [health(app.test_client())[1] for app in (first, second)]
+    assert documents[0]["checks"] == documents[1]["checks"] and documents[1]["checks"]["waha"]["status"] == "failing"
+
+
+def test_stats_add_up_what_the_llm_provider_says_replies_cost(client, upstreams) -> None:
+    def priced(request: httpx.Request) -> httpx.Response:
+        body = completion("ok")
+        body["usage"]["cost"] = 0.000125
+        return httpx.Response(200, json=body)
+
+    upstreams.llm.side_effect = priced
+    for text in ("um", "dois"):
+        post_event(client, wp.text_message("WEBJS", body=text))
+    assert stats(client)["llm_cost_usd"] == pytest.approx(0.00025)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda p: (p.pop("from"), p.pop("id")), "no_chat"),
+    (lambda p: p.pop("id"), "no_message_id"),
+])
+def test_a_signed_message_that_cannot_be_answered_gets_200_ignored_not_a_4xx(
+        make_app, upstreams, mutate, reason) -> None:
+    client = make_app(webhook_hmac_key="hk").test_client()
+    envelope = wp.text_message("WEBJS")
+    mutate(envelope["payload"])
+    response = post_event(client, envelope, hmac_key="hk")  # WAHA would redeliver any 4xx, forever
+    assert response.status_code == 200 and response.get_json()["reason"] == reason
+    counts = stats(client)
+    assert counts["ignored_by_reason"] == {reason: 1} and counts["messages_received"] == 0
+    assert counts["messages_in_progress"] == 0 and upstreams.llm.call_count == 0
 
 
 def test_logs_name_the_decision_but_never_the_text_or_secrets(make_app, upstreams, tmp_path, capsys) -> None:

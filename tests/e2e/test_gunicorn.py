@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests import waha_payloads as wp
-from tests.e2e.conftest import REPO, GunicornServer
+from tests.e2e.conftest import REPO, GunicornServer, free_port
 
 pytestmark = pytest.mark.e2e
 WEBHOOK = "/api/v1/whatsapp/webhook"
@@ -231,9 +231,43 @@ def test_check_command_against_the_fakes(tmp_path, fake_waha, fake_llm) -> None:
     healthy = run()
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "OK   WAHA session WORKING: default=WORKING" in healthy.stdout
-    assert "OK   LLM model available: google/gemini-2.0-flash-001 is listed" in healthy.stdout
-    wrong = run(WAHA_API_KEY="not-the-key", OPENROUTER_MODEL="google/gemini-2.0-flash")
+    assert "OK   LLM model OPENROUTER_MODEL: google/gemini-3.1-flash-lite is served (input: text, image, audio, " \
+           "file, video)" in healthy.stdout
+    assert "OK   LLM model OPENROUTER_FALLBACK_MODELS: google/gemini-3.5-flash is served" in healthy.stdout
+    wrong = run(WAHA_API_KEY="not-the-key", OPENROUTER_MODEL="google/gemini-2.0-flash-001")
     assert wrong.returncode == 1
     assert "FAIL WAHA API key and sessions: GET /api/sessions: HTTP 401" in wrong.stdout
-    assert "FAIL LLM model available: google/gemini-2.0-flash is not among" in wrong.stdout
+    assert "FAIL LLM model OPENROUTER_MODEL: google/gemini-2.0-flash-001 is not among the 2 models" in wrong.stdout
+    assert "fix: set OPENROUTER_MODEL to a listed id, e.g. google/gemini-3.5-flash or google/gemini-3.1-flash-lite" \
+           in wrong.stdout
     assert "not-the-key" not in wrong.stdout
+    unreachable = run(OPENROUTER_BASE_URL=f"http://127.0.0.1:{free_port()}/api/v1", OPENROUTER_API_KEY="wrong-key")
+    assert "FAIL LLM reachable: cannot reach http://127.0.0.1:" in unreachable.stdout
+    rejected = run(OPENROUTER_API_KEY="wrong-key")
+    assert "FAIL LLM key:" in rejected.stdout and "rejected the key (HTTP 401)" in rejected.stdout
+    assert "wrong-key" not in rejected.stdout + unreachable.stdout
+
+
+def test_a_retired_configured_model_still_gets_customers_the_fallback_models_reply(
+        start_server, fake_waha, fake_llm) -> None:
+    """The default of release 1.0 (google/gemini-2.0-flash-001) no longer exists: the fake answers it 404."""
+    server = start_server(OPENROUTER_MODEL="google/gemini-2.0-flash-001",
+                          OPENROUTER_FALLBACK_MODELS="google/gemini-3.5-flash")
+    healthy = httpx.get(server.url + "/health", timeout=5).json()
+    assert healthy["status"] == "healthy" and healthy["service"] == "whatsapp_webhook_server"
+    envelopes = [wp.text_message(engine, body=f"Vocês abrem no sábado? ({engine})") for engine in wp.ENGINES]
+    for envelope in envelopes:
+        response = deliver(server, envelope)
+        assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+    assert sorted(sent["text"] for sent in fake_waha.sent_texts()) == sorted(
+        f"Echo: {envelope['payload']['body']}" for envelope in envelopes)
+    models = [body["model"] for body in fake_llm.completions()]
+    assert models.count("google/gemini-3.5-flash") == 3  # every customer was answered by the fallback
+    assert models.count("google/gemini-2.0-flash-001") <= 2  # each worker learns once, then skips the retired id
+    # Both workers answer /health from the shared store, so whichever answers says the same.
+    documents = [httpx.get(server.url + "/health", timeout=5).json() for _ in range(6)]
+    assert {d["status"] for d in documents} == {"degraded"}
+    assert {d["checks"]["llm"]["status"] for d in documents} == {"degraded"}
+    assert "OPENROUTER_MODEL=google/gemini-2.0-flash-001 is not served" in documents[0]["checks"]["llm"]["reason"]
+    log = server.log_text()
+    assert "model_unavailable model=google/gemini-2.0-flash-001 setting=OPENROUTER_MODEL" in log
