@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run_bench                  # full run (~6 min, the seed baseline takes most)
     .venv/bin/python -m bench.run_bench --quick --skip-baseline     # smoke run (< 1 min)
 
-Starts the fake LLM and fake WAHA (tests/fakes, as their own processes), the server under gunicorn with
+Starts the fake LLM and fake WAHA (fakes/, as their own processes), the server under gunicorn with
 the repository's gunicorn.conf.py, a bare Flask app under the same gunicorn settings, and the seed-style
 baseline; drives them with wrk (bench/wrk/*.lua); counts replies from the fake WAHA's request log; prints
 a Markdown table. See bench/README.md for what each run measures.
@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 
-from tests import waha_payloads as wp  # noqa: E402
+from fakes import waha_payloads as wp  # noqa: E402
 
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 WAHA_KEY = "bench-waha-key"
@@ -200,7 +200,7 @@ def base_env(home: Path) -> dict[str, str]:
 
 
 class Fake:
-    """A fake upstream in its own process (`python -m tests.fakes.fake_x`), so it never shares our GIL."""
+    """A fake upstream in its own process (`python -m fakes.fake_x`), so it never shares our GIL."""
 
     def __init__(self, procs: Processes, module: str, name: str, api_key: str, folder: Path) -> None:
         self.name = name
@@ -1080,8 +1080,8 @@ class Bench:
         r.command = "python -m bench.run_bench " + " ".join(sys.argv[1:])
         write_ack_file(self.folder / "ack.txt", self.hmac_key)
         say(f"work folder {self.folder}")
-        self.llm = Fake(self.procs, "tests.fakes.fake_openrouter", "fake-llm", LLM_KEY, self.folder)
-        self.waha = Fake(self.procs, "tests.fakes.fake_waha", "fake-waha", WAHA_KEY, self.folder)
+        self.llm = Fake(self.procs, "fakes.fake_openrouter", "fake-llm", LLM_KEY, self.folder)
+        self.waha = Fake(self.procs, "fakes.fake_waha", "fake-waha", WAHA_KEY, self.folder)
         say(f"fakes: LLM {self.llm.url} (pid {self.llm.pid}), WAHA {self.waha.url} (pid {self.waha.pid})")
         our_time = None
         if 1 in a.runs:

@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:  # `python demo/run_demo.py` works too
 import httpx  # noqa: E402
 
 import whatsapp_webhook_server as server  # noqa: E402  (only constants: the app is built lazily)
-from tests import waha_payloads as wp  # noqa: E402
-from tests.fakes import FakeOpenRouter, FakeWaha  # noqa: E402
+from fakes import FakeOpenRouter, FakeWaha  # noqa: E402
+from fakes import waha_payloads as wp  # noqa: E402
 
 WAHA_KEY = "demo-waha-key"
 LLM_KEY = "demo-llm-key"

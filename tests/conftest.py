@@ -12,8 +12,8 @@ import pytest
 import respx
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
-from tests.fakes.fake_waha import validate_waha_request
+from fakes import waha_payloads as wp
+from fakes.fake_waha import validate_waha_request
 
 LLM_BASE = "https://llm.test/api/v1"
 WAHA_BASE = "http://waha.test"

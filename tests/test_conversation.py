@@ -9,7 +9,7 @@ import time
 import httpx
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 from tests.conftest import completion, post_event
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

@@ -377,7 +377,8 @@ def test_every_copied_file_exists_and_survives_dockerignore(instructions: list[t
 def test_dockerignore_keeps_secrets_and_local_state_out(instructions: list[tuple[str, str]]) -> None:
     for path in (".env", ".env.webhook", ".env.compose.example", ".venv/bin/python", "venv/bin/python",
                  ".git/config", "data/whatsapp_webhook_state.db", "state.db-wal", ".pytest_cache/v/x",
-                 "tests/conftest.py", "__pycache__/whatsapp_webhook_server.cpython-311.pyc"):
+                 "tests/conftest.py", "fakes/data/waha-openapi.json",
+                 "__pycache__/whatsapp_webhook_server.cpython-311.pyc"):
         assert dockerignored(path), f"{path} would be sent to the Docker build context"
 
 

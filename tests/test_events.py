@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 
 
 def classify(envelope: dict, *, reply_in_groups: bool = False):

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import FakeOpenRouter, FakeWaha, validate_waha_request
+from fakes import FakeOpenRouter, FakeWaha, validate_waha_request
 
 WAHA_KEY = {"X-Api-Key": "test-waha-key"}
 LLM_KEY = {"Authorization": "Bearer test-llm-key"}

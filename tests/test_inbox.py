@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 from tests.conftest import make_settings
 
 

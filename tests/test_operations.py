@@ -12,7 +12,7 @@ import pytest
 import respx
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 from tests.conftest import LLM_BASE, WAHA_BASE, completion, make_settings, post_event
 
 

@@ -10,7 +10,7 @@ import pytest
 import respx
 
 import whatsapp_webhook_server as server
-from tests.fakes.fake_waha import validate_waha_request
+from fakes.fake_waha import validate_waha_request
 
 BASE = "http://waha.test"
 

@@ -1,4 +1,4 @@
-"""Self-checks for the WAHA payload builders (tests/waha_payloads.py)."""
+"""Self-checks for the WAHA payload builders (fakes/waha_payloads.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 
 EVT_ID = re.compile(r"^evt_[0-9abcdefghjkmnpqrstvwxyz]{26}$")
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import whatsapp_webhook_server as server
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 from tests.conftest import SLEEPS, completion, post_event
 
 

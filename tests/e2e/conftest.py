@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes import FakeOpenRouter, FakeWaha
+from fakes import FakeOpenRouter, FakeWaha
 
 REPO = Path(__file__).resolve().parents[2]
 WAHA_KEY = "e2e-waha-key"

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
+from fakes.fake_openrouter import echo
 from tests.e2e.test_gunicorn import deliver, stats, wait_for
-from tests.fakes.fake_openrouter import echo
 
 pytestmark = pytest.mark.e2e
 

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import waha_payloads as wp
+from fakes import FakeWaha
+from fakes import waha_payloads as wp
 from tests.e2e.conftest import WAHA_KEY, GunicornServer
 from tests.e2e.test_gunicorn import deliver, stats, wait_for
-from tests.fakes import FakeWaha
 
 pytestmark = pytest.mark.e2e
 

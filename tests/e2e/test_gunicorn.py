@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests import waha_payloads as wp
+from fakes import waha_payloads as wp
 from tests.e2e.conftest import REPO, GunicornServer, free_port
 
 pytestmark = pytest.mark.e2e

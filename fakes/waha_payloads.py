@@ -10,7 +10,7 @@ a real person.
 Where the shapes come from (read these before changing anything):
 
 Envelope / headers
-  * OpenAPI 2026.7.1 ``WAHAWebhookMessage``/``WAHAEnvironment``/``MeInfo`` (tests/data/waha-openapi.json).
+  * OpenAPI 2026.7.1 ``WAHAWebhookMessage``/``WAHAEnvironment``/``MeInfo`` (fakes/data/waha-openapi.json).
   * Real GOWS 2025.11.2 body, key order id, timestamp, event, session, metadata, me{id,pushName,lid,jid},
     payload, engine, environment: https://github.com/devlikeapro/waha/issues/1627
   * Real NOWEB 2025.11.4 body (no ``metadata`` key at all, me{id,pushName,lid}):

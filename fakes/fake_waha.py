@@ -15,9 +15,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from tests.fakes.base import FakeServer, Request, Response, phrase, run_cli
+from fakes.base import FakeServer, Request, Response, phrase, run_cli
 
-SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "waha-openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "waha-openapi.json"
 _SPEC_URI = "urn:waha-openapi"
 SEND_TEXT = "/api/sendText"
 PRESENCE_PATHS = ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")
