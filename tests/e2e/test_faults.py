@@ -22,7 +22,8 @@ import pytest
 
 from fakes import FakeWaha
 from fakes import waha_payloads as wp
-from tests.e2e.conftest import WAHA_KEY, GunicornServer
+from fakes.gunicorn_server import GunicornServer
+from tests.e2e.conftest import WAHA_KEY
 from tests.e2e.test_gunicorn import deliver, stats, wait_for
 
 pytestmark = pytest.mark.e2e

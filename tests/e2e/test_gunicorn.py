@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fakes import waha_payloads as wp
-from tests.e2e.conftest import REPO, GunicornServer, free_port
+from fakes.gunicorn_server import REPO, GunicornServer, free_port
 
 pytestmark = pytest.mark.e2e
 WEBHOOK = "/api/v1/whatsapp/webhook"
