@@ -12,12 +12,9 @@ use it as a smoke test. Everything is stopped on the way out, also on Ctrl-C or 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,7 @@ import httpx  # noqa: E402
 import whatsapp_webhook_server as server  # noqa: E402  (only constants: the app is built lazily)
 from fakes import FakeOpenRouter, FakeWaha  # noqa: E402
 from fakes import waha_payloads as wp  # noqa: E402
+from fakes.gunicorn_server import GunicornError, GunicornServer  # noqa: E402
 
 WAHA_KEY = "demo-waha-key"
 LLM_KEY = "demo-llm-key"
@@ -70,16 +68,6 @@ def fake_llm_reply(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------------
-class DemoError(Exception):
-    """The demo could not run (not: an expected outcome did not happen)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def say(line: str = "") -> None:
     print(line, flush=True)
 
@@ -89,75 +77,20 @@ def short(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class Gunicorn:
-    """The real server: `python -m gunicorn -c gunicorn.conf.py -b 127.0.0.1:PORT -w 2 whatsapp_webhook_server:app`."""
+def server_env(waha: FakeWaha, llm: FakeOpenRouter) -> dict[str, str]:
+    """The real server's settings (gunicorn, 2 workers): the fakes, HMAC on, typing shown, groups ignored.
 
-    def __init__(self, folder: Path, upstream: dict[str, str]) -> None:
-        self.folder = folder
-        self.log_file = folder / "webhook.log"
-        self.output = folder / "gunicorn.out"
-        empty_env = folder / "empty.env"
-        empty_env.write_text("")
-        # Only what a process needs from this shell: the user's exported settings and .env.webhook stay out.
-        inherited = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
-        self.env = {**inherited, **upstream,
-                    "WEBHOOK_ENV_FILE": str(empty_env), "STATE_DB": str(folder / "state.db"),
-                    "LOG_FILE": str(self.log_file), "LOG_LEVEL": "INFO", "WEBHOOK_HMAC_KEY": HMAC_KEY,
-                    "REPLY_IN_GROUPS": "false", "TYPING_SIMULATION": "true", "WEBHOOK_SYNC_WAIT_SECONDS": "15",
-                    "LLM_MAX_ATTEMPTS": str(LLM_ATTEMPTS), "LLM_TIMEOUT_SECONDS": "5", "LLM_DEADLINE_SECONDS": "10",
-                    "WAHA_TIMEOUT_SECONDS": "5",
-                    # Ctrl-C in the middle of a reply: hand it back after 2 s instead of waiting 20 s.
-                    "GUNICORN_GRACEFUL_TIMEOUT": "12"}
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self, timeout: float = 30.0) -> None:
-        for _ in range(3):  # the port picked may be taken before gunicorn binds it: pick another
-            port = free_port()
-            self.url = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
-                       "-w", "2", "whatsapp_webhook_server:app"]
-            with open(self.output, "ab") as out:
-                # Own session: Ctrl-C reaches only the demo, which then stops gunicorn in order.
-                self.process = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
-            if self._wait_healthy(timeout):
-                return
-            if "already in use" not in self.tail():
-                break
-        raise DemoError(f"gunicorn did not start; its output:\n{self.tail()}")
-
-    def _wait_healthy(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                return False
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        return False
-
-    def stop(self) -> int | None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)  # graceful: workers finish or hand back what is in flight
-        try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            return process.wait()
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.output.read_text(errors="replace") if self.output.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def log_lines(self) -> list[str]:
-        return self.log_file.read_text(errors="replace").splitlines() if self.log_file.exists() else []
+    fakes.gunicorn_server adds a fresh STATE_DB and LOG_FILE in the temporary folder and an empty
+    WEBHOOK_ENV_FILE, and keeps the user's exported settings and .env.webhook out.
+    """
+    return {"WAHA_BASE_URL": waha.url, "WAHA_API_KEY": WAHA_KEY,
+            "OPENROUTER_BASE_URL": llm.url + "/api/v1", "OPENROUTER_API_KEY": LLM_KEY,
+            "LOG_LEVEL": "INFO", "WEBHOOK_HMAC_KEY": HMAC_KEY,
+            "REPLY_IN_GROUPS": "false", "TYPING_SIMULATION": "true", "WEBHOOK_SYNC_WAIT_SECONDS": "15",
+            "LLM_MAX_ATTEMPTS": str(LLM_ATTEMPTS), "LLM_TIMEOUT_SECONDS": "5", "LLM_DEADLINE_SECONDS": "10",
+            "WAHA_TIMEOUT_SECONDS": "5",
+            # Ctrl-C in the middle of a reply: hand it back after 2 s instead of waiting 20 s.
+            "GUNICORN_GRACEFUL_TIMEOUT": "12"}
 
 
 @dataclass
@@ -181,7 +114,7 @@ class Step:
 class Demo:
     waha: FakeWaha
     llm: FakeOpenRouter
-    gunicorn: Gunicorn
+    gunicorn: GunicornServer
     client: httpx.Client
     checks: list[tuple[str, bool]] = field(default_factory=list)
 
@@ -271,7 +204,7 @@ class Demo:
     def wait_for_log(self, event_id: str, pattern: str, timeout: float = 5.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while True:
-            lines = [tidy(line) for line in self.gunicorn.log_lines()
+            lines = [tidy(line) for line in self.gunicorn.log_text().splitlines()
                      if f"event={event_id} " in line and any(mark in line for mark in DECISION_MARKS)]
             if any(re.search(pattern, line) for line in lines) or time.monotonic() > deadline:
                 return lines
@@ -419,14 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="whatsapp-demo-"))
     waha = FakeWaha(api_key=WAHA_KEY, engine=ENGINE)
     llm = FakeOpenRouter(api_key=LLM_KEY, reply=fake_llm_reply)
-    gunicorn: Gunicorn | None = None
+    gunicorn: GunicornServer | None = None
     client = httpx.Client(timeout=30)
     code = 1
     try:
         waha.start()
         llm.start()
-        gunicorn = Gunicorn(folder, {"WAHA_BASE_URL": waha.url, "WAHA_API_KEY": WAHA_KEY,
-                                     "OPENROUTER_BASE_URL": llm.url + "/api/v1", "OPENROUTER_API_KEY": LLM_KEY})
+        gunicorn = GunicornServer(folder, server_env(waha, llm), workers=2, stop_timeout=30)
         say("Demonstração sem contas: nada sai desta máquina (tudo em 127.0.0.1)")
         say(f"  WAHA falso:   {waha.url}  (motor {ENGINE}, sessão '{wp.SESSION}', chave {WAHA_KEY})")
         say(f"  LLM falso:    {llm.url}/api/v1  (respostas prontas por palavra-chave; não é um modelo de verdade)")
@@ -456,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         say("\ninterrompido (SIGTERM): encerrando...")
         code = 128 + signal.SIGTERM
-    except (DemoError, httpx.HTTPError, OSError) as exc:
+    except (GunicornError, httpx.HTTPError, OSError) as exc:
         say(f"\nERRO: a demonstração não pôde rodar: {exc}")
-        if gunicorn is not None and not isinstance(exc, DemoError):
+        if gunicorn is not None and not isinstance(exc, GunicornError):  # its message ends with the output
             say("saída do gunicorn (fim):\n" + gunicorn.tail())
         code = 2
     finally:
