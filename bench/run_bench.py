@@ -24,7 +24,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 
 from fakes import waha_payloads as wp  # noqa: E402
+from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, stop_process  # noqa: E402
 
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 WAHA_KEY = "bench-waha-key"
@@ -65,12 +65,6 @@ class HarnessError(Exception):
 
 def say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,27 +143,17 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 40.0) -> None:
-        if not self.alive():
-            return
-        self.popen.send_signal(sig)
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            say(f"{self.name} did not stop within {timeout:.0f}s; killing its process group")
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)  # started with start_new_session: group id = its pid
-            except ProcessLookupError:
-                pass
-            self.popen.wait(timeout=10)
+    def stop(self, timeout: float = 40.0) -> None:
+        if stop_process(self.popen, timeout) == -signal.SIGKILL:
+            say(f"{self.name} did not stop within {timeout:.0f}s; killed its process group")
 
 
 class Processes:
-    """Everything started, stopped in reverse order whatever happens."""
+    """Everything started (fakes, gunicorns), stopped in reverse order whatever happens."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.started: list[Proc] = []
+        self.started: list[Proc | Gunicorn] = []
 
     def start(self, name: str, command: list[str], *, env: dict[str, str], cwd: Path = REPO) -> Proc:
         output = self.folder / f"{name}.out"
@@ -180,23 +164,16 @@ class Processes:
         self.started.append(proc)
         return proc
 
-    def stop(self, proc: Proc) -> None:
-        proc.stop()
-        if proc in self.started:
-            self.started.remove(proc)
-
     def stop_all(self) -> None:
         while self.started:
-            self.stop(self.started[-1])
+            self.started.pop().stop()
 
 
-def base_env(home: Path) -> dict[str, str]:
-    """Only what a process needs from this shell (like tests/e2e/conftest.py): exported settings must not leak in."""
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+def runtime_dir(home: Path) -> dict[str, str]:
+    """XDG_RUNTIME_DIR of its own, so each gunicorn gets its own control socket (gunicorn >= 25)."""
     run_dir = home / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    env["XDG_RUNTIME_DIR"] = str(run_dir)  # each gunicorn gets its own control socket (gunicorn >= 25)
-    return env
+    return {"XDG_RUNTIME_DIR": str(run_dir)}
 
 
 class Fake:
@@ -205,7 +182,7 @@ class Fake:
     def __init__(self, procs: Processes, module: str, name: str, api_key: str, folder: Path) -> None:
         self.name = name
         self.log = folder / f"{name}.jsonl"
-        env = base_env(folder / name)
+        env = {**clean_env(), **runtime_dir(folder / name)}
         self.proc = procs.start(name, [sys.executable, "-m", module, "--port", "0", "--api-key", api_key,
                                        "--log", str(self.log)], env=env)
         deadline = time.monotonic() + 20
@@ -228,42 +205,40 @@ class Fake:
         return self.proc.popen.pid
 
 
-class Gunicorn:
-    def __init__(self, procs: Processes, name: str, command: list[str], env: dict[str, str], port: int,
-                 health: Callable[[httpx.Client], bool], *, workers: int) -> None:
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.procs = procs
-        self.proc = procs.start(name, command, env=env)
-        http = httpx.Client(base_url=self.url, timeout=2)
-        deadline = time.monotonic() + 30
+class Gunicorn(GunicornServer):
+    """One gunicorn (fakes.gunicorn_server) in folder/NAME, its output in gunicorn.out there; pids from /proc."""
+
+    def __init__(self, procs: Processes, name: str, env: dict[str, str], **launcher: Any) -> None:
+        super().__init__(procs.folder / name, {**runtime_dir(procs.folder / name), **env}, **launcher)
+        self.name, self.procs = name, procs
+
+    def start(self, **kwargs: Any) -> Gunicorn:
+        """Start it, wait until it is ready and every worker is up (run 4 measures each one's memory)."""
+        self.procs.started.append(self)
         try:
-            while time.monotonic() < deadline:
-                if not self.proc.alive():
-                    raise HarnessError(f"{name} exited with {self.proc.popen.returncode}:\n{self.proc.tail()}")
-                try:
-                    if health(http):
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise HarnessError(f"{name} did not become ready:\n{self.proc.tail()}")
-        finally:
-            http.close()
+            super().start(**kwargs)
+        except GunicornError as exc:
+            raise HarnessError(f"{self.name}: {exc}") from None
         deadline = time.monotonic() + 10
-        while len(self.workers()) < workers and time.monotonic() < deadline:
+        while len(self.worker_pids()) < self.workers and time.monotonic() < deadline:
             time.sleep(0.05)
+        return self
 
     @property
     def master(self) -> int:
-        return self.proc.popen.pid
+        assert self.process is not None
+        return self.process.pid
 
-    def workers(self) -> list[int]:
+    def worker_pids(self) -> list[int]:
         return children(self.master)
 
-    def stop(self) -> None:
-        self.procs.stop(self.proc)
+    def stop(self, timeout: float | None = None) -> int | None:
+        code = super().stop(timeout)
+        if code == -signal.SIGKILL:
+            say(f"{self.name} did not stop within {timeout or self.stop_timeout:.0f}s; killed its process group")
+        if self in self.procs.started:
+            self.procs.started.remove(self)
+        return code
 
 
 def gunicorn_config(command: list[str], env: dict[str, str]) -> dict[str, str]:
@@ -704,70 +679,59 @@ class Bench:
 
     # -- starting things -------------------------------------------------------------------------
     def server_env(self, name: str) -> dict[str, str]:
+        """Our server's settings; fakes.gunicorn_server adds a fresh STATE_DB and an empty WEBHOOK_ENV_FILE."""
         assert self.llm and self.waha
-        home = self.folder / name
-        home.mkdir(parents=True, exist_ok=True)
-        empty = home / "empty.env"
-        empty.write_text("")
-        return {**base_env(home),
-                "WEBHOOK_HOST": "127.0.0.1", "WEBHOOK_PORT": str(free_port()),
-                "STATE_DB": str(home / "state.db"), "LOG_FILE": "", "WEBHOOK_ENV_FILE": str(empty),
-                "LOG_LEVEL": self.args.log_level, "TYPING_SIMULATION": "false",
+        return {"LOG_FILE": "", "LOG_LEVEL": self.args.log_level, "TYPING_SIMULATION": "false",
                 "WEBHOOK_HMAC_KEY": self.hmac_key,
                 "WAHA_BASE_URL": self.waha.url, "WAHA_API_KEY": WAHA_KEY,
                 "OPENROUTER_BASE_URL": self.llm.url + "/api/v1", "OPENROUTER_API_KEY": LLM_KEY,
-                "GUNICORN_WORKERS": str(self.args.workers), "GUNICORN_THREADS": str(self.args.threads),
+                "GUNICORN_THREADS": str(self.args.threads),
                 # The engine, not the anti-abuse policy, is measured: per-chat limits would silence runs 2-3
                 # by design, and a debounce window is waiting on purpose (see --debounce-seconds).
                 "DEBOUNCE_SECONDS": f"{self.args.debounce_seconds:g}",
                 "RATE_LIMIT_PER_MINUTE": "100000", "DAILY_MESSAGE_LIMIT": "1000000",
-                "PROMETHEUS_MULTIPROC_DIR": str(home / "metrics"),
+                "PROMETHEUS_MULTIPROC_DIR": str(self.folder / name / "metrics"),
                 **dict(item.split("=", 1) for item in self.args.server_env)}
 
     def start_server(self, name: str) -> Gunicorn:
-        env = self.server_env(name)
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.args.server_app]
+        server = Gunicorn(self.procs, name, self.server_env(name), workers=self.args.workers,
+                          app=self.args.server_app)
         if not self.server_config:
-            self.server_config = gunicorn_config(command, env)
-        say(f"starting our server ({name}): {' '.join(command[2:])} on port {env['WEBHOOK_PORT']}")
-        server = Gunicorn(self.procs, name, command, env, int(env["WEBHOOK_PORT"]),
-                          lambda http: http.get("/health").status_code == 200, workers=self.args.workers)
-        say(f"  master pid {server.master}, workers {server.workers()}")
+            self.server_config = gunicorn_config(server.command, server.env)
+        say(f"starting our server ({name}): {' '.join(server.command[2:])}")
+        server.start()
+        say(f"  master pid {server.master}, workers {server.worker_pids()}")
         return server
 
     def start_hello(self) -> Gunicorn:
-        port = free_port()
         flags: list[str] = []
         for setting, flag in SHARED_GUNICORN:
             value = self.server_config.get(setting)
-            if value not in (None, "", "None"):
+            if setting != "workers" and value not in (None, "", "None"):  # workers: the launcher's -w
                 flags += [flag, value]
-        command = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", *flags, "--log-level", "warning",
-                   "--error-logfile", "-", "-b", f"127.0.0.1:{port}", "bench.hello_app:app"]
-        say(f"starting the bare Flask app: gunicorn {' '.join(command[5:])}")
-        self.results.data["hello_command"] = "gunicorn " + " ".join(command[5:])
-        home = self.folder / "hello"
         body = (self.folder / "ack.txt").read_text().split("\t")[3].encode()
-        return Gunicorn(self.procs, "hello", command, base_env(home), port,
-                        lambda http: http.post(WEBHOOK_PATH, content=body,
-                                               headers={"Content-Type": "application/json"}).status_code == 200,
-                        workers=int(self.server_config.get("workers") or 1))
+        hello = Gunicorn(self.procs, "hello", {}, workers=int(self.server_config.get("workers") or 1),
+                         app="bench.hello_app:app", config="/dev/null",
+                         options=[*flags, "--log-level", "warning", "--error-logfile", "-"],
+                         ready=lambda http: http.post(WEBHOOK_PATH, content=body,
+                                                      headers={"Content-Type": "application/json"}).status_code == 200)
+        say(f"starting the bare Flask app: gunicorn {' '.join(hello.command[5:])}")
+        hello.start()
+        self.results.data["hello_command"] = "gunicorn " + " ".join(hello.command[5:])
+        return hello
 
     def start_seed(self) -> Gunicorn:
         assert self.llm and self.waha
-        port = free_port()
-        command = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", "-w", "4", "--worker-class", "sync",
-                   "--log-level", "warning", "--error-logfile", "-", "-b", f"127.0.0.1:{port}",
-                   "bench.seed_baseline:app"]
-        env = {**base_env(self.folder / "seed"), "SEED_LLM_URL": self.llm.url + "/api/v1", "SEED_LLM_KEY": LLM_KEY,
+        env = {"SEED_LLM_URL": self.llm.url + "/api/v1", "SEED_LLM_KEY": LLM_KEY,
                "SEED_WAHA_URL": self.waha.url, "SEED_WAHA_KEY": WAHA_KEY}
-        say(f"starting the seed-style baseline: gunicorn {' '.join(command[5:])}")
-        return Gunicorn(self.procs, "seed", command, env, port, lambda http: http.get("/health").status_code == 200,
-                        workers=4)
+        seed = Gunicorn(self.procs, "seed", env, workers=4, app="bench.seed_baseline:app", config="/dev/null",
+                        options=["--worker-class", "sync", "--log-level", "warning", "--error-logfile", "-"])
+        say(f"starting the seed-style baseline: gunicorn {' '.join(seed.command[5:])}")
+        return seed.start()
 
     def cpu_meter(self, server: Gunicorn) -> CpuMeter:
         assert self.llm and self.waha
-        return CpuMeter({"server workers": server.workers, "server master": lambda: [server.master],
+        return CpuMeter({"server workers": server.worker_pids, "server master": lambda: [server.master],
                          "fake LLM": lambda: [self.llm.pid], "fake WAHA": lambda: [self.waha.pid],
                          "bench": lambda: [os.getpid()]})
 
@@ -908,10 +872,10 @@ class Bench:
         self.llm.configure(latency=a.llm_latency)
         self.waha.configure(latency=a.waha_latency)
         replies = ReplyLog(self.waha.log)
-        start_rss = {pid: rss_mb(pid) for pid in server.workers()}
+        start_rss = {pid: rss_mb(pid) for pid in server.worker_pids()}
         self.warm_up(server, replies)
         time.sleep(1.0)
-        rest = {pid: rss_mb(pid) for pid in server.workers()}
+        rest = {pid: rss_mb(pid) for pid in server.worker_pids()}
         requests_file = self.folder / f"run3{self.repetition}.txt"
         tokens = write_messages(requests_file, self.hmac_key, tag="r3", run=3, chats=a.run3_chats,
                                 per_chat=a.run3_per_chat)
@@ -935,7 +899,7 @@ class Bench:
             if now - last_sample[0] < 0.1:
                 return
             last_sample[0] = now
-            for pid in server.workers():
+            for pid in server.worker_pids():
                 if (value := rss_mb(pid)) is not None:
                     peak[pid] = max(peak.get(pid, 0.0), value)
             master_peak[0] = max(master_peak[0], rss_mb(server.master) or 0.0)
@@ -1150,7 +1114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--waha-latency", type=float, default=0.05)
     p.add_argument("--debounce-seconds", type=float, default=0.0,
                    help="DEBOUNCE_SECONDS for our server (its default, 3, waits on purpose before answering)")
-    p.add_argument("--workers", type=int, default=2, help="GUNICORN_WORKERS for our server")
+    p.add_argument("--workers", type=int, default=2, help="workers of our server (gunicorn -w)")
     p.add_argument("--threads", type=int, default=32, help="GUNICORN_THREADS for our server")
     p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--stall-seconds", type=float, default=20.0, help="give up waiting after this long without a reply")
