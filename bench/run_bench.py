@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 
 from fakes import waha_payloads as wp  # noqa: E402
-from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, stop_process  # noqa: E402
+from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, last_lines, stop_process  # noqa: E402
 
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 WAHA_KEY = "bench-waha-key"
@@ -137,8 +137,7 @@ class Proc:
     output: Path
 
     def tail(self, lines: int = 30) -> str:
-        text = self.output.read_text(errors="replace") if self.output.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return last_lines(self.output, lines)
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -60,6 +60,12 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float) -> int:
         return process.wait()
 
 
+def last_lines(path: Path, lines: int) -> str:
+    """The end of a process's output file ("" before it exists)."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def health_ok(http: httpx.Client) -> bool:
     return http.get("/health").status_code == 200
 
@@ -153,8 +159,7 @@ class GunicornServer:
 
     def tail(self, lines: int = 40) -> str:
         """The last lines gunicorn printed (every start appends to the same file)."""
-        text = self.output.read_text(errors="replace") if self.output.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return last_lines(self.output, lines)
 
     def log_text(self) -> str:
         """The server's LOG_FILE so far ("" when there is none yet, or LOG_FILE was set empty)."""
