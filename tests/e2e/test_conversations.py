@@ -13,7 +13,7 @@ import pytest
 
 from fakes import waha_payloads as wp
 from fakes.fake_openrouter import echo
-from tests.e2e.test_gunicorn import deliver, stats, wait_for
+from tests.e2e.test_gunicorn import deliver, stats
 
 pytestmark = pytest.mark.e2e
 
