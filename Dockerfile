@@ -28,6 +28,7 @@ RUN pip install --no-cache-dir -r requirements-webhook.txt
 
 # Only what runs, plus the operators' live checker (python test_webhook_server.py inside the container).
 COPY whatsapp_webhook_server.py gunicorn.conf.py test_webhook_server.py ./
+COPY whatsapp_webhook/ ./whatsapp_webhook/
 
 # Numeric, so runtimes (e.g. Kubernetes runAsNonRoot) can tell it is not root without reading /etc/passwd.
 USER 10001:10001

@@ -32,8 +32,11 @@ def _fresh_metrics_dir() -> str:
 _made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir()
 
-import whatsapp_webhook_server as server  # noqa: E402 - must follow PROMETHEUS_MULTIPROC_DIR
-from prometheus_client import multiprocess  # noqa: E402
+from prometheus_client import multiprocess  # noqa: E402 - must follow PROMETHEUS_MULTIPROC_DIR
+
+from whatsapp_webhook import app as lifecycle  # noqa: E402 - recovery, worker start, shutdown
+from whatsapp_webhook.logs import configure_logging  # noqa: E402
+from whatsapp_webhook.settings import SettingsError, load_settings  # noqa: E402
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -41,17 +44,17 @@ def _positive_int(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.isdigit() or int(raw) < 1:
-        raise server.SettingsError(f"{name} must be a whole number of at least 1, got {raw!r}")
+        raise SettingsError(f"{name} must be a whole number of at least 1, got {raw!r}")
     return int(raw)
 
 
 try:  # fail in the master with one readable message, not with a traceback in every worker
-    _settings = server.load_settings()
-    server.check_local_resources(_settings)
+    _settings = load_settings()
+    lifecycle.check_local_resources(_settings)
     _workers = _positive_int("GUNICORN_WORKERS", 2)
     _threads = _positive_int("GUNICORN_THREADS", 32)
     _graceful = _positive_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
-except server.SettingsError as exc:
+except SettingsError as exc:
     print(f"whatsapp_webhook_server: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -75,37 +78,37 @@ loglevel = _settings.log_level.lower()
 REPLY_DRAIN_SECONDS = max(1, graceful_timeout - 10)
 
 
-def on_starting(server_arbiter):  # noqa: ARG001 - gunicorn hook signature
+def on_starting(server_arbiter):
     # Workers inherit this, so /stats reports the same start time whichever worker answers.
     os.environ["WEBHOOK_SERVER_STARTED_AT"] = str(time.time())
-    server.configure_logging(_settings)
-    server.recover_after_restart(_settings)
+    configure_logging(_settings)
+    lifecycle.recover_after_restart(_settings)
 
 
-def post_worker_init(worker):  # noqa: ARG001 - gunicorn hook signature
+def post_worker_init(worker):
     # Start the dispatcher now: messages left by a killed worker must be finished without new traffic.
-    server.start_worker()
+    lifecycle.start_worker()
     # On SIGTERM, webhook requests stop waiting for replies at once (their messages are safe in the
     # inbox), so gunicorn reaches worker_exit quickly and the drain gets its full time.
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
-        server.begin_shutdown()
+        lifecycle.begin_shutdown()
         if callable(gunicorn_handler):
             gunicorn_handler(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
 
 
-def worker_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature
-    server.shutdown(drain_seconds=REPLY_DRAIN_SECONDS)
+def worker_exit(server_arbiter, worker):
+    lifecycle.shutdown(drain_seconds=REPLY_DRAIN_SECONDS)
 
 
-def child_exit(server_arbiter, worker):  # noqa: ARG001 - gunicorn hook signature
+def child_exit(server_arbiter, worker):
     # A dead worker's in-flight gauge must not count any more (its counters stay in the totals).
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server_arbiter):  # noqa: ARG001 - gunicorn hook signature
+def on_exit(server_arbiter):
     if _made_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

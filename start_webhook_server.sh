@@ -51,7 +51,7 @@ case "$mode" in
     ensure_env_file
     # Validates every setting and prints what to fix before anything starts.
     "$VENV/bin/python" whatsapp_webhook_server.py --check-settings
-    debug="$("$VENV/bin/python" -c 'import whatsapp_webhook_server as s; print(s.load_settings().debug)')"
+    debug="$("$VENV/bin/python" -c 'from whatsapp_webhook.settings import load_settings; print(load_settings().debug)')"
     if [ "$debug" = "True" ]; then
       exec "$VENV/bin/python" whatsapp_webhook_server.py
     fi

@@ -30,10 +30,11 @@ if str(REPO) not in sys.path:  # `python demo/run_demo.py` works too
 
 import httpx  # noqa: E402
 
-import whatsapp_webhook_server as server  # noqa: E402  (only constants: the app is built lazily)
 from fakes import FakeOpenRouter, FakeWaha  # noqa: E402
 from fakes import waha_payloads as wp  # noqa: E402
 from fakes.gunicorn_server import GunicornError, GunicornServer  # noqa: E402
+from whatsapp_webhook import WEBHOOK_PATH
+from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
 
 WAHA_KEY = "demo-waha-key"
 LLM_KEY = "demo-llm-key"
@@ -146,7 +147,7 @@ class Demo:
             headers = {"Content-Type": "application/json", "X-Webhook-Request-Id": f"demo-{number}",
                        "X-Webhook-Hmac": wp.sign(body, HMAC_KEY), "X-Webhook-Hmac-Algorithm": "sha512"}
             started = time.monotonic()
-            response = self.client.post(self.gunicorn.url + server.WEBHOOK_PATH, content=body, headers=headers)
+            response = self.client.post(self.gunicorn.url + WEBHOOK_PATH, content=body, headers=headers)
             elapsed = time.monotonic() - started
         finally:
             if step.after:
@@ -296,7 +297,7 @@ def scenario(demo: Demo) -> None:
         f"{wp.CUSTOMER_NAME} ({wp.CUSTOMER_PN}) manda um áudio (sem texto)",
         200, {"status": "processed", "result.status": "non_text"}, r"decision=replied outcome=non_text",
         "mídia sem legenda não vai ao LLM: o cliente recebe o aviso NON_TEXT_REPLY",
-        expect_reply=(wp.CUSTOMER_PN, server.DEFAULT_NON_TEXT_REPLY)))
+        expect_reply=(wp.CUSTOMER_PN, DEFAULT_NON_TEXT_REPLY)))
 
     price = "Qual o valor do frete para o Rio?"
     demo.run(7, total, Step(
@@ -306,7 +307,7 @@ def scenario(demo: Demo) -> None:
         200, {"status": "processed", "result.status": "fallback"}, r"decision=replied outcome=fallback",
         f"o servidor tenta o LLM {LLM_ATTEMPTS} vezes (LLM_MAX_ATTEMPTS) e, sem resposta, manda "
         "FALLBACK_MESSAGE para o cliente não ficar sem retorno",
-        expect_reply=(wp.OTHER_PN, server.DEFAULT_FALLBACK_MESSAGE), llm_calls=LLM_ATTEMPTS,
+        expect_reply=(wp.OTHER_PN, DEFAULT_FALLBACK_MESSAGE), llm_calls=LLM_ATTEMPTS,
         before=lambda: demo.llm.add_fault("/chat/completions", status=503, times=None),
         after=demo.llm.clear_faults))
 
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  LLM falso:    {llm.url}/api/v1  (respostas prontas por palavra-chave; não é um modelo de verdade)")
         say("  subindo o servidor real com gunicorn (2 workers)...")
         gunicorn.start()
-        say(f"  servidor:     {gunicorn.url}{server.WEBHOOK_PATH}  (assinatura HMAC exigida, chave {HMAC_KEY})")
+        say(f"  servidor:     {gunicorn.url}{WEBHOOK_PATH}  (assinatura HMAC exigida, chave {HMAC_KEY})")
         say(f"  pasta temporária: {folder}  (STATE_DB, LOG_FILE; .env.webhook não é lido)")
         say()
         demo = Demo(waha, llm, gunicorn, client)

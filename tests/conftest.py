@@ -11,9 +11,11 @@ import httpx
 import pytest
 import respx
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
 from fakes.fake_waha import validate_waha_request
+from whatsapp_webhook import WEBHOOK_PATH
+from whatsapp_webhook.app import create_app, shutdown
+from whatsapp_webhook.settings import Settings
 
 LLM_BASE = "https://llm.test/api/v1"
 WAHA_BASE = "http://waha.test"
@@ -21,14 +23,14 @@ WAHA_KEY = "test-waha-key"
 LLM_KEY = "test-llm-key"
 
 
-def make_settings(tmp_path: Any, **overrides: Any) -> server.Settings:
+def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         openrouter_api_key=LLM_KEY, openrouter_base_url=LLM_BASE, waha_base_url=WAHA_BASE,
         waha_api_key=WAHA_KEY, state_db=str(tmp_path / "state.db"), log_file=None,
         typing_simulation=False, webhook_sync_wait_seconds=10.0, llm_attempt_timeout_seconds=5.0,
         llm_deadline_seconds=8.0, waha_timeout_seconds=2.0, debounce_seconds=0.0)
     values.update(overrides)
-    return server.Settings(**values)
+    return Settings(**values)
 
 
 async def no_sleep(seconds: float) -> None:
@@ -40,7 +42,7 @@ SLEEPS: list[float] = []
 
 
 @pytest.fixture
-def settings(tmp_path: Any) -> server.Settings:
+def settings(tmp_path: Any) -> Settings:
     return make_settings(tmp_path)
 
 
@@ -112,13 +114,13 @@ def make_app(tmp_path: Any, upstreams: Upstreams) -> Iterator[Any]:
     SLEEPS.clear()
 
     def build(**overrides: Any) -> Any:
-        app = server.create_app(make_settings(tmp_path, **overrides), sleep=no_sleep)
+        app = create_app(make_settings(tmp_path, **overrides), sleep=no_sleep)
         apps.append(app)
         return app
 
     yield build
     for app in apps:
-        server.shutdown(app)
+        shutdown(app)
 
 
 @pytest.fixture
@@ -134,4 +136,4 @@ def post_event(client: Any, envelope: dict[str, Any] | bytes, *, hmac_key: str |
     if hmac_key is not None:
         all_headers.update({"X-Webhook-Hmac": wp.sign(body, hmac_key), "X-Webhook-Hmac-Algorithm": "sha512"})
     all_headers.update(headers or {})
-    return client.post(server.WEBHOOK_PATH, data=body, headers=all_headers, content_type=content_type)
+    return client.post(WEBHOOK_PATH, data=body, headers=all_headers, content_type=content_type)

@@ -8,9 +8,17 @@ import time
 
 import httpx
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
 from tests.conftest import completion, post_event
+from whatsapp_webhook import EXTENSION_KEY
+from whatsapp_webhook.events import classify_event, parse_event
+from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
+from whatsapp_webhook.settings import (
+    DEFAULT_FALLBACK_MESSAGE,
+    DEFAULT_RATE_LIMIT_REPLY,
+    DEFAULT_RESET_REPLY,
+    DEFAULT_STOP_REPLY,
+)
 
 
 def customer(body: str, *, engine: str = "WEBJS", chat: str = wp.CUSTOMER_PN, ts: int | None = None) -> dict:
@@ -67,7 +75,7 @@ def test_reset_command_clears_the_memory_and_confirms(client, upstreams) -> None
     post_event(client, customer("Meu pedido é o 123"))
     response = post_event(client, customer("/reset"))
     assert response.get_json()["result"]["status"] == "command"
-    assert upstreams.sent_texts()[-1]["text"] == server.DEFAULT_RESET_REPLY
+    assert upstreams.sent_texts()[-1]["text"] == DEFAULT_RESET_REPLY
     post_event(client, customer("Qual era o pedido?"))
     assert [m["role"] for m in prompts(upstreams)[-1]] == ["system", "user"]
     assert upstreams.llm.call_count == 2  # the command itself never reached the LLM
@@ -130,7 +138,7 @@ def test_a_long_markdown_reply_arrives_in_whatsapp_format_and_in_ordered_parts(m
     assert parts[0].startswith("*Horários*") and "*Segunda a sexta:*" in "\n".join(parts)
     assert "**" not in "\n".join(parts) and "nosso site (https://example.com/horarios_loja)" in "\n".join(parts)
     words = " ".join(parts).split()
-    assert words == server.markdown_to_whatsapp(LONG_MARKDOWN).split()  # nothing lost, nothing cut mid-word
+    assert words == markdown_to_whatsapp(LONG_MARKDOWN).split()  # nothing lost, nothing cut mid-word
 
 
 def test_a_reply_interrupted_between_parts_resumes_after_the_last_part_sent(make_app, upstreams) -> None:
@@ -150,8 +158,8 @@ def test_a_reply_interrupted_between_parts_resumes_after_the_last_part_sent(make
     assert post_event(client, envelope).status_code == 503
     post_event(client, envelope)  # WAHA redelivers
     parts = [t["text"] for t in upstreams.sent_texts()]
-    assert len(parts) == len(set(parts)) and len(parts) == len(server.split_message(
-        server.markdown_to_whatsapp(LONG_MARKDOWN), 500))
+    assert len(parts) == len(set(parts)) and len(parts) == len(split_message(
+        markdown_to_whatsapp(LONG_MARKDOWN), 500))
     assert upstreams.llm.call_count == 1
 
 
@@ -188,7 +196,7 @@ def test_operator_commands_pause_and_resume_the_bot(client, upstreams) -> None:
 
 def test_stop_and_start_words(client, upstreams) -> None:
     assert post_event(client, customer("parar")).get_json()["result"]["status"] == "command"
-    assert upstreams.sent_texts()[-1]["text"] == server.DEFAULT_STOP_REPLY
+    assert upstreams.sent_texts()[-1]["text"] == DEFAULT_STOP_REPLY
     assert post_event(client, customer("ainda está aí?")).get_json()["result"]["status"] == "skipped"
     assert post_event(client, customer("VOLTAR")).get_json()["result"]["status"] == "command"
     assert post_event(client, customer("e agora?")).get_json()["result"]["status"] == "success"
@@ -201,7 +209,7 @@ def test_a_spammer_is_rate_limited_with_one_polite_notice(make_app, upstreams) -
     client = make_app(rate_limit_per_minute=3).test_client()
     statuses = [post_event(client, customer(f"mensagem {n}")).get_json()["result"]["status"] for n in range(6)]
     assert statuses == ["success", "success", "success", "notice", "skipped", "skipped"]  # one notice only
-    assert [t["text"] for t in upstreams.sent_texts()][-1] == server.DEFAULT_RATE_LIMIT_REPLY
+    assert [t["text"] for t in upstreams.sent_texts()][-1] == DEFAULT_RATE_LIMIT_REPLY
     assert upstreams.llm.call_count == 3 and len(upstreams.sent_texts()) == 4
 
 
@@ -246,7 +254,7 @@ def test_posting_a_status_from_the_phone_pauses_nothing(client, upstreams) -> No
 def test_an_llm_answer_that_formats_to_nothing_gets_the_fallback(client, upstreams) -> None:
     upstreams.llm.side_effect = lambda request: httpx.Response(200, json=completion("---"))
     assert post_event(client, customer("oi")).get_json()["result"]["status"] == "fallback"
-    assert upstreams.sent_texts()[0]["text"] == server.DEFAULT_FALLBACK_MESSAGE
+    assert upstreams.sent_texts()[0]["text"] == DEFAULT_FALLBACK_MESSAGE
 
 
 def test_a_burst_counts_once_against_the_rate_limit(make_app, upstreams) -> None:
@@ -271,21 +279,21 @@ def test_a_stop_word_while_a_person_handles_the_chat_is_recorded_silently(client
 
 def test_a_fallback_already_sent_before_a_crash_is_not_followed_by_another_answer(make_app, upstreams) -> None:
     app = make_app()
-    store = app.extensions[server.EXTENSION_KEY].store
+    store = app.extensions[EXTENSION_KEY].store
     envelope = customer("Está aberto?")
-    message = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=False)
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=False)
     store.accept(message)
     # A worker claimed it, the LLM failed, the fallback went out, then the worker died before recording it.
     (claimed,) = store.claim_due("dead-worker", limit=1, lease_seconds=0.01)
-    store.begin_send(message.dedupe_key, "dead-worker", parts=[server.DEFAULT_FALLBACK_MESSAGE],
-                     reply=(server.DEFAULT_FALLBACK_MESSAGE, "fallback"))
+    store.begin_send(message.dedupe_key, "dead-worker", parts=[DEFAULT_FALLBACK_MESSAGE],
+                     reply=(DEFAULT_FALLBACK_MESSAGE, "fallback"))
     upstreams.delivered.append({"session": "default", "chatId": message.chat_id,
-                                "text": server.DEFAULT_FALLBACK_MESSAGE})
+                                "text": DEFAULT_FALLBACK_MESSAGE})
     time.sleep(0.05)
     response = post_event(app.test_client(), envelope)  # WAHA redelivers; a live worker takes over
     deadline = time.monotonic() + 5
     while store.entry(message.dedupe_key).status != "done" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.entry(message.dedupe_key).outcome == "fallback" and claimed.attempts == 1
-    assert [t["text"] for t in upstreams.sent_texts()] == [server.DEFAULT_FALLBACK_MESSAGE]
+    assert [t["text"] for t in upstreams.sent_texts()] == [DEFAULT_FALLBACK_MESSAGE]
     assert upstreams.llm.call_count == 0 and response.status_code in (200, 202)

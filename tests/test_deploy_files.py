@@ -31,7 +31,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-import whatsapp_webhook_server as server
+from whatsapp_webhook import WEBHOOK_PATH
+from whatsapp_webhook.events import ANSWERED_EVENTS
+from whatsapp_webhook.settings import PLACEHOLDER_MARKERS, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -273,7 +275,7 @@ def server_env(compose: dict[str, Any], instructions: list[tuple[str, str]],
 
 
 def names_the_server_reads() -> set[str]:
-    names = set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', inspect.getsource(server.Settings.from_env)))
+    names = set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', inspect.getsource(Settings.from_env)))
     conf = GUNICORN_CONF.read_text(encoding="utf-8")
     names |= set(re.findall(r'_positive_int\(\s*"([A-Z][A-Z0-9_]*)"', conf))
     names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z][A-Z0-9_]*)"', conf))
@@ -368,10 +370,17 @@ def test_every_copied_file_exists_and_survives_dockerignore(instructions: list[t
             assert keyword == "COPY" and not args.startswith("--from"), args
             *sources, _destination = args.split()
             copied += sources
-    assert {"requirements-webhook.txt", "whatsapp_webhook_server.py", "gunicorn.conf.py"} <= set(copied)
+    assert {"requirements-webhook.txt", "whatsapp_webhook_server.py", "gunicorn.conf.py", "whatsapp_webhook/"} \
+        <= set(copied)
     for source in copied:
-        assert (ROOT / source).is_file(), f"Dockerfile copies {source}, which does not exist"
-        assert not dockerignored(source), f".dockerignore leaves {source} out of the build context"
+        path = ROOT / source
+        assert path.is_file() or (source.endswith("/") and path.is_dir()), \
+            f"Dockerfile copies {source}, which does not exist"
+        files = sorted(p.relative_to(ROOT).as_posix() for p in path.glob("*.py")) if path.is_dir() else [source]
+        for file in files:  # a folder must arrive whole: every module the server imports
+            assert not dockerignored(file), f".dockerignore leaves {file} out of the build context"
+    package = sorted(p.stem for p in (ROOT / "whatsapp_webhook").glob("*.py"))
+    assert "app" in package and "cli" in package
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out(instructions: list[tuple[str, str]]) -> None:
@@ -407,12 +416,12 @@ def test_state_and_logs_fit_a_container(instructions: list[tuple[str, str]]) -> 
     assert env["PYTHONUNBUFFERED"] == "1"
     runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
     assert re.search(r"chown \S+ /app/data", runs), "the non-root user must own /app/data before VOLUME"
-    settings = server.Settings.from_env({**env, **FILLED_SECRETS})
+    settings = Settings.from_env({**env, **FILLED_SECRETS})
     assert settings.state_db == "/app/data/whatsapp_webhook_state.db" and settings.log_file is None
 
 
 def test_exposed_port_is_the_servers_port(instructions: list[tuple[str, str]]) -> None:
-    assert [args for keyword, args in instructions if keyword == "EXPOSE"] == [str(server.Settings().port)]
+    assert [args for keyword, args in instructions if keyword == "EXPOSE"] == [str(Settings().port)]
 
 
 @pytest.fixture
@@ -472,14 +481,14 @@ def test_waha_posts_to_the_webhook_service_at_the_servers_path(compose: dict[str
     waha, webhook = compose["services"]["waha"], compose["services"]["webhook"]
     url = urlparse(waha["environment"]["WHATSAPP_HOOK_URL"])
     assert url.scheme == "http" and url.hostname == "webhook", "WAHA must reach the server by its service name"
-    assert url.path == server.WEBHOOK_PATH == "/api/v1/whatsapp/webhook"
+    assert url.path == WEBHOOK_PATH == "/api/v1/whatsapp/webhook"
     assert url.port == int(webhook["environment"]["WEBHOOK_PORT"])
     assert url.port in [published(port)[2] for port in webhook["ports"]]
     events = waha["environment"]["WHATSAPP_HOOK_EVENTS"].split(",")
     # message for customers; message.any for a person answering from the phone (handoff);
     # session.status so /health can say when the WAHA session is not WORKING.
     assert set(events) == {"message", "message.any", "session.status"}
-    assert set(events) <= {*server.ANSWERED_EVENTS, "session.status"}
+    assert set(events) <= {*ANSWERED_EVENTS, "session.status"}
 
 
 def test_both_services_take_the_hmac_key_and_api_key_from_one_variable(raw_compose: dict[str, Any]) -> None:
@@ -518,7 +527,7 @@ def test_every_variable_given_to_the_server_is_a_setting_it_reads(compose: dict[
 
 
 def test_settings_accept_the_composed_environment(server_env: dict[str, str], filled_env: dict[str, str]) -> None:
-    settings = server.Settings.from_env(server_env)  # raises SettingsError listing every problem
+    settings = Settings.from_env(server_env)  # raises SettingsError listing every problem
     assert settings.waha_base_url == "http://waha:3000"
     assert settings.waha_api_key == filled_env["WAHA_API_KEY"]
     assert settings.webhook_hmac_key == filled_env["WEBHOOK_HMAC_KEY"]
@@ -550,8 +559,8 @@ def test_an_unfilled_env_file_stops_compose_with_a_message(raw_compose: dict[str
         interpolate_all(raw_compose, example_env)
     assert "in .env" in error.value.message
     # The LLM key is checked by the server itself, which rejects the example's placeholder.
-    with pytest.raises(server.SettingsError, match="OPENROUTER_API_KEY"):
-        server.Settings.from_env({**example_env, **{k: v for k, v in FILLED_SECRETS.items()
+    with pytest.raises(SettingsError, match="OPENROUTER_API_KEY"):
+        Settings.from_env({**example_env, **{k: v for k, v in FILLED_SECRETS.items()
                                                     if k != "OPENROUTER_API_KEY"}})
 
 
@@ -563,7 +572,7 @@ def test_no_secret_is_written_into_the_files(raw_compose: dict[str, Any], exampl
                     f"{service_name}.{name} must come from .env as ${{VAR}}, not be written here"
     for name, value in example_env.items():
         if SECRET_NAME.search(name):
-            assert value == "" or any(marker in value for marker in server.PLACEHOLDER_MARKERS), \
+            assert value == "" or any(marker in value for marker in PLACEHOLDER_MARKERS), \
                 f".env.compose.example holds what looks like a real {name}"
 
 

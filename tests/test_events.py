@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
+from whatsapp_webhook.events import (
+    BadRequestError,
+    Ignored,
+    IncomingMessage,
+    OwnMessage,
+    SessionStatus,
+    classify_event,
+    parse_event,
+)
 
 
 def classify(envelope: dict, *, reply_in_groups: bool = False):
-    return server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=reply_in_groups)
+    return classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=reply_in_groups)
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
@@ -17,7 +25,7 @@ def classify(envelope: dict, *, reply_in_groups: bool = False):
 def test_customer_text_is_answered_in_the_chat_it_came_from(engine: str, sender: str) -> None:
     envelope = wp.text_message(engine, body="  Qual o horário?  ", sender=sender)
     message = classify(envelope)
-    assert isinstance(message, server.IncomingMessage)
+    assert isinstance(message, IncomingMessage)
     assert message.chat_id == sender  # @lid kept exactly as received
     assert message.session == envelope["session"] and message.engine == engine
     assert message.text == "Qual o horário?"
@@ -51,14 +59,14 @@ def test_message_and_message_any_of_one_message_share_a_key(engine: str) -> None
 ])
 def test_what_a_reply_bot_must_not_answer(engine: str, builder, reason: str) -> None:
     decision = classify(builder(engine))
-    assert isinstance(decision, server.Ignored) and decision.reason == reason
+    assert isinstance(decision, Ignored) and decision.reason == reason
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
 def test_a_person_writing_from_the_bots_phone_is_our_own_message_in_the_customers_chat(engine: str) -> None:
     envelope = wp.own_app_message_any(engine, chat=wp.CUSTOMER_LID, body="Oi, aqui é a Ana da loja")
     decision = classify(envelope)
-    assert isinstance(decision, server.OwnMessage)
+    assert isinstance(decision, OwnMessage)
     assert decision.chat_id == wp.CUSTOMER_LID  # WEBJS puts the chat in 'to' for our own messages
     assert decision.text == "Oi, aqui é a Ana da loja" and decision.message_id == envelope["payload"]["id"]
 
@@ -83,7 +91,7 @@ def test_in_groups_a_mention_or_a_quote_of_the_bot_addresses_it(engine: str) -> 
 @pytest.mark.parametrize("engine", wp.ENGINES)
 def test_groups_are_ignored_unless_enabled_and_then_answered_in_the_group(engine: str) -> None:
     envelope = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID)
-    assert classify(envelope) == server.Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    assert classify(envelope) == Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
     message = classify(envelope, reply_in_groups=True)
     assert message.chat_id == wp.GROUP_ID and message.participant == wp.CUSTOMER_LID and message.is_group
 
@@ -101,7 +109,7 @@ def test_media_uses_the_caption_or_is_flagged_as_non_text(engine: str) -> None:
     assert classify(wp.media_message(engine, caption="Quanto custa este?")).text == "Quanto custa este?"
     for kind in ("image", "audio", "sticker", "document"):
         message = classify(wp.media_message(engine, kind=kind))
-        assert isinstance(message, server.IncomingMessage) and message.text is None, kind
+        assert isinstance(message, IncomingMessage) and message.text is None, kind
     assert classify(wp.location_message(engine)).text is None
 
 
@@ -109,7 +117,7 @@ def test_missing_me_and_envelope_id_are_tolerated() -> None:
     envelope = wp.text_message("WEBJS")
     envelope.pop("id")
     envelope["me"] = None
-    assert isinstance(classify(envelope), server.IncomingMessage)
+    assert isinstance(classify(envelope), IncomingMessage)
 
 
 def test_a_message_without_any_content_is_ignored() -> None:
@@ -133,8 +141,8 @@ def test_a_message_without_any_content_is_ignored() -> None:
     (b'{"event": "message", "me": [], "payload": {}}', "field 'me' must be an object"),
 ])
 def test_malformed_bodies_are_explained(body: bytes, error: str) -> None:
-    with pytest.raises(server.BadRequestError, match=error.replace("(", r"\(")):
-        server.parse_event(body)
+    with pytest.raises(BadRequestError, match=error.replace("(", r"\(")):
+        parse_event(body)
 
 
 @pytest.mark.parametrize("mutate, error", [
@@ -147,7 +155,7 @@ def test_malformed_bodies_are_explained(body: bytes, error: str) -> None:
 def test_message_fields_of_the_wrong_type_are_explained(mutate, error: str) -> None:
     envelope = wp.text_message("GOWS")
     mutate(envelope["payload"])
-    with pytest.raises(server.BadRequestError, match=error):
+    with pytest.raises(BadRequestError, match=error):
         classify(envelope)
 
 
@@ -162,7 +170,7 @@ def test_a_message_without_from_is_answered_in_the_chat_its_id_names(engine: str
     envelope = wp.text_message(engine, sender=wp.CUSTOMER_LID, body="Oi")
     envelope["payload"].pop("from")
     message = classify(envelope)
-    assert isinstance(message, server.IncomingMessage) and message.chat_id == wp.CUSTOMER_LID
+    assert isinstance(message, IncomingMessage) and message.chat_id == wp.CUSTOMER_LID
 
 
 def test_waha_status_broadcast_example_without_from_is_ignored_as_a_status() -> None:
@@ -188,7 +196,7 @@ def test_a_well_formed_message_that_cannot_be_answered_is_ignored_with_its_reaso
 def test_session_status_events_say_what_health_should_report(engine: str, state: str, check: str) -> None:
     envelope = wp.session_status(engine, status=state)
     decision = classify(envelope)
-    assert isinstance(decision, server.SessionStatus) and decision.state == state
+    assert isinstance(decision, SessionStatus) and decision.state == state
     assert decision.check[0] == check and state in decision.check[1]
 
 

@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
 from tests.conftest import make_settings
+from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
+from whatsapp_webhook.store import StateStore
+from whatsapp_webhook.store_schema import Acceptance, ClaimedMessage, StoreUnavailable
+from whatsapp_webhook.worker import Dispatcher
 
 
 class Clock:
@@ -31,23 +34,23 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Any, clock: Clock) -> server.StateStore:
-    store = server.StateStore(str(tmp_path / "state.db"), clock=clock)
+def store(tmp_path: Any, clock: Clock) -> StateStore:
+    store = StateStore(str(tmp_path / "state.db"), clock=clock)
     store.initialize()
     return store
 
 
 def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float | None = 100.0, body: str = "Oi", session: str = "default",
-             bare: str | None = None) -> server.IncomingMessage:
+             bare: str | None = None) -> IncomingMessage:
     envelope = wp.text_message("WEBJS", sender=chat, body=body, session=session, message_id=bare)
     envelope["payload"]["timestamp"] = ts
-    message = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=True)
-    assert isinstance(message, server.IncomingMessage)
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, IncomingMessage)
     return message
 
 
-def claim(store: server.StateStore, owner: str = "w1", lease: float = 30.0,
-          **options: Any) -> server.ClaimedMessage | None:
+def claim(store: StateStore, owner: str = "w1", lease: float = 30.0,
+          **options: Any) -> ClaimedMessage | None:
     """The next due message, as the dispatcher takes it (a batch of one)."""
     batch = store.claim_due(owner, limit=1, lease_seconds=lease, **options)
     return batch[0] if batch else None
@@ -55,9 +58,9 @@ def claim(store: server.StateStore, owner: str = "w1", lease: float = 30.0,
 
 def test_a_message_is_recorded_once_and_survives_a_new_connection(store, tmp_path, clock) -> None:
     message = incoming(body="Qual o preço?")
-    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=0)
-    assert store.accept(message) == server.Acceptance(stored=False, status="queued", attempts=0)
-    reopened = server.StateStore(str(tmp_path / "state.db"), clock=clock)
+    assert store.accept(message) == Acceptance(stored=True, status="queued", attempts=0)
+    assert store.accept(message) == Acceptance(stored=False, status="queued", attempts=0)
+    reopened = StateStore(str(tmp_path / "state.db"), clock=clock)
     claimed = claim(reopened)
     assert claimed.message == message and claimed.attempts == 1 and claimed.previous_status == "queued"
     assert reopened.snapshot()["counters"]["messages_received"] == 1
@@ -157,7 +160,7 @@ def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -
     claimed = claim(store)
     store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
     assert claim(store) is None
-    assert store.accept(message) == server.Acceptance(stored=True, status="queued", attempts=0)
+    assert store.accept(message) == Acceptance(stored=True, status="queued", attempts=0)
     assert claim(store).attempts == 1  # WAHA's redelivery is WAHA's retry: it does not use up ours
 
 
@@ -205,7 +208,7 @@ def test_stats_add_up(store) -> None:
 
 
 def _claim_all(path: str, owner: str, results: Any) -> None:
-    store = server.StateStore(path)
+    store = StateStore(path)
     claimed = []
     while (item := claim(store, owner, lease=600)) is not None:
         claimed.append(item.message.dedupe_key)
@@ -214,7 +217,7 @@ def _claim_all(path: str, owner: str, results: Any) -> None:
 
 def test_four_processes_never_claim_the_same_message(tmp_path) -> None:
     path = str(tmp_path / "state.db")
-    store = server.StateStore(path)
+    store = StateStore(path)
     store.initialize()
     for n in range(200):
         store.accept(incoming(f"55219{n:08d}@c.us", bare=f"3EB0{n:018X}"))
@@ -231,25 +234,25 @@ def test_four_processes_never_claim_the_same_message(tmp_path) -> None:
 
 def test_an_unwritable_store_raises_store_unavailable(tmp_path) -> None:
     path = tmp_path / "state.db"
-    store = server.StateStore(str(path))
+    store = StateStore(str(path))
     store.initialize()
     if os.system(f"chattr +i {path} 2>/dev/null") != 0:
         pytest.skip("chattr +i is not available here")
     try:
-        with pytest.raises(server.StoreUnavailable):
-            server.StateStore(str(path)).accept(incoming())
+        with pytest.raises(StoreUnavailable):
+            StateStore(str(path)).accept(incoming())
     finally:
         os.system(f"chattr -i {path}")
 
 
 # --- bursts merged into one reply, replies sent in parts ---------------------------------------------
 
-def text_only(message: server.IncomingMessage) -> bool:
+def text_only(message: IncomingMessage) -> bool:
     return message.text is not None and message.text != "/reset"
 
 
-def claim_after_burst(store: server.StateStore, clock: Clock,
-                      messages: list[server.IncomingMessage]) -> server.ClaimedMessage | None:
+def claim_after_burst(store: StateStore, clock: Clock,
+                      messages: list[IncomingMessage]) -> ClaimedMessage | None:
     """The messages arrive together, the chat goes quiet, and a worker claims (debounce 3 s)."""
     for message in messages:
         store.accept(message)
@@ -375,7 +378,7 @@ def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
             return 0
 
     async def scenario() -> None:
-        dispatcher = server.Dispatcher(store=FlakyStore(), pipeline=None,  # type: ignore[arg-type]
+        dispatcher = Dispatcher(store=FlakyStore(), pipeline=None,  # type: ignore[arg-type]
                                        settings=make_settings(tmp_path, lease_seconds=0.03))
         dispatcher.start()
         await asyncio.sleep(0.2)

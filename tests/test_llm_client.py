@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import httpx
 import pytest
 import respx
 
-import whatsapp_webhook_server as server
 from tests.conftest import completion
+from whatsapp_webhook.llm import LLMClient, LLMReply, ModelUnavailableError, UnservedModels
+from whatsapp_webhook.metrics import LLM_COST_USD, LLM_MODEL_UNAVAILABLE
+from whatsapp_webhook.upstream import EmptyReplyError, LLMError, parse_retry_after
 
 URL = "https://openrouter.ai/api/v1/chat/completions"
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Oi"}]
@@ -27,12 +29,12 @@ def run_client(route_responses: list[httpx.Response | Exception], **options) -> 
 
     async def scenario():
         async with httpx.AsyncClient() as http:
-            client = server.LLMClient(http=http, base_url="https://openrouter.ai/api/v1", api_key="sk-or-v1-test",
+            client = LLMClient(http=http, base_url="https://openrouter.ai/api/v1", api_key="sk-or-v1-test",
                                       model="google/gemini-3.1-flash-lite", sleep=fake_sleep, rng=lambda: 0.5,
                                       **options)
             try:
                 return await client.complete(PROMPT, user="hash")
-            except server.LLMError as exc:
+            except LLMError as exc:
                 return exc
 
     with respx.mock(assert_all_called=False) as router:
@@ -48,7 +50,7 @@ def error_body(code: int, message: str = "Provider returned error") -> dict:
 
 def test_sends_model_messages_limits_and_bearer_key() -> None:
     reply, _, route = run_client([httpx.Response(200, json=completion("Olá! Como posso ajudar?"))])
-    assert isinstance(reply, server.LLMReply) and reply.text == "Olá! Como posso ajudar?"
+    assert isinstance(reply, LLMReply) and reply.text == "Olá! Como posso ajudar?"
     assert reply.attempts == 1 and reply.usage["total_tokens"] == 30
     request = route.calls[0].request
     assert request.headers["Authorization"] == "Bearer sk-or-v1-test"
@@ -61,7 +63,7 @@ def test_sends_model_messages_limits_and_bearer_key() -> None:
 def test_transient_statuses_are_retried_then_succeed(status: int) -> None:
     reply, sleeps, route = run_client([httpx.Response(status, json=error_body(status)),
                                        httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and reply.text == "ok" and reply.attempts == 2
+    assert isinstance(reply, LLMReply) and reply.text == "ok" and reply.attempts == 2
     assert route.call_count == 2 and len(sleeps) == 1
 
 
@@ -69,7 +71,7 @@ def test_transient_statuses_are_retried_then_succeed(status: int) -> None:
 def test_client_errors_are_never_retried(status: int) -> None:
     error, sleeps, route = run_client([httpx.Response(status, json=error_body(status, "No auth credentials found")),
                                        httpx.Response(200, json=completion("never"))])
-    assert isinstance(error, server.LLMError) and error.status == status and not error.transient
+    assert isinstance(error, LLMError) and error.status == status and not error.transient
     assert route.call_count == 1 and sleeps == []
     assert "sk-or-v1-test" not in str(error)
 
@@ -77,26 +79,26 @@ def test_client_errors_are_never_retried(status: int) -> None:
 def test_retry_after_seconds_is_honoured() -> None:
     reply, sleeps, _ = run_client([httpx.Response(429, headers={"Retry-After": "2"}, json=error_body(429)),
                                    httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and sleeps == [2.0]
+    assert isinstance(reply, LLMReply) and sleeps == [2.0]
 
 
 def test_retry_after_http_date_is_honoured() -> None:
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=3), usegmt=True)
     reply, sleeps, _ = run_client([httpx.Response(503, headers={"Retry-After": when}, json=error_body(503)),
                                    httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and 1.0 < sleeps[0] <= 3.0
+    assert isinstance(reply, LLMReply) and 1.0 < sleeps[0] <= 3.0
 
 
 def test_retry_after_beyond_the_cap_gives_up_at_once() -> None:
     error, sleeps, route = run_client([httpx.Response(429, headers={"Retry-After": "3600"}, json=error_body(429)),
                                        httpx.Response(200, json=completion("never"))])
-    assert isinstance(error, server.LLMError) and "3600" in str(error)
+    assert isinstance(error, LLMError) and "3600" in str(error)
     assert route.call_count == 1 and sleeps == []
 
 
 def test_without_retry_after_backoff_grows() -> None:
     error, sleeps, route = run_client([httpx.Response(500, json=error_body(500))] * 3, max_attempts=3)
-    assert isinstance(error, server.LLMError) and error.status == 500
+    assert isinstance(error, LLMError) and error.status == 500
     assert route.call_count == 3 and sleeps == [0.5, 1.0]  # rng=0.5 removes the jitter
 
 
@@ -109,15 +111,15 @@ def test_without_retry_after_backoff_grows() -> None:
 ])
 def test_200_without_a_usable_reply_is_a_failure_and_retried(body: dict, what: str) -> None:
     reply, _, route = run_client([httpx.Response(200, json=body), httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and reply.text == "ok" and route.call_count == 2
+    assert isinstance(reply, LLMReply) and reply.text == "ok" and route.call_count == 2
     error, _, _ = run_client([httpx.Response(200, json=body)] * 3)
-    assert isinstance(error, server.LLMError) and what in str(error)
+    assert isinstance(error, LLMError) and what in str(error)
 
 
 @pytest.mark.parametrize("content", ["", "   \n", None])
 def test_empty_content_gets_exactly_one_quick_retry(content) -> None:
     error, sleeps, route = run_client([httpx.Response(200, json=completion(content))] * 3, max_attempts=3)
-    assert isinstance(error, server.EmptyReplyError)
+    assert isinstance(error, EmptyReplyError)
     assert route.call_count == 2 and len(sleeps) == 1
 
 
@@ -125,7 +127,7 @@ def test_malformed_json_and_connection_errors_are_transient() -> None:
     reply, _, route = run_client([httpx.Response(200, text="<html>oops</html>"),
                                   httpx.ConnectError("refused"),
                                   httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and route.call_count == 3
+    assert isinstance(reply, LLMReply) and route.call_count == 3
 
 
 def test_one_deadline_bounds_all_attempts() -> None:
@@ -135,11 +137,11 @@ def test_one_deadline_bounds_all_attempts() -> None:
 
     async def scenario():
         async with httpx.AsyncClient() as http:
-            client = server.LLMClient(http=http, base_url="https://openrouter.ai/api/v1", api_key="k", model="m",
+            client = LLMClient(http=http, base_url="https://openrouter.ai/api/v1", api_key="k", model="m",
                                       attempt_timeout=0.2, deadline=0.5, max_attempts=10, backoff_base=0.01)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            with pytest.raises(server.LLMError, match="no answer within"):
+            with pytest.raises(LLMError, match="no answer within"):
                 await client.complete(PROMPT)
             return loop.time() - started
 
@@ -150,30 +152,30 @@ def test_one_deadline_bounds_all_attempts() -> None:
 
 
 def test_parse_retry_after_forms() -> None:
-    assert server.parse_retry_after("7") == 7.0
-    assert server.parse_retry_after("1.5") == 1.5
-    assert server.parse_retry_after("-3") == 0.0
-    assert server.parse_retry_after(None) is None
-    assert server.parse_retry_after("soon") is None
-    assert server.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("1.5") == 1.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
 
 
 def test_a_402_with_retry_after_is_the_in_flight_budget_and_is_retried() -> None:
     reply, sleeps, _ = run_client([httpx.Response(402, headers={"Retry-After": "1"}, json=error_body(402)),
                                    httpx.Response(200, json=completion("ok"))])
-    assert isinstance(reply, server.LLMReply) and sleeps == [1.0]
+    assert isinstance(reply, LLMReply) and sleeps == [1.0]
 
 
 def test_a_content_filtered_reply_is_not_sent() -> None:
     error, _, route = run_client([httpx.Response(200, json=completion("partial", finish_reason="content_filter"))])
-    assert isinstance(error, server.LLMError) and not error.transient and route.call_count == 1
+    assert isinstance(error, LLMError) and not error.transient and route.call_count == 1
 
 
 def test_finish_error_with_a_client_error_code_is_not_retried() -> None:
     body = {"choices": [{"finish_reason": "error", "error": {"code": 400, "message": "bad"},
                          "message": {"role": "assistant", "content": ""}}]}
     error, _, route = run_client([httpx.Response(200, json=body)] * 2)
-    assert isinstance(error, server.LLMError) and route.call_count == 1
+    assert isinstance(error, LLMError) and route.call_count == 1
 
 
 # --- models that are not served --------------------------------------------------------------------
@@ -196,19 +198,19 @@ def test_a_model_that_is_not_served_is_a_configuration_error_and_the_next_model_
     async def fake_sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    async def scenario() -> list[server.LLMReply]:
+    async def scenario() -> list[LLMReply]:
         async with httpx.AsyncClient() as http:
-            client = server.LLMClient(http=http, base_url="http://llm.local:11434/v1", api_key="",
+            client = LLMClient(http=http, base_url="http://llm.local:11434/v1", api_key="",
                                       model="google/gemini-2.0-flash-001", fallback_models=["google/gemini-3.5-flash"],
                                       sleep=fake_sleep, clock=lambda: now[0])
             replies = [await client.complete(PROMPT, log_context="event=e1")]
             now[0] += 30
             replies.append(await client.complete(PROMPT, log_context="event=e2"))
-            now[0] += server.UnservedModels.RECHECK_SECONDS  # later the configured model is asked again
+            now[0] += UnservedModels.RECHECK_SECONDS  # later the configured model is asked again
             replies.append(await client.complete(PROMPT, log_context="event=e3"))
             return replies
 
-    unavailable = server.LLM_MODEL_UNAVAILABLE.labels("google/gemini-2.0-flash-001")
+    unavailable = LLM_MODEL_UNAVAILABLE.labels("google/gemini-2.0-flash-001")
     before = unavailable._value.get()
     with respx.mock() as router, caplog.at_level("ERROR", logger="whatsapp_webhook"):
         route = router.post(LOCAL_URL)
@@ -233,7 +235,7 @@ def test_when_no_configured_model_is_served_each_is_asked_once_then_the_error_is
         [httpx.Response(404, json={"error": {"code": 404, "message": "No endpoints found for google/gemini-3.1-flash-lite."}}),
          httpx.Response(400, json={"error": {"code": 400, "message": "x/y is not a valid model ID"}})],
         fallback_models=["x/y"])
-    assert isinstance(error, server.ModelUnavailableError) and error.model == "x/y" and not error.transient
+    assert isinstance(error, ModelUnavailableError) and error.model == "x/y" and not error.transient
     assert route.call_count == 2 and sleeps == []
 
 
@@ -245,24 +247,24 @@ def test_openrouter_gets_the_fallback_list_and_minimal_reasoning_and_says_which_
     assert body["model"] == "google/gemini-3.1-flash-lite"
     assert body["models"] == ["google/gemini-3.1-flash-lite", "google/gemini-3.5-flash"]
     assert body["reasoning"] == {"effort": "minimal", "exclude": True}
-    assert isinstance(reply, server.LLMReply) and reply.from_fallback and reply.answered_by == "google/gemini-3.5-flash"
+    assert isinstance(reply, LLMReply) and reply.from_fallback and reply.answered_by == "google/gemini-3.5-flash"
     dated, _, _ = run_client([httpx.Response(200, json=completion("ok", model="google/gemini-3.1-flash-lite-20260507"))],
                              fallback_models=["google/gemini-3.5-flash"], openrouter=True)
-    assert isinstance(dated, server.LLMReply) and not dated.from_fallback
+    assert isinstance(dated, LLMReply) and not dated.from_fallback
 
 
 def test_a_bare_404_is_not_blamed_on_the_model() -> None:
     # A base URL without /v1 answers 404 for the path: that is not a retired model.
     error, _, route = run_client([httpx.Response(404, text="404 page not found")], fallback_models=["b/other"])
-    assert type(error) is server.LLMError and error.status == 404 and route.call_count == 1
+    assert type(error) is LLMError and error.status == 404 and route.call_count == 1
 
 
 def test_the_reported_cost_is_returned_and_counted() -> None:
     body = completion("ok")
     body["usage"]["cost"] = 0.00042
-    before = server.LLM_COST_USD._value.get()
+    before = LLM_COST_USD._value.get()
     reply, _, _ = run_client([httpx.Response(200, json=body)])
-    assert isinstance(reply, server.LLMReply) and reply.cost_usd == 0.00042
-    assert server.LLM_COST_USD._value.get() - before == pytest.approx(0.00042)
+    assert isinstance(reply, LLMReply) and reply.cost_usd == 0.00042
+    assert LLM_COST_USD._value.get() - before == pytest.approx(0.00042)
     free, _, _ = run_client([httpx.Response(200, json=completion("ok"))])
-    assert isinstance(free, server.LLMReply) and free.cost_usd is None
+    assert isinstance(free, LLMReply) and free.cost_usd is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 from typing import Any
@@ -11,19 +12,20 @@ import httpx
 import pytest
 import respx
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
 from tests.conftest import LLM_BASE, WAHA_BASE, completion, make_settings, post_event
+from whatsapp_webhook.cli import CheckResult, check_deployment
+from whatsapp_webhook.logs import SharedRotatingFileHandler
 
 
-def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[server.CheckResult]:
+def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[CheckResult]:
     settings = make_settings(tmp_path, **overrides)
     with respx.mock(assert_all_called=False) as router:
         for url, response in routes.items():
             method, url = url.split(" ", 1) if " " in url else ("GET", url)
             router.route(method=method, url=url).mock(side_effect=response if isinstance(response, Exception) else None,
                                  return_value=None if isinstance(response, Exception) else response)
-        return server.check_deployment(settings)
+        return check_deployment(settings)
 
 
 HEALTHY = {
@@ -118,9 +120,9 @@ def test_json_logs_carry_the_decision_fields(make_app, upstreams, capsys) -> Non
 
 
 def _write_logs(path: str, worker: int) -> None:
-    handler = server.SharedRotatingFileHandler(path, max_bytes=4000, backup_count=50)
-    handler.setFormatter(server.logging.Formatter("%(message)s"))
-    logger = server.logging.getLogger(f"rotation-{worker}")
+    handler = SharedRotatingFileHandler(path, max_bytes=4000, backup_count=50)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"rotation-{worker}")
     logger.addHandler(handler)
     logger.propagate = False
     for n in range(300):

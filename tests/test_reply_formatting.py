@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from whatsapp_webhook_server import markdown_to_whatsapp as md, split_message
+from whatsapp_webhook.formatting import markdown_to_whatsapp as md
+from whatsapp_webhook.formatting import split_message
 
 FENCE = re.compile(r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)")
 

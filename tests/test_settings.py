@@ -4,13 +4,14 @@ import os
 
 import pytest
 
-import whatsapp_webhook_server as server
+from whatsapp_webhook.app import create_app
+from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, Settings, SettingsError, load_settings
 
 REQUIRED = {"OPENROUTER_API_KEY": "sk-or-v1-test", "WAHA_API_KEY": "waha-test"}
 
 
 def test_defaults_match_the_documented_values() -> None:
-    settings = server.Settings.from_env(REQUIRED)
+    settings = Settings.from_env(REQUIRED)
     assert (settings.host, settings.port) == ("0.0.0.0", 5002)
     assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
     assert settings.openrouter_model == "google/gemini-3.1-flash-lite"
@@ -30,7 +31,7 @@ def test_every_documented_variable_is_read() -> None:
                WEBHOOK_HMAC_KEY="hk", STATE_DB="/tmp/x.db", LOG_FILE="", LOG_LEVEL="debug",
                REPLY_IN_GROUPS="yes", FALLBACK_MESSAGE="Sorry!", TYPING_SIMULATION="off",
                WEBHOOK_SYNC_WAIT_SECONDS="2.5")
-    s = server.Settings.from_env(env)
+    s = Settings.from_env(env)
     assert (s.host, s.port, s.debug) == ("127.0.0.1", 8080, True)
     assert s.openrouter_base_url == "http://localhost:11434/v1"  # trailing slash dropped
     assert (s.openrouter_model, s.ai_system_prompt, s.waha_base_url) == ("llama3", "Be brief.", "http://waha:3000")
@@ -46,32 +47,32 @@ def test_every_documented_variable_is_read() -> None:
     (" a/one , b/two,,a/one ", ("a/one", "b/two")),
 ])
 def test_fallback_models_are_a_comma_separated_list(raw: str, models: tuple[str, ...]) -> None:
-    settings = server.Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS=raw))
+    settings = Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS=raw))
     assert settings.openrouter_fallback_models == models
 
 
 def test_fallback_models_and_reasoning_effort_are_validated() -> None:
-    with pytest.raises(server.SettingsError) as error:
-        server.Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS="a/one b/two", LLM_REASONING_EFFORT="max"))
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS="a/one b/two", LLM_REASONING_EFFORT="max"))
     assert "OPENROUTER_FALLBACK_MODELS must be model ids separated by commas" in str(error.value)
     assert "LLM_REASONING_EFFORT must be one of NONE, MINIMAL, LOW, MEDIUM, HIGH" in str(error.value)
 
 
 def test_missing_keys_are_all_named_with_where_to_set_them() -> None:
-    with pytest.raises(server.SettingsError) as error:
-        server.Settings.from_env({})
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({})
     message = str(error.value)
     assert "OPENROUTER_API_KEY is not set" in message and "WAHA_API_KEY is not set" in message
     assert ".env.webhook" in message
 
 
 def test_placeholder_values_from_the_example_file_are_refused() -> None:
-    with pytest.raises(server.SettingsError, match="OPENROUTER_API_KEY still holds the placeholder"):
-        server.Settings.from_env(dict(REQUIRED, OPENROUTER_API_KEY="sk-or-v1-your-key-here"))
+    with pytest.raises(SettingsError, match="OPENROUTER_API_KEY still holds the placeholder"):
+        Settings.from_env(dict(REQUIRED, OPENROUTER_API_KEY="sk-or-v1-your-key-here"))
 
 
 def test_a_local_openai_compatible_server_needs_no_openrouter_key() -> None:
-    settings = server.Settings.from_env({"WAHA_API_KEY": "k", "OPENROUTER_BASE_URL": "http://localhost:8000/v1"})
+    settings = Settings.from_env({"WAHA_API_KEY": "k", "OPENROUTER_BASE_URL": "http://localhost:8000/v1"})
     assert settings.openrouter_api_key == "" and not settings.uses_openrouter
 
 
@@ -87,15 +88,15 @@ def test_a_local_openai_compatible_server_needs_no_openrouter_key() -> None:
 def test_invalid_values_are_explained(name: str, value: str, expected: str | None) -> None:
     env = dict(REQUIRED, **{name: value})
     if expected is None:
-        assert server.Settings.from_env(env).fallback_message == server.DEFAULT_FALLBACK_MESSAGE
+        assert Settings.from_env(env).fallback_message == DEFAULT_FALLBACK_MESSAGE
         return
-    with pytest.raises(server.SettingsError) as error:
-        server.Settings.from_env(env)
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(env)
     assert expected in str(error.value)
 
 
 def test_secrets_never_appear_in_the_settings_repr() -> None:
-    settings = server.Settings.from_env(dict(REQUIRED, WEBHOOK_HMAC_KEY="hmac-secret", WEBHOOK_SECRET_TOKEN="tok-secret"))
+    settings = Settings.from_env(dict(REQUIRED, WEBHOOK_HMAC_KEY="hmac-secret", WEBHOOK_SECRET_TOKEN="tok-secret"))
     text = repr(settings)
     for secret in ("sk-or-v1-test", "waha-test", "hmac-secret", "tok-secret"):
         assert secret not in text
@@ -107,7 +108,7 @@ def test_env_file_fills_gaps_but_real_environment_wins(tmp_path, monkeypatch) ->
     for name in ("OPENROUTER_API_KEY", "WAHA_API_KEY", "WEBHOOK_PORT", "OPENROUTER_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WEBHOOK_PORT", "7000")
-    settings = server.load_settings(str(env_file))
+    settings = load_settings(str(env_file))
     assert settings.openrouter_api_key == "from-file" and settings.waha_api_key == "waha-from-file"
     assert settings.port == 7000
     for name in ("OPENROUTER_API_KEY", "WAHA_API_KEY"):
@@ -117,6 +118,6 @@ def test_env_file_fills_gaps_but_real_environment_wins(tmp_path, monkeypatch) ->
 def test_unwritable_state_db_fails_at_start_with_a_fix(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    settings = server.Settings.from_env(dict(REQUIRED, STATE_DB=str(blocker / "state.db"), LOG_FILE=""))
-    with pytest.raises(server.SettingsError, match="STATE_DB .* point STATE_DB at a writable file"):
-        server.create_app(settings)
+    settings = Settings.from_env(dict(REQUIRED, STATE_DB=str(blocker / "state.db"), LOG_FILE=""))
+    with pytest.raises(SettingsError, match="STATE_DB .* point STATE_DB at a writable file"):
+        create_app(settings)

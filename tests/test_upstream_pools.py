@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-import whatsapp_webhook_server as server
+from whatsapp_webhook.concurrency import ShardedPoolTransport
+from whatsapp_webhook.upstream import upstream_client
 
 
 class LoopbackServer:
@@ -73,16 +74,16 @@ def run(scenario: Callable[[], object]) -> object:
 
 
 @contextlib.asynccontextmanager
-async def sharded_client(max_connections: int) -> AsyncIterator[tuple[httpx.AsyncClient, server.ShardedPoolTransport]]:
-    transport = server.ShardedPoolTransport(max_connections=max_connections)
+async def sharded_client(max_connections: int) -> AsyncIterator[tuple[httpx.AsyncClient, ShardedPoolTransport]]:
+    transport = ShardedPoolTransport(max_connections=max_connections)
     async with httpx.AsyncClient(transport=transport, timeout=5) as client:
         yield client, transport
 
 
 def test_pools_are_small_and_together_hold_the_configured_connections() -> None:
-    assert server.ShardedPoolTransport(max_connections=256).shard_count == 32
-    assert server.ShardedPoolTransport(max_connections=100).shard_count == 13
-    assert server.ShardedPoolTransport(max_connections=1).shard_count == 1
+    assert ShardedPoolTransport(max_connections=256).shard_count == 32
+    assert ShardedPoolTransport(max_connections=100).shard_count == 13
+    assert ShardedPoolTransport(max_connections=1).shard_count == 1
 
 
 def test_as_many_requests_in_flight_at_once_as_configured_connections() -> None:
@@ -146,7 +147,7 @@ def test_a_configured_proxy_is_still_used(monkeypatch: pytest.MonkeyPatch) -> No
             monkeypatch.setenv("HTTP_PROXY", proxy.url)
             monkeypatch.delenv("NO_PROXY", raising=False)
             monkeypatch.delenv("no_proxy", raising=False)
-            async with server.upstream_client(transport=None, max_connections=16, timeout=httpx.Timeout(5)) as client:
+            async with upstream_client(transport=None, max_connections=16, timeout=httpx.Timeout(5)) as client:
                 response = await client.get("http://waha.invalid:3000/api/sessions")
             assert response.status_code == 200
             assert proxy.request_lines == ["GET http://waha.invalid:3000/api/sessions HTTP/1.1"]
@@ -160,7 +161,7 @@ def test_without_a_proxy_the_worker_uses_small_pools(monkeypatch: pytest.MonkeyP
 
     async def scenario() -> None:
         async with LoopbackServer(hold=20) as upstream:
-            async with server.upstream_client(transport=None, max_connections=20,
+            async with upstream_client(transport=None, max_connections=20,
                                               timeout=httpx.Timeout(5)) as client:
                 responses = await asyncio.gather(*(client.get(upstream.url + "/held") for _ in range(20)))
             assert all(r.status_code == 200 for r in responses)

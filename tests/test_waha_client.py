@@ -9,8 +9,9 @@ import httpx
 import pytest
 import respx
 
-import whatsapp_webhook_server as server
 from fakes.fake_waha import validate_waha_request
+from whatsapp_webhook.upstream import WahaError
+from whatsapp_webhook.waha import WahaClient
 
 BASE = "http://waha.test"
 
@@ -23,10 +24,10 @@ def run(coro_factory, responses: dict[str, list]) -> tuple[object, dict[str, res
 
     async def scenario():
         async with httpx.AsyncClient() as http:
-            client = server.WahaClient(http=http, base_url=BASE, api_key="waha-key", sleep=fake_sleep, rng=lambda: 0.5)
+            client = WahaClient(http=http, base_url=BASE, api_key="waha-key", sleep=fake_sleep, rng=lambda: 0.5)
             try:
                 return await coro_factory(client)
-            except server.WahaError as exc:
+            except WahaError as exc:
                 return exc
 
     with respx.mock(assert_all_called=False) as router:
@@ -53,7 +54,7 @@ def test_send_text_body_is_valid_for_waha_and_keeps_the_chat_id_as_received(chat
 
 
 def test_presence_bodies_are_valid_for_waha() -> None:
-    async def calls(client: server.WahaClient) -> None:
+    async def calls(client: WahaClient) -> None:
         await client.send_seen(session="s1", chat_id="120363000000000001@g.us",
                                message_id="false_120363000000000001@g.us_AAA_200000000000002@lid",
                                participant="200000000000002@lid")
@@ -114,7 +115,7 @@ def test_permanent_send_failures_are_not_retried(status: int) -> None:
     result, routes, _ = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
                             {"/api/sendText": [httpx.Response(status, json={"message": "Unauthorized",
                                                                              "statusCode": status})] * 3})
-    assert isinstance(result, server.WahaError) and result.status == status and not result.transient
+    assert isinstance(result, WahaError) and result.status == status and not result.transient
     assert routes["/api/sendText"].call_count == 1
     assert "waha-key" not in str(result)
 
@@ -122,7 +123,7 @@ def test_permanent_send_failures_are_not_retried(status: int) -> None:
 def test_retries_are_bounded() -> None:
     result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
                                  {"/api/sendText": [httpx.Response(422, json=SESSION_NOT_READY)] * 5})
-    assert isinstance(result, server.WahaError) and result.transient
+    assert isinstance(result, WahaError) and result.transient
     assert routes["/api/sendText"].call_count == 3 and sleeps == [1.0, 2.0]
 
 
@@ -135,14 +136,14 @@ def test_retries_are_bounded() -> None:
 def test_a_lost_answer_is_not_resent_blindly(lost_answer) -> None:
     result, routes, sleeps = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
                                  {"/api/sendText": [lost_answer, httpx.Response(201, json={"id": "ok"})]})
-    assert isinstance(result, server.WahaError) and result.maybe_delivered and result.transient
+    assert isinstance(result, WahaError) and result.maybe_delivered and result.transient
     assert routes["/api/sendText"].call_count == 1 and sleeps == []
 
 
 def test_find_sent_text_asks_for_our_recent_messages_in_the_chat() -> None:
     async def scenario():
         async with httpx.AsyncClient() as http:
-            client = server.WahaClient(http=http, base_url=BASE, api_key="waha-key")
+            client = WahaClient(http=http, base_url=BASE, api_key="waha-key")
             return await client.find_sent_texts(session="loja 1", chat_id="200000000000002@lid", text="Olá!",
                                                 since=1700000000.5)
 

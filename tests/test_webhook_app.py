@@ -10,9 +10,13 @@ import time
 import httpx
 import pytest
 
-import whatsapp_webhook_server as server
 from fakes import waha_payloads as wp
 from tests.conftest import SLEEPS, completion, post_event
+from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, __version__, pipeline
+from whatsapp_webhook.app import shutdown
+from whatsapp_webhook.events import classify_event, parse_event
+from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
+from whatsapp_webhook.store_schema import StoreUnavailable
 
 
 def stats(client) -> dict:
@@ -92,7 +96,7 @@ def test_media_with_a_caption_is_answered_from_the_caption(client, upstreams, en
 def test_media_without_a_caption_gets_the_text_only_note_and_no_llm_call(client, upstreams, kind: str) -> None:
     response = post_event(client, wp.media_message("GOWS", kind=kind))
     assert response.get_json()["result"]["status"] == "non_text"
-    assert upstreams.sent_texts()[0]["text"] == server.DEFAULT_NON_TEXT_REPLY
+    assert upstreams.sent_texts()[0]["text"] == DEFAULT_NON_TEXT_REPLY
     assert upstreams.llm.call_count == 0
 
 
@@ -191,7 +195,7 @@ def test_when_the_llm_cannot_answer_the_customer_gets_the_fallback_and_it_counts
     assert response.status_code == 200
     assert response.get_json()["result"]["status"] == "fallback"
     (sent,) = upstreams.sent_texts()
-    assert sent["text"] == server.DEFAULT_FALLBACK_MESSAGE
+    assert sent["text"] == DEFAULT_FALLBACK_MESSAGE
     counts = stats(client)
     assert (counts["messages_received"], counts["messages_processed"], counts["messages_failed"]) == (1, 0, 1)
 
@@ -296,7 +300,7 @@ def test_an_oversized_body_gets_413_json(make_app, upstreams) -> None:
 
 def test_unknown_routes_and_methods_answer_json(client) -> None:
     assert client.get("/nope").status_code == 404 and client.get("/nope").is_json
-    response = client.put(server.WEBHOOK_PATH)
+    response = client.put(WEBHOOK_PATH)
     assert response.status_code == 405 and response.is_json
 
 
@@ -337,10 +341,10 @@ def test_status_endpoints_share_the_documented_shape(client, upstreams) -> None:
     post_event(client, wp.message_ack("WEBJS"))
     for path, status, service in (("/health", "healthy", "whatsapp_webhook_server"),
                                   ("/stats", "ok", "whatsapp_webhook_server"),
-                                  (server.WEBHOOK_PATH, "ok", "whatsapp_webhook")):
+                                  (WEBHOOK_PATH, "ok", "whatsapp_webhook")):
         document = client.get(path).get_json()
         assert document["status"] == status
-        assert document["service"] == service and document["version"] == server.__version__ == "1.1.0"
+        assert document["service"] == service and document["version"] == __version__ == "1.1.0"
         assert isinstance(document["uptime_seconds"], float) and "timestamp" in document
         counts = document["stats"]
         assert {k: counts[k] for k in ("messages_received", "messages_processed", "messages_failed")} == {
@@ -351,10 +355,10 @@ def test_status_endpoints_share_the_documented_shape(client, upstreams) -> None:
 
 def test_health_reports_a_broken_store_with_503(make_app, tmp_path) -> None:
     app = make_app()
-    store = app.extensions[server.EXTENSION_KEY].store
+    store = app.extensions[EXTENSION_KEY].store
 
     def broken() -> None:
-        raise server.StoreUnavailable("disk I/O error")
+        raise StoreUnavailable("disk I/O error")
 
     store.ping = broken
     response = app.test_client().get("/health")
@@ -556,19 +560,19 @@ def test_shutdown_hands_unfinished_replies_back_to_the_inbox(make_app, upstreams
     app = make_app(webhook_sync_wait_seconds=0.1)
     envelope = wp.text_message("NOWEB")
     assert post_event(app.test_client(), envelope).status_code == 202
-    store = app.extensions[server.EXTENSION_KEY].store
-    key = server.classify_event(server.parse_event(wp.dumps(envelope)), reply_in_groups=False).dedupe_key
+    store = app.extensions[EXTENSION_KEY].store
+    key = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=False).dedupe_key
     deadline = time.monotonic() + 5
     while store.entry(key).status != "processing" and time.monotonic() < deadline:
         time.sleep(0.02)
-    server.shutdown(app, drain_seconds=0.2)
+    shutdown(app, drain_seconds=0.2)
     entry = store.entry(key)
     assert (entry.status, entry.attempts) == ("queued", 0)  # due again at once, attempt not held against it
     assert upstreams.send_text.call_count == 0
 
 
 def test_slow_presence_calls_do_not_delay_the_reply(make_app, upstreams, monkeypatch) -> None:
-    monkeypatch.setattr(server, "PRESENCE_TIMEOUT_SECONDS", 0.1)
+    monkeypatch.setattr(pipeline, "PRESENCE_TIMEOUT_SECONDS", 0.1)
 
     async def slow(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(5)
@@ -599,4 +603,4 @@ def test_two_identical_replies_in_a_row_are_both_delivered(client, upstreams) ->
     assert post_event(client, second).status_code == 503  # not sent, and the earlier copy is not mistaken for it
     upstreams.send_text.side_effect = healthy
     assert post_event(client, second).get_json()["result"]["status"] == "non_text"
-    assert [t["text"] for t in upstreams.sent_texts()] == [server.DEFAULT_NON_TEXT_REPLY] * 2
+    assert [t["text"] for t in upstreams.sent_texts()] == [DEFAULT_NON_TEXT_REPLY] * 2

@@ -1,0 +1,42 @@
+"""WhatsApp AI reply server: WAHA webhook -> LLM -> WAHA sendText, as a package of one module per concern.
+
+How one message travels (module.function, and the thread it runs on):
+
+  gunicorn worker, a gthread request thread:
+    1. app.create_app's POST route hands the raw bytes and headers to service.WebhookService.handle_webhook.
+    2. signature.verify_token / verify_waha_hmac check the sender (401 otherwise).
+    3. events.parse_event types the envelope (400 for bad JSON or field types); events.classify_event decides:
+       a customer message (IncomingMessage), our own or a person's message from this account (OwnMessage:
+       handoff, /bot off), a session.status (SessionStatus, recorded by health.HealthReporter), or Ignored
+       with a reason (200, nothing recorded).
+    4. store.StateStore.accept records the message durably (the inbox) before any 2xx; a duplicate is ignored.
+       Writes from every thread and worker queue at concurrency.WriterGate, which commits them in groups.
+    5. The request thread wakes the dispatcher and waits on concurrency.CompletionBoard for up to
+       WEBHOOK_SYNC_WAIT_SECONDS, then answers 200 with the outcome or 202 (the inbox keeps the message).
+
+  the worker's event-loop thread (concurrency.BackgroundLoop, started after the fork by worker.WorkerRuntime):
+    6. worker.Dispatcher claims due messages (StateStore.claim_due: one per chat, in order, with a lease,
+       merging a burst) and runs pipeline.ReplyPipeline.process for each as a task; store calls go to a
+       small thread pool (asyncio.to_thread) so the loop never blocks on SQLite.
+    7. ReplyPipeline._compose: commands, StateStore.admit (pause, opt-out, loops, rate limits), history,
+       then llm.LLMClient.complete (retries, model fallbacks, cost) and formatting.markdown_to_whatsapp.
+    8. StateStore.begin_send stores the reply and checks order and handoff once more; formatting.split_message
+       cuts it into parts and waha.WahaClient.send_text sends each (typing first, WAHA's anti-ban advice).
+    9. StateStore.finish records the outcome and the turn in history; metrics count it; CompletionBoard wakes
+       the waiting request thread (step 5).
+
+  A message whose worker died is taken over when its lease runs out (any worker's Dispatcher polls), and
+  gunicorn.conf.py runs app.recover_after_restart once per server start. cli.main is the command line.
+
+Dependencies point one way, leaves first: settings, logs, formatting, signature, metrics, policy,
+store_schema, health, events, concurrency, sqlite_base, chat_store, store,
+upstream, llm, waha, pipeline, worker, service, app, cli.
+"""
+
+__version__ = "1.1.0"
+# The names monitors written against the user's original document compare: /health and /stats
+# say SERVICE_NAME, GET on the webhook says WEBHOOK_SERVICE_NAME.
+SERVICE_NAME = "whatsapp_webhook_server"
+WEBHOOK_SERVICE_NAME = "whatsapp_webhook"
+WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
+EXTENSION_KEY = "whatsapp_webhook"  # where create_app keeps the WebhookService in app.extensions

@@ -1,0 +1,202 @@
+"""The Flask app (a thin adapter over the service) and the lifecycle hooks gunicorn.conf.py calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from collections.abc import (
+    Awaitable,
+    Callable,
+)
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, WEBHOOK_SERVICE_NAME
+from whatsapp_webhook.health import HealthReporter
+from whatsapp_webhook.logs import configure_logging, log
+from whatsapp_webhook.metrics import REQUESTS_REJECTED, metrics_document
+from whatsapp_webhook.service import WebhookService
+from whatsapp_webhook.settings import SettingsError, load_settings
+from whatsapp_webhook.store import StateStore
+from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.worker import WorkerRuntime
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.settings import Settings
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: StateStore | None = None,
+    llm_transport: httpx.AsyncBaseTransport | None = None,
+    waha_transport: httpx.AsyncBaseTransport | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Flask:
+    """Build the Flask app. Opens no client, thread or loop: those are made per worker on first use.
+
+    The keyword arguments are seams for tests: a store, httpx transports for the
+    upstreams and the coroutine used for every wait (backoff, typing pause).
+    """
+    settings = settings or load_settings()
+    configure_logging(settings)
+    store = store or StateStore(settings.state_db)
+    store.initialize()
+    if not (settings.webhook_secret_token or settings.webhook_hmac_key):
+        log.warning(
+            "neither WEBHOOK_HMAC_KEY nor WEBHOOK_SECRET_TOKEN is set: anyone who can reach this port "
+            "can make the bot send WhatsApp messages; set WEBHOOK_HMAC_KEY to WAHA's HMAC key"
+        )
+    # gunicorn.conf.py records the master's start so every worker reports the same uptime.
+    started_at = float(os.environ.get("WEBHOOK_SERVER_STARTED_AT") or time.time())
+    reporter = HealthReporter(store=store)
+    service = WebhookService(
+        settings=settings,
+        store=store,
+        started_at=started_at,
+        health=reporter,
+        runtime_factory=lambda: WorkerRuntime(
+            settings=settings,
+            store=store,
+            health=reporter,
+            llm_transport=llm_transport,
+            waha_transport=waha_transport,
+            sleep=sleep,
+        ),
+    )
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[EXTENSION_KEY] = service
+
+    @app.post(WEBHOOK_PATH)
+    def receive_webhook() -> Any:
+        body, status = service.handle_webhook(request.get_data(cache=True), request.headers)
+        return jsonify(body), status
+
+    @app.get(WEBHOOK_PATH)
+    def describe_webhook() -> Any:
+        document = service.status_document("ok", service=WEBHOOK_SERVICE_NAME)
+        document["endpoint"] = WEBHOOK_PATH
+        document["accepts"] = "POST application/json (WAHA webhook events: message, message.any)"
+        return jsonify(document)
+
+    @app.get("/health")
+    def health() -> Any:
+        document, status = service.health_document()
+        return jsonify(document), status
+
+    @app.get("/stats")
+    def stats() -> Any:
+        return jsonify(service.status_document("ok"))
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        body, content_type = metrics_document()
+        return Response(body, content_type=content_type)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        if exc.code == 413:
+            log.warning("request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
+            service.count_quietly("requests_rejected")
+            REQUESTS_REJECTED.labels("413").inc()
+            _discard_unread_body(limit=8 * settings.max_body_bytes)
+            return jsonify({"error": f"request body is larger than {settings.max_body_bytes} bytes"}), 413
+        return jsonify({"error": exc.description or exc.name}), exc.code
+
+    @app.errorhandler(StoreUnavailable)
+    def store_error(exc: StoreUnavailable) -> Any:
+        log.error("state store unavailable: %s", exc)
+        return jsonify({"error": "state store unavailable; retry later"}), 503
+
+    return app
+
+
+def _discard_unread_body(*, limit: int) -> None:
+    """Read away a rejected body so the sender's keep-alive connection stays usable.
+
+    gunicorn drains only 64 KiB of an unread body and then drops the connection
+    without saying so; WAHA's next event on that connection would fail. Bodies over
+    `limit` are not read: closing the connection is then the cheaper answer.
+    """
+    remaining = request.content_length or 0
+    stream = request.environ.get("wsgi.input")
+    if stream is None or not 0 < remaining <= limit:
+        return
+    while remaining > 0:
+        chunk = stream.read(min(65536, remaining))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+
+
+def check_local_resources(settings: Settings) -> None:
+    """Open LOG_FILE and STATE_DB once, so a bad path stops start-up with a SettingsError that names it."""
+    configure_logging(settings)
+    store = StateStore(settings.state_db)
+    store.initialize()
+    store.close()
+
+
+def recover_after_restart(settings: Settings) -> int:
+    """Called once per server start, before workers exist: unfinished messages become due at once.
+
+    Their leases belong to processes of the previous run, so nobody is working on them.
+    """
+    store = StateStore(settings.state_db)
+    store.initialize()
+    try:
+        recovered = store.expire_leases()
+    finally:
+        store.close()  # no connection may cross gunicorn's fork
+    if recovered:
+        log.warning("recovering %d messages left unfinished by the previous run", recovered)
+    return recovered
+
+
+def start_worker(app: Flask | None = None) -> None:
+    """Start this worker's loop and dispatcher now (gunicorn's post_worker_init), so recovery needs no traffic."""
+    target = app or _app
+    if target is not None:
+        target.extensions[EXTENSION_KEY].runtime()
+
+
+def begin_shutdown(app: Flask | None = None) -> None:
+    """Called on SIGTERM (gunicorn.conf.py chains it to gunicorn's handler)."""
+    target = app or _app
+    if target is not None:
+        target.extensions[EXTENSION_KEY].begin_shutdown()
+
+
+def shutdown(app: Flask | None = None, *, drain_seconds: float = 10.0) -> None:
+    """Finish or hand back in-flight replies, then release the loop, clients and database (worker_exit)."""
+    target = app or _app
+    if target is not None:
+        target.extensions[EXTENSION_KEY].close(drain_seconds=drain_seconds)
+
+
+# The gunicorn target `whatsapp_webhook_server:app`, built on first access in each worker
+# (get_app), so importing the package opens nothing before gunicorn forks.
+_app: Flask | None = None
+_app_lock = threading.Lock()
+
+
+def get_app() -> Flask:
+    """The process's app, built once from the environment; a settings problem is printed in one line."""
+    global _app
+    with _app_lock:
+        if _app is None:
+            try:
+                _app = create_app()
+            except SettingsError as exc:
+                print(f"whatsapp_webhook_server: {exc}", file=sys.stderr, flush=True)
+                raise
+        return _app

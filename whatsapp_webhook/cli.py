@@ -1,0 +1,301 @@
+"""The command line: the development server, --check-settings and --check (talk to WAHA and the LLM once)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import (
+    Mapping,
+)
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from whatsapp_webhook import __version__
+from whatsapp_webhook.app import (
+    check_local_resources,
+    create_app,
+    recover_after_restart,
+    start_worker,
+)
+from whatsapp_webhook.logs import log
+from whatsapp_webhook.settings import SettingsError, load_settings
+from whatsapp_webhook.upstream import error_message
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.settings import Settings
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{'OK  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+        return text if self.ok or not self.hint else f"{text}\n     fix: {self.hint}"
+
+
+def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | None = None) -> list[CheckResult]:
+    """Talk to WAHA and the LLM once, the way the server will, and say what is wrong and how to fix it."""
+    results: list[CheckResult] = []
+    with httpx.Client(transport=transport, timeout=10.0) as http:
+
+        def get(url: str, **headers: str) -> httpx.Response | str:
+            try:
+                return http.get(url, headers=headers)
+            except httpx.HTTPError as exc:
+                return f"cannot reach {url} ({type(exc).__name__})"
+
+        ping = get(f"{settings.waha_base_url}/ping")
+        if isinstance(ping, str) or ping.status_code != 200:
+            results.append(
+                CheckResult(
+                    "WAHA reachable",
+                    False,
+                    ping if isinstance(ping, str) else f"GET /ping answered HTTP {ping.status_code}",
+                    "start WAHA or point WAHA_BASE_URL at it (default port 3000)",
+                )
+            )
+        else:
+            results.append(CheckResult("WAHA reachable", True, f"{settings.waha_base_url}/ping answered pong"))
+            sessions = get(f"{settings.waha_base_url}/api/sessions?all=true", **{"X-Api-Key": settings.waha_api_key})
+            if isinstance(sessions, str) or sessions.status_code != 200:
+                status = sessions if isinstance(sessions, str) else f"HTTP {sessions.status_code}"
+                results.append(
+                    CheckResult(
+                        "WAHA API key and sessions",
+                        False,
+                        f"GET /api/sessions: {status}",
+                        "WAHA_API_KEY must equal the WAHA_API_KEY WAHA was started with"
+                        if not isinstance(sessions, str) and sessions.status_code == 401
+                        else "",
+                    )
+                )
+            else:
+                session_states = [
+                    (str(x.get("name")), str(x.get("status"))) for x in sessions.json() if isinstance(x, dict)
+                ]
+                working = [name for name, status in session_states if status == "WORKING"]
+                detail = ", ".join(f"{name}={status}" for name, status in session_states) or "no sessions"
+                results.append(
+                    CheckResult(
+                        "WAHA session WORKING",
+                        bool(working),
+                        detail,
+                        "start a session and pair it: WAHA dashboard (/dashboard) or "
+                        "GET /api/{session}/auth/qr, then scan the QR code with WhatsApp",
+                    )
+                )
+
+        auth = {"Authorization": f"Bearer {settings.openrouter_api_key}"} if settings.openrouter_api_key else {}
+        base = settings.openrouter_base_url
+        if settings.uses_openrouter:  # its /models is public: only /key says whether the key works
+            key = get(f"{base}/key", **auth)
+            if isinstance(key, str):
+                results.append(CheckResult("OpenRouter key", False, key, "check the network path to openrouter.ai"))
+            elif key.status_code in (401, 403):
+                results.append(
+                    CheckResult(
+                        "OpenRouter key",
+                        False,
+                        f"the key was rejected (GET /key answered HTTP {key.status_code})",
+                        "create a key at https://openrouter.ai/keys and set OPENROUTER_API_KEY",
+                    )
+                )
+            elif key.status_code != 200:
+                results.append(CheckResult("OpenRouter key", False, f"GET /key answered HTTP {key.status_code}"))
+            else:
+                data = _json_or_none(key)
+                data = data.get("data", {}) if isinstance(data, dict) else {}
+                results.append(
+                    CheckResult(
+                        "OpenRouter key",
+                        True,
+                        f"valid (limit_remaining={data.get('limit_remaining')}, free tier={data.get('is_free_tier')})",
+                    )
+                )
+        models = get(f"{base}/models", **auth)
+        if isinstance(models, str):
+            results.append(
+                CheckResult(
+                    "LLM reachable",
+                    False,
+                    models,
+                    "check OPENROUTER_BASE_URL (an OpenAI-compatible base URL ending in /v1)",
+                )
+            )
+        elif models.status_code in (401, 403):
+            results.append(
+                CheckResult(
+                    "LLM key",
+                    False,
+                    f"{base}/models rejected the key (HTTP {models.status_code})",
+                    "set OPENROUTER_API_KEY to a key this server accepts",
+                )
+            )
+        elif models.status_code != 200 or (listed := listed_models(models)) is None:
+            results.append(
+                CheckResult(
+                    "LLM reachable",
+                    False,
+                    f"GET {base}/models answered HTTP {models.status_code}"
+                    f"{'' if models.status_code != 200 else ' without a model list'}",
+                    "check OPENROUTER_BASE_URL (an OpenAI-compatible base URL ending in /v1)",
+                )
+            )
+        else:
+            settings_of = [
+                ("OPENROUTER_MODEL", settings.openrouter_model),
+                *(("OPENROUTER_FALLBACK_MODELS", m) for m in settings.openrouter_fallback_models),
+            ]
+            for setting, model in settings_of:
+                name = f"LLM model {setting}"
+                if model in listed:
+                    kinds = listed[model]
+                    results.append(
+                        CheckResult(
+                            name, True, f"{model} is served" + (f" (input: {', '.join(kinds)})" if kinds else "")
+                        )
+                    )
+                    continue
+                suggestions = suggest_models(model, list(listed))
+                results.append(
+                    CheckResult(
+                        name,
+                        False,
+                        f"{model} is not among the {len(listed)} models {base}/models lists",
+                        f"set {setting} to a listed id" + (f", e.g. {' or '.join(suggestions)}" if suggestions else ""),
+                    )
+                )
+            if not settings.uses_openrouter and settings.openrouter_model in listed:
+                results.append(_check_test_completion(http, settings, auth))
+    return results
+
+
+def _check_test_completion(http: httpx.Client, settings: Settings, auth: Mapping[str, str]) -> CheckResult:
+    """A one-token request: on servers other than OpenRouter only this shows whether the key is accepted
+    (their /models is often open to anyone)."""
+    url = f"{settings.openrouter_base_url}/chat/completions"
+    body = {"model": settings.openrouter_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    try:
+        response = http.post(url, json=body, headers=auth, timeout=settings.llm_attempt_timeout_seconds)
+    except httpx.HTTPError as exc:
+        return CheckResult("LLM answers", False, f"cannot reach {url} ({type(exc).__name__})")
+    if response.status_code in (401, 403):
+        return CheckResult(
+            "LLM key",
+            False,
+            f"{url} rejected the key (HTTP {response.status_code})",
+            "set OPENROUTER_API_KEY to a key this server accepts",
+        )
+    if response.status_code != 200:
+        return CheckResult(
+            "LLM answers",
+            False,
+            f"a one-token test request answered HTTP {response.status_code}: {error_message(response)}",
+        )
+    return CheckResult("LLM answers", True, f"{settings.openrouter_model} answered a one-token test request")
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def listed_models(response: httpx.Response) -> dict[str, tuple[str, ...]] | None:
+    """GET /models as {id: input modalities}; None when the answer is not an OpenAI-style model list."""
+    document = _json_or_none(response)
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        return None
+    listed: dict[str, tuple[str, ...]] = {}
+    for entry in data:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            raw_architecture = entry.get("architecture")
+            architecture: Mapping[str, Any] = raw_architecture if isinstance(raw_architecture, dict) else {}
+            kinds = architecture.get("input_modalities")
+            listed[entry["id"]] = tuple(k for k in kinds if isinstance(k, str)) if isinstance(kinds, list) else ()
+    return listed
+
+
+def suggest_models(missing: str, listed: list[str], *, count: int = 3) -> list[str]:
+    """Ids from the server's own list that look like the missing one (never a hard-coded id: those retire)."""
+    close = difflib.get_close_matches(missing, listed, n=count, cutoff=0.6)
+    if close:
+        return close
+    vendor = missing.split("/")[0] + "/" if "/" in missing else ""
+    same_vendor = sorted(m for m in listed if vendor and m.startswith(vendor))
+    return difflib.get_close_matches(missing, same_vendor, n=count, cutoff=0.0) if same_vendor else []
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="whatsapp_webhook_server.py",
+        allow_abbrev=False,
+        description="WhatsApp AI reply server. Without options: Flask's development server on WEBHOOK_HOST:"
+        "WEBHOOK_PORT (production runs gunicorn: ./start_webhook_server.sh). Settings come from the "
+        "environment and .env.webhook (see .env.webhook.example).",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check-settings",
+        action="store_true",
+        help="validate the settings, STATE_DB and LOG_FILE, then exit (0 = fine, 2 = what to fix)",
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="also talk to WAHA and the LLM once: sessions, key, models (exit 1 if anything fails)",
+    )
+    mode.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run Flask's development server (production uses gunicorn; see start_webhook_server.sh).
+
+    --check-settings validates the configuration; --check also talks to WAHA and the LLM.
+    An unknown option is an error (argparse exits 2) rather than a server started by accident.
+    """
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings()
+        check_local_resources(settings)
+        if args.check_settings or args.check:
+            fallbacks = ", ".join(settings.openrouter_fallback_models) or "none"
+            print(
+                f"OK   settings: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
+                f"model {settings.openrouter_model} (fallbacks: {fallbacks}), state {settings.state_db}"
+            )
+        if args.check_settings:
+            return 0
+        if args.check:
+            results = check_deployment(settings)
+            for result in results:
+                print(result.line())
+            return 0 if all(result.ok for result in results) else 1
+        recover_after_restart(settings)
+        application = create_app(settings)
+    except SettingsError as exc:
+        print(f"FAIL settings: {exc}" if args.check else f"whatsapp_webhook_server: {exc}", file=sys.stderr)
+        return 2
+    log.info("starting development server on %s:%d (use gunicorn in production)", settings.host, settings.port)
+    start_worker(application)
+    # The Werkzeug debugger executes code typed into the browser: never offer it beyond this machine.
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    application.run(
+        host=settings.host,
+        port=settings.port,
+        debug=settings.debug,
+        use_debugger=settings.debug and loopback,
+        threaded=True,
+        use_reloader=False,
+    )
+    return 0

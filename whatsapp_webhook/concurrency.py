@@ -1,0 +1,260 @@
+"""The concurrency machinery: the cross-worker write gate with group commit, small upstream pools side by
+side, the completion board webhook threads wait on, and the worker's event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+)
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import httpx
+
+from whatsapp_webhook.store_schema import StoreUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class QueuedWrite:
+    """One write transaction's work, waiting at the WriterGate for a turn; filled in when committed."""
+
+    work: Callable[[sqlite3.Connection], Any]
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class WriterGate:
+    """One writer at a time across threads (a lock) and gunicorn workers (flock on a side file),
+    committing together the writes that queued up meanwhile (group commit).
+
+    SQLite serialises writers too, but a blocked writer polls with sleeps of 1 to 100 ms; under
+    load that idles the CPU while requests queue. Waiting here wakes the moment the writer is done.
+    This lock is the one thing every worker shares, and under load dozens of writes wait for it,
+    so whoever holds it commits all of them in one transaction: one BEGIN/COMMIT and one hand-off
+    between processes instead of one each (bench/README.md, "Where the time went").
+    """
+
+    MAX_BATCH = 64  # bounds how long one turn holds the lock
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._guard = threading.Lock()
+        self._pid: int | None = None
+        self._turns = threading.Condition()  # guards the queue and whether a thread is writing
+        self._queue: list[QueuedWrite] = []
+        self._writing = False
+        self._fd = -1
+
+    def _for_this_process(self) -> None:
+        if self._pid != os.getpid():
+            with self._guard:  # first use in this process (never share a lock, queue or fd across fork)
+                if self._pid != os.getpid():
+                    self._turns = threading.Condition()
+                    self._queue = []
+                    self._writing = False
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                    self._pid = os.getpid()
+
+    def write(self, work: Callable[[sqlite3.Connection], T], commit: Callable[[list[QueuedWrite]], None]) -> T:
+        """Queue `work` and wait until a writing thread (this one, if none is) has committed it.
+
+        Returns what `work` returned, or raises what it raised (StoreUnavailable for the store itself).
+        """
+        self._for_this_process()
+        queued = QueuedWrite(work)
+        try:
+            with self._turns:
+                self._queue.append(queued)
+                while self._writing and not queued.done:
+                    self._turns.wait()
+                leading = not queued.done
+                self._writing = self._writing or leading
+            if leading:
+                try:
+                    while not queued.done:
+                        self._commit_next_batch(commit)
+                finally:
+                    with self._turns:
+                        self._writing = False
+                        self._turns.notify_all()  # the next waiting write leads
+        except BaseException:
+            with self._turns:  # the caller is gone (interrupted): a write nobody waits for must not happen later
+                if queued in self._queue:
+                    self._queue.remove(queued)
+            raise
+        if queued.error is not None:
+            raise queued.error
+        return cast(T, queued.result)  # committed without an error: result is what `work` returned
+
+    def _commit_next_batch(self, commit: Callable[[list[QueuedWrite]], None]) -> None:
+        batch: list[QueuedWrite] = []
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                # Taken only now: the writes that queued while the other workers held the lock go too.
+                batch = self._take_batch()
+                commit(batch)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            batch = batch or self._take_batch()
+            for item in batch:
+                if not item.done:
+                    item.error = StoreUnavailable(f"state store lock error: {exc}")
+        finally:
+            with self._turns:
+                for item in batch:  # nobody waits forever, whatever happened to this turn
+                    if not item.done:
+                        item.done = True
+                        item.error = item.error or StoreUnavailable("state store write abandoned")
+                self._turns.notify_all()  # their threads return now, not after the next turn
+
+    def _take_batch(self) -> list[QueuedWrite]:
+        with self._turns:
+            batch = self._queue[: self.MAX_BATCH]
+            del self._queue[: self.MAX_BATCH]
+        return batch
+
+
+class ShardedPoolTransport(httpx.AsyncBaseTransport):
+    """Several small connection pools behind one transport; each request goes to the least busy pool.
+
+    httpcore re-examines every connection of a pool (a readability check with getpeername
+    and poll on each idle one) whenever a request starts or ends, so with a few hundred LLM
+    calls in flight one big pool spent more of the event loop's time than everything else
+    the reply pipeline does (bench/README.md, "Where the time went"). Pools of
+    CONNECTIONS_PER_SHARD keep that walk short.
+    """
+
+    CONNECTIONS_PER_SHARD = 8
+
+    def __init__(self, *, max_connections: int) -> None:
+        count = max(1, math.ceil(max_connections / self.CONNECTIONS_PER_SHARD))
+        size = math.ceil(max_connections / count)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        tls = httpx.create_ssl_context()  # loading the CA bundle costs ~25 ms: once, not per pool
+        self._shards = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(count)]
+        self._busy = [0] * count
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(self._busy)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self._shards)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+        try:
+            response = await self._shards[index].handle_async_request(request)
+        except BaseException:
+            self._busy[index] -= 1
+            raise
+        response.stream = _ReleasingStream(response.stream, lambda: self._release(index))
+        return response
+
+    def _release(self, index: int) -> None:
+        self._busy[index] -= 1
+
+    async def aclose(self) -> None:
+        errors = [
+            e
+            for e in await asyncio.gather(*(shard.aclose() for shard in self._shards), return_exceptions=True)
+            if e is not None
+        ]
+        if errors:  # every pool was still closed
+            raise errors[0]
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that tells its pool's counter when it is closed (read to the end or abandoned)."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._release is not None:  # once, however often the body is closed
+                release = self._release
+                self._release = None
+                release()
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread; Flask's threads hand it coroutines."""
+
+    def __init__(self, *, name: str = "reply-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        # Store calls run in threads (asyncio.to_thread); the default pool (CPUs + 4) queues them under load.
+        self.loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="store")
+        )
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, callback: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(callback)
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class CompletionBoard:
+    """Lets a webhook thread sleep until its message's attempt ends, instead of polling tightly."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, tuple[threading.Event, int]] = {}
+
+    def watch(self, key: str) -> threading.Event:
+        with self._lock:
+            event, watchers = self._events.get(key, (threading.Event(), 0))
+            self._events[key] = (event, watchers + 1)
+            return event
+
+    def unwatch(self, key: str) -> None:
+        with self._lock:
+            event, watchers = self._events[key]
+            if watchers <= 1:
+                del self._events[key]
+            else:
+                self._events[key] = (event, watchers - 1)
+
+    def notify(self, key: str) -> None:
+        with self._lock:
+            entry = self._events.get(key)
+        if entry is not None:
+            entry[0].set()

@@ -1,0 +1,364 @@
+"""WAHA webhook events: parse the envelope (WEBJS, NOWEB, GOWS), then decide what a reply bot answers and why not."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from collections.abc import (
+    Mapping,
+)
+from dataclasses import dataclass
+from typing import Any
+
+from whatsapp_webhook.health import CheckStatus
+
+ANSWERED_EVENTS = ("message", "message.any")
+
+
+# payload.id is "{fromMe}_{chatId}_{messageId}[_{participant}]"; the bare messageId is the
+# same when one WhatsApp message arrives under its @lid and its phone-number chat id.
+MESSAGE_ID_PATTERN = re.compile(r"^(?:true|false)_(?P<chat>[^_]+)_(?P<bare>[^_]+)(?:_.+)?$")
+
+
+class BadRequestError(Exception):
+    """The request cannot be processed as sent; answered with a 4xx JSON error."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhookEvent:
+    """The WAHA envelope, with only the fields the server relies on typed."""
+
+    event_id: str | None
+    event: str
+    session: str | None
+    engine: str | None
+    me_ids: frozenset[str]
+    payload: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class IncomingMessage:
+    """A customer message the bot should answer."""
+
+    event_id: str | None
+    event: str
+    session: str
+    engine: str | None
+    chat_id: str
+    message_id: str
+    dedupe_key: str
+    participant: str | None
+    text: str | None
+    timestamp: float | None
+    mentions_bot: bool = False
+    reply_to_id: str | None = None
+
+    @property
+    def is_group(self) -> bool:
+        return self.chat_id.endswith("@g.us")
+
+    @property
+    def chat_key(self) -> str:
+        """Replies within one chat of one WAHA session go out one at a time, in order."""
+        return f"{self.session}:{self.chat_id}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> IncomingMessage:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnMessage:
+    """Sent from this WhatsApp account: the bot's own echo, or a person answering from the phone or WhatsApp Web."""
+
+    event_id: str | None
+    session: str
+    chat_id: str
+    message_id: str
+    text: str | None
+
+    @property
+    def chat_key(self) -> str:
+        return f"{self.session}:{self.chat_id}"
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """Why an event gets no reply; `reason` is a stable code, `detail` is for humans."""
+
+    reason: str
+    detail: str
+
+
+# WAHA's session states (waha.md §3); WORKING is the only one that can send.
+SESSION_STATES = frozenset(
+    {"STOPPED", "STARTING", "SCAN_QR_CODE", "PASSKEY_REQUIRED", "PASSKEY_CONFIRMATION_REQUIRED", "WORKING", "FAILED"}
+)
+
+
+SESSION_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionStatus:
+    """A `session.status` event: what /health says about that WAHA session until the next one."""
+
+    event_id: str | None
+    session: str
+    state: str
+
+    @property
+    def check(self) -> tuple[CheckStatus, str]:
+        if self.state == "WORKING":
+            return CheckStatus.OK, f"WAHA session '{self.session}' is WORKING"
+        if self.state in ("STOPPED", "FAILED"):
+            return CheckStatus.FAILING, f"WAHA session '{self.session}' is {self.state}: nothing can be sent from it"
+        hint = ": pair it by scanning the QR code in WAHA's dashboard" if self.state == "SCAN_QR_CODE" else ""
+        return CheckStatus.DEGRADED, f"WAHA session '{self.session}' is {self.state}, not WORKING{hint}"
+
+
+def parse_event(body: bytes) -> WebhookEvent:
+    """Decode and type-check a WAHA webhook body; raise BadRequestError with a precise message."""
+    if not body or not body.strip():
+        raise BadRequestError("request body is empty; expected a WAHA webhook JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise BadRequestError("request body is nested too deeply") from None
+    except ValueError:  # e.g. an integer longer than Python's 4300-digit limit
+        raise BadRequestError("request body is not usable JSON: a number in it is too long") from None
+    if not isinstance(document, dict):
+        raise BadRequestError(f"request body must be a JSON object, got {_json_type(type(document))}")
+
+    event = _field(document, "event", str, required=True)
+    payload = _field(document, "payload", dict)
+    me = _field(document, "me", dict) or {}
+    me_ids = frozenset(v for v in (me.get("id"), me.get("lid")) if isinstance(v, str) and v)
+    return WebhookEvent(
+        event_id=_field(document, "id", str),
+        event=event,
+        session=_field(document, "session", str),
+        engine=_field(document, "engine", str),
+        me_ids=me_ids,
+        payload=payload,
+    )
+
+
+def _field(
+    document: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False, where: str = ""
+) -> Any:
+    value = document.get(name)
+    label = f"{where}{name}"
+    if value is None:
+        if required:
+            raise BadRequestError(f"field '{label}' is required")
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is a subclass of int: a JSON true must not pass as a number.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequestError(f"field '{label}' must be {_json_type(kinds[0])}, got {_json_type(type(value))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequestError(f"field '{label}' must be a finite number")
+    if isinstance(value, str) and not _is_valid_unicode(value):
+        raise BadRequestError(f"field '{label}' contains an invalid character (lone UTF-16 surrogate)")
+    return value
+
+
+def _is_valid_unicode(text: str) -> bool:
+    """JSON escapes like \\ud800 decode to lone surrogates, which cannot be stored or sent on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _repair_text(text: str) -> str:
+    """A message cut inside an emoji still deserves an answer: replace the broken half instead of refusing."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _json_type(kind: type) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(kind, kind.__name__)
+
+
+def classify_event(
+    event: WebhookEvent, *, reply_in_groups: bool
+) -> IncomingMessage | OwnMessage | SessionStatus | Ignored:
+    """Decide whether a parsed event is a customer message to answer, one of our own, or neither (and why).
+
+    Malformed fields raise BadRequestError (4xx); a well-formed event that cannot be answered (no chat,
+    no message id, no session) is Ignored, because WAHA redelivers every non-2xx and redelivery cannot fix it.
+    """
+    if event.event == "session.status":
+        return _session_status(event)
+    if event.event not in ANSWERED_EVENTS:
+        return Ignored("event_not_handled", f"event '{event.event}' is not a new message")
+    payload = event.payload
+    if payload is None:
+        return Ignored("no_payload", f"a '{event.event}' event without a payload has nothing to answer")
+    chat_id = _field(payload, "from", str, where="payload.")
+    message_id = _field(payload, "id", str, where="payload.")
+    if chat_id is None and message_id is not None:
+        # WAHA's own status-broadcast example has no `from`; the id says which chat it is.
+        match = MESSAGE_ID_PATTERN.match(message_id)
+        chat_id = match.group("chat") if match else None
+    if chat_id is None:
+        return Ignored("no_chat", "the message has neither payload.from nor a payload.id that names its chat")
+    if not event.session:
+        return Ignored("no_session", "without a session there is no WAHA session to reply from")
+    from_me = _field(payload, "fromMe", bool, where="payload.")
+    source = _field(payload, "source", str, where="payload.")
+    participant = _field(payload, "participant", str, where="payload.")
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str):
+        _field(payload, "body", str, where="payload.")  # raises the usual type error
+    body = _repair_text(body) if body else body
+    has_media = _field(payload, "hasMedia", bool, where="payload.")
+    media = _field(payload, "media", dict, where="payload.")
+    timestamp = _field(payload, "timestamp", (int, float), where="payload.")
+
+    if source == "api":
+        return Ignored("from_me", "message was sent through the WAHA API")
+    if from_me and message_id is not None:
+        # The chat is the middle of '{fromMe}_{chat}_{id}': WEBJS reports our own messages *from* our id.
+        match = MESSAGE_ID_PATTERN.match(message_id)
+        chat_id = match.group("chat") if match else chat_id
+    if not from_me and (chat_id in event.me_ids or (participant is not None and participant in event.me_ids)):
+        return Ignored("own_number", "message comes from the bot's own number")
+    if chat_id == "status@broadcast":
+        return Ignored("status_broadcast", "status updates are not answered")
+    if chat_id.endswith("@broadcast"):
+        return Ignored("broadcast_list", "broadcast lists are not answered")
+    if chat_id.endswith("@newsletter"):
+        return Ignored("channel", "channel posts are not answered")
+    if chat_id.endswith("@g.us") and not reply_in_groups:
+        return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    if message_id is None:
+        return Ignored("no_message_id", "without payload.id the message cannot be told apart from its redeliveries")
+    if from_me:
+        return OwnMessage(
+            event_id=event.event_id,
+            session=event.session,
+            chat_id=chat_id,
+            message_id=message_id,
+            text=body.strip() if body else None,
+        )
+
+    text = body.strip() if body else ""
+    has_other_content = bool(has_media or media or payload.get("location") or payload.get("vCards"))
+    if not text and not has_other_content:
+        return Ignored("no_content", "message has neither text nor media")
+
+    match = MESSAGE_ID_PATTERN.match(message_id)
+    bare_id = match.group("bare") if match else message_id
+    raw_reply_to = payload.get("replyTo")
+    reply_to: Mapping[str, Any] = raw_reply_to if isinstance(raw_reply_to, dict) else {}
+    reply_to_id = reply_to.get("id") if isinstance(reply_to.get("id"), str) else None
+    return IncomingMessage(
+        event_id=event.event_id,
+        event=event.event,
+        session=event.session,
+        engine=event.engine,
+        chat_id=chat_id,
+        message_id=message_id,
+        dedupe_key=f"{event.session}:{bare_id}",
+        participant=participant,
+        text=text or None,
+        timestamp=_seconds(timestamp),
+        mentions_bot=chat_id.endswith("@g.us") and _addresses_bot(text, payload, reply_to, event.me_ids),
+        reply_to_id=reply_to_id,
+    )
+
+
+def _session_status(event: WebhookEvent) -> SessionStatus | Ignored:
+    payload = event.payload or {}
+    state = _field(payload, "status", str, where="payload.")
+    session = event.session or _field(payload, "name", str, where="payload.")
+    if state not in SESSION_STATES or not session or not SESSION_NAME_PATTERN.match(session):
+        return Ignored("session_status", "session.status event without a known status and session name")
+    return SessionStatus(event_id=event.event_id, session=session, state=state)
+
+
+def _number_of(whatsapp_id: str) -> str:
+    """'5511...@c.us', '5511...:12@s.whatsapp.net' and '1000...@lid' -> the digits before '@' or ':'."""
+    return whatsapp_id.split("@")[0].split(":")[0]
+
+
+def _addresses_bot(text: str, payload: Mapping[str, Any], reply_to: Mapping[str, Any], me_ids: frozenset[str]) -> bool:
+    """In a group: the bot is @mentioned (in the text or in the engine's mention list) or its message is quoted."""
+    numbers = {_number_of(i) for i in me_ids}
+    if not numbers:
+        return False  # WAHA sends 'me' only for a WORKING session; without it we cannot tell
+    if any(f"@{number}" in text for number in numbers):
+        return True
+    quoted = reply_to.get("participant")
+    if isinstance(quoted, str) and _number_of(quoted) in numbers:
+        return True
+    # WEBJS: _data.mentionedJidList; NOWEB/GOWS: contextInfo.mentionedJid / mentionedJID inside _data.
+    pending: list[Any] = [payload.get("_data")]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("mentionedJidList", "mentionedJid", "mentionedJID") and isinstance(value, list):
+                    mentioned = {
+                        _number_of(v if isinstance(v, str) else str(v.get("_serialized", "")))
+                        for v in value
+                        if isinstance(v, (str, dict))
+                    }
+                    if mentioned & numbers:
+                        return True
+                elif isinstance(value, (dict, list)):
+                    pending.append(value)
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
+
+
+def _seconds(timestamp: int | float | None) -> float | None:
+    try:
+        return float(timestamp) if timestamp is not None else None
+    except OverflowError:
+        raise BadRequestError("field 'payload.timestamp' is out of range") from None
+
+
+def text_fingerprint(text: str | None) -> str | None:
+    """Same words, same fingerprint: case and spacing do not make a loop or an echo look new."""
+    if not text:
+        return None
+    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()[:24]
+
+
+def bare_message_id(message_id: str | None) -> str | None:
+    if not message_id:
+        return None
+    match = MESSAGE_ID_PATTERN.match(message_id)
+    return match.group("bare") if match else message_id

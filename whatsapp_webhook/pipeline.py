@@ -1,0 +1,523 @@
+"""The reply pipeline: one claimed message (and the burst merged into it) from the LLM call to sendText."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import (
+    Awaitable,
+    Callable,
+)
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from whatsapp_webhook.events import bare_message_id
+from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
+from whatsapp_webhook.health import CheckStatus, HealthReporter
+from whatsapp_webhook.llm import ModelUnavailableError
+from whatsapp_webhook.logs import log
+from whatsapp_webhook.metrics import (
+    MESSAGES_FAILED,
+    MESSAGES_PROCESSED,
+    MESSAGES_SKIPPED,
+    PROCESSING_SECONDS,
+)
+from whatsapp_webhook.policy import (
+    EveryMinute,
+    retry_delay_seconds,
+    trim_history,
+    typing_pause_seconds,
+)
+from whatsapp_webhook.upstream import LLMError, WahaError
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.events import IncomingMessage
+    from whatsapp_webhook.llm import LLMClient, LLMReply
+    from whatsapp_webhook.settings import Settings
+    from whatsapp_webhook.store import StateStore
+    from whatsapp_webhook.store_schema import Admission, ClaimedMessage
+    from whatsapp_webhook.waha import WahaClient
+
+
+PRESENCE_TIMEOUT_SECONDS = 3.0
+
+
+# WhatsApp timestamps our messages with the phone's/server's clock, not ours.
+CLOCK_SKEW_SECONDS = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComposedReply:
+    """What to send for a message: the text, its outcome, the turn to remember and what the LLM charged."""
+
+    text: str
+    outcome: str
+    history: tuple[str, str] | None = None
+    llm_cost_usd: float = 0.0
+
+
+class ReplyPipeline:
+    """Answers one claimed message (and the burst merged into it) and records the outcome in the inbox."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: StateStore,
+        llm: LLMClient,
+        waha: WahaClient,
+        health: HealthReporter | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.llm = llm
+        self.waha = waha
+        self.health = health or HealthReporter(store=store)
+        self.sleep = sleep
+        self.rng = rng
+        self._notices = EveryMinute()
+
+    async def _report(self, name: str, status: CheckStatus, reason: str) -> None:
+        """Tell /health what this reply learned; costs a store write only when something changed."""
+        if self.health.needs_write(name, status, reason):
+            await asyncio.to_thread(self.health.report, name, status, reason)
+
+    async def process(self, claimed: ClaimedMessage) -> None:
+        message = claimed.message
+        try:
+            await self._reply(claimed)
+        except BaseException as exc:
+            # A bug or a shutdown: the message goes back to the inbox, due at once.
+            await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            if isinstance(exc, asyncio.CancelledError):
+                log.info(
+                    "event=%s chat=%s reply interrupted by shutdown; message handed back to the inbox",
+                    message.event_id,
+                    message.chat_id,
+                )
+            else:
+                log.exception(
+                    "event=%s chat=%s reply failed in our code; message handed back to the inbox",
+                    message.event_id,
+                    message.chat_id,
+                )
+            raise
+
+    async def _reply(self, claimed: ClaimedMessage) -> None:
+        message, owner, key = claimed.message, claimed.lease_owner, claimed.message.dedupe_key
+        log.info(
+            "event=%s chat=%s decision=working attempt=%d merged=%d",
+            message.event_id,
+            message.chat_id,
+            claimed.attempts,
+            len(claimed.merged),
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        parts_sent = claimed.parts_sent
+        typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
+        mid_send = claimed.previous_status == "sending" or parts_sent > 0
+        # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
+        claimed_text = claimed.reply_text if claimed.outcome != "fallback" or mid_send else None
+        claimed_reply = claimed_text is not None
+        if claimed_text is not None:
+            # A reply was already written (and maybe partly sent): the customer must get exactly it.
+            text, outcome, history = claimed_text, claimed.outcome or "success", None
+            if claimed.outcome == "success":
+                history = ("\n".join(claimed.texts), text)
+            parts = split_message(text, self.settings.max_message_chars)
+            # The worker before us died mid-send: did that part leave?
+            if (
+                claimed.previous_status == "sending"
+                and parts_sent < len(parts)
+                and await self._already_sent(
+                    claimed,
+                    part=parts[parts_sent],
+                    index=parts_sent,
+                    since=(claimed.send_started_at or time.time()) - CLOCK_SKEW_SECONDS,
+                )
+            ):
+                parts_sent += 1
+        else:
+            presence = None
+            if self.settings.typing_simulation:
+                # Seen + typing while the LLM thinks, so the typing pause overlaps the LLM call.
+                presence = asyncio.create_task(self._show_typing(message))
+            try:
+                composed = await self._compose(claimed)
+            except BaseException:
+                if presence is not None:
+                    presence.cancel()
+                raise
+            if presence is not None:
+                await presence
+                typing_since = started
+            if composed is None:  # deliberately not answered (paused, opted out, loop, over a limit)
+                await self._finish(claimed, outcome="skipped", sent_message_id=None)
+                if presence is not None:
+                    await self._quietly(
+                        "stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id)
+                    )
+                return
+            text, outcome, history, cost = composed.text, composed.outcome, composed.history, composed.llm_cost_usd
+            parts, parts_sent = split_message(text, self.settings.max_message_chars), 0
+
+        verdict = await asyncio.to_thread(
+            self.store.begin_send,
+            key,
+            owner,
+            parts=parts[parts_sent:],
+            reply=None if claimed_reply else (text, outcome),
+            llm_cost_usd=0.0 if claimed_reply else cost,
+        )
+        if verdict == "paused":
+            log.info(
+                "event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
+                "being written)",
+                message.event_id,
+                message.chat_id,
+            )
+            await self._finish(claimed, outcome="skipped", sent_message_id=None)
+            return
+        if verdict != "send":
+            log.info(
+                "event=%s chat=%s decision=%s (%s)",
+                message.event_id,
+                message.chat_id,
+                verdict,
+                "an earlier message of this chat goes first" if verdict == "yield" else "lease lost",
+            )
+            return
+        sent_id = last_part_id = None
+        for index in range(parts_sent, len(parts)):
+            await self._type(message, parts[index], since=typing_since)
+            typing_since = None
+            send_started = time.time()
+            try:
+                part_id = await self.waha.send_text(
+                    session=message.session,
+                    chat_id=message.chat_id,
+                    text=parts[index],
+                    reply_to=message.message_id if message.is_group and index == 0 else None,
+                )
+            except WahaError as exc:
+                await self._report_waha_failure(message.session, exc)
+                if exc.maybe_delivered and await self._already_sent(
+                    claimed, part=parts[index], index=index, since=send_started - CLOCK_SKEW_SECONDS
+                ):
+                    continue
+                await self._record_failure(claimed, exc)
+                return
+            if index == parts_sent:
+                await self._report(
+                    f"waha:{message.session}", CheckStatus.OK, f"sendText works for WAHA session '{message.session}'"
+                )
+            sent_id = sent_id or part_id
+            if index == len(parts) - 1:
+                last_part_id = part_id  # finish() records the last part in the same step
+                break
+            if not await asyncio.to_thread(
+                self.store.mark_part_sent, key, owner, parts_sent=index + 1, sent_message_id=part_id
+            ):
+                log.warning(
+                    "event=%s chat=%s lease lost after part %d; the new owner continues",
+                    message.event_id,
+                    message.chat_id,
+                    index + 1,
+                )
+                return
+        await self._finish(
+            claimed, outcome=outcome, sent_message_id=sent_id, history=history, last_part_id=last_part_id
+        )
+        log.info(
+            "event=%s chat=%s decision=replied outcome=%s parts=%d chars=%d sent_id=%s total_ms=%.0f",
+            message.event_id,
+            message.chat_id,
+            outcome,
+            len(parts),
+            len(text),
+            sent_id,
+            (loop.time() - started) * 1000,
+        )
+
+    async def _report_waha_failure(self, session: str, exc: WahaError) -> None:
+        if exc.status == 401:
+            await self._report(
+                f"waha:{session}",
+                CheckStatus.FAILING,
+                "WAHA rejected WAHA_API_KEY (HTTP 401): set it to the key WAHA was started with",
+            )
+        elif exc.status == 422:
+            await self._report(
+                f"waha:{session}",
+                CheckStatus.DEGRADED,
+                f"WAHA session '{session}' is not WORKING (sendText answered HTTP 422)",
+            )
+        else:
+            await self._report(f"waha:{session}", CheckStatus.DEGRADED, f"sendText failed: {exc}")
+
+    async def _compose(self, claimed: ClaimedMessage) -> ComposedReply | None:
+        """The reply's text, its outcome and the turn to remember; None when this chat gets no reply now."""
+        message, settings = claimed.message, self.settings
+        command = settings.command_of(message.text)
+        context = f"event={message.event_id} chat={message.chat_id}"
+        if command in ("stop", "start"):
+            paused = await asyncio.to_thread(self.store.set_opted_out, message.chat_key, command == "stop")
+            log.info(
+                "%s decision=%s%s",
+                context,
+                "opted_out" if command == "stop" else "opted_in",
+                " (chat paused: no confirmation sent)" if paused else "",
+            )
+            # While a person handles the chat, the bot stays silent even to confirm.
+            return (
+                None
+                if paused
+                else ComposedReply(
+                    text=settings.stop_reply if command == "stop" else settings.start_reply, outcome="command"
+                )
+            )
+        admission, history = await asyncio.to_thread(
+            self._admit, message.chat_key, claimed.texts, with_history=bool(claimed.texts) and command != "reset"
+        )
+        if admission.verdict != "ok":
+            log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
+            if admission.verdict == "loop":
+                log.warning(
+                    "%s bot-to-bot loop suspected: chat paused for %.0f min", context, settings.loop_pause_minutes
+                )
+            return ComposedReply(text=settings.rate_limit_reply, outcome="notice") if admission.notice else None
+        if command == "reset":
+            await asyncio.to_thread(self.store.clear_history, message.chat_key)
+            log.info("%s decision=history_reset", context)
+            return ComposedReply(text=settings.reset_reply, outcome="command")
+        if not claimed.texts:
+            return ComposedReply(text=settings.non_text_reply, outcome="non_text")
+        user_turn = "\n".join(claimed.texts)
+        reply = await self._ask_llm(message, user_turn, history, context)
+        cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
+        formatted = markdown_to_whatsapp(reply.text) if reply is not None else ""
+        # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
+        if not formatted or reply is None:
+            return ComposedReply(text=settings.fallback_message, outcome="fallback", llm_cost_usd=cost)
+        # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
+        return ComposedReply(text=formatted, outcome="success", history=(user_turn, reply.text), llm_cost_usd=cost)
+
+    def _admit(self, chat_key: str, texts: list[str], *, with_history: bool) -> tuple[Admission, list[tuple[str, str]]]:
+        """The chat's admission and, if admitted, its recent turns: one trip to a store thread, two transactions
+        (the history read stays outside the write lock, which every worker shares)."""
+        settings = self.settings
+        admission = self.store.admit(
+            chat_key,
+            texts=texts,
+            per_minute=settings.rate_limit_per_minute,
+            per_day=settings.daily_message_limit,
+            loop_repeats=settings.loop_repeats,
+            loop_window=settings.loop_window_seconds,
+            loop_pause=settings.loop_pause_minutes * 60,
+        )
+        if admission.verdict != "ok" or not with_history or not settings.history_turns:
+            return admission, []
+        turns = self.store.history(
+            chat_key, since=time.time() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
+        )
+        return admission, trim_history(turns, max_chars=settings.history_max_chars)
+
+    async def _ask_llm(
+        self, message: IncomingMessage, user_turn: str, history: list[tuple[str, str]], context: str
+    ) -> LLMReply | None:
+        # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
+        user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
+        for attempt_history in (history, []):
+            prompt = [
+                {"role": "system", "content": self.settings.ai_system_prompt},
+                *({"role": role, "content": content} for role, content in attempt_history),
+                {"role": "user", "content": user_turn},
+            ]
+            try:
+                reply = await self.llm.complete(prompt, user=user, log_context=context)
+            except LLMError as exc:
+                if exc.status == 400 and "context" in str(exc).lower() and attempt_history:
+                    log.warning("%s prompt too long for the model; retrying without history", context)
+                    continue
+                log.error("%s llm_failed=%s -> fallback", context, exc)
+                await self._report_llm_failure(exc)
+                return None
+            log.info(
+                "%s llm_ok model=%s attempts=%d llm_ms=%.0f tokens=%s history_turns=%d",
+                context,
+                reply.model,
+                reply.attempts,
+                reply.latency_seconds * 1000,
+                reply.usage.get("total_tokens"),
+                len(attempt_history),
+            )
+            await self._report_llm_success(reply, context)
+            return reply
+        return None
+
+    async def _report_llm_success(self, reply: LLMReply, context: str) -> None:
+        configured = reply.configured_model
+        if not reply.from_fallback:
+            await self._report("llm", CheckStatus.OK, f"replies come from OPENROUTER_MODEL={configured}")
+            return
+        why = "is not served" if configured in reply.unserved_models else "did not answer"
+        await self._report(
+            "llm",
+            CheckStatus.DEGRADED,
+            f"OPENROUTER_MODEL={configured} {why}; replies come from the fallback {reply.answered_by}",
+        )
+        quiet = self._notices.due("fallback")
+        if quiet is not None:
+            log.warning(
+                "%s llm decision=fallback_model model=%s configured=%s: OPENROUTER_MODEL %s, so a fallback "
+                "model answered; check the id with `python whatsapp_webhook_server.py --check`%s",
+                context,
+                reply.model,
+                configured,
+                why,
+                f" ({quiet} more in the last minute)" if quiet else "",
+            )
+
+    async def _report_llm_failure(self, exc: LLMError) -> None:
+        if isinstance(exc, ModelUnavailableError):
+            models = ", ".join(self.llm.models)
+            await self._report(
+                "llm",
+                CheckStatus.FAILING,
+                f"no configured model is served ({models}): customers "
+                "get FALLBACK_MESSAGE; set OPENROUTER_MODEL to an id that --check lists",
+            )
+        elif exc.status in (401, 402):
+            what = "rejected OPENROUTER_API_KEY" if exc.status == 401 else "says the account is out of credits"
+            await self._report(
+                "llm", CheckStatus.FAILING, f"the LLM server {what} (HTTP {exc.status}): customers get FALLBACK_MESSAGE"
+            )
+        elif exc.transient:
+            await self._report("llm", CheckStatus.DEGRADED, f"the last reply fell back to FALLBACK_MESSAGE: {exc}")
+
+    async def _type(self, message: IncomingMessage, part: str, *, since: float | None) -> None:
+        """WAHA's anti-ban recipe before each part: typing for a human-looking time, then stop typing."""
+        if not self.settings.typing_simulation:
+            return
+        loop = asyncio.get_running_loop()
+        if since is None:  # a later part: typing starts now
+            await self._quietly("startTyping", self.waha.start_typing(session=message.session, chat_id=message.chat_id))
+            since = loop.time()
+        remaining = typing_pause_seconds(part, rng=self.rng) - (loop.time() - since)
+        if remaining > 0:
+            await self.sleep(remaining)
+        await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
+
+    async def _record_failure(self, claimed: ClaimedMessage, exc: WahaError) -> None:
+        message = claimed.message
+        result = await asyncio.to_thread(
+            self.store.record_failure,
+            message.dedupe_key,
+            claimed.lease_owner,
+            str(exc),
+            max_attempts=self.settings.reply_max_attempts,
+            retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds),
+        )
+        if result == "failed":
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+        log.error(
+            "event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s",
+            message.event_id,
+            message.chat_id,
+            claimed.attempts,
+            result,
+            exc,
+        )
+
+    async def _finish(
+        self,
+        claimed: ClaimedMessage,
+        *,
+        outcome: str,
+        sent_message_id: str | None,
+        history: tuple[str, str] | None = None,
+        last_part_id: str | None = None,
+    ) -> None:
+        await asyncio.to_thread(
+            self.store.finish,
+            claimed.message.dedupe_key,
+            claimed.lease_owner,
+            outcome=outcome,
+            sent_message_id=sent_message_id,
+            history=history,
+            last_part_id=last_part_id,
+        )
+        count = 1 + len(claimed.merged)
+        if outcome == "fallback":
+            MESSAGES_FAILED.labels("llm").inc(count)
+        elif outcome in ("skipped", "notice"):
+            MESSAGES_SKIPPED.inc(count)
+        else:
+            MESSAGES_PROCESSED.inc(count)
+        if outcome != "skipped":  # the histogram is about replies reaching WAHA
+            PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
+
+    async def _already_sent(self, claimed: ClaimedMessage, *, part: str, index: int, since: float) -> bool:
+        """A send was cut off (worker died, answer lost): ask WAHA whether the part left before resending it."""
+        message = claimed.message
+        try:
+            candidates = await self.waha.find_sent_texts(
+                session=message.session, chat_id=message.chat_id, text=part, since=since
+            )
+            # The same words may have gone out for an earlier message (two voice notes, two fallbacks):
+            # only a copy no other reply of ours accounts for can be this one.
+            ids = [c.get("id") if isinstance(c.get("id"), str) else None for c in candidates]
+            known = await asyncio.to_thread(self.store.known_sent_ids, [i for i in ids if i])
+        except WahaError as exc:
+            # Cannot tell: a possible second copy is better than a customer left without an answer.
+            log.warning(
+                "event=%s chat=%s cannot check whether the interrupted send went out (%s); will send",
+                message.event_id,
+                message.chat_id,
+                exc,
+            )
+            return False
+        unaccounted = [i for i in ids if i is None or bare_message_id(i) not in known]
+        if not unaccounted:
+            return False
+        sent_id = unaccounted[0]
+        await asyncio.to_thread(
+            self.store.mark_part_sent,
+            message.dedupe_key,
+            claimed.lease_owner,
+            parts_sent=index + 1,
+            sent_message_id=sent_id,
+        )
+        log.info(
+            "event=%s chat=%s decision=already_sent part=%d sent_id=%s (found in WAHA after an interrupted send)",
+            message.event_id,
+            message.chat_id,
+            index + 1,
+            sent_id,
+        )
+        return True
+
+    async def _show_typing(self, message: IncomingMessage) -> None:
+        await self._quietly(
+            "sendSeen",
+            self.waha.send_seen(
+                session=message.session,
+                chat_id=message.chat_id,
+                message_id=message.message_id,
+                participant=message.participant if message.is_group else None,
+            ),
+        )
+        await self._quietly("startTyping", self.waha.start_typing(session=message.session, chat_id=message.chat_id))
+
+    async def _quietly(self, what: str, call: Awaitable[None]) -> None:
+        """Presence calls are cosmetic: their failure or slowness must never cost the customer the reply."""
+        try:
+            async with asyncio.timeout(PRESENCE_TIMEOUT_SECONDS):
+                await call
+        except (WahaError, TimeoutError) as exc:
+            log.warning("%s failed (ignored): %s", what, exc or "timed out")

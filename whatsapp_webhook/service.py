@@ -1,0 +1,408 @@
+"""The webhook service: the framework-free core that turns one request (raw bytes + headers) into an answer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import (
+    Callable,
+    Mapping,
+)
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, overload
+
+from whatsapp_webhook import SERVICE_NAME, __version__
+from whatsapp_webhook.events import (
+    BadRequestError,
+    Ignored,
+    OwnMessage,
+    SessionStatus,
+    classify_event,
+    parse_event,
+)
+from whatsapp_webhook.health import (
+    HEALTH_CHECKS,
+    CheckStatus,
+    HealthCheck,
+    HealthReporter,
+    ServerHealth,
+    combine_checks,
+    overall_health,
+)
+from whatsapp_webhook.logs import log
+from whatsapp_webhook.metrics import (
+    MESSAGES_IGNORED,
+    MESSAGES_RECEIVED,
+    REQUESTS_REJECTED,
+)
+from whatsapp_webhook.signature import verify_token, verify_waha_hmac
+from whatsapp_webhook.store_schema import (
+    IGNORED_COUNTER_PREFIX,
+    LLM_COST_COUNTER,
+    PAUSED_FOREVER,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.events import IncomingMessage, WebhookEvent
+    from whatsapp_webhook.settings import Settings
+    from whatsapp_webhook.store import StateStore
+    from whatsapp_webhook.store_schema import InboxEntry
+    from whatsapp_webhook.worker import WorkerRuntime
+
+
+class RequestHeaders(Protocol):
+    """The header lookups the service makes: Werkzeug's case-insensitive Headers, or a plain mapping in tests."""
+
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+    @overload
+    def get(self, key: str, default: str, /) -> str: ...
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class WebhookService:
+    """Turns one webhook request (raw bytes + headers) into a JSON answer and a status code."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: StateStore,
+        started_at: float,
+        runtime_factory: Callable[[], WorkerRuntime],
+        health: HealthReporter | None = None,
+        poll_seconds: float = 0.25,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.health = health or HealthReporter(store=store)
+        self.started_at = started_at
+        self._store_health = (CheckStatus.OK, started_at)  # this worker's view: the store cannot report itself
+        self.poll_seconds = poll_seconds
+        self._runtime_factory = runtime_factory
+        self._runtime: WorkerRuntime | None = None
+        self._runtime_lock = threading.Lock()
+        # Waiting requests hold gunicorn threads; past this many, answer 202 at once so new
+        # deliveries are still recorded promptly (the inbox makes 202 as safe as 200).
+        self._waiting_slots = (
+            threading.BoundedSemaphore(settings.webhook_max_waiting) if settings.webhook_max_waiting else None
+        )
+        self._shutting_down = threading.Event()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: stop holding webhook requests (their messages are recorded) so gunicorn can move on."""
+        self._shutting_down.set()
+
+    def runtime(self) -> WorkerRuntime:
+        """The worker's runtime, built on first use (or by gunicorn's post_worker_init), always after the fork."""
+        runtime = self._runtime
+        if runtime is not None and runtime.pid == os.getpid():
+            return runtime
+        with self._runtime_lock:
+            if self._runtime is None or self._runtime.pid != os.getpid():
+                self._runtime = self._runtime_factory()
+            return self._runtime
+
+    def close(self, *, drain_seconds: float = 10.0) -> None:
+        with self._runtime_lock:
+            if self._runtime is not None and self._runtime.pid == os.getpid():
+                self._runtime.close(drain_seconds=drain_seconds)
+            self._runtime = None
+        self.store.close()
+
+    def handle_webhook(self, body: bytes, headers: RequestHeaders) -> tuple[dict[str, Any], int]:
+        request_id = headers.get("X-Webhook-Request-Id", "-")
+        rejection = self._check_sender(body, headers)
+        if rejection is not None:
+            log.warning("request=%s rejected status=401 reason=%s", request_id, rejection)
+            REQUESTS_REJECTED.labels("401").inc()
+            self.count_quietly("requests_unauthorized")
+            return {"error": rejection}, 401
+        try:
+            if (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+                raise BadRequestError("Content-Type must be application/json", status=415)
+            event = parse_event(body)
+            decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
+        except BadRequestError as exc:
+            log.warning("request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
+            REQUESTS_REJECTED.labels(str(exc.status)).inc()
+            self.count_quietly("requests_rejected")
+            return {"error": exc.message}, exc.status
+
+        if isinstance(decision, SessionStatus):
+            check, reason = decision.check
+            self.health.report(f"waha:{decision.session}", check, reason)
+            return self._ignore(decision.event_id, None, Ignored("session_status", f"recorded for /health: {reason}"))
+        if isinstance(decision, Ignored):
+            return self._ignore(event.event_id, self._chat_of(event), decision)
+        try:
+            if isinstance(decision, OwnMessage):
+                return self._ignore(decision.event_id, decision.chat_id, self._notice_own_message(decision))
+            if decision.is_group and not self._addressed_in_group(decision):
+                return self._ignore(
+                    decision.event_id,
+                    decision.chat_id,
+                    Ignored("group_not_addressed", "in groups the bot answers only when mentioned or replied to"),
+                )
+        except StoreUnavailable as exc:
+            log.error("event=%s store unavailable: %s", decision.event_id, exc)
+            return {"error": "state store unavailable; please redeliver"}, 503
+        message = decision
+        try:
+            accepted = self.store.accept(message)
+        except StoreUnavailable as exc:
+            # Never 2xx for a message we could not write down: WAHA redelivers 5xx.
+            log.error(
+                "event=%s chat=%s store unavailable, asking WAHA to redeliver: %s",
+                message.event_id,
+                message.chat_id,
+                exc,
+            )
+            return {"error": "state store unavailable; message not recorded, please redeliver"}, 503
+        if not accepted.stored:
+            detail = {"done": "message already answered", "failed": "message already given up on"}.get(
+                accepted.status, "message is being answered"
+            )
+            return self._ignore(message.event_id, message.chat_id, Ignored("duplicate", detail))
+
+        if accepted.attempts == 0:
+            MESSAGES_RECEIVED.inc()
+        log.info(
+            "event=%s chat=%s engine=%s decision=reply key=%s text_chars=%d",
+            message.event_id,
+            message.chat_id,
+            message.engine,
+            message.dedupe_key,
+            len(message.text or ""),
+        )
+        return self._await_reply(message, attempts_before=accepted.attempts)
+
+    def _await_reply(self, message: IncomingMessage, *, attempts_before: int) -> tuple[dict[str, Any], int]:
+        """Wait up to WEBHOOK_SYNC_WAIT_SECONDS for this message's attempt to end (the inbox already has it)."""
+        key = message.dedupe_key
+        try:
+            runtime = self.runtime()
+            runtime.wake_dispatcher()
+        except Exception:
+            log.exception("event=%s reply runtime unavailable; the message waits in the inbox", message.event_id)
+            return self._accepted(message)
+        if self._waiting_slots is None or not self._waiting_slots.acquire(blocking=False):
+            return self._accepted(message)
+        ended = runtime.completions.watch(key)
+        deadline = time.monotonic() + self.settings.webhook_sync_wait_seconds
+        try:
+            while True:
+                entry = self.store.entry(key)
+                if entry is not None and (
+                    entry.status in ("done", "failed")
+                    or (entry.status == "queued" and entry.attempts > attempts_before and entry.last_error)
+                ):
+                    return self._outcome(message, entry)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._shutting_down.is_set():
+                    return self._accepted(message)
+                # Woken at once when this worker ends the attempt; polling covers the other workers.
+                ended.wait(min(remaining, self.poll_seconds))
+                ended.clear()
+        except StoreUnavailable:
+            return self._accepted(message)  # the message is recorded; a worker will finish it
+        finally:
+            runtime.completions.unwatch(key)
+            self._waiting_slots.release()
+
+    def _notice_own_message(self, own: OwnMessage) -> Ignored:
+        """Our echo is ignored; a person writing from this account pauses the bot there (human handoff)."""
+        settings = self.settings
+        if self.store.is_our_message(own.chat_key, message_id=own.message_id, text=own.text, within=600):
+            return Ignored("from_me", "the bot's own reply")
+        said = " ".join((own.text or "").lower().split())
+        if said == " ".join(settings.bot_resume_command.lower().split()):
+            self.store.pause_chat(own.chat_key, until=0, reason="operator")
+            log.info("event=%s chat=%s decision=bot_resumed (operator command)", own.event_id, own.chat_id)
+            return Ignored("from_me", "operator command: bot resumed in this chat")
+        if said == " ".join(settings.bot_pause_command.lower().split()):
+            self.store.pause_chat(own.chat_key, until=PAUSED_FOREVER, reason="operator")
+            log.info(
+                "event=%s chat=%s decision=bot_paused reason=operator until=resume command", own.event_id, own.chat_id
+            )
+            return Ignored("from_me", "operator command: bot paused in this chat until resumed")
+        if not settings.handoff_pause_minutes:
+            return Ignored("from_me", "message sent by a person from this account")
+        until = time.time() + settings.handoff_pause_minutes * 60
+        self.store.pause_chat(own.chat_key, until=until, reason="handoff")
+        log.info(
+            "event=%s chat=%s decision=bot_paused reason=handoff minutes=%.0f",
+            own.event_id,
+            own.chat_id,
+            settings.handoff_pause_minutes,
+        )
+        return Ignored(
+            "from_me", f"a person answered: bot paused in this chat for {settings.handoff_pause_minutes:g} min"
+        )
+
+    def _addressed_in_group(self, message: IncomingMessage) -> bool:
+        return message.mentions_bot or bool(
+            message.reply_to_id
+            and self.store.is_our_message(
+                message.chat_key, message_id=message.reply_to_id, text=None, within=float("inf")
+            )
+        )
+
+    def _accepted(self, message: IncomingMessage) -> tuple[dict[str, Any], int]:
+        log.info(
+            "event=%s chat=%s decision=accepted (reply continues in background)", message.event_id, message.chat_id
+        )
+        return {
+            "status": "accepted",
+            "message_key": message.dedupe_key,
+            "detail": "message recorded; the reply will be sent",
+            "timestamp": utc_now_iso(),
+        }, 202
+
+    @staticmethod
+    def _outcome(message: IncomingMessage, entry: InboxEntry) -> tuple[dict[str, Any], int]:
+        if entry.status == "done":
+            return {
+                "status": "processed",
+                "result": {
+                    "status": entry.outcome,
+                    "from_number": message.chat_id,
+                    "response_sent": entry.outcome != "skipped",
+                    "message_id": entry.sent_message_id,
+                },
+                "timestamp": utc_now_iso(),
+            }, 200
+        if entry.status == "failed":
+            # Redelivering would not help any more: say so with 200 so WAHA stops.
+            return {
+                "status": "failed",
+                "result": {
+                    "status": "failed",
+                    "from_number": message.chat_id,
+                    "response_sent": False,
+                    "message_id": None,
+                },
+                "error": "the reply could not be delivered after every attempt",
+                "timestamp": utc_now_iso(),
+            }, 200
+        # WAHA's own error text stays in our log: it can carry stack traces.
+        return {"error": "the reply could not be sent yet; please redeliver"}, 503
+
+    def _check_sender(self, body: bytes, headers: RequestHeaders) -> str | None:
+        token = self.settings.webhook_secret_token
+        if token and not verify_token(headers.get("X-Webhook-Token"), token):
+            return "missing or invalid X-Webhook-Token header"
+        key = self.settings.webhook_hmac_key
+        if key and not verify_waha_hmac(
+            body, headers.get("X-Webhook-Hmac"), key, algorithm=headers.get("X-Webhook-Hmac-Algorithm")
+        ):
+            return "missing or invalid X-Webhook-Hmac signature"
+        return None
+
+    def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
+        log.info("event=%s chat=%s decision=ignored reason=%s", event_id, chat_id, ignored.reason)
+        MESSAGES_IGNORED.labels(ignored.reason).inc()
+        self.count_quietly(IGNORED_COUNTER_PREFIX + ignored.reason)
+        return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
+
+    @staticmethod
+    def _chat_of(event: WebhookEvent) -> str | None:
+        chat = (event.payload or {}).get("from")
+        return chat if isinstance(chat, str) else None
+
+    def count_quietly(self, name: str) -> None:
+        """Counting ignored or rejected requests is best effort: a store hiccup must not turn them into errors."""
+        try:
+            self.store.count(name)
+        except StoreUnavailable as exc:
+            log.warning("could not count %s: %s", name, exc)
+
+    def health_document(self) -> tuple[dict[str, Any], int]:
+        """/health: one status for the whole server, the same from every worker, and the checks behind it."""
+        checks = self.health_checks()
+        status = overall_health(checks)
+        shown = {name: check.to_json() for name, check in checks.items()}
+        if status is ServerHealth.UNHEALTHY:
+            return {
+                "status": str(status),
+                "service": SERVICE_NAME,
+                "version": __version__,
+                "checks": shown,
+                "error": "state store unavailable",
+                "timestamp": utc_now_iso(),
+            }, 503
+        return self.status_document(str(status), checks=shown), 200
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        """store (a real write, now), llm and waha (what the workers reported, from the shared store)."""
+        try:
+            self.store.ping()
+            store = self._store_check(CheckStatus.OK, "the state store takes writes")
+            reports = self.store.health_reports()
+        except StoreUnavailable as exc:
+            log.error("health check failed: %s", exc)
+            store = self._store_check(
+                CheckStatus.FAILING,
+                "the state store cannot take writes: new messages get 503 so WAHA redelivers them (see the server log)",
+            )
+            reports = self.health.last_known()
+        checks = {"store": store}
+        for part in HEALTH_CHECKS[1:]:
+            checks[part] = combine_checks(
+                report for name, report in reports.items() if name == part or name.startswith(part + ":")
+            ) or HealthCheck(
+                status=CheckStatus.OK,
+                reason=f"no {part.upper()} problem reported since the server started",
+                since=self.started_at,
+            )
+        return checks
+
+    def _store_check(self, status: CheckStatus, reason: str) -> HealthCheck:
+        if self._store_health[0] is not status:
+            self._store_health = (status, time.time())
+        return HealthCheck(status=status, reason=reason, since=self._store_health[1])
+
+    def status_document(
+        self, status: str, *, service: str = SERVICE_NAME, checks: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The JSON shared by /health, /stats and GET on the webhook."""
+        snapshot = self.store.snapshot()
+        counters: dict[str, int] = snapshot["counters"]
+        by_status: dict[str, int] = snapshot["by_status"]
+        ignored = {
+            name[len(IGNORED_COUNTER_PREFIX) :]: value
+            for name, value in sorted(counters.items())
+            if name.startswith(IGNORED_COUNTER_PREFIX)
+        }
+        return {
+            "status": status,
+            "service": service,
+            "version": __version__,
+            **({"checks": checks} if checks is not None else {}),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "worker_pid": os.getpid(),
+            "stats": {
+                "messages_received": counters.get("messages_received", 0),
+                "messages_processed": counters.get("messages_processed", 0),
+                "messages_failed": counters.get("messages_failed", 0),
+                "messages_skipped": counters.get("messages_skipped", 0),
+                "messages_in_progress": sum(by_status.values()),
+                "messages_queued": by_status.get("queued", 0),
+                "messages_retrying": snapshot["retrying"],
+                "messages_undelivered": counters.get("messages_undelivered", 0),
+                "chats_paused": snapshot["paused"],
+                "chats_opted_out": snapshot["opted_out"],
+                "messages_ignored": sum(ignored.values()),
+                "ignored_by_reason": ignored,
+                "requests_rejected": counters.get("requests_rejected", 0),
+                "requests_unauthorized": counters.get("requests_unauthorized", 0),
+                "llm_cost_usd": round(counters.get(LLM_COST_COUNTER, 0) / 1e9, 6),
+                "server_started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(timespec="seconds"),
+            },
+            "timestamp": utc_now_iso(),
+        }

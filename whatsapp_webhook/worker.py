@@ -1,0 +1,266 @@
+"""Per-worker runtime: the dispatcher that claims due messages on the event loop, and what it owns per process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import (
+    Awaitable,
+    Callable,
+)
+from typing import TYPE_CHECKING
+
+import httpx
+
+from whatsapp_webhook import SERVICE_NAME
+from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard
+from whatsapp_webhook.llm import LLMClient
+from whatsapp_webhook.logs import log
+from whatsapp_webhook.metrics import REPLIES_IN_FLIGHT
+from whatsapp_webhook.pipeline import ReplyPipeline
+from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.upstream import WAHA_MAX_CONNECTIONS, upstream_client
+from whatsapp_webhook.waha import WahaClient
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.events import IncomingMessage
+    from whatsapp_webhook.health import HealthReporter
+    from whatsapp_webhook.settings import Settings
+    from whatsapp_webhook.store import StateStore
+    from whatsapp_webhook.store_schema import ClaimedMessage
+
+
+CLAIM_BATCH = 32  # due messages taken per inbox transaction
+
+
+class Dispatcher:
+    """Runs on the worker's event loop: claims due messages, keeps their leases alive, recovers abandoned ones.
+
+    Any worker may finish any message: the one that received it is woken at once,
+    and every worker also polls, which is how messages of a killed worker (lease ran
+    out) or of a stopped server are finished.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        pipeline: ReplyPipeline,
+        settings: Settings,
+        poll_seconds: float = 1.0,
+        prune_every_seconds: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.settings = settings
+        self.poll_seconds = poll_seconds
+        self.prune_every_seconds = prune_every_seconds
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._tasks: dict[asyncio.Task[None], str] = {}  # reply in progress -> its message's key
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._main: asyncio.Task[None] | None = None
+        self._leases: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[str], None]] = []
+
+    def start(self) -> None:
+        """Call on the loop."""
+        loop = asyncio.get_running_loop()
+        self._main = loop.create_task(self._run(), name="dispatcher")
+        self._leases = loop.create_task(self._keep_leases(), name="leases")
+
+    def wake(self) -> None:
+        """Call on the loop."""
+        self._wake.set()
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(key)` is called (on the loop) whenever an attempt on a message ends."""
+        self._listeners.append(listener)
+
+    async def _run(self) -> None:
+        next_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._claim_due()
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + self.prune_every_seconds
+                    await self._prune()
+            except StoreUnavailable as exc:
+                log.error("dispatcher cannot read the inbox: %s", exc)
+            except Exception:
+                log.exception("dispatcher loop error")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def _claim_due(self) -> None:
+        while not self._stopping and (room := self.settings.max_replies_in_flight - len(self._tasks)) > 0:
+            batch = await asyncio.to_thread(
+                self.store.claim_due,
+                self.owner,
+                limit=min(room, CLAIM_BATCH),
+                lease_seconds=self.settings.lease_seconds,
+                debounce_seconds=self.settings.debounce_seconds,
+                mergeable=self._mergeable,
+            )
+            for claimed in batch:
+                self._start(claimed)
+            if len(batch) < min(room, CLAIM_BATCH):
+                return
+
+    def _start(self, claimed: ClaimedMessage) -> None:
+        if claimed.attempts > 1 or claimed.previous_status == "sending":
+            log.info(
+                "event=%s chat=%s decision=retry attempt=%d previous=%s",
+                claimed.message.event_id,
+                claimed.message.chat_id,
+                claimed.attempts,
+                claimed.previous_status,
+            )
+        task = asyncio.get_running_loop().create_task(self._process(claimed))
+        self._tasks[task] = claimed.message.dedupe_key
+
+    async def _process(self, claimed: ClaimedMessage) -> None:
+        key = claimed.message.dedupe_key
+        REPLIES_IN_FLIGHT.inc()
+        try:
+            await self.pipeline.process(claimed)
+        except Exception:
+            pass  # logged by the pipeline; the message is back in the inbox
+        finally:
+            REPLIES_IN_FLIGHT.dec()
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            for listener in self._listeners:
+                listener(key)
+            self._wake.set()  # the chat's next message may be due now
+
+    async def _keep_leases(self) -> None:
+        """Every third of LEASE_SECONDS, one write extends the leases of all replies in progress here."""
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            keys = list(self._tasks.values())
+            try:
+                await asyncio.to_thread(
+                    self.store.renew_leases, keys, self.owner, lease_seconds=self.settings.lease_seconds
+                )
+            except StoreUnavailable as exc:
+                log.warning("could not renew the leases of %d replies in progress: %s", len(keys), exc)
+            except Exception:  # this task keeps every reply of the worker its own: it must not end
+                log.exception("could not renew the leases of %d replies in progress", len(keys))
+
+    def _mergeable(self, message: IncomingMessage) -> bool:
+        """Text that may share one reply with the messages around it; commands and media stand alone."""
+        return message.text is not None and self.settings.command_of(message.text) is None
+
+    async def _prune(self) -> None:
+        now = time.time()
+        removed = await asyncio.to_thread(
+            self.store.prune,
+            older_than=now - self.settings.state_retention_hours * 3600,
+            history_older_than=now - self.settings.history_ttl_minutes * 60,
+        )
+        if removed:
+            log.info("pruned %d finished messages older than %.0f h", removed, self.settings.state_retention_hours)
+
+    async def stop(self, *, timeout: float) -> None:
+        """Finish in-flight replies for up to `timeout` seconds; hand the rest back to the inbox."""
+        self._stopping = True
+        self._wake.set()
+        try:
+            if self._main is not None:
+                await self._main
+            pending = set(self._tasks)
+            if pending:
+                log.info("shutdown: waiting up to %.0fs for %d replies in flight", timeout, len(pending))
+                _, pending = await asyncio.wait(pending, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("shutdown: %d unfinished replies handed back to the inbox", len(pending))
+        finally:
+            if self._leases is not None:  # kept renewing while the replies above drained
+                self._leases.cancel()
+                await asyncio.gather(self._leases, return_exceptions=True)
+
+
+class WorkerRuntime:
+    """Everything that must exist once per worker process and never cross a fork."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: StateStore,
+        health: HealthReporter,
+        llm_transport: httpx.AsyncBaseTransport | None = None,
+        waha_transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.pid = os.getpid()
+        self.background = BackgroundLoop()
+        # One LLM connection per reply in flight: the LLM call is where replies spend their time.
+        self.llm_http = upstream_client(
+            transport=llm_transport,
+            max_connections=settings.max_replies_in_flight,
+            timeout=httpx.Timeout(
+                connect=5.0,
+                read=settings.llm_attempt_timeout_seconds,
+                write=10.0,
+                pool=settings.llm_attempt_timeout_seconds,
+            ),
+        )
+        self.waha_http = upstream_client(
+            transport=waha_transport,
+            max_connections=WAHA_MAX_CONNECTIONS,
+            timeout=httpx.Timeout(
+                connect=5.0, read=settings.waha_timeout_seconds, write=10.0, pool=settings.waha_timeout_seconds
+            ),
+        )
+        llm = LLMClient(
+            http=self.llm_http,
+            base_url=settings.openrouter_base_url,
+            api_key=settings.openrouter_api_key,
+            model=settings.openrouter_model,
+            fallback_models=settings.openrouter_fallback_models,
+            openrouter=settings.uses_openrouter,
+            reasoning_effort=settings.llm_reasoning_effort,
+            max_tokens=settings.llm_max_tokens,
+            temperature=settings.llm_temperature,
+            attempt_timeout=settings.llm_attempt_timeout_seconds,
+            deadline=settings.llm_deadline_seconds,
+            max_attempts=settings.llm_max_attempts,
+            app_title=SERVICE_NAME if settings.uses_openrouter else None,
+            sleep=sleep,
+        )
+        waha = WahaClient(
+            http=self.waha_http,
+            base_url=settings.waha_base_url,
+            api_key=settings.waha_api_key,
+            send_attempts=settings.waha_send_attempts,
+            sleep=sleep,
+        )
+        pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, health=health, sleep=sleep)
+        self.completions = CompletionBoard()
+        self.dispatcher = Dispatcher(store=store, pipeline=pipeline, settings=settings)
+        self.dispatcher.add_listener(self.completions.notify)
+        self.background.call(self.dispatcher.start)
+
+    def wake_dispatcher(self) -> None:
+        self.background.call(self.dispatcher.wake)
+
+    def close(self, *, drain_seconds: float = 10.0) -> None:
+        async def stop() -> None:
+            await self.dispatcher.stop(timeout=drain_seconds)
+            await self.llm_http.aclose()
+            await self.waha_http.aclose()
+
+        try:
+            self.background.submit(stop()).result(drain_seconds + 5)
+        except Exception as exc:  # closing must never stop a worker from exiting
+            log.warning("worker shutdown was not clean: %r", exc)
+        self.background.stop()
