@@ -40,6 +40,10 @@ ensure_env_file() {
 case "$mode" in
   test)
     setup_venv requirements-test.txt
+    # Lint, format and types first, so pytest's summary stays the last line of the output.
+    "$VENV/bin/ruff" check whatsapp_webhook whatsapp_webhook_server.py gunicorn.conf.py
+    "$VENV/bin/ruff" format --check --quiet whatsapp_webhook whatsapp_webhook_server.py
+    "$VENV/bin/mypy" --no-error-summary
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   demo)

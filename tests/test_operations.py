@@ -143,3 +143,19 @@ def test_two_processes_rotate_one_log_file_without_losing_lines(tmp_path) -> Non
     lines = [line for name in files for line in (tmp_path / name).read_text().splitlines()]
     assert len(lines) == 600 and len(set(lines)) == 600
     assert all(os.path.getsize(tmp_path / name) < 4000 + 200 for name in files)
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["--help"], 0, "--check-settings"),
+    (["--chek"], 2, "unrecognized arguments: --chek"),
+    (["--che"], 2, "unrecognized arguments: --che"),  # no guessing at abbreviations
+    (["--check", "--check-settings"], 2, "not allowed with"),
+])
+def test_the_command_line_explains_itself_and_never_starts_a_server_on_a_typo(argv, code, words, capsys) -> None:
+    from whatsapp_webhook import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    output = capsys.readouterr()
+    assert stopped.value.code == code and words in output.out + output.err
+    assert "starting development server" not in output.out + output.err

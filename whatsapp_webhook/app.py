@@ -10,11 +10,12 @@ import time
 from collections.abc import (
     Awaitable,
     Callable,
+    Iterable,
 )
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, WEBHOOK_SERVICE_NAME
@@ -38,11 +39,14 @@ def create_app(
     llm_transport: httpx.AsyncBaseTransport | None = None,
     waha_transport: httpx.AsyncBaseTransport | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    blueprints: Iterable[Blueprint] = (),
 ) -> Flask:
     """Build the Flask app. Opens no client, thread or loop: those are made per worker on first use.
 
     The keyword arguments are seams for tests: a store, httpx transports for the
     upstreams and the coroutine used for every wait (backoff, typing pause).
+    `blueprints` are your own endpoints, registered after ours (README, "Desenvolvimento").
+    Their views reach the service as `current_app.extensions[EXTENSION_KEY]`.
     """
     settings = settings or load_settings()
     configure_logging(settings)
@@ -117,6 +121,8 @@ def create_app(
         log.error("state store unavailable: %s", exc)
         return jsonify({"error": "state store unavailable; retry later"}), 503
 
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
     return app
 
 

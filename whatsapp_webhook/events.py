@@ -7,9 +7,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import (
-    Mapping,
-)
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +207,75 @@ def _json_type(kind: type) -> str:
     }.get(kind, kind.__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MessageFacts:
+    """What a message filter looks at: the message's normalised fields."""
+
+    me_ids: frozenset[str]  # the bot's own ids (me.id, me.lid)
+    chat_id: str  # the chat a reply would go to (for our own messages: the chat they were sent in)
+    from_me: bool
+    source: str | None  # "api" for messages sent through WAHA's API, like the bot's replies
+    participant: str | None  # the sender inside a group
+    text: str  # the body or caption, stripped; "" when there is none
+    has_other_content: bool  # media, a location or contacts
+    reply_in_groups: bool
+
+
+def ignore_api_sends(facts: MessageFacts) -> Ignored | None:
+    return Ignored("from_me", "message was sent through the WAHA API") if facts.source == "api" else None
+
+
+def ignore_own_number(facts: MessageFacts) -> Ignored | None:
+    sender_is_me = facts.chat_id in facts.me_ids or (
+        facts.participant is not None and facts.participant in facts.me_ids
+    )
+    return (
+        Ignored("own_number", "message comes from the bot's own number") if not facts.from_me and sender_is_me else None
+    )
+
+
+def ignore_status_broadcast(facts: MessageFacts) -> Ignored | None:
+    return (
+        Ignored("status_broadcast", "status updates are not answered") if facts.chat_id == "status@broadcast" else None
+    )
+
+
+def ignore_broadcast_lists(facts: MessageFacts) -> Ignored | None:
+    return (
+        Ignored("broadcast_list", "broadcast lists are not answered") if facts.chat_id.endswith("@broadcast") else None
+    )
+
+
+def ignore_channels(facts: MessageFacts) -> Ignored | None:
+    return Ignored("channel", "channel posts are not answered") if facts.chat_id.endswith("@newsletter") else None
+
+
+def ignore_groups_unless_enabled(facts: MessageFacts) -> Ignored | None:
+    if facts.chat_id.endswith("@g.us") and not facts.reply_in_groups:
+        return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    return None
+
+
+def ignore_empty_messages(facts: MessageFacts) -> Ignored | None:
+    if not facts.from_me and not facts.text and not facts.has_other_content:
+        return Ignored("no_content", "message has neither text nor media")
+    return None
+
+
+MessageFilter = Callable[[MessageFacts], Ignored | None]
+# What a reply bot must not answer, checked in this order; the first filter that returns an Ignored
+# decides (its reason is the stable code /stats counts). To add a rule, add one function here.
+MESSAGE_FILTERS: list[MessageFilter] = [
+    ignore_api_sends,
+    ignore_own_number,
+    ignore_status_broadcast,
+    ignore_broadcast_lists,
+    ignore_channels,
+    ignore_groups_unless_enabled,
+    ignore_empty_messages,
+]
+
+
 def classify_event(
     event: WebhookEvent, *, reply_in_groups: bool
 ) -> IncomingMessage | OwnMessage | SessionStatus | Ignored:
@@ -245,22 +312,24 @@ def classify_event(
     media = _field(payload, "media", dict, where="payload.")
     timestamp = _field(payload, "timestamp", (int, float), where="payload.")
 
-    if source == "api":
-        return Ignored("from_me", "message was sent through the WAHA API")
     if from_me and message_id is not None:
         # The chat is the middle of '{fromMe}_{chat}_{id}': WEBJS reports our own messages *from* our id.
         match = MESSAGE_ID_PATTERN.match(message_id)
         chat_id = match.group("chat") if match else chat_id
-    if not from_me and (chat_id in event.me_ids or (participant is not None and participant in event.me_ids)):
-        return Ignored("own_number", "message comes from the bot's own number")
-    if chat_id == "status@broadcast":
-        return Ignored("status_broadcast", "status updates are not answered")
-    if chat_id.endswith("@broadcast"):
-        return Ignored("broadcast_list", "broadcast lists are not answered")
-    if chat_id.endswith("@newsletter"):
-        return Ignored("channel", "channel posts are not answered")
-    if chat_id.endswith("@g.us") and not reply_in_groups:
-        return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+    text = body.strip() if body else ""
+    facts = MessageFacts(
+        me_ids=event.me_ids,
+        chat_id=chat_id,
+        from_me=bool(from_me),
+        source=source,
+        participant=participant,
+        text=text,
+        has_other_content=bool(has_media or media or payload.get("location") or payload.get("vCards")),
+        reply_in_groups=reply_in_groups,
+    )
+    for message_filter in MESSAGE_FILTERS:
+        if (ignored := message_filter(facts)) is not None:
+            return ignored
     if message_id is None:
         return Ignored("no_message_id", "without payload.id the message cannot be told apart from its redeliveries")
     if from_me:
@@ -269,13 +338,8 @@ def classify_event(
             session=event.session,
             chat_id=chat_id,
             message_id=message_id,
-            text=body.strip() if body else None,
+            text=text or None,
         )
-
-    text = body.strip() if body else ""
-    has_other_content = bool(has_media or media or payload.get("location") or payload.get("vCards"))
-    if not text and not has_other_content:
-        return Ignored("no_content", "message has neither text nor media")
 
     match = MESSAGE_ID_PATTERN.match(message_id)
     bare_id = match.group("bare") if match else message_id
