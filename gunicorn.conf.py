@@ -36,7 +36,8 @@ from prometheus_client import multiprocess  # noqa: E402 - must follow PROMETHEU
 
 from whatsapp_webhook import app as lifecycle  # noqa: E402 - recovery, worker start, shutdown
 from whatsapp_webhook.logs import configure_logging  # noqa: E402
-from whatsapp_webhook.settings import SettingsError, load_settings  # noqa: E402
+from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message  # noqa: E402
+from whatsapp_webhook.settings import SettingsError, load_settings, unknown_setting_warnings  # noqa: E402
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -57,6 +58,15 @@ try:  # fail in the master with one readable message, not with a traceback in ev
 except SettingsError as exc:
     print(f"whatsapp_webhook_server: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
+for _warning in unknown_setting_warnings(os.environ):
+    print(f"whatsapp_webhook_server: warning: {_warning}", file=sys.stderr, flush=True)
+
+# This server's own folder for what must not be shared with any other gunicorn on the machine:
+# the control socket (gunicorn's default, ~/.gunicorn/gunicorn.ctl, is one per user).
+_runtime_dir = tempfile.mkdtemp(prefix="whatsapp-webhook-run-")
+control_socket = os.path.join(_runtime_dir, "gunicorn.ctl")
+# Taken in when_ready, once the port is bound: see whatsapp_webhook/ownership.py.
+_owner = StateFileOwner(_settings.state_db)
 
 bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gthread"
@@ -78,11 +88,34 @@ loglevel = _settings.log_level.lower()
 REPLY_DRAIN_SECONDS = max(1, graceful_timeout - 10)
 
 
+def _refuse_to_start(message):
+    """One line instead of gunicorn's retries or a traceback; nothing of the running server is touched."""
+    print(f"whatsapp_webhook_server: {message}", file=sys.stderr, flush=True)
+    _remove_runtime_folders()
+    sys.exit(2)
+
+
 def on_starting(server_arbiter):
     # Workers inherit this, so /stats reports the same start time whichever worker answers.
     os.environ["WEBHOOK_SERVER_STARTED_AT"] = str(time.time())
     configure_logging(_settings)
+    for address in server_arbiter.cfg.address:  # before gunicorn's own bind, which retries for 5 s
+        if isinstance(address, tuple) and (message := port_in_use_message(address[0], address[1])):
+            _refuse_to_start(message)
+
+
+def when_ready(server_arbiter):
+    # The port is ours now. Recovery (and any schema change) only by the one server owning the file.
+    try:
+        _owner.acquire()
+    except StateFileBusy as exc:
+        _refuse_to_start(exc)
     lifecycle.recover_after_restart(_settings)
+
+
+def post_fork(server_arbiter, worker):
+    # A worker must not keep the claim alive once the master is gone (kill -9 of the master).
+    _owner.forget_in_child()
 
 
 def post_worker_init(worker):
@@ -109,6 +142,12 @@ def child_exit(server_arbiter, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server_arbiter):
+def _remove_runtime_folders():
+    shutil.rmtree(_runtime_dir, ignore_errors=True)
     if _made_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def on_exit(server_arbiter):
+    _owner.release()
+    _remove_runtime_folders()

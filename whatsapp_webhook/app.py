@@ -145,15 +145,19 @@ def _discard_unread_body(*, limit: int) -> None:
 
 
 def check_local_resources(settings: Settings) -> None:
-    """Open LOG_FILE and STATE_DB once, so a bad path stops start-up with a SettingsError that names it."""
+    """Open LOG_FILE and STATE_DB once, so a bad path stops start-up with a SettingsError that names it.
+
+    The schema is left alone: a server that does not own the state file (yet) must not change it.
+    """
     configure_logging(settings)
     store = StateStore(settings.state_db)
-    store.initialize()
+    store.check_usable()
     store.close()
 
 
 def recover_after_restart(settings: Settings) -> int:
-    """Called once per server start, before workers exist: unfinished messages become due at once.
+    """Called once per server start, before workers exist and only by the server that owns the state file
+    (ownership.StateFileOwner): unfinished messages become due at once.
 
     Their leases belong to processes of the previous run, so nobody is working on them.
     """

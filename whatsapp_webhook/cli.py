@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import (
     Mapping,
@@ -21,7 +22,8 @@ from whatsapp_webhook.app import (
     start_worker,
 )
 from whatsapp_webhook.logs import log
-from whatsapp_webhook.settings import SettingsError, load_settings
+from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
+from whatsapp_webhook.settings import SettingsError, load_settings, unknown_setting_warnings
 from whatsapp_webhook.upstream import error_message
 
 if TYPE_CHECKING:
@@ -265,15 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     An unknown option is an error (argparse exits 2) rather than a server started by accident.
     """
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    owner: StateFileOwner | None = None
     try:
         settings = load_settings()
         check_local_resources(settings)
+        warnings = unknown_setting_warnings(os.environ)
         if args.check_settings or args.check:
             fallbacks = ", ".join(settings.openrouter_fallback_models) or "none"
             print(
                 f"OK   settings: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
                 f"model {settings.openrouter_model} (fallbacks: {fallbacks}), state {settings.state_db}"
             )
+            for warning in warnings:
+                print(f"WARN {warning}")
         if args.check_settings:
             return 0
         if args.check:
@@ -281,21 +287,32 @@ def main(argv: list[str] | None = None) -> int:
             for result in results:
                 print(result.line())
             return 0 if all(result.ok for result in results) else 1
+        for warning in warnings:
+            log.warning("%s", warning)
+        # Like gunicorn.conf.py: the port first, then the state file, and only then recovery.
+        if message := port_in_use_message(settings.host, settings.port):
+            print(f"whatsapp_webhook_server: {message}", file=sys.stderr)
+            return 2
+        owner = StateFileOwner(settings.state_db)
+        owner.acquire()
         recover_after_restart(settings)
         application = create_app(settings)
-    except SettingsError as exc:
+    except (SettingsError, StateFileBusy) as exc:
         print(f"FAIL settings: {exc}" if args.check else f"whatsapp_webhook_server: {exc}", file=sys.stderr)
         return 2
     log.info("starting development server on %s:%d (use gunicorn in production)", settings.host, settings.port)
     start_worker(application)
     # The Werkzeug debugger executes code typed into the browser: never offer it beyond this machine.
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
-    application.run(
-        host=settings.host,
-        port=settings.port,
-        debug=settings.debug,
-        use_debugger=settings.debug and loopback,
-        threaded=True,
-        use_reloader=False,
-    )
+    try:
+        application.run(
+            host=settings.host,
+            port=settings.port,
+            debug=settings.debug,
+            use_debugger=settings.debug and loopback,
+            threaded=True,
+            use_reloader=False,
+        )
+    finally:
+        owner.release()
     return 0

@@ -53,6 +53,21 @@ class SQLiteStore:
                 f"STATE_DB {self.path!r} cannot be used ({exc}); point STATE_DB at a writable file"
             ) from None
 
+    def check_usable(self) -> None:
+        """Open the file for writing without touching the schema (that is for the server that owns it)."""
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            connection = self._open()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise SettingsError(
+                f"STATE_DB {self.path!r} cannot be used ({exc}); point STATE_DB at a writable file"
+            ) from None
+
     def _open(self) -> sqlite3.Connection:
         # mode=rwc: fail when the file is not writable instead of quietly opening it read-only.
         uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=rwc"
