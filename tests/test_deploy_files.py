@@ -16,7 +16,6 @@ reader cannot silently drift from what compose does; only that test skips withou
 from __future__ import annotations
 
 import http.server
-import inspect
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import pytest
 
 from whatsapp_webhook import WEBHOOK_PATH
 from whatsapp_webhook.events import ANSWERED_EVENTS
-from whatsapp_webhook.settings import PLACEHOLDER_MARKERS, Settings, SettingsError
+from whatsapp_webhook.settings import PLACEHOLDER_MARKERS, Settings, SettingsError, setting_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -60,7 +59,7 @@ WAHA_TAG = re.compile(r"^(?P<flavour>[a-z]+(?:-arm)?)-(?P<version>\d{4}\.\d{1,2}
 # ---------------------------------------------------------------------------
 
 def read_simple_yaml(text: str) -> Any:
-    """Parse block mappings, block lists of scalars, JSON-style flow lists and quoted/plain scalars.
+    """Parse block mappings, block lists of scalars or of mappings, JSON-style flow lists and quoted/plain scalars.
 
     Every scalar comes back as a string (compose wants strings in `environment` anyway).
     Anchors, multi-line scalars, flow mappings, trailing comments, tabs and duplicate
@@ -86,8 +85,20 @@ def _yaml_block(lines: list[tuple[int, int, str]], index: int, indent: int) -> t
     if lines[index][2].startswith("- ") or lines[index][2] == "-":
         items: list[Any] = []
         while index < len(lines) and lines[index][1] == indent and lines[index][2].startswith("- "):
-            items.append(_yaml_scalar(lines[index][2][2:].strip(), lines[index][0]))
+            number, _, content = lines[index]
+            item = content[2:].strip()
             index += 1
+            if re.fullmatch(r"[A-Za-z0-9_.\-]+:(?:\s+.*)?", item):  # "- key: value" starts a mapping item
+                nested = [(number, indent + 2, item)]
+                while index < len(lines) and lines[index][1] > indent:
+                    nested.append(lines[index])
+                    index += 1
+                mapping_item, end = _yaml_block(nested, 0, indent + 2)
+                if end != len(nested):
+                    raise ValueError(f"line {nested[end][0]}: unexpected indentation")
+                items.append(mapping_item)
+            else:
+                items.append(_yaml_scalar(item, number))
         return items, index
     mapping: dict[str, Any] = {}
     while index < len(lines) and lines[index][1] == indent:
@@ -270,12 +281,13 @@ def server_env(compose: dict[str, Any], instructions: list[tuple[str, str]],
                filled_env: dict[str, str]) -> dict[str, str]:
     """What the webhook container's process sees: image ENV, then env_file, then environment."""
     service = compose["services"]["webhook"]
-    assert service["env_file"] == [".env"], "the tests assume the webhook reads the compose .env"
-    return {**dockerfile_env(instructions), **filled_env, **service["environment"]}
+    # Only the optional tuning file; the compose .env (WAHA's dashboard password...) stays with compose.
+    assert service["env_file"] == [{"path": ".env.webhook", "required": "false"}]
+    return {**dockerfile_env(instructions), **service["environment"]}
 
 
 def names_the_server_reads() -> set[str]:
-    names = set(re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', inspect.getsource(Settings.from_env)))
+    names = set(setting_names())  # what Settings reads, recorded as it reads them
     conf = GUNICORN_CONF.read_text(encoding="utf-8")
     names |= set(re.findall(r'_positive_int\(\s*"([A-Z][A-Z0-9_]*)"', conf))
     names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z][A-Z0-9_]*)"', conf))
@@ -308,6 +320,8 @@ def test_simple_yaml_reader_reads_the_subset_and_rejects_the_rest() -> None:
     text = 'a:\n  b: "x: y"\n  c:\n    - "1"\n    - two\n  d: ["CMD", "e f"]\n  e:\nf: \'it\'\'s\'\n'
     assert read_simple_yaml(text) == {"a": {"b": "x: y", "c": ["1", "two"], "d": ["CMD", "e f"], "e": None},
                                       "f": "it's"}
+    assert read_simple_yaml("e:\n  - path: x\n    required: false\n  - y\n") == {
+        "e": [{"path": "x", "required": "false"}, "y"]}
     for bad in ("a: &x 1\n", "a: b: c\n", "a: 1 # note\n", "a: {b: 1}\n", "a: 1\na: 2\n", "a: |\n  x\n",
                 "a:\n  b: 1\n c: 2\n"):
         with pytest.raises(ValueError):
@@ -520,10 +534,30 @@ def test_every_variable_given_to_the_server_is_a_setting_it_reads(compose: dict[
     known = names_the_server_reads()
     unknown = set(compose["services"]["webhook"]["environment"]) - known
     assert not unknown, f"the webhook service sets variables the server never reads: {sorted(unknown)}"
-    # .env goes to the container too: each of its names is either a setting or a compose variable.
-    compose_vars = variables_used(raw_compose)
-    stray = documented_names(ENV_EXAMPLE) - known - compose_vars
-    assert not stray, f".env.compose.example names variables nobody reads: {sorted(stray)}"
+    # .env is read by compose alone: each of its names must be a variable docker-compose.yml uses,
+    # or it would be silently ignored (server tuning goes in .env.webhook).
+    stray = documented_names(ENV_EXAMPLE) - variables_used(raw_compose)
+    assert not stray, f".env.compose.example names variables compose never passes on: {sorted(stray)}"
+
+
+def test_each_container_gets_only_the_secrets_it_needs(raw_compose: dict[str, Any],
+                                                       server_env: dict[str, str]) -> None:
+    assert "WAHA_DASHBOARD_PASSWORD" not in server_env and "WAHA_DASHBOARD_USERNAME" not in server_env
+    waha = raw_compose["services"]["waha"]
+    assert "env_file" not in waha and "OPENROUTER_API_KEY" not in waha["environment"]
+    secrets = {name for name in server_env if SECRET_NAME.search(name)}
+    assert secrets == {"WAHA_API_KEY", "WEBHOOK_HMAC_KEY", "OPENROUTER_API_KEY"}
+
+
+def test_every_secret_file_the_docs_mention_is_ignored_by_git() -> None:
+    docs = "\n".join(path.read_text(encoding="utf-8") for path in
+                     (ROOT / "README_WEBHOOK.md", ENV_EXAMPLE, ROOT / ".env.webhook.example", COMPOSE_FILE))
+    mentioned = set(re.findall(r"(?<![\w.])(\.env(?:\.[a-z]+)?)(?![\w.])", docs)) - {".env.compose.example",
+                                                                             ".env.webhook.example"}
+    assert {".env", ".env.webhook"} <= mentioned
+    for name in sorted(mentioned):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=ROOT)
+        assert ignored.returncode == 0, f"{name} holds secrets but git would commit it: add it to .gitignore"
 
 
 def test_settings_accept_the_composed_environment(server_env: dict[str, str], filled_env: dict[str, str]) -> None:
@@ -552,7 +586,7 @@ def test_an_unfilled_env_file_stops_compose_with_a_message(raw_compose: dict[str
                                                            example_env: dict[str, str]) -> None:
     required = {match.group("name") for value in scalars(raw_compose) for match in _INTERPOLATION.finditer(value)
                 if match.group("op") == ":?"}
-    assert {"WAHA_API_KEY", "WEBHOOK_HMAC_KEY", "WAHA_DASHBOARD_PASSWORD"} <= required
+    assert {"WAHA_API_KEY", "WEBHOOK_HMAC_KEY", "WAHA_DASHBOARD_PASSWORD", "OPENROUTER_API_KEY"} <= required
     for name in required:
         assert example_env.get(name) == "", f"{name} must be empty in the example so compose refuses to start"
     with pytest.raises(MissingVariable) as error:

@@ -1,13 +1,26 @@
 """Settings: defaults, validation messages that say how to fix things, and .env.webhook loading."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
 from whatsapp_webhook.app import create_app
-from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, Settings, SettingsError, load_settings
+from whatsapp_webhook.settings import (
+    DEFAULT_FALLBACK_MESSAGE,
+    Settings,
+    SettingsError,
+    load_settings,
+    setting_names,
+    unknown_setting_warnings,
+)
 
 REQUIRED = {"OPENROUTER_API_KEY": "sk-or-v1-test", "WAHA_API_KEY": "waha-test"}
+
+
+def server_root() -> Path:
+    return Path(__file__).resolve().parents[1]
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -42,7 +55,9 @@ def test_every_documented_variable_is_read() -> None:
 
 
 @pytest.mark.parametrize("raw, models", [
-    ("", ()),  # set and empty: no fallback
+    ("", ("google/gemini-3.5-flash",)),  # blank is the default, as for every setting (compose passes blanks)
+    ("none", ()),
+    ("None", ()),
     ("a/one", ("a/one",)),
     (" a/one , b/two,,a/one ", ("a/one", "b/two")),
 ])
@@ -54,7 +69,7 @@ def test_fallback_models_are_a_comma_separated_list(raw: str, models: tuple[str,
 def test_fallback_models_and_reasoning_effort_are_validated() -> None:
     with pytest.raises(SettingsError) as error:
         Settings.from_env(dict(REQUIRED, OPENROUTER_FALLBACK_MODELS="a/one b/two", LLM_REASONING_EFFORT="max"))
-    assert "OPENROUTER_FALLBACK_MODELS must be model ids separated by commas" in str(error.value)
+    assert "OPENROUTER_FALLBACK_MODELS must be model ids separated by commas (or none)" in str(error.value)
     assert "LLM_REASONING_EFFORT must be one of NONE, MINIMAL, LOW, MEDIUM, HIGH" in str(error.value)
 
 
@@ -121,3 +136,37 @@ def test_unwritable_state_db_fails_at_start_with_a_fix(tmp_path) -> None:
     settings = Settings.from_env(dict(REQUIRED, STATE_DB=str(blocker / "state.db"), LOG_FILE=""))
     with pytest.raises(SettingsError, match="STATE_DB .* point STATE_DB at a writable file"):
         create_app(settings)
+
+
+def test_variables_that_look_like_ours_are_named_with_the_closest_setting() -> None:
+    warnings = unknown_setting_warnings({
+        "REPLY_IN_GROUP": "true", "TYPING_SIMULATON": "off", "OPENROUTER_MODELS": "x",  # typos
+        "PATH": "/bin", "HOME": "/root", "WAHA_DASHBOARD_PASSWORD": "p", "LANG": "C.UTF-8",  # not ours
+        "REPLY_IN_GROUPS": "true", "GUNICORN_WORKERS": "2", "WEBHOOK_ENV_FILE": "x",  # ours
+    })
+    assert warnings == [
+        "OPENROUTER_MODELS is not a setting of this server (ignored); did you mean OPENROUTER_MODEL?",
+        "REPLY_IN_GROUP is not a setting of this server (ignored); did you mean REPLY_IN_GROUPS?",
+        "TYPING_SIMULATON is not a setting of this server (ignored); did you mean TYPING_SIMULATION?",
+    ]
+
+
+def test_every_documented_setting_is_known() -> None:
+    example = (server_root() / ".env.webhook.example").read_text()
+    names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example, flags=re.MULTILINE))
+    assert names and names <= setting_names()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("postgresql://bot:secret@db/bot", "a postgresql: URL is not supported"),
+    ("sqlite:///tmp/x.db", "a sqlite: URL is not supported"),
+])
+def test_a_state_db_url_is_refused_instead_of_becoming_a_folder(value: str, words: str) -> None:
+    with pytest.raises(SettingsError, match="STATE_DB must be a file path") as error:
+        Settings.from_env(dict(REQUIRED, STATE_DB=value))
+    assert words in str(error.value) and "secret" not in str(error.value)
+
+
+def test_a_state_db_folder_is_refused(tmp_path) -> None:
+    with pytest.raises(SettingsError, match="STATE_DB is the folder"):
+        Settings.from_env(dict(REQUIRED, STATE_DB=str(tmp_path)))

@@ -3,6 +3,7 @@ with a message that says how to fix each problem."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import (
     Callable,
@@ -161,6 +162,18 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise SettingsError listing every problem at once."""
         env = _EnvReader(os.environ if environ is None else environ)
+        settings = cls._read(env)
+        if env.problems:
+            raise SettingsError(
+                "Invalid configuration:\n  - "
+                + "\n  - ".join(env.problems)
+                + "\nSet these as environment variables or in .env.webhook (see .env.webhook.example)."
+            )
+        return settings
+
+    @classmethod
+    def _read(cls, env: _EnvReader) -> Settings:
+        """Every variable, read through `env`, which collects the problems (and the names asked for)."""
         settings = cls(
             host=env.text("WEBHOOK_HOST", "0.0.0.0"),
             port=env.integer("WEBHOOK_PORT", 5002, minimum=1, maximum=65535),
@@ -182,7 +195,7 @@ class Settings:
             waha_send_attempts=env.integer("WAHA_SEND_ATTEMPTS", 3, minimum=1, maximum=10),
             webhook_secret_token=env.text("WEBHOOK_SECRET_TOKEN", "") or None,
             webhook_hmac_key=env.text("WEBHOOK_HMAC_KEY", "") or None,
-            state_db=env.text("STATE_DB", DEFAULT_STATE_DB),
+            state_db=env.state_path("STATE_DB", DEFAULT_STATE_DB),
             log_file=env.text_allowing_empty("LOG_FILE", "/tmp/whatsapp_webhook.log") or None,
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             log_format=env.choice("LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
@@ -234,12 +247,6 @@ class Settings:
             env.problems.append("FALLBACK_MESSAGE must not be empty: it is sent when the LLM cannot answer")
         if not settings.non_text_reply.strip():
             env.problems.append("NON_TEXT_REPLY must not be empty: it is sent for media without a caption")
-        if env.problems:
-            raise SettingsError(
-                "Invalid configuration:\n  - "
-                + "\n  - ".join(env.problems)
-                + "\nSet these as environment variables or in .env.webhook (see .env.webhook.example)."
-            )
         return settings
 
 
@@ -249,16 +256,34 @@ class _EnvReader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        self.names: set[str] = set()  # every variable asked for: the settings this server knows
 
     def _raw(self, name: str) -> str | None:
+        self.names.add(name)
         value = self.environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
     def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
+    def state_path(self, name: str, default: str) -> str:
+        """A file path for SQLite; a URL or a folder is refused here rather than becoming a folder named 'x:'."""
+        raw = self.text(name, default)
+        if "://" in raw or raw.lower().startswith(("postgres:", "postgresql:", "sqlite:", "file:")):
+            scheme = raw.split(":", 1)[0]
+            self.problems.append(
+                f"{name} must be a file path for the SQLite state file (e.g. data/whatsapp_webhook_state.db); "
+                f"a {scheme}: URL is not supported by this version"
+            )
+            return default
+        if os.path.isdir(raw):
+            self.problems.append(f"{name} is the folder {raw!r}: point it at a file inside it, e.g. {raw}/state.db")
+            return default
+        return raw
+
     def text_allowing_empty(self, name: str, default: str) -> str:
         """Like text(), but a variable that is set and empty means "none" rather than "default"."""
+        self.names.add(name)
         return default if name not in self.environ else self.environ[name].strip()
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
@@ -309,12 +334,15 @@ class _EnvReader:
         return raw
 
     def id_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        """Comma-separated ids; set and empty means none. Spaces around commas are ignored, repeats dropped."""
-        if name not in self.environ:
+        """Comma-separated ids; blank means the default and `none` means no ids. Repeats are dropped."""
+        raw = self._raw(name)
+        if raw is None:
             return default
-        ids = [part.strip() for part in self.environ[name].split(",")]
+        if raw.lower() == "none":
+            return ()
+        ids = [part.strip() for part in raw.split(",")]
         if any(" " in i for i in ids):
-            self.problems.append(f"{name} must be model ids separated by commas, got {self.environ[name]!r}")
+            self.problems.append(f"{name} must be model ids separated by commas (or none), got {raw!r}")
             return default
         return tuple(dict.fromkeys(i for i in ids if i))
 
@@ -328,6 +356,64 @@ class _EnvReader:
 def _plain(number: float) -> str:
     """65535, 1000000 and 0.5 as people write them (not 1e+06 or 0.0)."""
     return format(number, "f").rstrip("0").rstrip(".") if isinstance(number, float) else str(number)
+
+
+# Read by gunicorn.conf.py, the start script or the process itself rather than by Settings.
+OTHER_VARIABLES = frozenset(
+    {
+        "WEBHOOK_ENV_FILE",
+        "WEBHOOK_SERVER_STARTED_AT",
+        "GUNICORN_WORKERS",
+        "GUNICORN_THREADS",
+        "GUNICORN_GRACEFUL_TIMEOUT",
+        "GUNICORN_ACCESS_LOG",
+        "PROMETHEUS_MULTIPROC_DIR",
+        "VENV_DIR",
+    }
+)
+# A variable with one of these prefixes is almost surely meant for this server (WAHA_ is not here:
+# WAHA's own settings share it).
+OUR_PREFIXES = (
+    "WEBHOOK_",
+    "OPENROUTER_",
+    "LLM_",
+    "REPLY_",
+    "HISTORY_",
+    "LOG_",
+    "GUNICORN_",
+    "RATE_LIMIT",
+    "DAILY_",
+    "LOOP_",
+    "DEBOUNCE",
+    "HANDOFF_",
+    "TYPING_",
+    "STATE_",
+    "MAX_",
+    "BOT_",
+)
+
+
+def setting_names() -> frozenset[str]:
+    """Every environment variable this server reads."""
+    reader = _EnvReader({})
+    Settings._read(reader)
+    return frozenset(reader.names) | OTHER_VARIABLES
+
+
+def unknown_setting_warnings(environ: Mapping[str, str]) -> list[str]:
+    """Variables that look like one of ours but are not (a typo the server would silently ignore)."""
+    known = setting_names()
+    warnings = []
+    for name in sorted(environ):
+        if name in known:
+            continue
+        ours = name.startswith(OUR_PREFIXES)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6 if ours else 0.85)
+        if close:
+            warnings.append(f"{name} is not a setting of this server (ignored); did you mean {close[0]}?")
+        elif ours:
+            warnings.append(f"{name} is not a setting of this server (ignored); see .env.webhook.example")
+    return warnings
 
 
 def load_settings(env_file: str | None = None) -> Settings:
