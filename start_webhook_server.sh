@@ -6,6 +6,13 @@
 #   ./start_webhook_server.sh demo     set up like test and run the no-account demo (fake WAHA + fake LLM)
 #
 # Production runs gunicorn with gunicorn.conf.py; DEBUG=true runs Flask's development server.
+# PYTHON=python3.12 picks the interpreter (3.11 or newer); VENV_DIR moves the virtual environment.
+
+# Plain POSIX up to here, so `sh start_webhook_server.sh` gets this line instead of a syntax error.
+if [ -z "${BASH_VERSION:-}" ]; then
+  echo "start_webhook_server.sh needs bash: run ./start_webhook_server.sh or bash start_webhook_server.sh" >&2
+  exit 64
+fi
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -14,12 +21,36 @@ VENV="${VENV_DIR:-.venv}"
 mode="${1:-serve}"
 [ $# -gt 0 ] && shift
 
+# The interpreter first: every later failure would otherwise look like a problem of ours.
+if ! python_version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2]); sys.exit(sys.version_info < (3, 11))' 2>/dev/null)"; then
+  found="not found"
+  command -v "$PYTHON" >/dev/null 2>&1 && found="$("$PYTHON" --version 2>&1 | head -n 1 || true)"
+  echo "start_webhook_server.sh needs Python 3.11 or newer, but $PYTHON is ${found:-not found}; point PYTHON= at another interpreter, e.g. PYTHON=python3.12 ./start_webhook_server.sh" >&2
+  exit 69
+fi
+
+# venv_is_usable: the venv runs, was made by this interpreter's version, and has pip (a run cut short
+# by a failure or another Python leaves one that would fail the same way forever).
+venv_is_usable() {
+  [ -x "$VENV/bin/python" ] || return 1
+  [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$python_version" ] || return 1
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
 # setup_venv FILE: create .venv if needed and install FILE, only when it (or what it includes) changed.
 setup_venv() {
   local requirements="$1"
-  if [ ! -x "$VENV/bin/python" ]; then
+  if [ -e "$VENV" ] && ! venv_is_usable; then
+    echo "Rebuilding $VENV: it is broken or was made by another Python (now using $PYTHON, Python $python_version)"
+    rm -rf "$VENV"
+  fi
+  if [ ! -e "$VENV" ]; then
     echo "Creating virtual environment in $VENV"
-    "$PYTHON" -m venv "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+      rm -rf "$VENV"
+      echo "Could not create $VENV with $PYTHON; on Debian/Ubuntu: apt-get install python3-venv" >&2
+      exit 69
+    fi
   fi
   local wanted stamp="$VENV/.${requirements}.sha256"
   wanted="$(cat requirements-*.txt "$requirements" | sha256sum | cut -d' ' -f1)"
@@ -31,7 +62,8 @@ setup_venv() {
 }
 
 ensure_env_file() {
-  if [ ! -f .env.webhook ]; then
+  # WEBHOOK_ENV_FILE names the settings file to read instead: then there is nothing to create here.
+  if [ -z "${WEBHOOK_ENV_FILE:-}" ] && [ ! -f .env.webhook ]; then
     cp .env.webhook.example .env.webhook
     echo "Created .env.webhook from .env.webhook.example: fill in OPENROUTER_API_KEY and WAHA_API_KEY."
   fi
