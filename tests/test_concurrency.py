@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard, QueuedWrite, WriterGate
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 
 
 def committer(log: list[list[Any]], *, hold: threading.Event | None = None):

@@ -16,7 +16,7 @@ from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, __version__, pipeline
 from whatsapp_webhook.app import shutdown
 from whatsapp_webhook.events import classify_event, parse_event
 from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 
 
 def stats(client) -> dict:

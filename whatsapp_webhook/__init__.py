@@ -28,8 +28,8 @@ How one message travels (module.function, and the thread it runs on):
   A message whose worker died is taken over when its lease runs out (any worker's Dispatcher polls), and
   gunicorn.conf.py runs app.recover_after_restart once per server start. cli.main is the command line.
 
-Dependencies point one way, leaves first: settings, logs, ownership, formatting, signature, metrics, policy,
-store_schema, health, events, concurrency, sqlite_base, chat_store, store,
+Dependencies point one way, leaves first: settings, logs, ownership, formatting, signature, metrics,
+store_api, policy, store_schema, health, events, concurrency, sqlite_base, chat_store, store,
 upstream, llm, waha, pipeline, worker, service, app, cli.
 """
 

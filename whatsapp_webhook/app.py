@@ -25,7 +25,7 @@ from whatsapp_webhook.metrics import REQUESTS_REJECTED, metrics_document
 from whatsapp_webhook.service import WebhookService
 from whatsapp_webhook.settings import SettingsError, load_settings
 from whatsapp_webhook.store import StateStore
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import Store, StoreUnavailable
 from whatsapp_webhook.worker import WorkerRuntime
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def create_app(
     settings: Settings | None = None,
     *,
-    store: StateStore | None = None,
+    store: Store | None = None,
     llm_transport: httpx.AsyncBaseTransport | None = None,
     waha_transport: httpx.AsyncBaseTransport | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
-from typing import Any
 
 from whatsapp_webhook.events import bare_message_id, text_fingerprint
-from whatsapp_webhook.sqlite_base import SQLiteStore
-from whatsapp_webhook.store_schema import (
-    ECHO_MIN_CHARS,
-    OPEN_STATUSES_SQL,
-    Admission,
+from whatsapp_webhook.policy import (
+    LoopEvidence,
+    Pause,
+    RateWindow,
+    blocked_verdict,
+    count_reply,
+    is_loop,
+    later_pause,
 )
+from whatsapp_webhook.sqlite_base import SQLiteStore
+from whatsapp_webhook.store_api import OPEN_STATUSES, Admission, ChatLimits, StoreSnapshot, Turn, Verdict
+
+OPEN_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in OPEN_STATUSES) + ")"
 
 
 class ChatStore(SQLiteStore):
@@ -20,7 +26,7 @@ class ChatStore(SQLiteStore):
 
     # --- conversation and chat policy ------------------------------------------------------------
 
-    def history(self, chat_key: str, *, since: float, limit: int) -> list[tuple[str, str]]:
+    def history(self, chat_key: str, *, since: float, limit: int) -> list[Turn]:
         """The chat's latest turns, oldest first."""
         rows = self._transaction(
             lambda c: c.execute(
@@ -29,25 +35,27 @@ class ChatStore(SQLiteStore):
             ).fetchall(),
             begin="BEGIN",
         )
-        return [(role, content) for role, content in reversed(rows)]
+        return [Turn(role=role, content=content) for role, content in reversed(rows)]
 
     def clear_history(self, chat_key: str) -> None:
         self._transaction(lambda c: c.execute("DELETE FROM history WHERE chat_key = ?", (chat_key,)))
 
     def pause_chat(self, chat_key: str, *, until: float, reason: str) -> None:
-        """Stop answering a chat until `until` (0 resumes it)."""
-        self._transaction(
-            lambda c: c.execute(
+        """Stop answering a chat until `until` (0 resumes it); policy.later_pause decides what stands."""
+
+        def work(c: sqlite3.Connection) -> None:
+            row = c.execute(
+                "SELECT paused_until, pause_reason FROM chat_state WHERE chat_key = ?", (chat_key,)
+            ).fetchone()
+            current = Pause(until=row[0], reason=row[1]) if row else Pause(until=0, reason=None)
+            pause = later_pause(current, until=until, reason=reason)
+            c.execute(
                 "INSERT INTO chat_state (chat_key, paused_until, pause_reason) VALUES (?, ?, ?) ON CONFLICT (chat_key)"
-                # Resuming (0) always wins; otherwise the later pause wins, so a reply typed by a person
-                # cannot shorten an operator's open-ended "/bot off".
-                " DO UPDATE SET paused_until = CASE WHEN excluded.paused_until = 0 OR excluded.paused_until"
-                " > paused_until THEN excluded.paused_until ELSE paused_until END, pause_reason = CASE WHEN"
-                " excluded.paused_until = 0 THEN NULL WHEN excluded.paused_until > paused_until"
-                " THEN excluded.pause_reason ELSE pause_reason END",
-                (chat_key, until, reason if until else None),
+                " DO UPDATE SET paused_until = excluded.paused_until, pause_reason = excluded.pause_reason",
+                (chat_key, pause.until, pause.reason),
             )
-        )
+
+        self._transaction(work)
 
     def set_opted_out(self, chat_key: str, opted_out: bool) -> bool:
         """Record the customer's choice; returns whether the chat is paused right now."""
@@ -100,21 +108,11 @@ class ChatStore(SQLiteStore):
 
         return self._transaction(work, begin="BEGIN")
 
-    def admit(
-        self,
-        chat_key: str,
-        *,
-        texts: list[str],
-        per_minute: int,
-        per_day: int,
-        loop_repeats: int,
-        loop_window: float,
-        loop_pause: float,
-    ) -> Admission:
+    def admit(self, chat_key: str, *, texts: list[str], limits: ChatLimits) -> Admission:
         """Decide, in the chat's turn, whether it gets an answer: pause, opt-out, loops, then rate limits.
 
-        A merged burst counts once (it costs one LLM call). Replies beyond a limit still count, so a
-        flood cannot reset its own window, and the polite notice goes out at most once an hour.
+        The decisions are policy's pure functions; loading their inputs and saving their results happen
+        in this one write transaction, so two workers cannot both pass a limit.
         """
         now = self.clock()
         today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
@@ -126,84 +124,73 @@ class ChatStore(SQLiteStore):
                 " FROM chat_state WHERE chat_key = ?",
                 (chat_key,),
             ).fetchone()
-            if paused_until > now:
-                return Admission("paused")
-            if opted_out:
-                return Admission("opted_out")
-            if self._looks_like_a_loop(c, chat_key, texts, since=now - loop_window, repeats=loop_repeats):
+            blocked = blocked_verdict(paused_until=paused_until, opted_out=bool(opted_out), now=now)
+            if blocked is not None:
+                return Admission(verdict=blocked)
+            if is_loop(
+                self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window), repeats=limits.loop_repeats
+            ):
                 c.execute(
                     "UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
-                    (now + loop_pause, chat_key),
+                    (now + limits.loop_pause, chat_key),
                 )
-                return Admission("loop")
-            if now - minute_start >= 60:
-                minute_start, minute_count = now, 0
-            if day != today:
-                day, day_count = today, 0
-            minute_count, day_count = minute_count + 1, day_count + 1
-            verdict = "daily_cap" if day_count > per_day else "rate_limited" if minute_count > per_minute else "ok"
-            notice = verdict != "ok" and now - notice_at >= 3600
+                return Admission(verdict=Verdict.LOOP)
+            window = RateWindow(
+                minute_start=minute_start, minute_count=minute_count, day=day, day_count=day_count, notice_at=notice_at
+            )
+            decision = count_reply(window, now=now, today=today, limits=limits)
+            saved = decision.window
             c.execute(
                 "UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
                 " notice_at = ? WHERE chat_key = ?",
-                (minute_start, minute_count, day, day_count, now if notice else notice_at, chat_key),
+                (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
             )
-            return Admission(verdict, notice)
+            return decision.admission
 
         return self._transaction(work)
 
     @staticmethod
-    def _looks_like_a_loop(
-        c: sqlite3.Connection, chat_key: str, texts: list[str], *, since: float, repeats: int
-    ) -> bool:
-        """Another bot, not a person: the same message over and over, or our own longer reply echoed back."""
+    def _loop_evidence(c: sqlite3.Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
+        evidence = []
         for text in texts:
             fingerprint = text_fingerprint(text)
-            same = c.execute(
+            repeats = c.execute(
                 "SELECT COUNT(*) FROM inbox WHERE chat_key = ? AND text_hash = ? AND received_at >= ?"
                 " AND merged_into IS NULL",
                 (chat_key, fingerprint, since),
             ).fetchone()[0]
-            # Short words ("ok", "obrigado") are echoed by people all the time; a paragraph is not.
-            echoed = (
-                len(text) >= ECHO_MIN_CHARS
-                and c.execute(
-                    "SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
-                    (chat_key, fingerprint, since),
-                ).fetchone()
-            )
-            if same >= repeats or echoed:
-                return True
-        return False
+            ours = c.execute(
+                "SELECT 1 FROM sent WHERE chat_key = ? AND text_hash = ? AND sent_at >= ?",
+                (chat_key, fingerprint, since),
+            ).fetchone()
+            evidence.append(LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours)))
+        return evidence
 
     # --- reporting -------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StoreSnapshot:
         """Counters, unfinished messages and chat states, read in one (non-locking) transaction."""
         now = self.clock()
 
-        def work(c: sqlite3.Connection) -> dict[str, Any]:
-            counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
-            by_status = dict(
-                c.execute(
-                    f"SELECT status, COUNT(*) FROM inbox WHERE status IN {OPEN_STATUSES_SQL} GROUP BY status"
-                ).fetchall()
+        def work(c: sqlite3.Connection) -> StoreSnapshot:
+            return StoreSnapshot(
+                counters=dict(c.execute("SELECT name, value FROM counters").fetchall()),
+                by_status=dict(
+                    c.execute(
+                        f"SELECT status, COUNT(*) FROM inbox WHERE status IN {OPEN_STATUSES_SQL} GROUP BY status"
+                    ).fetchall()
+                ),
+                retrying=c.execute(
+                    "SELECT COUNT(*) FROM inbox WHERE status = 'queued' AND last_error IS NOT NULL"
+                ).fetchone()[0],
+                paused=dict(
+                    c.execute(
+                        "SELECT pause_reason, COUNT(*) FROM chat_state WHERE paused_until > ? GROUP BY pause_reason",
+                        (now,),
+                    ).fetchall()
+                ),
+                opted_out=c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out = 1").fetchone()[0],
+                media_bytes=c.execute("SELECT COALESCE(SUM(size), 0) FROM media").fetchone()[0],
             )
-            retrying = c.execute(
-                "SELECT COUNT(*) FROM inbox WHERE status = 'queued' AND last_error IS NOT NULL"
-            ).fetchone()[0]
-            paused = dict(
-                c.execute(
-                    "SELECT pause_reason, COUNT(*) FROM chat_state WHERE paused_until > ? GROUP BY pause_reason", (now,)
-                ).fetchall()
-            )
-            opted_out = c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out = 1").fetchone()[0]
-            return {
-                "counters": counters,
-                "by_status": by_status,
-                "retrying": retrying,
-                "paused": paused,
-                "opted_out": opted_out,
-            }
 
         return self._transaction(work, begin="BEGIN")

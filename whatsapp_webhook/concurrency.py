@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 import httpx
 
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 
 T = TypeVar("T")
 

@@ -15,10 +15,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from whatsapp_webhook.logs import log
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 
 if TYPE_CHECKING:
-    from whatsapp_webhook.store import StateStore
+    from whatsapp_webhook.store_api import Store
 
 
 class CheckStatus(StrEnum):
@@ -89,7 +89,7 @@ class HealthReporter:
     REFRESH_SECONDS = 10.0
     MAX_PARTS = 200  # bounds the rows one part ("waha:<session>") can create
 
-    def __init__(self, *, store: StateStore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.clock = clock
         self._lock = threading.Lock()

@@ -30,14 +30,23 @@ from whatsapp_webhook.policy import (
     trim_history,
     typing_pause_seconds,
 )
+from whatsapp_webhook.store_api import (
+    Admission,
+    ChatLimits,
+    FailureVerdict,
+    InboxStatus,
+    Outcome,
+    SendVerdict,
+    Turn,
+    Verdict,
+)
 from whatsapp_webhook.upstream import LLMError, WahaError
 
 if TYPE_CHECKING:
     from whatsapp_webhook.events import IncomingMessage
     from whatsapp_webhook.llm import LLMClient, LLMReply
     from whatsapp_webhook.settings import Settings
-    from whatsapp_webhook.store import StateStore
-    from whatsapp_webhook.store_schema import Admission, ClaimedMessage
+    from whatsapp_webhook.store_api import ClaimedMessage, Store
     from whatsapp_webhook.waha import WahaClient
 
 
@@ -49,12 +58,20 @@ CLOCK_SKEW_SECONDS = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdmittedChat:
+    """Whether the chat gets an answer now, and (if so) the recent turns the LLM should see."""
+
+    admission: Admission
+    history: list[Turn]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ComposedReply:
     """What to send for a message: the text, its outcome, the turn to remember and what the LLM charged."""
 
     text: str
-    outcome: str
-    history: tuple[str, str] | None = None
+    outcome: Outcome
+    history: tuple[Turn, Turn] | None = None
     llm_cost_usd: float = 0.0
 
 
@@ -65,12 +82,13 @@ class ReplyPipeline:
         self,
         *,
         settings: Settings,
-        store: StateStore,
+        store: Store,
         llm: LLMClient,
         waha: WahaClient,
         health: HealthReporter | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -79,7 +97,15 @@ class ReplyPipeline:
         self.health = health or HealthReporter(store=store)
         self.sleep = sleep
         self.rng = rng
+        self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
         self._notices = EveryMinute()
+        self.limits = ChatLimits(
+            per_minute=settings.rate_limit_per_minute,
+            per_day=settings.daily_message_limit,
+            loop_repeats=settings.loop_repeats,
+            loop_window=settings.loop_window_seconds,
+            loop_pause=settings.loop_pause_minutes * 60,
+        )
 
     async def _report(self, name: str, status: CheckStatus, reason: str) -> None:
         """Tell /health what this reply learned; costs a store write only when something changed."""
@@ -120,25 +146,25 @@ class ReplyPipeline:
         started = loop.time()
         parts_sent = claimed.parts_sent
         typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
-        mid_send = claimed.previous_status == "sending" or parts_sent > 0
+        mid_send = claimed.previous_status is InboxStatus.SENDING or parts_sent > 0
         # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
-        claimed_text = claimed.reply_text if claimed.outcome != "fallback" or mid_send else None
+        claimed_text = claimed.reply_text if claimed.outcome is not Outcome.FALLBACK or mid_send else None
         claimed_reply = claimed_text is not None
         if claimed_text is not None:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
-            text, outcome, history = claimed_text, claimed.outcome or "success", None
-            if claimed.outcome == "success":
-                history = ("\n".join(claimed.texts), text)
+            text, outcome, history = claimed_text, claimed.outcome or Outcome.SUCCESS, None
+            if claimed.outcome is Outcome.SUCCESS:
+                history = (Turn(role="user", content="\n".join(claimed.texts)), Turn(role="assistant", content=text))
             parts = split_message(text, self.settings.max_message_chars)
             # The worker before us died mid-send: did that part leave?
             if (
-                claimed.previous_status == "sending"
+                claimed.previous_status is InboxStatus.SENDING
                 and parts_sent < len(parts)
                 and await self._already_sent(
                     claimed,
                     part=parts[parts_sent],
                     index=parts_sent,
-                    since=(claimed.send_started_at or time.time()) - CLOCK_SKEW_SECONDS,
+                    since=(claimed.send_started_at or self.clock()) - CLOCK_SKEW_SECONDS,
                 )
             ):
                 parts_sent += 1
@@ -157,7 +183,7 @@ class ReplyPipeline:
                 await presence
                 typing_since = started
             if composed is None:  # deliberately not answered (paused, opted out, loop, over a limit)
-                await self._finish(claimed, outcome="skipped", sent_message_id=None)
+                await self._finish(claimed, outcome=Outcome.SKIPPED, sent_message_id=None)
                 if presence is not None:
                     await self._quietly(
                         "stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id)
@@ -174,29 +200,29 @@ class ReplyPipeline:
             reply=None if claimed_reply else (text, outcome),
             llm_cost_usd=0.0 if claimed_reply else cost,
         )
-        if verdict == "paused":
+        if verdict is SendVerdict.PAUSED:
             log.info(
                 "event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
                 "being written)",
                 message.event_id,
                 message.chat_id,
             )
-            await self._finish(claimed, outcome="skipped", sent_message_id=None)
+            await self._finish(claimed, outcome=Outcome.SKIPPED, sent_message_id=None)
             return
-        if verdict != "send":
+        if verdict is not SendVerdict.SEND:
             log.info(
                 "event=%s chat=%s decision=%s (%s)",
                 message.event_id,
                 message.chat_id,
                 verdict,
-                "an earlier message of this chat goes first" if verdict == "yield" else "lease lost",
+                "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost",
             )
             return
         sent_id = last_part_id = None
         for index in range(parts_sent, len(parts)):
             await self._type(message, parts[index], since=typing_since)
             typing_since = None
-            send_started = time.time()
+            send_started = self.clock()
             try:
                 part_id = await self.waha.send_text(
                     session=message.session,
@@ -278,64 +304,58 @@ class ReplyPipeline:
                 None
                 if paused
                 else ComposedReply(
-                    text=settings.stop_reply if command == "stop" else settings.start_reply, outcome="command"
+                    text=settings.stop_reply if command == "stop" else settings.start_reply, outcome=Outcome.COMMAND
                 )
             )
-        admission, history = await asyncio.to_thread(
+        admitted = await asyncio.to_thread(
             self._admit, message.chat_key, claimed.texts, with_history=bool(claimed.texts) and command != "reset"
         )
-        if admission.verdict != "ok":
+        admission, history = admitted.admission, admitted.history
+        if admission.verdict is not Verdict.OK:
             log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
-            if admission.verdict == "loop":
+            if admission.verdict is Verdict.LOOP:
                 log.warning(
                     "%s bot-to-bot loop suspected: chat paused for %.0f min", context, settings.loop_pause_minutes
                 )
-            return ComposedReply(text=settings.rate_limit_reply, outcome="notice") if admission.notice else None
+            return ComposedReply(text=settings.rate_limit_reply, outcome=Outcome.NOTICE) if admission.notice else None
         if command == "reset":
             await asyncio.to_thread(self.store.clear_history, message.chat_key)
             log.info("%s decision=history_reset", context)
-            return ComposedReply(text=settings.reset_reply, outcome="command")
+            return ComposedReply(text=settings.reset_reply, outcome=Outcome.COMMAND)
         if not claimed.texts:
-            return ComposedReply(text=settings.non_text_reply, outcome="non_text")
+            return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
         reply = await self._ask_llm(message, user_turn, history, context)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
         formatted = markdown_to_whatsapp(reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
-            return ComposedReply(text=settings.fallback_message, outcome="fallback", llm_cost_usd=cost)
+            return ComposedReply(text=settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
-        return ComposedReply(text=formatted, outcome="success", history=(user_turn, reply.text), llm_cost_usd=cost)
+        turns = (Turn(role="user", content=user_turn), Turn(role="assistant", content=reply.text))
+        return ComposedReply(text=formatted, outcome=Outcome.SUCCESS, history=turns, llm_cost_usd=cost)
 
-    def _admit(self, chat_key: str, texts: list[str], *, with_history: bool) -> tuple[Admission, list[tuple[str, str]]]:
+    def _admit(self, chat_key: str, texts: list[str], *, with_history: bool) -> AdmittedChat:
         """The chat's admission and, if admitted, its recent turns: one trip to a store thread, two transactions
         (the history read stays outside the write lock, which every worker shares)."""
         settings = self.settings
-        admission = self.store.admit(
-            chat_key,
-            texts=texts,
-            per_minute=settings.rate_limit_per_minute,
-            per_day=settings.daily_message_limit,
-            loop_repeats=settings.loop_repeats,
-            loop_window=settings.loop_window_seconds,
-            loop_pause=settings.loop_pause_minutes * 60,
-        )
-        if admission.verdict != "ok" or not with_history or not settings.history_turns:
-            return admission, []
+        admission = self.store.admit(chat_key, texts=texts, limits=self.limits)
+        if admission.verdict is not Verdict.OK or not with_history or not settings.history_turns:
+            return AdmittedChat(admission=admission, history=[])
         turns = self.store.history(
-            chat_key, since=time.time() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
+            chat_key, since=self.clock() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
         )
-        return admission, trim_history(turns, max_chars=settings.history_max_chars)
+        return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
 
     async def _ask_llm(
-        self, message: IncomingMessage, user_turn: str, history: list[tuple[str, str]], context: str
+        self, message: IncomingMessage, user_turn: str, history: list[Turn], context: str
     ) -> LLMReply | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
             prompt = [
                 {"role": "system", "content": self.settings.ai_system_prompt},
-                *({"role": role, "content": content} for role, content in attempt_history),
+                *({"role": turn.role, "content": turn.content} for turn in attempt_history),
                 {"role": "user", "content": user_turn},
             ]
             try:
@@ -423,7 +443,7 @@ class ReplyPipeline:
             max_attempts=self.settings.reply_max_attempts,
             retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds),
         )
-        if result == "failed":
+        if result is FailureVerdict.FAILED:
             MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
         log.error(
             "event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s",
@@ -438,9 +458,9 @@ class ReplyPipeline:
         self,
         claimed: ClaimedMessage,
         *,
-        outcome: str,
+        outcome: Outcome,
         sent_message_id: str | None,
-        history: tuple[str, str] | None = None,
+        history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
     ) -> None:
         await asyncio.to_thread(
@@ -453,14 +473,14 @@ class ReplyPipeline:
             last_part_id=last_part_id,
         )
         count = 1 + len(claimed.merged)
-        if outcome == "fallback":
+        if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
-        elif outcome in ("skipped", "notice"):
+        elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):
             MESSAGES_SKIPPED.inc(count)
         else:
             MESSAGES_PROCESSED.inc(count)
-        if outcome != "skipped":  # the histogram is about replies reaching WAHA
-            PROCESSING_SECONDS.observe(max(0.0, time.time() - claimed.received_at))
+        if outcome is not Outcome.SKIPPED:  # the histogram is about replies reaching WAHA
+            PROCESSING_SECONDS.observe(max(0.0, self.clock() - claimed.received_at))
 
     async def _already_sent(self, claimed: ClaimedMessage, *, part: str, index: int, since: float) -> bool:
         """A send was cut off (worker died, answer lost): ask WAHA whether the part left before resending it."""

@@ -1,13 +1,18 @@
-"""Small pure rules of a conversation's timing: typing pauses, how much history fits, retry delays, log throttling."""
+"""The conversation's rules as pure functions over plain values: who gets an answer, when to pause, in
+what order to send, how long to wait. The store calls the decisions inside the write transaction that
+loads their inputs and saves their results, so two workers can never both pass a limit."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import (
-    Callable,
-    Iterable,
-)
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from whatsapp_webhook.store_api import Admission, ChatLimits, FailureVerdict, SendVerdict, Turn, Verdict
+
+PAUSED_FOREVER = 1e12  # an operator's "/bot off" lasts until "/bot on"
+ECHO_MIN_CHARS = 40  # shorter words ("ok", "obrigado") are echoed by people all the time; a paragraph is not
 
 
 class EveryMinute:
@@ -33,10 +38,10 @@ def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random)
     return min(4.0, max(1.0, len(text) * 0.02)) * (0.8 + 0.4 * rng())
 
 
-def trim_history(turns: Iterable[tuple[str, str]], *, max_chars: int) -> list[tuple[str, str]]:
+def trim_history(turns: Iterable[Turn], *, max_chars: int) -> list[Turn]:
     """Drop the oldest turns until the rest fit in max_chars and start with the customer's turn."""
     kept = list(turns)
-    while kept and (sum(len(content) for _, content in kept) > max_chars or kept[0][0] != "user"):
+    while kept and (sum(len(turn.content) for turn in kept) > max_chars or kept[0].role != "user"):
         kept = kept[1:]
     return kept
 
@@ -45,3 +50,117 @@ def retry_delay_seconds(attempt: int, *, base: float) -> float:
     """Our own retries of a failed send: slower than WAHA's redelivery (2 s), so that goes first."""
     growth: float = 3 ** (attempt - 1)  # an int, or a fraction for attempt < 1
     return min(base * growth, 15 * 60)
+
+
+# --- who gets an answer ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateWindow:
+    """A chat's reply counts: this minute's and today's, and when it was last told it is over a limit."""
+
+    minute_start: float = 0.0
+    minute_count: int = 0
+    day: str = ""  # UTC date, YYYY-MM-DD
+    day_count: int = 0
+    notice_at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopEvidence:
+    """What the store knows about one text of the burst: how often the chat sent it lately, and whether
+    it is (a long enough copy of) something we sent there."""
+
+    chars: int
+    repeats_in_window: int
+    matches_our_reply: bool
+
+
+def blocked_verdict(*, paused_until: float, opted_out: bool, now: float) -> Verdict | None:
+    """A pause (a person answering, /bot off, a loop) or the customer's PARAR stops every reply."""
+    if paused_until > now:
+        return Verdict.PAUSED
+    if opted_out:
+        return Verdict.OPTED_OUT
+    return None
+
+
+def is_loop(evidence: Iterable[LoopEvidence], *, repeats: int) -> bool:
+    """Another bot, not a person: the same message over and over, or our own longer reply echoed back."""
+    return any(e.repeats_in_window >= repeats or (e.chars >= ECHO_MIN_CHARS and e.matches_our_reply) for e in evidence)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateDecision:
+    admission: Admission
+    window: RateWindow  # to save, whatever the verdict: replies beyond a limit still count
+
+
+def count_reply(window: RateWindow, *, now: float, today: str, limits: ChatLimits) -> RateDecision:
+    """Count one reply (a merged burst is one LLM call) against the minute and the day.
+
+    Replies beyond a limit still count, so a flood cannot reset its own window, and the polite
+    notice goes out at most once every `limits.notice_every` seconds.
+    """
+    minute_start, minute_count = (
+        (now, 0) if now - window.minute_start >= 60 else (window.minute_start, window.minute_count)
+    )
+    day, day_count = (today, 0) if window.day != today else (window.day, window.day_count)
+    minute_count, day_count = minute_count + 1, day_count + 1
+    if day_count > limits.per_day:
+        verdict = Verdict.DAILY_CAP
+    elif minute_count > limits.per_minute:
+        verdict = Verdict.RATE_LIMITED
+    else:
+        verdict = Verdict.OK
+    notice = verdict is not Verdict.OK and now - window.notice_at >= limits.notice_every
+    return RateDecision(
+        admission=Admission(verdict=verdict, notice=notice),
+        window=replace(
+            window,
+            minute_start=minute_start,
+            minute_count=minute_count,
+            day=day,
+            day_count=day_count,
+            notice_at=now if notice else window.notice_at,
+        ),
+    )
+
+
+# --- pauses and sends ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pause:
+    until: float  # 0 = not paused
+    reason: str | None
+
+
+def later_pause(current: Pause, *, until: float, reason: str) -> Pause:
+    """Resuming (until=0) always wins; otherwise the later pause wins, so a reply typed by a person
+    cannot shorten an operator's open-ended "/bot off"."""
+    if until == 0:
+        return Pause(until=0, reason=None)
+    if until > current.until:
+        return Pause(until=until, reason=reason)
+    return current
+
+
+def send_verdict(*, holds_lease: bool, already_sending: bool, earlier_open: bool, paused: bool) -> SendVerdict:
+    """The last check before sendText. A reply whose sending began is finished whatever happens
+    meanwhile (half an answer is worse than a whole one); one not begun yields to a message the
+    customer sent earlier, and stays unsent once a person took the chat over."""
+    if not holds_lease:
+        return SendVerdict.LOST
+    if already_sending:
+        return SendVerdict.SEND
+    if earlier_open:
+        return SendVerdict.YIELD
+    return SendVerdict.PAUSED if paused else SendVerdict.SEND
+
+
+def failure_verdict(*, holds_lease: bool, attempts: int, max_attempts: int) -> FailureVerdict:
+    """After a failed attempt: try again later, or give up once the attempts are used."""
+    if not holds_lease:
+        return FailureVerdict.LOST
+    return FailureVerdict.FAILED if attempts >= max_attempts else FailureVerdict.RETRY

@@ -36,19 +36,15 @@ from whatsapp_webhook.metrics import (
     MESSAGES_RECEIVED,
     REQUESTS_REJECTED,
 )
+from whatsapp_webhook.policy import PAUSED_FOREVER
 from whatsapp_webhook.signature import verify_token, verify_waha_hmac
-from whatsapp_webhook.store_schema import (
-    IGNORED_COUNTER_PREFIX,
-    LLM_COST_COUNTER,
-    PAUSED_FOREVER,
-    StoreUnavailable,
-)
+from whatsapp_webhook.store_api import StoreUnavailable
+from whatsapp_webhook.store_schema import IGNORED_COUNTER_PREFIX, LLM_COST_COUNTER
 
 if TYPE_CHECKING:
     from whatsapp_webhook.events import IncomingMessage, WebhookEvent
     from whatsapp_webhook.settings import Settings
-    from whatsapp_webhook.store import StateStore
-    from whatsapp_webhook.store_schema import InboxEntry
+    from whatsapp_webhook.store_api import InboxEntry, Store
     from whatsapp_webhook.worker import WorkerRuntime
 
 
@@ -72,7 +68,7 @@ class WebhookService:
         self,
         *,
         settings: Settings,
-        store: StateStore,
+        store: Store,
         started_at: float,
         runtime_factory: Callable[[], WorkerRuntime],
         health: HealthReporter | None = None,
@@ -372,8 +368,7 @@ class WebhookService:
     ) -> dict[str, Any]:
         """The JSON shared by /health, /stats and GET on the webhook."""
         snapshot = self.store.snapshot()
-        counters: dict[str, int] = snapshot["counters"]
-        by_status: dict[str, int] = snapshot["by_status"]
+        counters, by_status = snapshot.counters, snapshot.by_status
         ignored = {
             name[len(IGNORED_COUNTER_PREFIX) :]: value
             for name, value in sorted(counters.items())
@@ -393,10 +388,10 @@ class WebhookService:
                 "messages_skipped": counters.get("messages_skipped", 0),
                 "messages_in_progress": sum(by_status.values()),
                 "messages_queued": by_status.get("queued", 0),
-                "messages_retrying": snapshot["retrying"],
+                "messages_retrying": snapshot.retrying,
                 "messages_undelivered": counters.get("messages_undelivered", 0),
-                "chats_paused": snapshot["paused"],
-                "chats_opted_out": snapshot["opted_out"],
+                "chats_paused": dict(snapshot.paused),
+                "chats_opted_out": snapshot.opted_out,
                 "messages_ignored": sum(ignored.values()),
                 "ignored_by_reason": ignored,
                 "requests_rejected": counters.get("requests_rejected", 0),

@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING, TypeVar
 from whatsapp_webhook.concurrency import WriterGate
 from whatsapp_webhook.health import CheckStatus, HealthCheck
 from whatsapp_webhook.settings import SettingsError
-from whatsapp_webhook.store_schema import (
-    STORE_SCHEMA,
-    StoreUnavailable,
-)
+from whatsapp_webhook.store_api import StoreUnavailable
+from whatsapp_webhook.store_schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from whatsapp_webhook.concurrency import QueuedWrite
@@ -39,19 +37,35 @@ class SQLiteStore:
         self._writers = WriterGate(path + ".lock")
 
     def initialize(self) -> None:
-        """Create the file and schema; fail early with a clear message if that is impossible."""
+        """Create the file and bring its schema to SCHEMA_VERSION; fail early with a clear message.
+
+        Each migration runs in the transaction that also sets the new PRAGMA user_version, so a
+        migration cut short leaves the file at the version before it, and runs again next time.
+        """
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(folder, exist_ok=True)
             connection = self._open()
             try:
-                connection.executescript(STORE_SCHEMA)
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise SettingsError(
+                        f"STATE_DB {self.path!r} was written by a newer release (schema {version}, this one "
+                        f"knows {SCHEMA_VERSION}): run that release, or point STATE_DB at another file"
+                    )
+                for number in range(version + 1, SCHEMA_VERSION + 1):
+                    connection.executescript(
+                        f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
+                    )
             finally:
                 connection.close()
         except (OSError, sqlite3.Error) as exc:
             raise SettingsError(
                 f"STATE_DB {self.path!r} cannot be used ({exc}); point STATE_DB at a writable file"
             ) from None
+
+    def schema_version(self) -> int:
+        return int(self._transaction(lambda c: c.execute("PRAGMA user_version").fetchone()[0], begin="BEGIN"))
 
     def check_usable(self) -> None:
         """Open the file for writing without touching the schema (that is for the server that owns it)."""

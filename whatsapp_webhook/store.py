@@ -11,15 +11,20 @@ from collections.abc import (
 
 from whatsapp_webhook.chat_store import ChatStore
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
-from whatsapp_webhook.store_schema import (
-    EARLIER_OPEN_SQL,
-    LLM_COST_COUNTER,
-    NEXT_DUE_SQL,
+from whatsapp_webhook.policy import failure_verdict, send_verdict
+from whatsapp_webhook.store_api import (
     Acceptance,
     ClaimedMessage,
+    FailureVerdict,
     InboxEntry,
+    InboxStatus,
+    MediaBlob,
+    Outcome,
+    SendVerdict,
     StoreUnavailable,
+    Turn,
 )
+from whatsapp_webhook.store_schema import EARLIER_OPEN_SQL, LLM_COST_COUNTER, NEXT_DUE_SQL
 
 
 class StateStore(ChatStore):
@@ -55,7 +60,7 @@ class StateStore(ChatStore):
             ).rowcount
             if inserted:
                 self._bump(c, "messages_received")
-                return Acceptance(stored=True, status="queued", attempts=0)
+                return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
             status, attempts, last_error = c.execute(
                 "SELECT status, attempts, last_error FROM inbox WHERE key = ?", (message.dedupe_key,)
             ).fetchone()
@@ -66,8 +71,8 @@ class StateStore(ChatStore):
                     "UPDATE inbox SET next_attempt_at = ?, attempts = attempts - 1, updated_at = ? WHERE key = ?",
                     (now, now, message.dedupe_key),
                 )
-                return Acceptance(stored=True, status=status, attempts=attempts - 1)
-            return Acceptance(stored=False, status=status, attempts=attempts)
+                return Acceptance(stored=True, status=InboxStatus(status), attempts=attempts - 1)
+            return Acceptance(stored=False, status=InboxStatus(status), attempts=attempts)
 
         return self._transaction(work)
 
@@ -86,7 +91,17 @@ class StateStore(ChatStore):
             )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store error: {exc}") from exc
-        return InboxEntry(*row) if row else None
+        if not row:
+            return None
+        status, attempts, outcome, sent_message_id, last_error, merged_into = row
+        return InboxEntry(
+            status=InboxStatus(status),
+            attempts=attempts,
+            outcome=Outcome(outcome) if outcome else None,
+            sent_message_id=sent_message_id,
+            last_error=last_error,
+            merged_into=merged_into,
+        )
 
     # --- the worker side -------------------------------------------------------------------------
 
@@ -157,16 +172,16 @@ class StateStore(ChatStore):
                     (json.dumps([m.to_json() for m in followers]), lead.dedupe_key),
                 )
         return ClaimedMessage(
-            lead,
-            owner,
-            "sending" if status == "sending" else "queued",
-            attempts,
-            reply_text,
-            outcome,
-            send_started_at,
-            received_at,
-            parts_sent,
-            tuple(followers),
+            message=lead,
+            lease_owner=owner,
+            previous_status=InboxStatus.SENDING if status == InboxStatus.SENDING else InboxStatus.QUEUED,
+            attempts=attempts,
+            reply_text=reply_text,
+            outcome=Outcome(outcome) if outcome else None,
+            send_started_at=send_started_at,
+            received_at=received_at,
+            parts_sent=parts_sent,
+            merged=tuple(followers),
         )
 
     @staticmethod
@@ -210,26 +225,44 @@ class StateStore(ChatStore):
         return self._transaction(work) if keys else 0
 
     def begin_send(
-        self, key: str, owner: str, *, parts: list[str], reply: tuple[str, str] | None = None, llm_cost_usd: float = 0.0
-    ) -> str:
-        """Last check before sendText: 'send', 'yield' (an earlier message of the chat showed up),
-        'paused' (a human took the chat over meanwhile) or 'lost' (the lease went to another worker).
+        self,
+        key: str,
+        owner: str,
+        *,
+        parts: list[str],
+        reply: tuple[str, Outcome] | None = None,
+        llm_cost_usd: float = 0.0,
+    ) -> SendVerdict:
+        """Last check before sendText (policy.send_verdict), in the transaction that acts on it.
 
         A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
         `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
         """
         now = self.clock()
 
-        def work(c: sqlite3.Connection) -> str:
+        def work(c: sqlite3.Connection) -> SendVerdict:
             if llm_cost_usd > 0:
                 self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
             row = c.execute(
                 "SELECT status, lease_owner, chat_key, parts_sent FROM inbox WHERE key = ?", (key,)
             ).fetchone()
-            if row is None or row[1] != owner or row[0] not in ("processing", "sending"):
-                return "lost"
-            chat_key, already_sending = row[2], row[0] == "sending" or row[3] > 0
-            if not already_sending and c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone():
+            holds_lease = (
+                row is not None and row[1] == owner and row[0] in (InboxStatus.PROCESSING, InboxStatus.SENDING)
+            )
+            already_sending = holds_lease and (row[0] == InboxStatus.SENDING or row[3] > 0)
+            chat_key = row[2] if row is not None else ""
+            verdict = send_verdict(
+                holds_lease=holds_lease,
+                already_sending=already_sending,
+                earlier_open=holds_lease and bool(c.execute(EARLIER_OPEN_SQL, {"key": key}).fetchone()),
+                paused=holds_lease
+                and bool(
+                    c.execute(
+                        "SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?", (chat_key, now)
+                    ).fetchone()
+                ),
+            )
+            if verdict is SendVerdict.YIELD:
                 # Answering now would overtake a message the customer sent first.
                 c.execute(
                     "UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
@@ -239,24 +272,23 @@ class StateStore(ChatStore):
                 )
                 c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = ?", (key,))
                 c.execute("UPDATE inbox SET merged = NULL WHERE key = ?", (key,))
-                return "yield"
-            paused = c.execute(
-                "SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?", (chat_key, now)
-            ).fetchone()
-            if paused and not already_sending:
-                return "paused"
+            if verdict is not SendVerdict.SEND:
+                return verdict
             # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
             c.executemany(
                 "INSERT INTO sent (chat_key, text_hash, sent_at) VALUES (?, ?, ?)",
                 [(chat_key, text_fingerprint(part), now) for part in parts],
             )
             if reply is not None:
-                c.execute("UPDATE inbox SET reply_text = ?, outcome = ?, parts_sent = 0 WHERE key = ?", (*reply, key))
+                c.execute(
+                    "UPDATE inbox SET reply_text = ?, outcome = ?, parts_sent = 0 WHERE key = ?",
+                    (reply[0], str(reply[1]), key),
+                )
             c.execute(
                 "UPDATE inbox SET status = 'sending', send_started_at = ?, updated_at = ? WHERE key = ?",
                 (now, now, key),
             )
-            return "send"
+            return verdict
 
         return self._transaction(work)
 
@@ -289,9 +321,9 @@ class StateStore(ChatStore):
         key: str,
         owner: str,
         *,
-        outcome: str,
+        outcome: Outcome,
         sent_message_id: str | None,
-        history: tuple[str, str] | None = None,
+        history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
     ) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
@@ -306,10 +338,14 @@ class StateStore(ChatStore):
                 "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = COALESCE(?, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ?"
                 " AND status != 'done' RETURNING chat_key",
-                (outcome, sent_message_id, now, now, key),
+                (str(outcome), sent_message_id, now, now, key),
             ).fetchone()
             if row is None:
                 return
+            # Its bytes (and those of the burst) were only needed to write this reply.
+            c.execute(
+                "DELETE FROM media WHERE key = ? OR key IN (SELECT key FROM inbox WHERE merged_into = ?)", (key, key)
+            )
             if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
                 c.execute(
                     "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (?, '', ?, ?)",
@@ -318,31 +354,34 @@ class StateStore(ChatStore):
             followers = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, finished_at = ?, updated_at = ? WHERE merged_into = ?"
                 " AND status = 'merged'",
-                ("merged" if outcome == "success" else outcome, now, now, key),
+                (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
             ).rowcount
             # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
             # ("too many messages") is not an answer either.
-            counter = {"fallback": "messages_failed", "skipped": "messages_skipped", "notice": "messages_skipped"}.get(
-                outcome, "messages_processed"
-            )
+            counter = {
+                Outcome.FALLBACK: "messages_failed",
+                Outcome.SKIPPED: "messages_skipped",
+                Outcome.NOTICE: "messages_skipped",
+            }.get(outcome, "messages_processed")
             self._bump(c, counter, 1 + followers)
             if history is not None:
                 c.executemany(
                     "INSERT INTO history (chat_key, role, content, created_at) VALUES (?, ?, ?, ?)",
-                    [(row[0], "user", history[0], now), (row[0], "assistant", history[1], now)],
+                    [(row[0], turn.role, turn.content, now) for turn in history],
                 )
 
         self._transaction(work)
 
-    def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> str:
-        """After a failed attempt: 'retry' (due again later) or 'failed' once attempts are used up."""
+    def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> FailureVerdict:
+        """After a failed attempt: due again later, or given up once attempts are used (policy.failure_verdict)."""
         now = self.clock()
 
-        def work(c: sqlite3.Connection) -> str:
+        def work(c: sqlite3.Connection) -> FailureVerdict:
             row = c.execute("SELECT attempts FROM inbox WHERE key = ? AND lease_owner = ?", (key, owner)).fetchone()
-            if row is None:
-                return "lost"
-            if row[0] >= max_attempts:
+            verdict = failure_verdict(
+                holds_lease=row is not None, attempts=row[0] if row else 0, max_attempts=max_attempts
+            )
+            if verdict is FailureVerdict.FAILED:
                 c.execute(
                     "UPDATE inbox SET status = 'failed', last_error = ?, lease_owner = NULL, finished_at = ?,"
                     " updated_at = ? WHERE key = ?",
@@ -355,13 +394,13 @@ class StateStore(ChatStore):
                 ).rowcount
                 self._bump(c, "messages_failed", 1 + followers)
                 self._bump(c, "messages_undelivered", 1 + followers)
-                return "failed"
-            c.execute(
-                "UPDATE inbox SET status = 'queued', last_error = ?, lease_owner = NULL, lease_expires_at = 0,"
-                " next_attempt_at = ?, updated_at = ? WHERE key = ?",
-                (error[:500], now + retry_in, now, key),
-            )
-            return "retry"
+            elif verdict is FailureVerdict.RETRY:
+                c.execute(
+                    "UPDATE inbox SET status = 'queued', last_error = ?, lease_owner = NULL, lease_expires_at = 0,"
+                    " next_attempt_at = ?, updated_at = ? WHERE key = ?",
+                    (error[:500], now + retry_in, now, key),
+                )
+            return verdict
 
         return self._transaction(work)
 
@@ -401,6 +440,31 @@ class StateStore(ChatStore):
             ).rowcount
             c.execute("DELETE FROM history WHERE created_at < ?", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < ?", (older_than,))
+            # Bytes whose message is finished or gone (the reply no longer needs them).
+            c.execute(
+                "DELETE FROM media WHERE key NOT IN (SELECT key FROM inbox WHERE status IN"
+                " ('queued', 'processing', 'sending', 'merged'))"
+            )
             return removed
 
         return self._transaction(work)
+
+    # --- media bytes ---------------------------------------------------------------------------------
+
+    def put_media(self, key: str, *, mimetype: str, data: bytes) -> None:
+        """Keep a message's media until the message is finished or pruned (written once; a redelivery is a no-op)."""
+        now = self.clock()
+        self._transaction(
+            lambda c: c.execute(
+                "INSERT INTO media (key, mimetype, data, size, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                (key, mimetype, data, len(data), now),
+            )
+        )
+
+    def get_media(self, key: str) -> MediaBlob | None:
+        row = self._transaction(
+            lambda c: c.execute("SELECT mimetype, data, created_at FROM media WHERE key = ?", (key,)).fetchone(),
+            begin="BEGIN",
+        )
+        return MediaBlob(key=key, mimetype=row[0], data=bytes(row[1]), created_at=row[2]) if row else None

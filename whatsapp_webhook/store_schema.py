@@ -1,70 +1,10 @@
-"""The state store's schema, its SQL for the inbox state machine, and the records it hands out."""
+"""The SQLite state file's schema, its versioned migrations and the SQL of the inbox state machine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from whatsapp_webhook.events import IncomingMessage
-
-
-class StoreUnavailable(Exception):
-    """The state store could not be read or written."""
-
-
-OPEN_STATUSES_SQL = "('queued', 'processing', 'sending', 'merged')"
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """What the inbox did with a delivery: stored it, woke a failed one up for retry, or saw a duplicate."""
-
-    stored: bool
-    status: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class ClaimedMessage:
-    """A message this worker now owns until `lease_owner`'s lease runs out, with the burst merged into it."""
-
-    message: IncomingMessage
-    lease_owner: str
-    previous_status: str  # 'sending' means an earlier attempt may already have sent (part of) the reply
-    attempts: int
-    reply_text: str | None
-    outcome: str | None
-    send_started_at: float | None
-    received_at: float
-    parts_sent: int = 0
-    merged: tuple[IncomingMessage, ...] = ()
-
-    @property
-    def texts(self) -> list[str]:
-        """What the customer wrote, in order: this message and the ones typed right after it."""
-        return [m.text for m in (self.message, *self.merged) if m.text]
-
-
-@dataclass(frozen=True)
-class InboxEntry:
-    status: str
-    attempts: int
-    outcome: str | None
-    sent_message_id: str | None
-    last_error: str | None
-    merged_into: str | None
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Whether a chat may get a reply now; `notice` says the customer should be told once why not."""
-
-    verdict: str  # ok | paused | opted_out | rate_limited | daily_cap | loop
-    notice: bool = False
-
-
-STORE_SCHEMA = """
+# Release 1.0.0 and 1.1.0 files have no schema version (user_version 0); migration 1 creates or
+# completes that schema (every statement is IF NOT EXISTS), so both upgrade in place.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS inbox (
     key TEXT PRIMARY KEY,
     chat_key TEXT NOT NULL,
@@ -132,17 +72,24 @@ CREATE TABLE IF NOT EXISTS health (
 );
 """
 
+# Media bytes (voice notes, photos) kept until their message is finished or pruned.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS media (
+    key TEXT PRIMARY KEY,
+    mimetype TEXT NOT NULL,
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+# MIGRATIONS[n - 1] takes a file from schema version n - 1 to n (PRAGMA user_version). Append only:
+# a released migration never changes, so every older state file takes the same path.
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 IGNORED_COUNTER_PREFIX = "ignored."
-
-
 LLM_COST_COUNTER = "llm_cost_nanousd"  # counters are integers: cost in billionths of a dollar
-
-
-PAUSED_FOREVER = 1e12  # an operator's "/bot off" lasts until "/bot on"
-
-
-ECHO_MIN_CHARS = 40
 
 
 # The earliest message of its chat that is due, whose chat has no other reply in progress

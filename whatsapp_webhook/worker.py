@@ -19,7 +19,7 @@ from whatsapp_webhook.llm import LLMClient
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.metrics import REPLIES_IN_FLIGHT
 from whatsapp_webhook.pipeline import ReplyPipeline
-from whatsapp_webhook.store_schema import StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 from whatsapp_webhook.upstream import WAHA_MAX_CONNECTIONS, upstream_client
 from whatsapp_webhook.waha import WahaClient
 
@@ -27,8 +27,7 @@ if TYPE_CHECKING:
     from whatsapp_webhook.events import IncomingMessage
     from whatsapp_webhook.health import HealthReporter
     from whatsapp_webhook.settings import Settings
-    from whatsapp_webhook.store import StateStore
-    from whatsapp_webhook.store_schema import ClaimedMessage
+    from whatsapp_webhook.store_api import ClaimedMessage, Store
 
 
 CLAIM_BATCH = 32  # due messages taken per inbox transaction
@@ -45,7 +44,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: StateStore,
+        store: Store,
         pipeline: ReplyPipeline,
         settings: Settings,
         poll_seconds: float = 1.0,
@@ -195,7 +194,7 @@ class WorkerRuntime:
         self,
         *,
         settings: Settings,
-        store: StateStore,
+        store: Store,
         health: HealthReporter,
         llm_transport: httpx.AsyncBaseTransport | None = None,
         waha_transport: httpx.AsyncBaseTransport | None = None,

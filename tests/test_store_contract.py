@@ -1,0 +1,472 @@
+"""The state store's behavioural suite: what the server relies on, through the Store interface only.
+
+Every backend runs it unchanged (BACKENDS). It covers intake dedupe, claims and leases, per-chat order
+and yielding, debounce merging, retries and give-up, restart recovery, pruning, history, pauses,
+opt-outs, limits, loop detection, counters, media bytes and health reports.
+SQLite-only behaviour (group commit, several processes, upgrades of old files) is in test_sqlite_store.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import waha_payloads as wp
+from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
+from whatsapp_webhook.health import CheckStatus
+from whatsapp_webhook.store import StateStore
+from whatsapp_webhook.store_api import (
+    Acceptance,
+    ChatLimits,
+    ClaimedMessage,
+    Outcome,
+    SendVerdict,
+    Store,
+    Turn,
+    Verdict,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# name -> a store on a folder; the PostgreSQL backend adds itself here.
+BACKENDS: dict[str, Callable[[Path, Clock], Store]] = {
+    "sqlite": lambda folder, clock: StateStore(str(folder / "state.db"), clock=clock),
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def reopen(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Callable[[], Store]:
+    """A new store object on the same data, as another worker (or a restarted server) opens it."""
+    return lambda: BACKENDS[request.param](tmp_path, clock)
+
+
+@pytest.fixture
+def store(reopen: Callable[[], Store]) -> Iterator[Store]:
+    store = reopen()
+    store.initialize()
+    yield store
+    store.close()
+
+
+def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float | None = 100.0, body: str = "Oi", session: str = "default",
+             bare: str | None = None) -> IncomingMessage:
+    envelope = wp.text_message("WEBJS", sender=chat, body=body, session=session, message_id=bare)
+    envelope["payload"]["timestamp"] = ts
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, IncomingMessage)
+    return message
+
+
+def claim(store: Store, owner: str = "w1", lease: float = 30.0, **options: Any) -> ClaimedMessage | None:
+    """The next due message, as the dispatcher takes it (a batch of one)."""
+    batch = store.claim_due(owner, limit=1, lease_seconds=lease, **options)
+    return batch[0] if batch else None
+
+
+# --- the inbox ---------------------------------------------------------------------------------------
+
+def test_a_message_is_recorded_once_and_survives_a_new_connection(store, reopen) -> None:
+    message = incoming(body="Qual o preço?")
+    assert store.accept(message) == Acceptance(stored=True, status="queued", attempts=0)
+    assert store.accept(message) == Acceptance(stored=False, status="queued", attempts=0)
+    reopened = reopen()
+    claimed = claim(reopened)
+    assert claimed.message == message and claimed.attempts == 1 and claimed.previous_status == "queued"
+    assert reopened.snapshot().counters["messages_received"] == 1
+
+
+def test_messages_of_one_chat_are_claimed_one_at_a_time_in_send_order(store) -> None:
+    later, earlier, other_chat = incoming(ts=200, body="2"), incoming(ts=100, body="1"), incoming(wp.OTHER_PN, ts=300)
+    for message in (later, earlier, other_chat):  # arrival order differs from send order
+        store.accept(message)
+    first = claim(store)
+    assert first.message.text == "1"
+    assert claim(store).message.chat_id == wp.OTHER_PN  # another chat does not wait
+    assert claim(store) is None  # "2" waits while "1" is in progress
+    store.finish(first.message.dedupe_key, first.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    assert claim(store).message.text == "2"
+
+
+def test_same_second_messages_keep_arrival_order(store) -> None:
+    for body in ("a", "b", "c"):
+        store.accept(incoming(ts=100, body=body))
+    order = []
+    while (claimed := claim(store)) is not None:
+        order.append(claimed.message.text)
+        store.finish(claimed.message.dedupe_key, claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    assert order == ["a", "b", "c"]
+
+
+def test_an_abandoned_lease_is_taken_over_after_it_expires(store, clock) -> None:
+    store.accept(incoming())
+    dead = claim(store, "dead-worker", lease=30)
+    assert claim(store, "w2") is None
+    clock.now += 31
+    taken = claim(store, "w2")
+    assert taken.message == dead.message and taken.attempts == 2
+    assert store.renew_leases([dead.message.dedupe_key], "dead-worker", lease_seconds=30) == 0
+    assert store.begin_send(dead.message.dedupe_key, "dead-worker", parts=["x"]) == "lost"
+
+
+def test_one_renewal_keeps_every_lease_of_a_worker_alive_and_no_one_elses(store, clock) -> None:
+    for chat in ("5511900000001@c.us", "5511900000002@c.us", "5511900000003@c.us"):
+        store.accept(incoming(chat))
+    mine = [claim(store, "w1"), claim(store, "w1")]
+    theirs = claim(store, "w2")
+    clock.now += 20
+    keys = [c.message.dedupe_key for c in (*mine, theirs)]
+    assert store.renew_leases(keys, "w1", lease_seconds=30) == 2  # only the two w1 holds
+    clock.now += 20  # 40 s after the claims: past the first lease, within the renewed one
+    taken = claim(store, "w3")  # w2 never renewed: its message goes to the next worker
+    assert taken.message == theirs.message and taken.attempts == 2
+    assert claim(store, "w3") is None  # w1's two messages are still w1's
+    assert store.renew_leases([], "w1", lease_seconds=30) == 0
+
+
+def test_a_message_interrupted_while_sending_is_reclaimed_as_sending(store, clock) -> None:
+    store.accept(incoming())
+    first = claim(store, "w1")
+    assert store.begin_send(first.message.dedupe_key, "w1", parts=["Olá!"], reply=("Olá!", Outcome.SUCCESS)) == "send"
+    clock.now += 31
+    again = claim(store, "w2")
+    assert (again.previous_status, again.reply_text, again.outcome) == ("sending", "Olá!", "success")
+    assert again.send_started_at == clock.now - 31
+
+
+def test_sending_yields_to_an_earlier_message_that_arrived_late(store) -> None:
+    second = incoming(ts=200, body="2")
+    store.accept(second)
+    claimed = claim(store)
+    store.accept(incoming(ts=100, body="1"))  # delivered later, sent earlier
+    assert store.begin_send(second.dedupe_key, claimed.lease_owner, parts=["2"]) == "yield"
+    assert claim(store).message.text == "1"
+    assert store.entry(second.dedupe_key).attempts == 0  # a yield is not a failed attempt
+
+
+def test_failed_attempts_are_retried_later_then_given_up_and_counted(store, clock) -> None:
+    message = incoming()
+    store.accept(message)
+    for attempt in (1, 2):
+        claimed = claim(store)
+        assert claimed.attempts == attempt
+        assert store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=3,
+                                    retry_in=10) == "retry"
+        assert claim(store) is None  # not due yet
+        clock.now += 10
+    claimed = claim(store)
+    assert store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=3,
+                                retry_in=10) == "failed"
+    entry = store.entry(message.dedupe_key)
+    assert (entry.status, entry.last_error) == ("failed", "HTTP 500")
+    counters = store.snapshot().counters
+    assert counters["messages_failed"] == 1 and counters["messages_undelivered"] == 1
+    assert store.accept(message).stored is False
+
+
+def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -> None:
+    message = incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
+    assert claim(store) is None
+    assert store.accept(message) == Acceptance(stored=True, status="queued", attempts=0)
+    assert claim(store).attempts == 1  # WAHA's redelivery is WAHA's retry: it does not use up ours
+
+
+def test_release_hands_a_message_back_untried(store) -> None:
+    message = incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.release(message.dedupe_key, claimed.lease_owner)
+    again = claim(store, "w2")
+    assert again.attempts == 1 and again.previous_status == "queued"
+
+
+def test_restart_recovery_makes_every_unfinished_message_due(store) -> None:
+    for chat in (wp.CUSTOMER_PN, wp.OTHER_PN):
+        store.accept(incoming(chat))
+        claim(store, "old-run", lease=3600)
+    assert claim(store, "new-run") is None
+    assert store.expire_leases() == 2
+    assert claim(store, "new-run") is not None and claim(store, "new-run") is not None
+
+
+def test_finished_messages_are_pruned_but_counters_and_open_messages_stay(store, clock) -> None:
+    done, still_open = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN)
+    store.accept(done)
+    claimed = claim(store)
+    store.finish(done.dedupe_key, claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="x")
+    store.accept(still_open)
+    clock.now += 3600
+    assert store.prune(older_than=clock.now - 60, history_older_than=clock.now - 60) == 1
+    assert store.entry(done.dedupe_key) is None and store.entry(still_open.dedupe_key).status == "queued"
+    assert store.snapshot().counters["messages_processed"] == 1
+
+
+def test_stats_add_up(store) -> None:
+    a, b, c = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN), incoming(wp.CUSTOMER_LID)
+    for message in (a, b, c):
+        store.accept(message)
+    first = claim(store)
+    store.finish(first.message.dedupe_key, first.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    second = claim(store)
+    store.finish(second.message.dedupe_key, second.lease_owner, outcome=Outcome.FALLBACK, sent_message_id=None)
+    snapshot = store.snapshot()
+    counters, in_progress = snapshot.counters, sum(snapshot.by_status.values())
+    assert counters["messages_received"] == counters["messages_processed"] + counters["messages_failed"] + in_progress
+
+
+def text_only(message: IncomingMessage) -> bool:
+    return message.text is not None and message.text != "/reset"
+
+
+def claim_after_burst(store: Store, clock: Clock,
+                      messages: list[IncomingMessage]) -> ClaimedMessage | None:
+    """The messages arrive together, the chat goes quiet, and a worker claims (debounce 3 s)."""
+    for message in messages:
+        store.accept(message)
+    clock.now += 10
+    return claim(store, debounce_seconds=3, mergeable=text_only)
+
+
+def test_a_burst_is_claimed_once_the_chat_is_quiet_and_finishes_together(store, clock) -> None:
+    burst = [incoming(ts=100 + n, body=text) for n, text in enumerate(["oi", "tudo bem?", "preço?"])]
+    for message in burst:
+        store.accept(message)
+        clock.now += 1
+    assert claim(store, debounce_seconds=3, mergeable=text_only) is None  # still typing
+    clock.now += 3
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only)
+    assert claimed.texts == ["oi", "tudo bem?", "preço?"]
+    assert [store.entry(m.dedupe_key).status for m in burst] == ["processing", "merged", "merged"]
+    store.finish(burst[0].dedupe_key, "w1", outcome=Outcome.SUCCESS, sent_message_id="true_x_ABC")
+    entries = [store.entry(m.dedupe_key) for m in burst]
+    assert [(e.status, e.outcome) for e in entries] == [("done", "success"), ("done", "merged"), ("done", "merged")]
+    assert entries[2].sent_message_id == "true_x_ABC"  # a merged message reports the reply it got
+    assert store.snapshot().counters["messages_processed"] == 3
+
+
+def test_a_burst_that_never_pauses_is_answered_after_four_debounce_periods(store, clock) -> None:
+    store.accept(incoming(ts=100, body="primeira"))
+    for n in range(12):
+        clock.now += 1
+        store.accept(incoming(ts=101 + n, body=f"mais {n}"))
+        if (claimed := claim(store, debounce_seconds=3, mergeable=text_only)):
+            break
+    assert claimed is not None and n == 11 and claimed.texts[0] == "primeira"
+
+
+def test_commands_and_already_tried_messages_are_never_merged(store, clock) -> None:
+    first, command, after = incoming(ts=100, body="oi"), incoming(ts=101, body="/reset"), incoming(ts=102, body="x")
+    claimed = claim_after_burst(store, clock, [first, command, after])
+    assert claimed.texts == ["oi"] and store.entry(command.dedupe_key).status == "queued"
+
+
+def test_a_yield_hands_the_merged_messages_back_too(store, clock) -> None:
+    later = [incoming(ts=200 + n, body=f"b{n}") for n in range(2)]
+    claimed = claim_after_burst(store, clock, later)
+    store.accept(incoming(ts=100, body="a"))  # sent before them, delivered after
+    assert store.begin_send(later[0].dedupe_key, claimed.lease_owner, parts=["r"]) == "yield"
+    assert [store.entry(m.dedupe_key).status for m in later] == ["queued", "queued"]
+
+
+def test_a_reply_that_finally_fails_fails_its_merged_messages_too(store, clock) -> None:
+    burst = [incoming(ts=100 + n, body=f"m{n}") for n in range(3)]
+    claimed = claim_after_burst(store, clock, burst)
+    assert store.record_failure(burst[0].dedupe_key, claimed.lease_owner, "HTTP 401", max_attempts=1,
+                                retry_in=10) == "failed"
+    assert {store.entry(m.dedupe_key).status for m in burst} == {"failed"}
+    counters = store.snapshot().counters
+    assert counters["messages_failed"] == counters["messages_undelivered"] == 3
+
+
+def test_once_sending_began_a_reply_is_never_yielded_and_a_lost_lease_stops_the_parts(store, clock) -> None:
+    second = incoming(ts=200, body="2")
+    store.accept(second)
+    claimed = claim(store, "w1")
+    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 1", "parte 2"],
+                            reply=("parte 1\n\nparte 2", Outcome.SUCCESS)) == "send"
+    assert store.mark_part_sent(second.dedupe_key, "w1", parts_sent=1, sent_message_id="true_x_P1")
+    store.accept(incoming(ts=100, body="1"))  # too late to go first: part 1 already reached the customer
+    assert store.begin_send(second.dedupe_key, "w1", parts=["parte 2"]) == "send"
+    clock.now += 31
+    taken = claim(store, "w2")
+    assert (taken.previous_status, taken.parts_sent, taken.reply_text) == ("sending", 1, "parte 1\n\nparte 2")
+    assert not store.mark_part_sent(second.dedupe_key, "w1", parts_sent=2, sent_message_id=None)
+    assert claimed.attempts == 1
+
+
+def test_a_batch_claim_takes_at_most_one_message_per_chat_and_never_one_twice(store) -> None:
+    for n in range(3):
+        store.accept(incoming(wp.CUSTOMER_PN, ts=100 + n, body=f"a{n}"))
+        store.accept(incoming(wp.OTHER_PN, ts=100 + n, body=f"b{n}"))
+    batch = store.claim_due("w1", limit=10, lease_seconds=30)
+    assert sorted(c.message.text for c in batch) == ["a0", "b0"]
+    assert store.claim_due("w2", limit=10, lease_seconds=30) == []
+
+
+# --- conversations and chats ---------------------------------------------------------------------------
+
+LIMITS = ChatLimits(per_minute=3, per_day=5, loop_repeats=4, loop_window=120, loop_pause=3600)
+CHAT = f"default:{wp.CUSTOMER_PN}"
+
+
+def answered(store: Store, message: IncomingMessage, reply: str) -> None:
+    """The message gets `reply` through the whole send path, remembered in history."""
+    store.accept(message)
+    claimed = claim(store)
+    assert claimed is not None and claimed.message == message
+    assert store.begin_send(message.dedupe_key, "w1", parts=[reply], reply=(reply, Outcome.SUCCESS)) is \
+        SendVerdict.SEND
+    sent_id = f"true_{message.chat_id}_R1"
+    store.finish(message.dedupe_key, "w1", outcome=Outcome.SUCCESS, sent_message_id=sent_id, last_part_id=sent_id,
+                 history=(Turn(role="user", content=message.text or ""), Turn(role="assistant", content=reply)))
+
+
+def test_history_keeps_the_latest_turns_of_a_chat_oldest_first_and_can_be_cleared(store, clock) -> None:
+    answered(store, incoming(body="qual o horário?", ts=100), "das 8h às 18h")
+    clock.now += 10
+    answered(store, incoming(body="e no sábado?", ts=200), "até as 12h")
+    turns = store.history(CHAT, since=clock.now - 3600, limit=3)
+    assert [(t.role, t.content) for t in turns] == [
+        ("assistant", "das 8h às 18h"), ("user", "e no sábado?"), ("assistant", "até as 12h")]
+    assert store.history(CHAT, since=clock.now + 1, limit=10) == []  # past its time to live
+    assert store.history(f"default:{wp.OTHER_PN}", since=0, limit=10) == []
+    store.clear_history(CHAT)
+    assert store.history(CHAT, since=0, limit=10) == []
+
+
+def test_the_later_pause_wins_and_resuming_always_wins(store, clock) -> None:
+    forever = 1e12
+    store.pause_chat(CHAT, until=forever, reason="operator")  # /bot off
+    store.pause_chat(CHAT, until=clock.now + 3600, reason="handoff")  # a person answers: must not shorten it
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.PAUSED
+    assert store.snapshot().paused == {"operator": 1}
+    store.pause_chat(CHAT, until=0, reason="operator")  # /bot on
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.OK
+    store.pause_chat(CHAT, until=clock.now + 60, reason="handoff")
+    store.pause_chat(CHAT, until=clock.now + 3600, reason="handoff")
+    clock.now += 61
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.PAUSED  # the later one stands
+
+
+def test_a_pause_that_begins_before_the_send_keeps_the_reply_unsent(store) -> None:
+    message = incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.pause_chat(CHAT, until=1e12, reason="operator")
+    assert store.begin_send(message.dedupe_key, claimed.lease_owner, parts=["r"]) is SendVerdict.PAUSED
+
+
+def test_opting_out_and_back_in(store) -> None:
+    assert store.set_opted_out(CHAT, True) is False  # not paused: the confirmation may go out
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.OPTED_OUT
+    assert store.snapshot().opted_out == 1
+    store.set_opted_out(CHAT, False)
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.OK
+    store.pause_chat(CHAT, until=1e12, reason="operator")
+    assert store.set_opted_out(CHAT, True) is True  # paused: a person handles the chat, no confirmation
+
+
+def test_limits_per_minute_and_per_day_with_one_notice_an_hour(store, clock) -> None:
+    verdicts = [store.admit(CHAT, texts=[f"m{n}"], limits=LIMITS) for n in range(4)]
+    assert [a.verdict for a in verdicts] == [Verdict.OK] * 3 + [Verdict.RATE_LIMITED]
+    assert verdicts[3].notice is True
+    assert store.admit(CHAT, texts=["m4"], limits=LIMITS).notice is False  # told once
+    clock.now += 61  # a new minute, but the day already has 5 replies counted
+    day = store.admit(CHAT, texts=["m5"], limits=LIMITS)
+    assert day.verdict is Verdict.DAILY_CAP and day.notice is False  # the notice waits an hour
+    clock.now += 3600
+    assert store.admit(CHAT, texts=["m6"], limits=LIMITS).notice is True
+    assert store.admit(f"default:{wp.OTHER_PN}", texts=["oi"], limits=LIMITS).verdict is Verdict.OK  # per chat
+
+
+def test_the_same_text_over_and_over_is_a_loop_and_pauses_the_chat(store, clock) -> None:
+    for n in range(4):
+        store.accept(incoming(body="PROMOÇÃO IMPERDÍVEL", ts=100 + n))
+    assert store.admit(CHAT, texts=["PROMOÇÃO IMPERDÍVEL"], limits=LIMITS).verdict is Verdict.LOOP
+    assert store.snapshot().paused == {"loop": 1}
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.PAUSED
+    clock.now += 3601
+    assert store.admit(CHAT, texts=["oi"], limits=LIMITS).verdict is Verdict.OK
+
+
+def test_our_own_long_reply_echoed_back_is_a_loop_but_a_short_ok_is_not(store) -> None:
+    long_reply = "Olá! Nosso horário de atendimento é de segunda a sexta, das 8h às 18h."
+    answered(store, incoming(body="horário?"), long_reply)
+    assert store.admit(CHAT, texts=["ok"], limits=LIMITS).verdict is Verdict.OK
+    assert store.admit(CHAT, texts=[long_reply.upper()], limits=LIMITS).verdict is Verdict.LOOP
+
+
+def test_our_messages_are_known_by_id_and_by_recent_words(store, clock) -> None:
+    answered(store, incoming(body="oi"), "Olá, como posso ajudar?")
+    sent_id = f"true_{wp.CUSTOMER_PN}_R1"
+    assert store.is_our_message(CHAT, message_id=sent_id, text=None, within=600)
+    assert store.known_sent_ids([sent_id, "true_x_OTHER"]) == {"R1"}
+    assert store.is_our_message(CHAT, message_id=None, text="olá,  COMO posso ajudar?", within=600)
+    clock.now += 601
+    assert not store.is_our_message(CHAT, message_id=None, text="Olá, como posso ajudar?", within=600)
+    assert not store.is_our_message(CHAT, message_id="true_x_UNKNOWN", text="outra coisa", within=600)
+
+
+def test_counters_add_up_across_store_objects(store, reopen) -> None:
+    store.count("ignored.event_not_handled")
+    other_worker = reopen()
+    other_worker.count("ignored.event_not_handled", 2)
+    assert store.snapshot().counters["ignored.event_not_handled"] == 3
+
+
+# --- media bytes -------------------------------------------------------------------------------------
+
+def test_media_bytes_are_kept_until_the_message_is_finished(store, clock) -> None:
+    voice = bytes(range(256)) * 40  # not text: every byte value
+    message = incoming(body="segue o áudio")
+    store.accept(message)
+    store.put_media(message.dedupe_key, mimetype="audio/ogg", data=voice)
+    store.put_media(message.dedupe_key, mimetype="audio/ogg", data=b"a redelivery")  # the first copy stays
+    blob = store.get_media(message.dedupe_key)
+    assert blob is not None and blob.data == voice and blob.mimetype == "audio/ogg"
+    assert store.snapshot().media_bytes == len(voice)
+    claimed = claim(store)
+    store.finish(message.dedupe_key, claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    assert store.get_media(message.dedupe_key) is None and store.snapshot().media_bytes == 0
+
+
+def test_media_of_a_message_that_is_gone_is_pruned(store, clock) -> None:
+    store.put_media("default:ORPHAN", mimetype="image/jpeg", data=b"\xff\xd8\xff")
+    kept = incoming()
+    store.accept(kept)
+    store.put_media(kept.dedupe_key, mimetype="image/jpeg", data=b"\xff\xd8\xff\xe0")
+    store.prune(older_than=clock.now, history_older_than=clock.now)
+    assert store.get_media("default:ORPHAN") is None and store.get_media(kept.dedupe_key) is not None
+
+
+# --- health ------------------------------------------------------------------------------------------
+
+def test_health_reports_keep_since_while_the_status_stays(store, clock) -> None:
+    store.set_health("waha:default", CheckStatus.DEGRADED, "SCAN_QR_CODE")
+    first = store.health_reports()["waha:default"]
+    clock.now += 30
+    store.set_health("waha:default", CheckStatus.DEGRADED, "STARTING")
+    again = store.health_reports()["waha:default"]
+    assert (again.since, again.reason) == (first.since, "STARTING")
+    store.set_health("waha:default", CheckStatus.OK, "WORKING")
+    assert store.health_reports()["waha:default"].since == clock.now
+    for n in range(3):
+        store.set_health(f"waha:s{n}", CheckStatus.OK, "WORKING", max_parts=2)
+    assert sorted(name for name in store.health_reports() if name.startswith("waha:")) == ["waha:default", "waha:s0"]

@@ -1,0 +1,232 @@
+"""What the rest of the server asks of the state store: the interface, its records and its states.
+
+`Store` is the interface the webhook service, the dispatcher and the reply pipeline use; `StateStore`
+(SQLite, store.py) implements it, and tests/test_store_contract.py is the behavioural suite every
+backend must pass unchanged. Every method that changes state is one atomic step: two workers, or two
+hosts, can never both pass a limit, claim the same message or send the same reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.events import IncomingMessage
+    from whatsapp_webhook.health import CheckStatus, HealthCheck
+
+
+class StoreUnavailable(Exception):
+    """The state store could not be read or written."""
+
+
+class InboxStatus(StrEnum):
+    QUEUED = "queued"  # waiting for its turn (new, retrying, or handed back)
+    PROCESSING = "processing"  # a worker holds its lease and is writing the reply
+    SENDING = "sending"  # the reply is being sent: whoever takes it over asks WAHA what already left
+    MERGED = "merged"  # part of a burst answered by another message's reply
+    DONE = "done"
+    FAILED = "failed"  # given up after every attempt
+
+
+OPEN_STATUSES = (InboxStatus.QUEUED, InboxStatus.PROCESSING, InboxStatus.SENDING, InboxStatus.MERGED)
+FINISHED_STATUSES = (InboxStatus.DONE, InboxStatus.FAILED)
+
+
+class Outcome(StrEnum):
+    """What a finished message got."""
+
+    SUCCESS = "success"  # the LLM's answer
+    FALLBACK = "fallback"  # FALLBACK_MESSAGE: the LLM could not answer
+    COMMAND = "command"  # the reply to a chat command (reset, stop, start)
+    NON_TEXT = "non_text"  # NON_TEXT_REPLY
+    NOTICE = "notice"  # the "too many messages" notice
+    SKIPPED = "skipped"  # deliberately left unanswered (paused, opted out, loop, over a limit)
+    MERGED = "merged"  # answered by the reply of the burst it was merged into
+
+
+class Verdict(StrEnum):
+    """Whether a chat may get a reply now (policy.admission_verdict decides)."""
+
+    OK = "ok"
+    PAUSED = "paused"
+    OPTED_OUT = "opted_out"
+    RATE_LIMITED = "rate_limited"
+    DAILY_CAP = "daily_cap"
+    LOOP = "loop"
+
+
+class SendVerdict(StrEnum):
+    """The last check before sendText (policy.send_verdict decides)."""
+
+    SEND = "send"
+    YIELD = "yield"  # an earlier message of the chat showed up: it goes first
+    PAUSED = "paused"  # a person took the chat over while the reply was being written
+    LOST = "lost"  # the lease went to another worker
+
+
+class FailureVerdict(StrEnum):
+    RETRY = "retry"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Acceptance:
+    """What the inbox did with a delivery: stored it, woke a failed one up for retry, or saw a duplicate."""
+
+    stored: bool
+    status: InboxStatus
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimedMessage:
+    """A message this worker now owns until `lease_owner`'s lease runs out, with the burst merged into it."""
+
+    message: IncomingMessage
+    lease_owner: str
+    previous_status: InboxStatus  # SENDING means an earlier attempt may already have sent (part of) the reply
+    attempts: int
+    reply_text: str | None
+    outcome: Outcome | None
+    send_started_at: float | None
+    received_at: float
+    parts_sent: int = 0
+    merged: tuple[IncomingMessage, ...] = ()
+
+    @property
+    def texts(self) -> list[str]:
+        """What the customer wrote, in order: this message and the ones typed right after it."""
+        return [m.text for m in (self.message, *self.merged) if m.text]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboxEntry:
+    status: InboxStatus
+    attempts: int
+    outcome: Outcome | None
+    sent_message_id: str | None
+    last_error: str | None
+    merged_into: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admission:
+    """Whether a chat may get a reply now; `notice` says the customer should be told once why not."""
+
+    verdict: Verdict
+    notice: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatLimits:
+    """How much one chat may ask: replies per minute and per day, and what counts as a bot-to-bot loop."""
+
+    per_minute: int
+    per_day: int
+    loop_repeats: int
+    loop_window: float  # seconds
+    loop_pause: float  # seconds
+    notice_every: float = 3600.0  # the "too many messages" notice, at most this often
+
+
+@dataclass(frozen=True, kw_only=True)
+class Turn:
+    """One turn of a conversation as the LLM sees it."""
+
+    role: str  # user | assistant
+    content: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSnapshot:
+    """Counters and the state of open messages and chats, read at one moment (for /stats and /health)."""
+
+    counters: Mapping[str, int]
+    by_status: Mapping[str, int]  # open messages by InboxStatus
+    retrying: int  # queued again after a failed attempt
+    paused: Mapping[str, int]  # paused chats by reason
+    opted_out: int
+    media_bytes: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaBlob:
+    """Bytes kept for a message (a voice note, a photo) until the message is finished or pruned."""
+
+    key: str  # the message's dedupe key
+    mimetype: str
+    data: bytes = field(repr=False)
+    created_at: float
+
+
+class Store(Protocol):
+    """Everything the webhook service, the dispatcher and the reply pipeline ask of the state store."""
+
+    def initialize(self) -> None: ...
+    def close(self) -> None: ...
+    def ping(self) -> None: ...
+    def count(self, name: str, amount: int = 1) -> None: ...
+
+    # The webhook side
+    def accept(self, message: IncomingMessage) -> Acceptance: ...
+    def entry(self, key: str) -> InboxEntry | None: ...
+
+    # The worker side: claims, leases, sends
+    def claim_due(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        debounce_seconds: float = 0.0,
+        mergeable: Callable[[IncomingMessage], bool] = ...,
+    ) -> list[ClaimedMessage]: ...
+    def renew_leases(self, keys: Iterable[str], owner: str, *, lease_seconds: float) -> int: ...
+    def begin_send(
+        self,
+        key: str,
+        owner: str,
+        *,
+        parts: list[str],
+        reply: tuple[str, Outcome] | None = None,
+        llm_cost_usd: float = 0.0,
+    ) -> SendVerdict: ...
+    def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool: ...
+    def finish(
+        self,
+        key: str,
+        owner: str,
+        *,
+        outcome: Outcome,
+        sent_message_id: str | None,
+        history: tuple[Turn, Turn] | None = None,
+        last_part_id: str | None = None,
+    ) -> None: ...
+    def record_failure(
+        self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float
+    ) -> FailureVerdict: ...
+    def release(self, key: str, owner: str) -> None: ...
+    def expire_leases(self) -> int: ...
+    def prune(self, *, older_than: float, history_older_than: float) -> int: ...
+
+    # Conversations and chats
+    def history(self, chat_key: str, *, since: float, limit: int) -> list[Turn]: ...
+    def clear_history(self, chat_key: str) -> None: ...
+    def pause_chat(self, chat_key: str, *, until: float, reason: str) -> None: ...
+    def set_opted_out(self, chat_key: str, opted_out: bool) -> bool: ...
+    def known_sent_ids(self, message_ids: list[str]) -> set[str]: ...
+    def is_our_message(self, chat_key: str, *, message_id: str | None, text: str | None, within: float) -> bool: ...
+    def admit(self, chat_key: str, *, texts: list[str], limits: ChatLimits) -> Admission: ...
+
+    # Media bytes, kept until the message is finished or pruned
+    def put_media(self, key: str, *, mimetype: str, data: bytes) -> None: ...
+    def get_media(self, key: str) -> MediaBlob | None: ...
+
+    # Reporting and health
+    def snapshot(self) -> StoreSnapshot: ...
+    def set_health(self, name: str, status: CheckStatus, reason: str, *, max_parts: int = 200) -> None: ...
+    def health_reports(self) -> dict[str, HealthCheck]: ...
