@@ -287,7 +287,7 @@ def server_env(compose: dict[str, Any], instructions: list[tuple[str, str]],
 
 
 def names_the_server_reads() -> set[str]:
-    names = set(setting_names())  # what Settings reads, recorded as it reads them
+    names = set(setting_names())  # the variables of the Settings declaration, and OTHER_VARIABLES
     conf = GUNICORN_CONF.read_text(encoding="utf-8")
     names |= set(re.findall(r'_positive_int\(\s*"([A-Z][A-Z0-9_]*)"', conf))
     names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z][A-Z0-9_]*)"', conf))

@@ -12,6 +12,7 @@ import pytest
 import respx
 
 from tests.conftest import completion
+from tests.test_upstream_errors import TABLE as TRANSPORT_TABLE
 from whatsapp_webhook.llm import LLMClient, LLMReply, ModelUnavailableError, UnservedModels
 from whatsapp_webhook.metrics import LLM_COST_USD, LLM_MODEL_UNAVAILABLE
 from whatsapp_webhook.upstream import EmptyReplyError, LLMError, parse_retry_after
@@ -268,3 +269,12 @@ def test_the_reported_cost_is_returned_and_counted() -> None:
     assert LLM_COST_USD._value.get() - before == pytest.approx(0.00042)
     free, _, _ = run_client([httpx.Response(200, json=completion("ok"))])
     assert isinstance(free, LLMReply) and free.cost_usd is None
+
+
+@pytest.mark.parametrize("failure, message", [(row[0], row[1]) for row in TRANSPORT_TABLE],
+                         ids=[row[0].__name__ for row in TRANSPORT_TABLE])
+def test_a_transport_failure_is_the_shared_mappings_llm_error(failure: type[httpx.TransportError],
+                                                              message: str) -> None:
+    error, _, route = run_client([failure("boom")], max_attempts=1)
+    assert type(error) is LLMError and error.args == (message,) and error.transient
+    assert route.call_count == 1

@@ -10,6 +10,7 @@ import pytest
 import respx
 
 from fakes.fake_waha import validate_waha_request
+from tests.test_upstream_errors import TABLE as TRANSPORT_TABLE
 from whatsapp_webhook.upstream import WahaError
 from whatsapp_webhook.waha import WahaClient
 
@@ -155,3 +156,15 @@ def test_find_sent_text_asks_for_our_recent_messages_in_the_chat() -> None:
     assert [m["id"] for m in found] == ["true_200000000000002@lid_BBB"]
     params = route.calls[0].request.url.params
     assert (params["filter.fromMe"], params["filter.timestamp.gte"], params["limit"]) == ("true", "1700000000", "20")
+
+
+@pytest.mark.parametrize("failure, message, maybe_delivered", [(row[0], row[2], row[3]) for row in TRANSPORT_TABLE],
+                         ids=[row[0].__name__ for row in TRANSPORT_TABLE])
+def test_a_transport_failure_is_the_shared_mappings_waha_error(failure: type[httpx.TransportError], message: str,
+                                                               maybe_delivered: bool) -> None:
+    result, routes, _ = run(lambda c: c.send_text(session="default", chat_id="x@c.us", text="Hi"),
+                            {"/api/sendText": [failure("boom")] * 3})
+    assert isinstance(result, WahaError) and result.args == (message,) and result.transient
+    assert result.maybe_delivered is maybe_delivered
+    # Sent again only while WAHA surely sent nothing.
+    assert routes["/api/sendText"].call_count == (1 if maybe_delivered else 3)

@@ -34,6 +34,7 @@ from whatsapp_webhook.upstream import (
     error_message,
     metric_status,
     parse_retry_after,
+    transport_error,
 )
 
 
@@ -299,10 +300,8 @@ class LLMClient:
     async def _attempt(self, body: dict[str, Any]) -> tuple[str, str | None, Mapping[str, Any]]:
         try:
             response = await self.http.post(self.url, json=body, headers=self.headers)
-        except httpx.TimeoutException:
-            raise LLMError("request timed out", transient=True) from None
         except httpx.TransportError as exc:
-            raise LLMError(f"connection failed: {type(exc).__name__}", transient=True) from None
+            raise transport_error(exc, LLMError) from None
         if response.status_code != 200:
             message = error_message(response)
             unserved = model_unavailable_model(

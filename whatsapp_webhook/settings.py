@@ -1,16 +1,23 @@
 """Typed settings: every knob of the server, read once from the environment and .env.webhook, validated
-with a message that says how to fix each problem."""
+with a message that says how to fix each problem.
+
+Each field of Settings is declared once, with setting(...): its variable, default, bounds or choices and
+help. Settings.from_env reads every field from that declaration (declared_settings), then checks what
+spans fields; setting_names and unknown_setting_warnings use the same declaration."""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+import typing
 from collections.abc import (
     Callable,
     Mapping,
 )
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
 T = TypeVar("T")
@@ -76,68 +83,248 @@ class SettingsError(ValueError):
     """One or more settings are missing or invalid; the message says which and how to fix them."""
 
 
+# How a variable's text becomes a value. Most kinds follow from the field's type; url, path and
+# choice are asked for by name (or by giving choices).
+SettingKind = Literal["text", "optional text", "url", "path", "choice", "integer", "number", "boolean", "id list"]
+_KIND_OF_TYPE: dict[object, SettingKind] = {
+    str: "text",
+    str | None: "optional text",  # unset = the default, set but empty = None
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    tuple[str, ...]: "id list",
+}
+_SETTING = "setting"  # the key of a field's metadata that holds its Setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """How one field of Settings is read: its variable, what it is for, and what a value must be."""
+
+    env: str
+    default: Any  # the field's default too: declared once, in setting(...)
+    help: str
+    kind: SettingKind | None = None  # None: from the field's type
+    minimum: float | None = None  # integer and number: inclusive bounds, both required
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()  # choice: the accepted values in upper case; any case is read
+    lower: bool = False  # choice: keep the value in lower case
+
+
+def setting(
+    env: str,
+    default: T,
+    *,
+    help: str,
+    kind: SettingKind | None = None,
+    bounds: tuple[float, float] | None = None,
+    choices: tuple[str, ...] = (),
+    lower: bool = False,
+    secret: bool = False,
+) -> T:
+    """Declare a field of Settings: its default, read from `env` (a secret is kept out of repr)."""
+    minimum, maximum = bounds or (None, None)
+    declared = Setting(
+        env=env,
+        default=default,
+        help=help,
+        kind="choice" if choices else kind,
+        minimum=minimum,
+        maximum=maximum,
+        choices=choices,
+        lower=lower,
+    )
+    return field(default=default, repr=not secret, metadata={_SETTING: declared})
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every knob of the server, loaded once from the environment and validated."""
 
-    host: str = "0.0.0.0"
-    port: int = 5002
-    debug: bool = False
-    openrouter_api_key: str = field(default="", repr=False)
-    openrouter_base_url: str = "https://openrouter.ai/api/v1"
-    openrouter_model: str = DEFAULT_MODEL
-    openrouter_fallback_models: tuple[str, ...] = DEFAULT_FALLBACK_MODELS
-    llm_reasoning_effort: str = "minimal"
-    ai_system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    llm_max_tokens: int = 512
-    llm_temperature: float = 0.7
-    llm_attempt_timeout_seconds: float = 30.0
-    llm_deadline_seconds: float = 45.0
-    llm_max_attempts: int = 3
-    waha_base_url: str = "http://localhost:3000"
-    waha_api_key: str = field(default="", repr=False)
-    waha_timeout_seconds: float = 15.0
-    waha_send_attempts: int = 3
-    webhook_secret_token: str | None = field(default=None, repr=False)
-    webhook_hmac_key: str | None = field(default=None, repr=False)
-    state_db: str = DEFAULT_STATE_DB
-    log_file: str | None = "/tmp/whatsapp_webhook.log"
-    log_level: str = "INFO"
-    log_format: str = "text"
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backup_count: int = 5
-    reply_in_groups: bool = False
-    fallback_message: str = DEFAULT_FALLBACK_MESSAGE
-    non_text_reply: str = DEFAULT_NON_TEXT_REPLY
-    typing_simulation: bool = True
-    webhook_sync_wait_seconds: float = 20.0
-    webhook_max_waiting: int = 16
-    max_body_bytes: int = 1024 * 1024
-    reply_max_attempts: int = 5
-    reply_retry_seconds: float = 10.0
-    lease_seconds: float = 30.0
-    state_retention_hours: float = 72.0
-    max_replies_in_flight: int = 256
-    history_turns: int = 10
-    history_ttl_minutes: float = 180.0
-    history_max_chars: int = 8000
-    reset_command: str = "/reset"
-    reset_reply: str = DEFAULT_RESET_REPLY
-    debounce_seconds: float = 3.0
-    max_message_chars: int = 1500
-    handoff_pause_minutes: float = 60.0
-    bot_pause_command: str = "/bot off"
-    bot_resume_command: str = "/bot on"
-    stop_word: str = "PARAR"
-    start_word: str = "VOLTAR"
-    stop_reply: str = DEFAULT_STOP_REPLY
-    start_reply: str = DEFAULT_START_REPLY
-    rate_limit_per_minute: int = 10
-    daily_message_limit: int = 200
-    rate_limit_reply: str = DEFAULT_RATE_LIMIT_REPLY
-    loop_repeats: int = 5
-    loop_window_seconds: float = 120.0
-    loop_pause_minutes: float = 60.0
+    host: str = setting("WEBHOOK_HOST", "0.0.0.0", help="Address to listen on (0.0.0.0 = every interface).")
+    port: int = setting("WEBHOOK_PORT", 5002, bounds=(1, 65535), help="Port to listen on.")
+    debug: bool = setting(
+        "DEBUG", False, help="true = Flask development server with debug output (never in production)."
+    )
+    openrouter_api_key: str = setting(
+        "OPENROUTER_API_KEY", "", secret=True, help="The LLM server's key; required for openrouter.ai."
+    )
+    openrouter_base_url: str = setting(
+        "OPENROUTER_BASE_URL",
+        "https://openrouter.ai/api/v1",
+        kind="url",
+        help="OpenRouter or any OpenAI-compatible API.",
+    )
+    openrouter_model: str = setting("OPENROUTER_MODEL", DEFAULT_MODEL, help="The model asked first.")
+    openrouter_fallback_models: tuple[str, ...] = setting(
+        "OPENROUTER_FALLBACK_MODELS",
+        DEFAULT_FALLBACK_MODELS,
+        help="Tried in order when OPENROUTER_MODEL fails or is not served (comma-separated; none = no fallback).",
+    )
+    llm_reasoning_effort: str = setting(
+        "LLM_REASONING_EFFORT",
+        "minimal",
+        choices=REASONING_EFFORTS,
+        lower=True,
+        help="OpenRouter only: how much a thinking model may think before answering.",
+    )
+    ai_system_prompt: str = setting(
+        "AI_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, help="The system prompt (the built-in one answers in kind)."
+    )
+    llm_max_tokens: int = setting(
+        "LLM_MAX_TOKENS", 512, bounds=(1, 100_000), help="Most tokens the LLM may spend on one reply."
+    )
+    llm_temperature: float = setting("LLM_TEMPERATURE", 0.7, bounds=(0.0, 2.0), help="The LLM's sampling temperature.")
+    llm_attempt_timeout_seconds: float = setting(
+        "LLM_TIMEOUT_SECONDS", 30.0, bounds=(0.1, 600), help="Seconds one LLM request may take."
+    )
+    llm_deadline_seconds: float = setting(
+        "LLM_DEADLINE_SECONDS", 45.0, bounds=(0.1, 900), help="Seconds all LLM attempts for a reply may take."
+    )
+    llm_max_attempts: int = setting(
+        "LLM_MAX_ATTEMPTS", 3, bounds=(1, 10), help="LLM requests per reply, retries included."
+    )
+    waha_base_url: str = setting("WAHA_BASE_URL", "http://localhost:3000", kind="url", help="Where WAHA listens.")
+    waha_api_key: str = setting(
+        "WAHA_API_KEY", "", secret=True, help="The key WAHA was started with (its WAHA_API_KEY)."
+    )
+    waha_timeout_seconds: float = setting(
+        "WAHA_TIMEOUT_SECONDS", 15.0, bounds=(0.1, 300), help="Seconds one WAHA call may take."
+    )
+    waha_send_attempts: int = setting(
+        "WAHA_SEND_ATTEMPTS",
+        3,
+        bounds=(1, 10),
+        help="sendText attempts while WAHA surely sent nothing (after a lost answer the chat is checked instead).",
+    )
+    webhook_secret_token: str | None = setting(
+        "WEBHOOK_SECRET_TOKEN",
+        None,
+        secret=True,
+        help="When set, every request must carry header X-Webhook-Token with this value.",
+    )
+    webhook_hmac_key: str | None = setting(
+        "WEBHOOK_HMAC_KEY",
+        None,
+        secret=True,
+        help="When set, every request must carry WAHA's X-Webhook-Hmac (sha512 of the body with this key).",
+    )
+    state_db: str = setting("STATE_DB", DEFAULT_STATE_DB, kind="path", help="SQLite file shared by all workers.")
+    log_file: str | None = setting(
+        "LOG_FILE", "/tmp/whatsapp_webhook.log", help="Also log to this file (empty = standard output only)."
+    )
+    log_level: str = setting(
+        "LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="The lowest level logged."
+    )
+    log_format: str = setting(
+        "LOG_FORMAT", "text", choices=("TEXT", "JSON"), lower=True, help="text, or json (one object per line)."
+    )
+    log_max_bytes: int = setting(
+        "LOG_MAX_BYTES", 10 * 1024 * 1024, bounds=(0, 2**40), help="LOG_FILE rotates at this size (0 = never)."
+    )
+    log_backup_count: int = setting("LOG_BACKUP_COUNT", 5, bounds=(1, 1000), help="Rotated log files kept.")
+    reply_in_groups: bool = setting("REPLY_IN_GROUPS", False, help="Answer in group chats too.")
+    fallback_message: str = setting(
+        "FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE, help="Sent when the LLM cannot answer."
+    )
+    non_text_reply: str = setting("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY, help="Sent for media without a caption.")
+    typing_simulation: bool = setting(
+        "TYPING_SIMULATION", True, help="WAHA's anti-ban recipe: seen, typing, a pause, then the text."
+    )
+    webhook_sync_wait_seconds: float = setting(
+        "WEBHOOK_SYNC_WAIT_SECONDS",
+        20.0,
+        bounds=(0.0, 600),
+        help="How long the webhook waits for the reply before answering WAHA 202 (the reply still goes out).",
+    )
+    webhook_max_waiting: int = setting(
+        "WEBHOOK_MAX_WAITING",
+        16,
+        bounds=(0, 10_000),
+        help="Webhook requests per worker that wait for their reply; the rest get 202 at once.",
+    )
+    max_body_bytes: int = setting(
+        "MAX_BODY_BYTES", 1024 * 1024, bounds=(1024, 64 * 1024 * 1024), help="Larger webhook bodies are refused (413)."
+    )
+    reply_max_attempts: int = setting(
+        "REPLY_MAX_ATTEMPTS", 5, bounds=(1, 100), help="Attempts before a reply that keeps failing is given up."
+    )
+    reply_retry_seconds: float = setting(
+        "REPLY_RETRY_SECONDS",
+        10.0,
+        bounds=(0.0, 3600),
+        help="First retry after this many seconds, then x3 each time (max 15 min).",
+    )
+    lease_seconds: float = setting(
+        "LEASE_SECONDS",
+        30.0,
+        bounds=(1.0, 3600),
+        help="A worker that dies loses its messages to another worker after this lease.",
+    )
+    state_retention_hours: float = setting(
+        "STATE_RETENTION_HOURS",
+        72.0,
+        bounds=(0.01, 24 * 365),
+        help="Finished messages are forgotten after this many hours (counters keep their totals).",
+    )
+    max_replies_in_flight: int = setting(
+        "MAX_REPLIES_IN_FLIGHT", 256, bounds=(1, 10_000), help="Replies prepared at the same time per gunicorn worker."
+    )
+    history_turns: int = setting("HISTORY_TURNS", 10, bounds=(0, 200), help="Turns of the chat the LLM sees.")
+    history_ttl_minutes: float = setting(
+        "HISTORY_TTL_MINUTES", 180.0, bounds=(0.0, 525_600), help="How long turns are kept for the LLM."
+    )
+    history_max_chars: int = setting(
+        "HISTORY_MAX_CHARS", 8000, bounds=(0, 1_000_000), help="The size budget of those turns."
+    )
+    reset_command: str = setting("RESET_COMMAND", "/reset", help="A customer's message that starts a new conversation.")
+    reset_reply: str = setting("RESET_REPLY", DEFAULT_RESET_REPLY, help="Sent after RESET_COMMAND.")
+    debounce_seconds: float = setting(
+        "DEBOUNCE_SECONDS",
+        3.0,
+        bounds=(0.0, 120),
+        help="Messages from one chat within this many seconds get one answer (0 = off).",
+    )
+    max_message_chars: int = setting(
+        "MAX_MESSAGE_CHARS",
+        1500,
+        bounds=(100, 65_536),
+        help="Longer replies are sent in parts of at most this many characters.",
+    )
+    handoff_pause_minutes: float = setting(
+        "HANDOFF_PAUSE_MINUTES",
+        60.0,
+        bounds=(0.0, 525_600),
+        help="A person answering from this account's phone or WhatsApp Web pauses the bot in that chat (0 = off).",
+    )
+    bot_pause_command: str = setting(
+        "BOT_PAUSE_COMMAND", "/bot off", help="Sent from this account: pauses the bot in that chat until resumed."
+    )
+    bot_resume_command: str = setting(
+        "BOT_RESUME_COMMAND", "/bot on", help="Sent from this account: resumes the bot in that chat."
+    )
+    stop_word: str = setting("STOP_WORD", "PARAR", help="A customer writing it gets no bot replies until START_WORD.")
+    start_word: str = setting("START_WORD", "VOLTAR", help="Turns bot replies back on after STOP_WORD.")
+    stop_reply: str = setting("STOP_REPLY", DEFAULT_STOP_REPLY, help="Sent after STOP_WORD.")
+    start_reply: str = setting("START_REPLY", DEFAULT_START_REPLY, help="Sent after START_WORD.")
+    rate_limit_per_minute: int = setting(
+        "RATE_LIMIT_PER_MINUTE", 10, bounds=(1, 100_000), help="Messages per chat and minute that get answers."
+    )
+    daily_message_limit: int = setting(
+        "DAILY_MESSAGE_LIMIT", 200, bounds=(1, 1_000_000), help="Messages per chat and day that get answers."
+    )
+    rate_limit_reply: str = setting(
+        "RATE_LIMIT_REPLY", DEFAULT_RATE_LIMIT_REPLY, help="The one notice a chat gets beyond a limit."
+    )
+    loop_repeats: int = setting(
+        "LOOP_REPEATS", 5, bounds=(2, 1000), help="The same text this often within LOOP_WINDOW_SECONDS pauses the chat."
+    )
+    loop_window_seconds: float = setting(
+        "LOOP_WINDOW_SECONDS", 120.0, bounds=(1.0, 86_400), help="The window LOOP_REPEATS counts in."
+    )
+    loop_pause_minutes: float = setting(
+        "LOOP_PAUSE_MINUTES", 60.0, bounds=(0.0, 525_600), help="How long a detected loop pauses the chat."
+    )
 
     def command_of(self, text: str | None) -> str | None:
         """Which chat command a customer's whole message is, if any (case and spacing ignored)."""
@@ -162,7 +349,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise SettingsError listing every problem at once."""
         env = _EnvReader(os.environ if environ is None else environ)
-        settings = cls._read(env)
+        settings = cls(**{name: env.read(declared) for name, declared in declared_settings().items()})
+        settings._check(env)
         if env.problems:
             raise SettingsError(
                 "Invalid configuration:\n  - "
@@ -171,83 +359,37 @@ class Settings:
             )
         return settings
 
-    @classmethod
-    def _read(cls, env: _EnvReader) -> Settings:
-        """Every variable, read through `env`, which collects the problems (and the names asked for)."""
-        settings = cls(
-            host=env.text("WEBHOOK_HOST", "0.0.0.0"),
-            port=env.integer("WEBHOOK_PORT", 5002, minimum=1, maximum=65535),
-            debug=env.boolean("DEBUG", False),
-            openrouter_api_key=env.text("OPENROUTER_API_KEY", ""),
-            openrouter_base_url=env.url("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1"),
-            openrouter_model=env.text("OPENROUTER_MODEL", DEFAULT_MODEL),
-            openrouter_fallback_models=env.id_list("OPENROUTER_FALLBACK_MODELS", DEFAULT_FALLBACK_MODELS),
-            llm_reasoning_effort=env.choice("LLM_REASONING_EFFORT", "MINIMAL", REASONING_EFFORTS).lower(),
-            ai_system_prompt=env.text("AI_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
-            llm_max_tokens=env.integer("LLM_MAX_TOKENS", 512, minimum=1, maximum=100_000),
-            llm_temperature=env.number("LLM_TEMPERATURE", 0.7, minimum=0.0, maximum=2.0),
-            llm_attempt_timeout_seconds=env.number("LLM_TIMEOUT_SECONDS", 30.0, minimum=0.1, maximum=600),
-            llm_deadline_seconds=env.number("LLM_DEADLINE_SECONDS", 45.0, minimum=0.1, maximum=900),
-            llm_max_attempts=env.integer("LLM_MAX_ATTEMPTS", 3, minimum=1, maximum=10),
-            waha_base_url=env.url("WAHA_BASE_URL", "http://localhost:3000"),
-            waha_api_key=env.text("WAHA_API_KEY", ""),
-            waha_timeout_seconds=env.number("WAHA_TIMEOUT_SECONDS", 15.0, minimum=0.1, maximum=300),
-            waha_send_attempts=env.integer("WAHA_SEND_ATTEMPTS", 3, minimum=1, maximum=10),
-            webhook_secret_token=env.text("WEBHOOK_SECRET_TOKEN", "") or None,
-            webhook_hmac_key=env.text("WEBHOOK_HMAC_KEY", "") or None,
-            state_db=env.state_path("STATE_DB", DEFAULT_STATE_DB),
-            log_file=env.text_allowing_empty("LOG_FILE", "/tmp/whatsapp_webhook.log") or None,
-            log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-            log_format=env.choice("LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
-            log_max_bytes=env.integer("LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=0, maximum=2**40),
-            log_backup_count=env.integer("LOG_BACKUP_COUNT", 5, minimum=1, maximum=1000),
-            reply_in_groups=env.boolean("REPLY_IN_GROUPS", False),
-            fallback_message=env.text("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
-            non_text_reply=env.text("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY),
-            typing_simulation=env.boolean("TYPING_SIMULATION", True),
-            webhook_sync_wait_seconds=env.number("WEBHOOK_SYNC_WAIT_SECONDS", 20.0, minimum=0.0, maximum=600),
-            webhook_max_waiting=env.integer("WEBHOOK_MAX_WAITING", 16, minimum=0, maximum=10_000),
-            max_body_bytes=env.integer("MAX_BODY_BYTES", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024),
-            reply_max_attempts=env.integer("REPLY_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
-            reply_retry_seconds=env.number("REPLY_RETRY_SECONDS", 10.0, minimum=0.0, maximum=3600),
-            lease_seconds=env.number("LEASE_SECONDS", 30.0, minimum=1.0, maximum=3600),
-            state_retention_hours=env.number("STATE_RETENTION_HOURS", 72.0, minimum=0.01, maximum=24 * 365),
-            max_replies_in_flight=env.integer("MAX_REPLIES_IN_FLIGHT", 256, minimum=1, maximum=10_000),
-            history_turns=env.integer("HISTORY_TURNS", 10, minimum=0, maximum=200),
-            history_ttl_minutes=env.number("HISTORY_TTL_MINUTES", 180.0, minimum=0.0, maximum=525_600),
-            history_max_chars=env.integer("HISTORY_MAX_CHARS", 8000, minimum=0, maximum=1_000_000),
-            reset_command=env.text("RESET_COMMAND", "/reset"),
-            reset_reply=env.text("RESET_REPLY", DEFAULT_RESET_REPLY),
-            debounce_seconds=env.number("DEBOUNCE_SECONDS", 3.0, minimum=0.0, maximum=120),
-            max_message_chars=env.integer("MAX_MESSAGE_CHARS", 1500, minimum=100, maximum=65_536),
-            handoff_pause_minutes=env.number("HANDOFF_PAUSE_MINUTES", 60.0, minimum=0.0, maximum=525_600),
-            bot_pause_command=env.text("BOT_PAUSE_COMMAND", "/bot off"),
-            bot_resume_command=env.text("BOT_RESUME_COMMAND", "/bot on"),
-            stop_word=env.text("STOP_WORD", "PARAR"),
-            start_word=env.text("START_WORD", "VOLTAR"),
-            stop_reply=env.text("STOP_REPLY", DEFAULT_STOP_REPLY),
-            start_reply=env.text("START_REPLY", DEFAULT_START_REPLY),
-            rate_limit_per_minute=env.integer("RATE_LIMIT_PER_MINUTE", 10, minimum=1, maximum=100_000),
-            daily_message_limit=env.integer("DAILY_MESSAGE_LIMIT", 200, minimum=1, maximum=1_000_000),
-            rate_limit_reply=env.text("RATE_LIMIT_REPLY", DEFAULT_RATE_LIMIT_REPLY),
-            loop_repeats=env.integer("LOOP_REPEATS", 5, minimum=2, maximum=1000),
-            loop_window_seconds=env.number("LOOP_WINDOW_SECONDS", 120.0, minimum=1.0, maximum=86_400),
-            loop_pause_minutes=env.number("LOOP_PAUSE_MINUTES", 60.0, minimum=0.0, maximum=525_600),
-        )
+    def _check(self, env: _EnvReader) -> None:
+        """What no single variable can say: keys that must be real, texts that must not be empty."""
         env.require_real(
             "WAHA_API_KEY",
-            settings.waha_api_key,
+            self.waha_api_key,
             "the X-Api-Key your WAHA server expects (WAHA_API_KEY in WAHA's own config)",
         )
-        if settings.uses_openrouter:
-            env.require_real(
-                "OPENROUTER_API_KEY", settings.openrouter_api_key, "your key from https://openrouter.ai/keys"
-            )
-        if not settings.fallback_message.strip():
+        if self.uses_openrouter:
+            env.require_real("OPENROUTER_API_KEY", self.openrouter_api_key, "your key from https://openrouter.ai/keys")
+        if not self.fallback_message.strip():
             env.problems.append("FALLBACK_MESSAGE must not be empty: it is sent when the LLM cannot answer")
-        if not settings.non_text_reply.strip():
+        if not self.non_text_reply.strip():
             env.problems.append("NON_TEXT_REPLY must not be empty: it is sent for media without a caption")
-        return settings
+
+
+@functools.cache
+def declared_settings() -> Mapping[str, Setting]:
+    """Every field of Settings, in order, with how it is read (its kind filled in from the field's type)."""
+    hints = typing.get_type_hints(Settings)
+    found: dict[str, Setting] = {}
+    for each in fields(Settings):
+        declared = each.metadata.get(_SETTING)
+        if not isinstance(declared, Setting):
+            raise TypeError(f"Settings.{each.name} is not declared with setting(...)")
+        kind = declared.kind or _KIND_OF_TYPE.get(hints[each.name])
+        if kind is None:
+            raise TypeError(f"Settings.{each.name}: no kind of setting reads {hints[each.name]}; pass kind=")
+        if kind in ("integer", "number") and (declared.minimum is None or declared.maximum is None):
+            raise TypeError(f"Settings.{each.name}: {declared.env} needs a minimum and a maximum")
+        found[each.name] = replace(declared, kind=kind)
+    return MappingProxyType(found)
 
 
 class _EnvReader:
@@ -256,15 +398,43 @@ class _EnvReader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.problems: list[str] = []
-        self.names: set[str] = set()  # every variable asked for: the settings this server knows
+
+    def read(self, declared: Setting) -> Any:
+        """One setting's value as its declaration says to read it (the default when unset or invalid)."""
+        name, default = declared.env, declared.default
+        match declared.kind:
+            case "text":
+                return self.text(name, default)
+            case "optional text":
+                return self.text_or_none(name, default)
+            case "url":
+                return self.url(name, default)
+            case "path":
+                return self.state_path(name, default)
+            case "choice":
+                return self.choice(name, default, declared.choices, lower=declared.lower)
+            case "integer":
+                return self._bounded(name, default, int, declared.minimum, declared.maximum, "a whole number")
+            case "number":
+                return self._bounded(name, default, float, declared.minimum, declared.maximum, "a number")
+            case "boolean":
+                return self.boolean(name, default)
+            case "id list":
+                return self.id_list(name, default)
+        raise TypeError(f"{name}: no reader for settings of kind {declared.kind!r}")
 
     def _raw(self, name: str) -> str | None:
-        self.names.add(name)
         value = self.environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
 
     def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
+
+    def text_or_none(self, name: str, default: str | None) -> str | None:
+        """Unset means the default; set and empty means "none" (LOG_FILE= turns the file off)."""
+        if name not in self.environ:
+            return default
+        return self.environ[name].strip() or None
 
     def state_path(self, name: str, default: str) -> str:
         """A file path for SQLite; a URL or a folder is refused here rather than becoming a folder named 'x:'."""
@@ -280,17 +450,6 @@ class _EnvReader:
             self.problems.append(f"{name} is the folder {raw!r}: point it at a file inside it, e.g. {raw}/state.db")
             return default
         return raw
-
-    def text_allowing_empty(self, name: str, default: str) -> str:
-        """Like text(), but a variable that is set and empty means "none" rather than "default"."""
-        self.names.add(name)
-        return default if name not in self.environ else self.environ[name].strip()
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        return self._bounded(name, default, int, minimum, maximum, "a whole number")
-
-    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
-        return self._bounded(name, default, float, minimum, maximum, "a number")
 
     def _bounded(self, name: str, default: T, parse: Callable[[str], T], minimum: Any, maximum: Any, kind: str) -> T:
         raw = self._raw(name)
@@ -318,12 +477,15 @@ class _EnvReader:
         self.problems.append(f"{name} must be true or false, got {raw!r}")
         return default
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        raw = (self._raw(name) or default).upper()
-        if raw not in choices:
-            self.problems.append(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, lower: bool) -> str:
+        raw = self._raw(name)
+        if raw is None:
             return default
-        return raw
+        value = raw.upper()
+        if value not in choices:
+            self.problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value.lower() if lower else value
 
     def url(self, name: str, default: str) -> str:
         raw = self.text(name, default).rstrip("/")
@@ -394,10 +556,8 @@ OUR_PREFIXES = (
 
 
 def setting_names() -> frozenset[str]:
-    """Every environment variable this server reads."""
-    reader = _EnvReader({})
-    Settings._read(reader)
-    return frozenset(reader.names) | OTHER_VARIABLES
+    """Every environment variable this server reads: the Settings declaration, then OTHER_VARIABLES."""
+    return frozenset(declared.env for declared in declared_settings().values()) | OTHER_VARIABLES
 
 
 def unknown_setting_warnings(environ: Mapping[str, str]) -> list[str]:

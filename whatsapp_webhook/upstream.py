@@ -56,6 +56,36 @@ class WahaError(UpstreamError):
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+# httpx raises these before the request is written: no connection was made, or none was free in the pool.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# What each client says, by (service, the request may have left, httpx timed out); {path} and {name}
+# (the httpx exception's class) are filled in. Every transport failure is worth another try.
+TRANSPORT_WORDING = {
+    ("llm", False, False): "connection failed: {name}",
+    ("llm", False, True): "request timed out",
+    ("llm", True, True): "request timed out",
+    ("llm", True, False): "connection failed: {name}",
+    ("waha", False, False): "{path} could not connect: {name}",
+    ("waha", False, True): "{path} could not connect: {name}",
+    ("waha", True, True): "{path} timed out ({name})",
+    ("waha", True, False): "{path} connection failed: {name}",
+}
+
+
+def transport_error(exc: httpx.TransportError, error: type[LLMError | WahaError], path: str = "") -> UpstreamError:
+    """The project's error for an httpx transport failure; callers raise it `from None` (the message names it).
+
+    Always transient. A WahaError also says whether the request may have left (maybe_delivered):
+    a read timeout or a dropped connection after connecting may come after WAHA sent the text.
+    """
+    may_have_left = not isinstance(exc, NOT_SENT)
+    wording = TRANSPORT_WORDING[error.service, may_have_left, isinstance(exc, httpx.TimeoutException)]
+    message = wording.format(path=path, name=type(exc).__name__)
+    if issubclass(error, WahaError):
+        return error(message, transient=True, maybe_delivered=may_have_left)
+    return error(message, transient=True)
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or unparseable."""
     if not value:

@@ -21,6 +21,7 @@ from whatsapp_webhook.upstream import (
     backoff_seconds,
     error_message,
     metric_status,
+    transport_error,
 )
 
 
@@ -115,14 +116,8 @@ class WahaClient:
     async def _call(self, method: str, path: str, **options: Any) -> httpx.Response:
         try:
             response = await self.http.request(method, self.base_url + path, headers=self.headers, **options)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise WahaError(f"{path} could not connect: {type(exc).__name__}", transient=True) from None
-        except httpx.TimeoutException as exc:
-            raise WahaError(f"{path} timed out ({type(exc).__name__})", transient=True, maybe_delivered=True) from None
         except httpx.TransportError as exc:
-            raise WahaError(
-                f"{path} connection failed: {type(exc).__name__}", transient=True, maybe_delivered=True
-            ) from None
+            raise transport_error(exc, WahaError, path) from None
         if response.status_code in (200, 201):
             return response
         # 422 = the WAHA session is not WORKING yet; it may recover in seconds. A 5xx may come
