@@ -14,8 +14,10 @@ import respx
 
 from fakes import waha_payloads as wp
 from tests.conftest import LLM_BASE, WAHA_BASE, completion, make_settings, post_event
+from whatsapp_webhook import EXTENSION_KEY
 from whatsapp_webhook.cli import CheckResult, check_deployment
 from whatsapp_webhook.logs import SharedRotatingFileHandler
+from whatsapp_webhook.store_api import StoreUnavailable
 
 
 def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[CheckResult]:
@@ -107,6 +109,78 @@ def test_metrics_endpoint_counts_what_the_webhook_did(client, upstreams) -> None
     assert value(after, "webhook_messages_received_total") - value(before, "webhook_messages_received_total") == 1
     assert value(after, "webhook_messages_processed_total") - value(before, "webhook_messages_processed_total") == 1
     assert value(after, "webhook_messages_ignored_total") - value(before, "webhook_messages_ignored_total") == 1
+
+
+def scraped(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One /metrics scrape as {(sample name, sorted labels): value}, refusing a series that appears twice."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"{key} is exported twice"
+            samples[key] = sample.value
+    return samples
+
+
+def backlog(samples: dict) -> dict[str, float]:
+    return {dict(labels)["status"]: value for (name, labels), value in samples.items()
+            if name == "webhook_inbox_messages"}
+
+
+def test_metrics_show_the_inbox_backlog_that_stats_counts(make_app, upstreams) -> None:
+    # No waiting and a long quiet period: the message stays queued, as a burst still being typed would.
+    client = make_app(webhook_sync_wait_seconds=0.0, debounce_seconds=60.0).test_client()
+    assert backlog(scraped(client)) == {"queued": 0, "processing": 0, "sending": 0, "merged": 0}
+    assert post_event(client, wp.text_message("WEBJS", body="oi")).status_code == 202
+    samples = scraped(client)
+    stats = client.get("/stats").get_json()["stats"]
+    assert backlog(samples) == {"queued": 1, "processing": 0, "sending": 0, "merged": 0}
+    assert sum(backlog(samples).values()) == stats["messages_in_progress"] == 1
+    assert samples[("webhook_inbox_retrying_messages", ())] == stats["messages_retrying"] == 0
+
+
+def test_metrics_count_a_reply_waiting_for_its_next_attempt(client, upstreams) -> None:
+    upstreams.send_text.side_effect = lambda request: httpx.Response(500, json={"statusCode": 500})
+    assert post_event(client, wp.text_message("NOWEB", body="Vocês abrem no domingo?")).status_code == 503
+    samples = scraped(client)
+    assert backlog(samples)["queued"] == 1
+    assert samples[("webhook_inbox_retrying_messages", ())] == 1
+    assert samples[("webhook_waha_errors_total", (("endpoint", "/api/sendText"), ("status", "500")))] >= 1
+
+
+def test_metrics_carry_each_health_check_as_0_ok_1_degraded_2_failing(make_app, upstreams) -> None:
+    upstreams.llm.side_effect = lambda request: httpx.Response(401, json={"error": {"code": 401,
+                                                                                    "message": "No auth credentials"}})
+    client = make_app().test_client()
+
+    def checks() -> dict[str, float]:
+        return {dict(labels)["check"]: value for (name, labels), value in scraped(client).items()
+                if name == "webhook_health_check_status"}
+
+    assert checks() == {"store": 0, "llm": 0, "waha": 0}
+    post_event(client, wp.text_message("WEBJS"))  # the LLM refuses the key: the customer gets the fallback
+    post_event(client, wp.session_status("GOWS", status="SCAN_QR_CODE"))
+    assert client.get("/health").get_json()["checks"]["llm"]["status"] == "failing"
+    assert checks() == {"store": 0, "llm": 2, "waha": 1}
+
+
+def test_metrics_keep_answering_when_the_store_is_down(make_app, upstreams) -> None:
+    app = make_app()
+    store = app.extensions[EXTENSION_KEY].store
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("disk I/O error")
+
+    store.ping = store.snapshot = broken
+    samples = scraped(app.test_client())
+    assert samples[("webhook_health_check_status", (("check", "store"),))] == 2
+    assert backlog(samples) == {}, "an unreadable store must not look like an empty inbox"
+    assert ("webhook_inbox_retrying_messages", ()) not in samples
+    assert ("webhook_replies_in_flight", ()) in samples  # everything else is still exported
 
 
 def test_json_logs_carry_the_decision_fields(make_app, upstreams, capsys) -> None:

@@ -103,7 +103,7 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Any:
-        body, content_type = metrics_document()
+        body, content_type = metrics_document(service.scrape_reading())
         return Response(body, content_type=content_type)
 
     @app.errorhandler(HTTPException)

@@ -22,6 +22,7 @@ from whatsapp_webhook.events import (
     parse_event,
 )
 from whatsapp_webhook.health import (
+    CHECK_SEVERITY,
     HEALTH_CHECKS,
     CheckStatus,
     HealthCheck,
@@ -35,10 +36,11 @@ from whatsapp_webhook.metrics import (
     MESSAGES_IGNORED,
     MESSAGES_RECEIVED,
     REQUESTS_REJECTED,
+    ScrapeReading,
 )
 from whatsapp_webhook.policy import PAUSED_FOREVER
 from whatsapp_webhook.signature import verify_token, verify_waha_hmac
-from whatsapp_webhook.store_api import StoreUnavailable
+from whatsapp_webhook.store_api import OPEN_STATUSES, StoreUnavailable
 from whatsapp_webhook.store_schema import IGNORED_COUNTER_PREFIX, LLM_COST_COUNTER
 
 if TYPE_CHECKING:
@@ -357,6 +359,24 @@ class WebhookService:
                 since=self.started_at,
             )
         return checks
+
+    def scrape_reading(self) -> ScrapeReading:
+        """What /metrics reads from the shared store once per scrape: the /health checks and the inbox backlog.
+
+        A store that cannot be read leaves the backlog out of this scrape (and the store check says failing),
+        so /metrics keeps answering with everything else.
+        """
+        checks = {name: CHECK_SEVERITY[check.status] for name, check in self.health_checks().items()}
+        try:
+            snapshot = self.store.snapshot()
+        except StoreUnavailable as exc:
+            log.warning("metrics: inbox backlog left out of this scrape: %s", exc)
+            return ScrapeReading(health_checks=checks)
+        return ScrapeReading(
+            inbox={str(status): snapshot.by_status.get(status, 0) for status in OPEN_STATUSES},
+            retrying=snapshot.retrying,
+            health_checks=checks,
+        )
 
     def _store_check(self, status: CheckStatus, reason: str) -> HealthCheck:
         if self._store_health[0] is not status:

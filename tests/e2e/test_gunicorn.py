@@ -207,9 +207,14 @@ def test_metrics_add_up_across_workers_and_survive_a_dead_worker(start_server, f
         assert samples[("webhook_llm_errors_total", (("status", "401"),))] == 1
         assert samples[("webhook_llm_tokens_total", (("kind", "prompt"),))] > 0
         assert samples[("webhook_replies_in_flight", ())] == 0
+        # Read from the shared store at scrape time: one series each, not one per worker added up.
+        assert {labels: value for (name, labels), value in samples.items() if name == "webhook_inbox_messages"} == {
+            (("status", status),): 0 for status in ("queued", "processing", "sending", "merged")}
+        assert samples[("webhook_health_check_status", (("check", "store"),))] == 0
 
     for _ in range(10):  # whichever worker answers the scrape
         check(scrape(server))
+        assert httpx.get(server.url + "/metrics", timeout=5).text.count('webhook_inbox_messages{status="queued"}') == 1
     worker = httpx.get(server.url + "/stats", timeout=5).json()["worker_pid"]
     os.kill(worker, signal.SIGKILL)  # its counter files stay; the master marks its live gauge dead
     time.sleep(1)
