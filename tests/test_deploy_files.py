@@ -5,10 +5,10 @@ read them and check it: WAHA's webhook URL reaches the webhook service at the se
 path, both sides share one HMAC variable, the server reaches WAHA by service name, every
 variable given to the server is one it reads (and Settings accepts them), images are pinned.
 
-PyYAML is not a project dependency, so docker-compose.yml is read by `read_simple_yaml`,
-a strict reader for the plain subset that file keeps to (it raises on anything else
-rather than guessing), and `${...}` is resolved by `interpolate`, which follows compose's
-rules. Both run everywhere, offline. Where a compose binary exists, one more test
+PyYAML is not a project dependency, so docker-compose.yml is read by `read_simple_yaml`
+(tests/yaml_subset.py), a strict reader for the plain subset that file keeps to (it raises
+on anything else rather than guessing), and `${...}` is resolved by `interpolate`, which
+follows compose's rules. Both run everywhere, offline. Where a compose binary exists, one more test
 resolves the file with the real compose and checks it agrees with this reader, so the
 reader cannot silently drift from what compose does; only that test skips without it.
 """
@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.yaml_subset import read_simple_yaml
 from whatsapp_webhook import WEBHOOK_PATH
 from whatsapp_webhook.events import ANSWERED_EVENTS
 from whatsapp_webhook.settings import PLACEHOLDER_MARKERS, Settings, SettingsError, setting_names
@@ -57,89 +58,6 @@ WAHA_TAG = re.compile(r"^(?P<flavour>[a-z]+(?:-arm)?)-(?P<version>\d{4}\.\d{1,2}
 # ---------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------
-
-def read_simple_yaml(text: str) -> Any:
-    """Parse block mappings, block lists of scalars or of mappings, JSON-style flow lists and quoted/plain scalars.
-
-    Every scalar comes back as a string (compose wants strings in `environment` anyway).
-    Anchors, multi-line scalars, flow mappings, trailing comments, tabs and duplicate
-    keys raise ValueError: docker-compose.yml must stay inside this subset.
-    """
-    lines: list[tuple[int, int, str]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if "\t" in raw:
-            raise ValueError(f"line {number}: tab character")
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        lines.append((number, len(raw) - len(raw.lstrip(" ")), stripped))
-    if not lines:
-        return None
-    node, end = _yaml_block(lines, 0, lines[0][1])
-    if end != len(lines):
-        raise ValueError(f"line {lines[end][0]}: unexpected indentation")
-    return node
-
-
-def _yaml_block(lines: list[tuple[int, int, str]], index: int, indent: int) -> tuple[Any, int]:
-    if lines[index][2].startswith("- ") or lines[index][2] == "-":
-        items: list[Any] = []
-        while index < len(lines) and lines[index][1] == indent and lines[index][2].startswith("- "):
-            number, _, content = lines[index]
-            item = content[2:].strip()
-            index += 1
-            if re.fullmatch(r"[A-Za-z0-9_.\-]+:(?:\s+.*)?", item):  # "- key: value" starts a mapping item
-                nested = [(number, indent + 2, item)]
-                while index < len(lines) and lines[index][1] > indent:
-                    nested.append(lines[index])
-                    index += 1
-                mapping_item, end = _yaml_block(nested, 0, indent + 2)
-                if end != len(nested):
-                    raise ValueError(f"line {nested[end][0]}: unexpected indentation")
-                items.append(mapping_item)
-            else:
-                items.append(_yaml_scalar(item, number))
-        return items, index
-    mapping: dict[str, Any] = {}
-    while index < len(lines) and lines[index][1] == indent:
-        number, _, content = lines[index]
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+):(?:\s+(.*))?", content)
-        if not match:
-            raise ValueError(f"line {number}: expected 'key: value', got {content!r}")
-        key, rest = match.group(1), match.group(2)
-        if key in mapping:
-            raise ValueError(f"line {number}: duplicate key {key!r}")
-        index += 1
-        if rest:
-            mapping[key] = _yaml_scalar(rest, number)
-        elif index < len(lines) and lines[index][1] > indent:
-            mapping[key], index = _yaml_block(lines, index, lines[index][1])
-        else:
-            mapping[key] = None
-    if index < len(lines) and lines[index][1] > indent:
-        raise ValueError(f"line {lines[index][0]}: unexpected indentation")
-    return mapping, index
-
-
-def _yaml_scalar(text: str, number: int) -> Any:
-    if text.startswith('"') or text.startswith("["):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: not a JSON-compatible scalar or list: {text!r} ({exc})") from None
-        if isinstance(value, list):
-            if not all(isinstance(item, str) for item in value):
-                raise ValueError(f"line {number}: flow lists must hold double-quoted strings")
-            return value
-        return value
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'") or "'" in text[1:-1].replace("''", ""):
-            raise ValueError(f"line {number}: bad single-quoted scalar {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text[0] in "{&*!|>%@`" or ": " in text or " #" in text or text.endswith(":"):
-        raise ValueError(f"line {number}: unsupported YAML in {text!r}")
-    return text
-
 
 class MissingVariable(Exception):
     def __init__(self, name: str, message: str) -> None:
@@ -322,8 +240,13 @@ def test_simple_yaml_reader_reads_the_subset_and_rejects_the_rest() -> None:
                                       "f": "it's"}
     assert read_simple_yaml("e:\n  - path: x\n    required: false\n  - y\n") == {
         "e": [{"path": "x", "required": "false"}, "y"]}
-    for bad in ("a: &x 1\n", "a: b: c\n", "a: 1 # note\n", "a: {b: 1}\n", "a: 1\na: 2\n", "a: |\n  x\n",
-                "a:\n  b: 1\n c: 2\n"):
+    # Nested lists of mappings and literal blocks: what Prometheus rules and Grafana provisioning need.
+    text = "g:\n  - name: x\n    rules:\n      - alert: A\n        expr: |\n          up\n\n            == 0\n  - name: y\n"
+    assert read_simple_yaml(text) == {"g": [{"name": "x", "rules": [{"alert": "A", "expr": "up\n\n  == 0\n"}]},
+                                            {"name": "y"}]}
+    assert read_simple_yaml("k: |-\n  one\n  two\nz: 1\n") == {"k": "one\ntwo", "z": "1"}
+    for bad in ("a: &x 1\n", "a: b: c\n", "a: 1 # note\n", "a: {b: 1}\n", "a: 1\na: 2\n", "a: >\n  x\n",
+                "a: |\nb: 1\n", "a:\n  b: 1\n c: 2\n", "a:\n  - b: 1\n     c: 2\n"):
         with pytest.raises(ValueError):
             read_simple_yaml(bad)
 
