@@ -61,6 +61,20 @@ setup_venv() {
   fi
 }
 
+# tests/test_monitoring.py checks the Prometheus alert rules with promtool, which Debian's prometheus
+# package ships. Installed here when missing and we are root; otherwise those tests skip (and fail
+# under CI=true, where a missing promtool must not pass unnoticed).
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "promtool not found: installing Debian's prometheus package (apt-get install -y prometheus)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus >/dev/null; }; then
+      echo "could not install prometheus: the promtool tests will skip (or fail under CI=true)" >&2
+    fi
+  fi
+}
+
 ensure_env_file() {
   # WEBHOOK_ENV_FILE names the settings file to read instead: then there is nothing to create here.
   if [ -z "${WEBHOOK_ENV_FILE:-}" ] && [ ! -f .env.webhook ]; then
@@ -72,6 +86,7 @@ ensure_env_file() {
 case "$mode" in
   test)
     setup_venv requirements-test.txt
+    ensure_promtool
     # Lint, format and types first, so pytest's summary stays the last line of the output.
     "$VENV/bin/ruff" check whatsapp_webhook whatsapp_webhook_server.py gunicorn.conf.py
     "$VENV/bin/ruff" format --check --quiet whatsapp_webhook whatsapp_webhook_server.py
