@@ -1,4 +1,4 @@
-"""The three extension recipes of the README's development section, each proven against the package."""
+"""The three extension recipes of docs/desenvolvimento.md ("Onde mexer"), each proven against the package."""
 
 from __future__ import annotations
 

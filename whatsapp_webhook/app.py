@@ -45,7 +45,7 @@ def create_app(
 
     The keyword arguments are seams for tests: a store, httpx transports for the
     upstreams and the coroutine used for every wait (backoff, typing pause).
-    `blueprints` are your own endpoints, registered after ours (README, "Desenvolvimento").
+    `blueprints` are your own endpoints, registered after ours (docs/desenvolvimento.md, "Onde mexer").
     Their views reach the service as `current_app.extensions[EXTENSION_KEY]`.
     """
     settings = settings or load_settings()
