@@ -14,6 +14,7 @@ import respx
 from tests.conftest import completion
 from tests.test_upstream_errors import TABLE as TRANSPORT_TABLE
 from whatsapp_webhook.llm import LLMClient, LLMReply, ModelUnavailableError, UnservedModels
+from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.metrics import LLM_COST_USD, LLM_MODEL_UNAVAILABLE
 from whatsapp_webhook.upstream import EmptyReplyError, LLMError, parse_retry_after
 
@@ -204,11 +205,11 @@ def test_a_model_that_is_not_served_is_a_configuration_error_and_the_next_model_
             client = LLMClient(http=http, base_url="http://llm.local:11434/v1", api_key="",
                                       model="google/gemini-2.0-flash-001", fallback_models=["google/gemini-3.5-flash"],
                                       sleep=fake_sleep, clock=lambda: now[0])
-            replies = [await client.complete(PROMPT, log_context="event=e1")]
+            replies = [await client.complete(PROMPT, log=MessageLog(event="e1"))]
             now[0] += 30
-            replies.append(await client.complete(PROMPT, log_context="event=e2"))
+            replies.append(await client.complete(PROMPT, log=MessageLog(event="e2")))
             now[0] += UnservedModels.RECHECK_SECONDS  # later the configured model is asked again
-            replies.append(await client.complete(PROMPT, log_context="event=e3"))
+            replies.append(await client.complete(PROMPT, log=MessageLog(event="e3")))
             return replies
 
     unavailable = LLM_MODEL_UNAVAILABLE.labels("google/gemini-2.0-flash-001")

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(result.line())
             return 0 if all(result.ok for result in results) else 1
         for warning in warnings:
-            log.warning("%s", warning)
+            log.warning(warning)
         # Like gunicorn.conf.py: the port first, then the state file, and only then recovery.
         if message := port_in_use_message(settings.host, settings.port):
             print(f"whatsapp_webhook_server: {message}", file=sys.stderr)

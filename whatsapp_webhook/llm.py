@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from whatsapp_webhook.logs import log
+from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.metrics import (
     LLM_COST_USD,
     LLM_ERRORS,
@@ -204,9 +204,13 @@ class LLMClient:
         return body
 
     async def complete(
-        self, messages: list[dict[str, str]], *, user: str | None = None, log_context: str = ""
+        self, messages: list[dict[str, str]], *, user: str | None = None, log: MessageLog | None = None
     ) -> LLMReply:
-        """Return the reply text, or raise LLMError once retries, models or the deadline are used up."""
+        """Return the reply text, or raise LLMError once retries, models or the deadline are used up.
+
+        `log` is the message's bound log, so retries and configuration errors name its event and chat.
+        """
+        message_log = log or MessageLog()
         models = self.unserved.order(self.models)
         body = self._body(messages, models, user)
         loop = asyncio.get_running_loop()
@@ -249,7 +253,7 @@ class LLMClient:
                 error = exc
             LLM_ERRORS.labels(metric_status(error)).inc()
             if isinstance(error, ModelUnavailableError):
-                self._report_unserved(error, log_context)
+                self._report_unserved(error, message_log)
                 models = [m for m in models if m != error.model]
                 if not models:
                     raise error
@@ -275,26 +279,24 @@ class LLMClient:
             )
             if loop.time() + delay >= give_up_at:
                 raise error
-            log.warning("%s llm attempt %d failed, retrying in %.2fs: %s", log_context, attempt, delay, error)
+            message_log.warning(
+                "llm attempt %(attempt)d failed, retrying in %(delay).2fs: %(error)s",
+                {"attempt": attempt, "delay": delay, "error": str(error)},
+            )
             await self.sleep(delay)
 
-    def _report_unserved(self, error: ModelUnavailableError, log_context: str) -> None:
+    def _report_unserved(self, error: ModelUnavailableError, message_log: MessageLog) -> None:
         self.unserved.mark(error.model)
         LLM_MODEL_UNAVAILABLE.labels(error.model).inc()
         quiet = self._config_errors.due(error.model)
         if quiet is None:
             return
         setting = "OPENROUTER_MODEL" if error.model == self.model else "OPENROUTER_FALLBACK_MODELS"
-        log.error(
-            "%s llm model_unavailable model=%s setting=%s: %s answered that it does not serve this model "
-            "(%s). Set %s to a served id; `python whatsapp_webhook_server.py --check` lists them.%s",
-            log_context,
-            error.model,
-            setting,
-            self.base_url,
-            error.args[0],
-            setting,
-            f" ({quiet} more such answers in the last minute)" if quiet else "",
+        message_log.error(
+            "llm model_unavailable model=%(model)s setting=%(setting)s: %(base_url)s answered that it does not serve"
+            " this model (%(answer)s). Set %(setting)s to a served id; `python whatsapp_webhook_server.py --check`"
+            " lists them." + (f" ({quiet} more such answers in the last minute)" if quiet else ""),
+            {"model": error.model, "setting": setting, "base_url": self.base_url, "answer": str(error.args[0])},
         )
 
     async def _attempt(self, body: dict[str, Any]) -> tuple[str, str | None, Mapping[str, Any]]:

@@ -17,7 +17,7 @@ from whatsapp_webhook.events import bare_message_id
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.health import CheckStatus, HealthReporter
 from whatsapp_webhook.llm import ModelUnavailableError
-from whatsapp_webhook.logs import log
+from whatsapp_webhook.logs import MessageLog, log
 from whatsapp_webhook.metrics import (
     MESSAGES_FAILED,
     MESSAGES_PROCESSED,
@@ -75,6 +75,11 @@ class ComposedReply:
     llm_cost_usd: float = 0.0
 
 
+def message_log(message: IncomingMessage) -> MessageLog:
+    """The log bound to one customer message: every line names its event and chat, as data."""
+    return MessageLog(event=message.event_id, chat=message.chat_id)
+
+
 class ReplyPipeline:
     """Answers one claimed message (and the burst merged into it) and records the outcome in the inbox."""
 
@@ -120,27 +125,17 @@ class ReplyPipeline:
             # A bug or a shutdown: the message goes back to the inbox, due at once.
             await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
             if isinstance(exc, asyncio.CancelledError):
-                log.info(
-                    "event=%s chat=%s reply interrupted by shutdown; message handed back to the inbox",
-                    message.event_id,
-                    message.chat_id,
-                )
+                message_log(message).info("reply interrupted by shutdown; message handed back to the inbox")
             else:
-                log.exception(
-                    "event=%s chat=%s reply failed in our code; message handed back to the inbox",
-                    message.event_id,
-                    message.chat_id,
-                )
+                message_log(message).exception("reply failed in our code; message handed back to the inbox")
             raise
 
     async def _reply(self, claimed: ClaimedMessage) -> None:
         message, owner, key = claimed.message, claimed.lease_owner, claimed.message.dedupe_key
-        log.info(
-            "event=%s chat=%s decision=working attempt=%d merged=%d",
-            message.event_id,
-            message.chat_id,
-            claimed.attempts,
-            len(claimed.merged),
+        mlog = message_log(message)
+        mlog.info(
+            "decision=%(decision)s attempt=%(attempt)d merged=%(merged)d",
+            {"decision": "working", "attempt": claimed.attempts, "merged": len(claimed.merged)},
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -201,22 +196,15 @@ class ReplyPipeline:
             llm_cost_usd=0.0 if claimed_reply else cost,
         )
         if verdict is SendVerdict.PAUSED:
-            log.info(
-                "event=%s chat=%s decision=skipped reason=paused (a person took over while the reply was "
-                "being written)",
-                message.event_id,
-                message.chat_id,
+            mlog.info(
+                "decision=%(decision)s reason=%(reason)s (a person took over while the reply was being written)",
+                {"decision": "skipped", "reason": "paused"},
             )
             await self._finish(claimed, outcome=Outcome.SKIPPED, sent_message_id=None)
             return
         if verdict is not SendVerdict.SEND:
-            log.info(
-                "event=%s chat=%s decision=%s (%s)",
-                message.event_id,
-                message.chat_id,
-                verdict,
-                "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost",
-            )
+            why = "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost"
+            mlog.info("decision=%(decision)s (" + why + ")", {"decision": str(verdict)})
             return
         sent_id = last_part_id = None
         for index in range(parts_sent, len(parts)):
@@ -249,25 +237,22 @@ class ReplyPipeline:
             if not await asyncio.to_thread(
                 self.store.mark_part_sent, key, owner, parts_sent=index + 1, sent_message_id=part_id
             ):
-                log.warning(
-                    "event=%s chat=%s lease lost after part %d; the new owner continues",
-                    message.event_id,
-                    message.chat_id,
-                    index + 1,
-                )
+                mlog.warning("lease lost after part %(part)d; the new owner continues", {"part": index + 1})
                 return
         await self._finish(
             claimed, outcome=outcome, sent_message_id=sent_id, history=history, last_part_id=last_part_id
         )
-        log.info(
-            "event=%s chat=%s decision=replied outcome=%s parts=%d chars=%d sent_id=%s total_ms=%.0f",
-            message.event_id,
-            message.chat_id,
-            outcome,
-            len(parts),
-            len(text),
-            sent_id,
-            (loop.time() - started) * 1000,
+        mlog.info(
+            "decision=%(decision)s outcome=%(outcome)s parts=%(parts)d chars=%(chars)d sent_id=%(sent_id)s"
+            " total_ms=%(total_ms).0f",
+            {
+                "decision": "replied",
+                "outcome": str(outcome),
+                "parts": len(parts),
+                "chars": len(text),
+                "sent_id": sent_id,
+                "total_ms": (loop.time() - started) * 1000,
+            },
         )
 
     async def _report_waha_failure(self, session: str, exc: WahaError) -> None:
@@ -290,14 +275,12 @@ class ReplyPipeline:
         """The reply's text, its outcome and the turn to remember; None when this chat gets no reply now."""
         message, settings = claimed.message, self.settings
         command = settings.command_of(message.text)
-        context = f"event={message.event_id} chat={message.chat_id}"
+        context = message_log(message)
         if command in ("stop", "start"):
             paused = await asyncio.to_thread(self.store.set_opted_out, message.chat_key, command == "stop")
-            log.info(
-                "%s decision=%s%s",
-                context,
-                "opted_out" if command == "stop" else "opted_in",
-                " (chat paused: no confirmation sent)" if paused else "",
+            context.info(
+                "decision=%(decision)s" + (" (chat paused: no confirmation sent)" if paused else ""),
+                {"decision": "opted_out" if command == "stop" else "opted_in"},
             )
             # While a person handles the chat, the bot stays silent even to confirm.
             return (
@@ -312,15 +295,16 @@ class ReplyPipeline:
         )
         admission, history = admitted.admission, admitted.history
         if admission.verdict is not Verdict.OK:
-            log.info("%s decision=skipped reason=%s notice=%s", context, admission.verdict, admission.notice)
+            context.info(
+                "decision=%(decision)s reason=%(reason)s notice=%(notice)s",
+                {"decision": "skipped", "reason": str(admission.verdict), "notice": admission.notice},
+            )
             if admission.verdict is Verdict.LOOP:
-                log.warning(
-                    "%s bot-to-bot loop suspected: chat paused for %.0f min", context, settings.loop_pause_minutes
-                )
+                context.warning("bot-to-bot loop suspected: chat paused for %.0f min", settings.loop_pause_minutes)
             return ComposedReply(text=settings.rate_limit_reply, outcome=Outcome.NOTICE) if admission.notice else None
         if command == "reset":
             await asyncio.to_thread(self.store.clear_history, message.chat_key)
-            log.info("%s decision=history_reset", context)
+            context.info("decision=%(decision)s", {"decision": "history_reset"})
             return ComposedReply(text=settings.reset_reply, outcome=Outcome.COMMAND)
         if not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
@@ -348,7 +332,7 @@ class ReplyPipeline:
         return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
 
     async def _ask_llm(
-        self, message: IncomingMessage, user_turn: str, history: list[Turn], context: str
+        self, message: IncomingMessage, user_turn: str, history: list[Turn], context: MessageLog
     ) -> LLMReply | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
@@ -359,28 +343,30 @@ class ReplyPipeline:
                 {"role": "user", "content": user_turn},
             ]
             try:
-                reply = await self.llm.complete(prompt, user=user, log_context=context)
+                reply = await self.llm.complete(prompt, user=user, log=context)
             except LLMError as exc:
                 if exc.status == 400 and "context" in str(exc).lower() and attempt_history:
-                    log.warning("%s prompt too long for the model; retrying without history", context)
+                    context.warning("prompt too long for the model; retrying without history")
                     continue
-                log.error("%s llm_failed=%s -> fallback", context, exc)
+                context.error("llm_failed=%(llm_failed)s -> fallback", {"llm_failed": str(exc)})
                 await self._report_llm_failure(exc)
                 return None
-            log.info(
-                "%s llm_ok model=%s attempts=%d llm_ms=%.0f tokens=%s history_turns=%d",
-                context,
-                reply.model,
-                reply.attempts,
-                reply.latency_seconds * 1000,
-                reply.usage.get("total_tokens"),
-                len(attempt_history),
+            context.info(
+                "llm_ok model=%(model)s attempts=%(attempts)d llm_ms=%(llm_ms).0f tokens=%(tokens)s"
+                " history_turns=%(history_turns)d",
+                {
+                    "model": reply.model,
+                    "attempts": reply.attempts,
+                    "llm_ms": reply.latency_seconds * 1000,
+                    "tokens": reply.usage.get("total_tokens"),
+                    "history_turns": len(attempt_history),
+                },
             )
             await self._report_llm_success(reply, context)
             return reply
         return None
 
-    async def _report_llm_success(self, reply: LLMReply, context: str) -> None:
+    async def _report_llm_success(self, reply: LLMReply, context: MessageLog) -> None:
         configured = reply.configured_model
         if not reply.from_fallback:
             await self._report("llm", CheckStatus.OK, f"replies come from OPENROUTER_MODEL={configured}")
@@ -393,14 +379,12 @@ class ReplyPipeline:
         )
         quiet = self._notices.due("fallback")
         if quiet is not None:
-            log.warning(
-                "%s llm decision=fallback_model model=%s configured=%s: OPENROUTER_MODEL %s, so a fallback "
-                "model answered; check the id with `python whatsapp_webhook_server.py --check`%s",
-                context,
-                reply.model,
-                configured,
-                why,
-                f" ({quiet} more in the last minute)" if quiet else "",
+            context.warning(
+                "llm decision=%(decision)s model=%(model)s configured=%(configured)s: OPENROUTER_MODEL "
+                + why
+                + ", so a fallback model answered; check the id with `python whatsapp_webhook_server.py --check`"
+                + (f" ({quiet} more in the last minute)" if quiet else ""),
+                {"decision": "fallback_model", "model": reply.model, "configured": configured},
             )
 
     async def _report_llm_failure(self, exc: LLMError) -> None:
@@ -445,13 +429,9 @@ class ReplyPipeline:
         )
         if result is FailureVerdict.FAILED:
             MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
-        log.error(
-            "event=%s chat=%s decision=send_failed attempt=%d then=%s error=%s",
-            message.event_id,
-            message.chat_id,
-            claimed.attempts,
-            result,
-            exc,
+        message_log(message).error(
+            "decision=%(decision)s attempt=%(attempt)d then=%(then)s error=%(error)s",
+            {"decision": "send_failed", "attempt": claimed.attempts, "then": str(result), "error": str(exc)},
         )
 
     async def _finish(
@@ -495,11 +475,8 @@ class ReplyPipeline:
             known = await asyncio.to_thread(self.store.known_sent_ids, [i for i in ids if i])
         except WahaError as exc:
             # Cannot tell: a possible second copy is better than a customer left without an answer.
-            log.warning(
-                "event=%s chat=%s cannot check whether the interrupted send went out (%s); will send",
-                message.event_id,
-                message.chat_id,
-                exc,
+            message_log(message).warning(
+                "cannot check whether the interrupted send went out (%(error)s); will send", {"error": str(exc)}
             )
             return False
         unaccounted = [i for i in ids if i is None or bare_message_id(i) not in known]
@@ -513,12 +490,9 @@ class ReplyPipeline:
             parts_sent=index + 1,
             sent_message_id=sent_id,
         )
-        log.info(
-            "event=%s chat=%s decision=already_sent part=%d sent_id=%s (found in WAHA after an interrupted send)",
-            message.event_id,
-            message.chat_id,
-            index + 1,
-            sent_id,
+        message_log(message).info(
+            "decision=%(decision)s part=%(part)d sent_id=%(sent_id)s (found in WAHA after an interrupted send)",
+            {"decision": "already_sent", "part": index + 1, "sent_id": sent_id},
         )
         return True
 
@@ -540,4 +514,4 @@ class ReplyPipeline:
             async with asyncio.timeout(PRESENCE_TIMEOUT_SECONDS):
                 await call
         except (WahaError, TimeoutError) as exc:
-            log.warning("%s failed (ignored): %s", what, exc or "timed out")
+            log.warning("%s failed (ignored): %s", what, str(exc) or "timed out")

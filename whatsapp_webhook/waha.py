@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import httpx
 
-from whatsapp_webhook.logs import log
+from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.metrics import WAHA_ERRORS
 from whatsapp_webhook.upstream import (
     TRANSIENT_STATUSES,
@@ -63,8 +63,9 @@ class WahaClient:
                 if not exc.transient or exc.maybe_delivered or attempt >= self.send_attempts:
                     raise
                 delay = backoff_seconds(attempt, base=self.backoff_base, rng=self.rng)
-                log.warning(
-                    "sendText attempt %d to chat=%s failed, retrying in %.2fs: %s", attempt, chat_id, delay, exc
+                MessageLog(chat=chat_id).warning(
+                    "sendText attempt %(attempt)d failed, retrying in %(delay).2fs: %(error)s",
+                    {"attempt": attempt, "delay": delay, "error": str(exc)},
                 )
                 await self.sleep(delay)
 

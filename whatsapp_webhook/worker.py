@@ -16,10 +16,10 @@ import httpx
 from whatsapp_webhook import SERVICE_NAME
 from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard
 from whatsapp_webhook.llm import LLMClient
-from whatsapp_webhook.logs import log
+from whatsapp_webhook.logs import MessageLog, log
 from whatsapp_webhook.metrics import REPLIES_IN_FLIGHT
 from whatsapp_webhook.pipeline import ReplyPipeline
-from whatsapp_webhook.store_api import StoreUnavailable
+from whatsapp_webhook.store_api import InboxStatus, StoreUnavailable
 from whatsapp_webhook.upstream import WAHA_MAX_CONNECTIONS, upstream_client
 from whatsapp_webhook.waha import WahaClient
 
@@ -112,13 +112,10 @@ class Dispatcher:
                 return
 
     def _start(self, claimed: ClaimedMessage) -> None:
-        if claimed.attempts > 1 or claimed.previous_status == "sending":
-            log.info(
-                "event=%s chat=%s decision=retry attempt=%d previous=%s",
-                claimed.message.event_id,
-                claimed.message.chat_id,
-                claimed.attempts,
-                claimed.previous_status,
+        if claimed.attempts > 1 or claimed.previous_status is InboxStatus.SENDING:
+            MessageLog(event=claimed.message.event_id, chat=claimed.message.chat_id).info(
+                "decision=%(decision)s attempt=%(attempt)d previous=%(previous)s",
+                {"decision": "retry", "attempt": claimed.attempts, "previous": str(claimed.previous_status)},
             )
         task = asyncio.get_running_loop().create_task(self._process(claimed))
         self._tasks[task] = claimed.message.dedupe_key
