@@ -6,12 +6,14 @@ import pytest
 
 from fakes import waha_payloads as wp
 from whatsapp_webhook.events import (
+    CHAT_ID_PATTERN,
     BadRequestError,
     Ignored,
     IncomingMessage,
     OwnMessage,
     SessionStatus,
     classify_event,
+    is_safe_id,
     parse_event,
 )
 
@@ -205,3 +207,23 @@ def test_session_status_with_an_unknown_state_or_odd_name_is_not_recorded() -> N
     unknown["payload"]["status"] = "MAYBE"
     for envelope in (unknown, {**wp.session_status("WEBJS"), "session": "a/../b"}):
         assert classify(envelope).reason == "session_status"
+
+
+@pytest.mark.parametrize("chat", ["..", ".", "../../api/x@c.us", "a/b@c.us", "x%2F..@c.us", "55 11@c.us",
+                                  "5511\n@c.us", "5511\u2028@c.us"])
+def test_a_chat_id_that_could_steer_a_waha_url_is_ignored(chat: str) -> None:
+    envelope = wp.text_message("WEBJS")
+    envelope["payload"]["from"] = chat
+    assert classify(envelope).reason == "invalid_chat_id"
+
+
+@pytest.mark.parametrize("session", ["..", ".", "a/b", "lo%2Fja"])
+def test_a_session_name_that_could_steer_a_waha_url_is_ignored(session: str) -> None:
+    envelope = wp.text_message("NOWEB")
+    envelope["session"] = session
+    assert classify(envelope).reason == "invalid_session"
+
+
+@pytest.mark.parametrize("chat", [wp.CUSTOMER_PN, wp.CUSTOMER_LID, "120363000000000000@g.us", "status@broadcast"])
+def test_real_whatsapp_ids_are_safe(chat: str) -> None:
+    assert is_safe_id(chat, CHAT_ID_PATTERN)

@@ -12,7 +12,7 @@ import respx
 from fakes.fake_waha import validate_waha_request
 from tests.test_upstream_errors import TABLE as TRANSPORT_TABLE
 from whatsapp_webhook.upstream import WahaError
-from whatsapp_webhook.waha import WahaClient
+from whatsapp_webhook.waha import WahaClient, stays_under_api
 
 BASE = "http://waha.test"
 
@@ -168,3 +168,28 @@ def test_a_transport_failure_is_the_shared_mappings_waha_error(failure: type[htt
     assert result.maybe_delivered is maybe_delivered
     # Sent again only while WAHA surely sent nothing.
     assert routes["/api/sendText"].call_count == (1 if maybe_delivered else 3)
+
+
+@pytest.mark.parametrize("session, chat_id", [("..", "5511988887777@c.us"), ("default", ".."), (".", ".")])
+def test_a_path_that_would_leave_wahas_api_is_never_requested(session: str, chat_id: str) -> None:
+    async def scenario():
+        async with httpx.AsyncClient() as http:
+            client = WahaClient(http=http, base_url=BASE, api_key="waha-key")
+            try:
+                return await client.find_sent_texts(session=session, chat_id=chat_id, text="x", since=0)
+            except WahaError as exc:
+                return exc
+
+    with respx.mock(assert_all_called=False) as router:
+        anywhere = router.route().respond(200, json=[])
+        result = asyncio.run(scenario())
+    assert isinstance(result, WahaError) and not result.transient and "leaves WAHA's /api/" in str(result)
+    assert anywhere.call_count == 0  # the API key never went anywhere
+
+
+@pytest.mark.parametrize("path, safe", [
+    ("/api/sendText", True), ("/api/default/chats/5511%40c.us/messages", True), ("/api/../sessions", False),
+    ("/api/%2E%2E/sessions", False), ("/api/x/./y", False), ("/other", False), ("/api/a%5C..%5Cb", False),  # some servers read \\ as /
+])
+def test_paths_are_checked_as_a_server_would_resolve_them(path: str, safe: bool) -> None:
+    assert stays_under_api(path) is safe

@@ -106,6 +106,15 @@ SESSION_STATES = frozenset(
 
 
 SESSION_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# What a WhatsApp id looks like (5511...@c.us, ...@lid, ...@g.us, status@broadcast): no '/', '%',
+# whitespace or control characters, so an id can never steer a URL built for WAHA. WAHA's spec gives no
+# pattern; these are the characters its engines use.
+CHAT_ID_PATTERN = re.compile(r"^[A-Za-z0-9@._:+-]{1,200}$")
+
+
+def is_safe_id(value: str, pattern: re.Pattern[str]) -> bool:
+    """A session name or chat id that is safe in a URL path: the right characters, and not '.' or '..'."""
+    return bool(pattern.match(value)) and value.strip(".") != ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +310,8 @@ def classify_event(
         return Ignored("no_chat", "the message has neither payload.from nor a payload.id that names its chat")
     if not event.session:
         return Ignored("no_session", "without a session there is no WAHA session to reply from")
+    if not is_safe_id(event.session, SESSION_NAME_PATTERN):
+        return Ignored("invalid_session", "the session name has characters WAHA session names never have")
     from_me = _field(payload, "fromMe", bool, where="payload.")
     source = _field(payload, "source", str, where="payload.")
     participant = _field(payload, "participant", str, where="payload.")
@@ -316,6 +327,8 @@ def classify_event(
         # The chat is the middle of '{fromMe}_{chat}_{id}': WEBJS reports our own messages *from* our id.
         match = MESSAGE_ID_PATTERN.match(message_id)
         chat_id = match.group("chat") if match else chat_id
+    if not is_safe_id(chat_id, CHAT_ID_PATTERN):
+        return Ignored("invalid_chat_id", "the chat id has characters WhatsApp ids never have")
     text = body.strip() if body else ""
     facts = MessageFacts(
         me_ids=event.me_ids,
@@ -366,7 +379,7 @@ def _session_status(event: WebhookEvent) -> SessionStatus | Ignored:
     payload = event.payload or {}
     state = _field(payload, "status", str, where="payload.")
     session = event.session or _field(payload, "name", str, where="payload.")
-    if state not in SESSION_STATES or not session or not SESSION_NAME_PATTERN.match(session):
+    if state not in SESSION_STATES or not session or not is_safe_id(session, SESSION_NAME_PATTERN):
         return Ignored("session_status", "session.status event without a known status and session name")
     return SessionStatus(event_id=event.event_id, session=session, state=state)
 

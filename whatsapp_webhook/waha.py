@@ -9,7 +9,7 @@ from collections.abc import (
     Callable,
 )
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
@@ -115,6 +115,9 @@ class WahaClient:
             raise
 
     async def _call(self, method: str, path: str, **options: Any) -> httpx.Response:
+        if not stays_under_api(path):
+            # Never sent: the API key must not go to a path outside WAHA's API.
+            raise WahaError(f"refused to call {path!r}: it leaves WAHA's /api/", transient=False)
         try:
             response = await self.http.request(method, self.base_url + path, headers=self.headers, **options)
         except httpx.TransportError as exc:
@@ -130,6 +133,13 @@ class WahaClient:
             transient=status == 422 or status in TRANSIENT_STATUSES,
             maybe_delivered=status >= 500,
         )
+
+
+def stays_under_api(path: str) -> bool:
+    """True when `path`, as any server resolves it, is inside /api/: no '.' or '..' segment, escaped or not."""
+    resolved = unquote(path.split("?", 1)[0])
+    segments = resolved.split("/")
+    return path.startswith("/api/") and "\\" not in resolved and not any(s in (".", "..") for s in segments)
 
 
 def extract_sent_message_id(response: httpx.Response) -> str | None:
