@@ -38,3 +38,15 @@ def test_token_comparison() -> None:
     assert not verify_token(None, "s3cret")
     assert not verify_token("s3cre", "s3cret")
     assert not verify_token("S3CRET", "s3cret")
+
+
+def test_several_keys_let_the_key_be_rotated_without_refusing_either() -> None:
+    old_key, new_key = "old-key-1f2e", "new-key-9a8b"
+    during_rotation = f"{new_key}, {old_key}"
+    for key in (old_key, new_key):
+        signature = compute_waha_hmac(WAHA_VECTOR_BODY, key)
+        assert verify_waha_hmac(WAHA_VECTOR_BODY, signature, during_rotation, algorithm="sha512")
+        assert verify_waha_hmac(WAHA_VECTOR_BODY, signature, [new_key, old_key])
+    assert not verify_waha_hmac(WAHA_VECTOR_BODY, compute_waha_hmac(WAHA_VECTOR_BODY, "other"), during_rotation)
+    assert not verify_waha_hmac(WAHA_VECTOR_BODY, compute_waha_hmac(WAHA_VECTOR_BODY, old_key), new_key)
+    assert not verify_waha_hmac(WAHA_VECTOR_BODY, "", ",, ")  # no key at all never verifies

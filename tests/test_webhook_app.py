@@ -604,3 +604,11 @@ def test_two_identical_replies_in_a_row_are_both_delivered(client, upstreams) ->
     upstreams.send_text.side_effect = healthy
     assert post_event(client, second).get_json()["result"]["status"] == "non_text"
     assert [t["text"] for t in upstreams.sent_texts()] == [DEFAULT_NON_TEXT_REPLY] * 2
+
+
+def test_during_a_key_rotation_webhooks_signed_with_either_key_are_accepted(make_app, upstreams) -> None:
+    client = make_app(webhook_hmac_key="new-key-77, old-key-11").test_client()
+    for n, key in enumerate(("old-key-11", "new-key-77")):
+        response = post_event(client, wp.text_message("WEBJS", body=f"msg {n}"), hmac_key=key)
+        assert response.status_code == 200 and response.get_json()["status"] == "processed"
+    assert post_event(client, wp.text_message("WEBJS", body="x"), hmac_key="retired-key").status_code == 401
