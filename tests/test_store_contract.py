@@ -470,3 +470,22 @@ def test_health_reports_keep_since_while_the_status_stays(store, clock) -> None:
     for n in range(3):
         store.set_health(f"waha:s{n}", CheckStatus.OK, "WORKING", max_parts=2)
     assert sorted(name for name in store.health_reports() if name.startswith("waha:")) == ["waha:default", "waha:s0"]
+
+
+def test_chat_state_is_pruned_once_nothing_is_active_but_opt_outs_and_pauses_stay(store, clock) -> None:
+    quiet, opted_out, paused, busy = (f"default:55119000000{n:02d}@c.us" for n in range(4))
+    for chat in (quiet, opted_out, paused, busy):
+        store.admit(chat, texts=["oi"], limits=LIMITS)  # creates each chat's row
+    store.set_opted_out(opted_out, True)
+    store.pause_chat(paused, until=1e12, reason="operator")
+    clock.now += 3 * 86_400
+    store.admit(busy, texts=["oi"], limits=LIMITS)  # heard from within the retention
+    assert store.snapshot().chats == 4
+    store.prune(older_than=clock.now - 86_400, history_older_than=clock.now - 86_400)
+    after = store.snapshot()
+    assert (after.chats, after.opted_out, after.paused) == (3, 1, {"operator": 1})  # only the quiet one went
+    # The quiet chat starts over (its old counts are gone); the busy one keeps today's count.
+    quiet_again = [store.admit(quiet, texts=[f"m{n}"], limits=LIMITS).verdict for n in range(4)]
+    assert quiet_again == [Verdict.OK] * 3 + [Verdict.RATE_LIMITED]
+    busy_again = [store.admit(busy, texts=[f"m{n}"], limits=LIMITS).verdict for n in range(3)]
+    assert busy_again == [Verdict.OK, Verdict.OK, Verdict.RATE_LIMITED]

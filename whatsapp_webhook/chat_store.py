@@ -191,6 +191,7 @@ class ChatStore(SQLiteStore):
                 ),
                 opted_out=c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out = 1").fetchone()[0],
                 media_bytes=c.execute("SELECT COALESCE(SUM(size), 0) FROM media").fetchone()[0],
+                chats=c.execute("SELECT COUNT(*) FROM chat_state").fetchone()[0],
             )
 
         return self._transaction(work, begin="BEGIN")

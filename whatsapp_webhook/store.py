@@ -8,6 +8,7 @@ from collections.abc import (
     Callable,
     Iterable,
 )
+from datetime import UTC, datetime
 
 from whatsapp_webhook.chat_store import ChatStore
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
@@ -440,6 +441,15 @@ class StateStore(ChatStore):
             ).rowcount
             c.execute("DELETE FROM history WHERE created_at < ?", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < ?", (older_than,))
+            # A chat nobody has heard from since the retention began: nothing to remember but an opt-out
+            # or a pause, which stay for as long as they last. A day still counted stays too.
+            older_day = datetime.fromtimestamp(older_than, UTC).strftime("%Y-%m-%d")
+            c.execute(
+                "DELETE FROM chat_state WHERE opted_out = 0 AND paused_until < ? AND minute_start < ?"
+                " AND notice_at < ? AND day < ? AND chat_key NOT IN (SELECT chat_key FROM inbox WHERE"
+                " status IN ('queued', 'processing', 'sending', 'merged') OR finished_at >= ?)",
+                (older_than, older_than, older_than, older_day, older_than),
+            )
             # Bytes whose message is finished or gone (the reply no longer needs them).
             c.execute(
                 "DELETE FROM media WHERE key NOT IN (SELECT key FROM inbox WHERE status IN"

@@ -151,6 +151,7 @@ class StoreSnapshot:
     paused: Mapping[str, int]  # paused chats by reason
     opted_out: int
     media_bytes: int = 0
+    chats: int = 0  # chats the store remembers anything about (pruned once nothing is active)
 
 
 @dataclass(frozen=True, kw_only=True)
