@@ -33,6 +33,7 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 IDLE_IN_TRANSACTION_SECONDS = 60  # a stopped process cannot hold row locks longer than this
 MIGRATION_WAIT_SECONDS = 300  # how long a starting server waits for another one's migration
+APPLICATION_NAME = "whatsapp_webhook"  # in pg_stat_activity; a worker's pool adds ":<pid>" (unless the URL names one)
 
 
 def connection_info(url: str, *, timeout: float) -> str:
@@ -48,7 +49,7 @@ def connection_info(url: str, *, timeout: float) -> str:
             f"STATE_DB {redact_url(url)} is not a valid PostgreSQL URL; the form is "
             "postgresql://user:password@host:5432/database?sslmode=require"
         ) from None
-    ours: dict[str, Any] = {"connect_timeout": max(2, math.ceil(timeout)), "application_name": "whatsapp_webhook"}
+    ours: dict[str, Any] = {"connect_timeout": max(2, math.ceil(timeout)), "application_name": APPLICATION_NAME}
     options = (
         f"-c statement_timeout={int(timeout * 1000)} "
         f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_SECONDS * 1000}"
@@ -105,6 +106,7 @@ class PostgresBase:
         self.timeout = timeout
         self.clock = clock
         self._conninfo = connection_info(url, timeout=timeout)
+        self._named_by_url = pg_conninfo.conninfo_to_dict(self._conninfo)["application_name"] != APPLICATION_NAME
         self._pool: ConnectionPool[Connection] | None = None
         self._pool_pid: int | None = None
         self._pool_lock = threading.Lock()
@@ -198,13 +200,17 @@ class PostgresBase:
                     # Give up re-dialling soon: the next request dials again at once, so a database that
                     # comes back is used within one request instead of after a long backoff.
                     reconnect_timeout=max(2.0, self.timeout),
-                    kwargs={"autocommit": True},
+                    kwargs={"autocommit": True, **self._worker_name()},
                     name=f"state-{os.getpid()}",
                     open=False,
                 )
                 pool.open(wait=False)
                 self._pool, self._pool_pid = pool, os.getpid()
             return self._pool
+
+    def _worker_name(self) -> dict[str, str]:
+        """Which worker holds a connection, for pg_stat_activity (and the bench's connections per worker)."""
+        return {} if self._named_by_url else {"application_name": f"{APPLICATION_NAME}:{os.getpid()}"}
 
     def _run(self, work: Callable[[Connection], T], *, begin: str | None = None) -> T:
         """`work` on a pooled connection: alone in autocommit (reads), or inside `begin` ... COMMIT (writes).
