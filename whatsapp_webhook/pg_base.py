@@ -243,10 +243,13 @@ class PostgresBase:
                 raise StoreUnavailable(f"state store error: {exc}") from exc
             committing = False
             try:
-                if begin is not None:
+                if begin is None:
+                    return work(connection)
+                # Pipelined: statements go out without waiting for each other's answers; only a result that
+                # work() reads waits. BEGIN leaves with the first statement, COMMIT with the last ones.
+                with connection.pipeline():
                     connection.execute(begin)
-                result = work(connection)
-                if begin is not None:
+                    result = work(connection)
                     committing = True
                     connection.execute("COMMIT")
                 return result
@@ -295,6 +298,25 @@ class PostgresBase:
             "INSERT INTO counters (name, shard, value) VALUES (%s, %s, %s)"
             " ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
             (name, c.info.backend_pid % COUNTER_SHARDS, amount),
+        )
+
+    @staticmethod
+    def _count(c: Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> int:
+        """The one number a `WITH changed AS (... RETURNING 1) SELECT COUNT(*)` statement answers (a pipeline
+        has no rowcount until it syncs; a result is asked for, so it does)."""
+        row = c.execute(sql, params).fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _bump_with_followers(c: Connection, update: str, params: tuple[Any, ...], *, counters: list[str]) -> None:
+        """Run `update` (the merged messages of a burst finishing with their lead) and add 1 + the rows it
+        changed to each of `counters`, in one statement: nothing to wait for before the COMMIT."""
+        c.execute(
+            f"WITH followers AS ({update} RETURNING 1)"
+            " INSERT INTO counters (name, shard, value) SELECT name, %s, 1 + (SELECT COUNT(*) FROM followers)"
+            " FROM unnest(%s::text[]) AS name"
+            " ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
+            (*params, c.info.backend_pid % COUNTER_SHARDS, counters),
         )
 
     def count(self, name: str, amount: int = 1) -> None:

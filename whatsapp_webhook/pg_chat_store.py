@@ -19,8 +19,12 @@ from whatsapp_webhook.policy import (
 )
 from whatsapp_webhook.store_api import Admission, ChatLimits, StoreSnapshot, Turn, Verdict
 
-# Makes sure the chat's row exists, then locks it: whoever decides about this chat next waits for us.
-LOCK_CHAT_SQL = "INSERT INTO chat_state (chat_key) VALUES (%s) ON CONFLICT (chat_key) DO NOTHING"
+# Makes sure the chat's row exists and locks it, in one statement (an upsert takes the row lock): whoever
+# decides about this chat next waits for this transaction.
+LOCK_CHAT_SQL = (
+    "INSERT INTO chat_state (chat_key) VALUES (%s)"
+    " ON CONFLICT (chat_key) DO UPDATE SET chat_key = excluded.chat_key RETURNING {columns}"
+)
 
 
 class PostgresChatStore(PostgresBase):
@@ -43,9 +47,8 @@ class PostgresChatStore(PostgresBase):
 
     @staticmethod
     def _lock_chat(c: Connection, chat_key: str, columns: str) -> tuple[Any, ...]:
-        c.execute(LOCK_CHAT_SQL, (chat_key,))
-        row = c.execute(f"SELECT {columns} FROM chat_state WHERE chat_key = %s FOR UPDATE", (chat_key,)).fetchone()
-        assert row is not None  # inserted above, and chat_state rows are never deleted
+        row = c.execute(LOCK_CHAT_SQL.format(columns=columns), (chat_key,)).fetchone()
+        assert row is not None  # an upsert always returns its row
         return row
 
     def pause_chat(self, chat_key: str, *, until: float, reason: str) -> None:
@@ -140,19 +143,20 @@ class PostgresChatStore(PostgresBase):
 
     @staticmethod
     def _loop_evidence(c: Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
-        evidence = []
-        for text in texts:
-            fingerprint = text_fingerprint(text)
-            row = c.execute(
-                "SELECT (SELECT COUNT(*) FROM inbox WHERE chat_key = %(chat)s AND text_hash = %(hash)s"
-                " AND received_at >= %(since)s AND merged_into IS NULL),"
-                " EXISTS (SELECT 1 FROM sent WHERE chat_key = %(chat)s AND text_hash = %(hash)s"
-                " AND sent_at >= %(since)s)",
-                {"chat": chat_key, "hash": fingerprint, "since": since},
-            ).fetchone()
-            repeats, ours = row if row else (0, False)
-            evidence.append(LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours)))
-        return evidence
+        """For each text of the burst, in one statement: its repeats in the window, and whether we sent it."""
+        if not texts:
+            return []
+        rows = c.execute(
+            "SELECT (SELECT COUNT(*) FROM inbox WHERE chat_key = %(chat)s AND text_hash = t.hash"
+            " AND received_at >= %(since)s AND merged_into IS NULL),"
+            " EXISTS (SELECT 1 FROM sent WHERE chat_key = %(chat)s AND text_hash = t.hash AND sent_at >= %(since)s)"
+            " FROM unnest(%(hashes)s::text[]) WITH ORDINALITY AS t(hash, n) ORDER BY t.n",
+            {"chat": chat_key, "since": since, "hashes": [text_fingerprint(text) for text in texts]},
+        ).fetchall()
+        return [
+            LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours))
+            for text, (repeats, ours) in zip(texts, rows, strict=True)
+        ]
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -142,9 +142,14 @@ RETURNING inbox.key, inbox.message, inbox.status, inbox.attempts, inbox.reply_te
     inbox.send_started_at, inbox.received_at, inbox.parts_sent, inbox.merged, due.sort_ts, due.seq
 """
 
-EARLIER_OPEN_SQL = f"""
-SELECT 1 FROM inbox o
-WHERE o.chat_key = %(chat_key)s AND o.key <> %(key)s AND o.status IN {ACTIVE_SQL}
-  AND (o.sort_ts < %(sort_ts)s OR (o.sort_ts = %(sort_ts)s AND o.seq < %(seq)s))
-LIMIT 1
+# The last check before sendText in one read, with the message's row locked: who holds it, whether an
+# earlier message of its chat is still open (it must go first), and whether the chat is paused.
+BEGIN_SEND_SQL = f"""
+SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent,
+    EXISTS (SELECT 1 FROM inbox o
+            WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
+              AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))),
+    EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s)
+FROM inbox m WHERE m.key = %(key)s
+FOR UPDATE OF m
 """

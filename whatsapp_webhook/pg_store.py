@@ -10,7 +10,7 @@ from typing import Any
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.pg_base import Connection
 from whatsapp_webhook.pg_chat_store import PostgresChatStore
-from whatsapp_webhook.pg_schema import CLAIM_DUE_SQL, CLAIM_LOCK, EARLIER_OPEN_SQL, OPEN_SQL, SCHEMA_KEY
+from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
     Acceptance,
@@ -46,7 +46,8 @@ class PostgresStore(PostgresChatStore):
         def work(c: Connection) -> Acceptance:
             inserted = c.execute(
                 "INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at,"
-                " updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                " updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s, %s)"
+                " ON CONFLICT (key) DO NOTHING RETURNING 1",
                 (
                     key,
                     message.chat_key,
@@ -57,7 +58,7 @@ class PostgresStore(PostgresChatStore):
                     now,
                     now,
                 ),
-            ).rowcount
+            ).fetchone()
             if inserted:
                 self._bump(c, "messages_received")
                 return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
@@ -203,12 +204,11 @@ class PostgresStore(PostgresChatStore):
         if not keys:
             return 0
         return self._write(
-            lambda c: (
-                c.execute(
-                    "UPDATE inbox SET lease_expires_at = %s WHERE key = ANY(%s) AND lease_owner = %s"
-                    " AND status IN ('processing', 'sending')",
-                    (now + lease_seconds, keys, owner),
-                ).rowcount
+            lambda c: self._count(
+                c,
+                "WITH renewed AS (UPDATE inbox SET lease_expires_at = %s WHERE key = ANY(%s) AND lease_owner = %s"
+                " AND status IN ('processing', 'sending') RETURNING 1) SELECT COUNT(*) FROM renewed",
+                (now + lease_seconds, keys, owner),
             )
         )
 
@@ -229,27 +229,18 @@ class PostgresStore(PostgresChatStore):
         now = self.clock()
 
         def work(c: Connection) -> SendVerdict:
-            row = c.execute(
-                "SELECT status, lease_owner, chat_key, parts_sent, sort_ts, seq FROM inbox WHERE key = %s FOR UPDATE",
-                (key,),
-            ).fetchone()
+            row = c.execute(BEGIN_SEND_SQL, {"key": key, "now": now}).fetchone()
             holds_lease = (
                 row is not None and row[1] == owner and row[0] in (InboxStatus.PROCESSING, InboxStatus.SENDING)
             )
             verdict, chat_key = SendVerdict.LOST, ""
             if row is not None and holds_lease:
-                status, _, chat_key, parts_sent, sort_ts, seq = row
-                earlier = c.execute(
-                    EARLIER_OPEN_SQL, {"chat_key": chat_key, "key": key, "sort_ts": sort_ts, "seq": seq}
-                )
-                paused = c.execute(
-                    "SELECT 1 FROM chat_state WHERE chat_key = %s AND paused_until > %s", (chat_key, now)
-                ).fetchone()
+                status, _, chat_key, parts_sent, earlier_open, paused = row
                 verdict = send_verdict(
                     holds_lease=True,
                     already_sending=status == InboxStatus.SENDING or parts_sent > 0,
-                    earlier_open=earlier.fetchone() is not None,
-                    paused=paused is not None,
+                    earlier_open=earlier_open,
+                    paused=paused,
                 )
             if verdict is SendVerdict.YIELD:
                 # Answering now would overtake a message the customer sent first.
@@ -262,19 +253,23 @@ class PostgresStore(PostgresChatStore):
                 c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = %s", (key,))
             elif verdict is SendVerdict.SEND:
                 # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
-                if parts:
-                    c.cursor().executemany(
-                        "INSERT INTO sent (chat_key, text_hash, sent_at) VALUES (%s, %s, %s)",
-                        [(chat_key, text_fingerprint(part), now) for part in parts],
-                    )
-                if reply is not None:
-                    c.execute(
-                        "UPDATE inbox SET reply_text = %s, outcome = %s, parts_sent = 0 WHERE key = %s",
-                        (reply[0], str(reply[1]), key),
-                    )
                 c.execute(
-                    "UPDATE inbox SET status = 'sending', send_started_at = %s, updated_at = %s WHERE key = %s",
-                    (now, now, key),
+                    "INSERT INTO sent (chat_key, text_hash, sent_at)"
+                    " SELECT %s, hash, %s FROM unnest(%s::text[]) AS hash",
+                    (chat_key, now, [text_fingerprint(part) for part in parts]),
+                )
+                c.execute(
+                    "UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s,"
+                    " reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,"
+                    " outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,"
+                    " parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END WHERE key = %(key)s",
+                    {
+                        "now": now,
+                        "new": reply is not None,
+                        "text": reply[0] if reply else None,
+                        "outcome": str(reply[1]) if reply else None,
+                        "key": key,
+                    },
                 )
             if llm_cost_usd > 0:
                 self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
@@ -299,9 +294,9 @@ class PostgresStore(PostgresChatStore):
             return bool(
                 c.execute(
                     "UPDATE inbox SET parts_sent = %s, sent_message_id = COALESCE(%s, sent_message_id),"
-                    " send_started_at = %s, updated_at = %s WHERE key = %s AND lease_owner = %s",
+                    " send_started_at = %s, updated_at = %s WHERE key = %s AND lease_owner = %s RETURNING 1",
                     (parts_sent, sent_message_id, now, now, key, owner),
-                ).rowcount
+                ).fetchone()
             )
 
         return self._write(work)
@@ -342,24 +337,26 @@ class PostgresStore(PostgresChatStore):
                     "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (%s, '', %s, %s)",
                     (chat_key, bare_message_id(last_part_id), now),
                 )
-            followers = c.execute(
-                "UPDATE inbox SET status = 'done', outcome = %s, finished_at = %s, updated_at = %s"
-                " WHERE merged_into = %s AND status = 'merged'",
-                (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
-            ).rowcount
             if history is not None:
-                c.cursor().executemany(
-                    "INSERT INTO history (chat_key, role, content, created_at) VALUES (%s, %s, %s, %s)",
-                    [(chat_key, turn.role, turn.content, now) for turn in history],
+                c.execute(
+                    "INSERT INTO history (chat_key, role, content, created_at)"
+                    " SELECT %s, role, content, %s FROM unnest(%s::text[], %s::text[]) AS turn(role, content)",
+                    (chat_key, now, [turn.role for turn in history], [turn.content for turn in history]),
                 )
             # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
-            # ("too many messages") is not an answer either.
+            # ("too many messages") is not an answer either. Merged messages count with it.
             counter = {
                 Outcome.FALLBACK: "messages_failed",
                 Outcome.SKIPPED: "messages_skipped",
                 Outcome.NOTICE: "messages_skipped",
             }.get(outcome, "messages_processed")
-            self._bump(c, counter, 1 + followers)
+            self._bump_with_followers(
+                c,
+                "UPDATE inbox SET status = 'done', outcome = %s, finished_at = %s, updated_at = %s"
+                " WHERE merged_into = %s AND status = 'merged'",
+                (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
+                counters=[counter],
+            )
 
         self._write(work)
 
@@ -380,13 +377,13 @@ class PostgresStore(PostgresChatStore):
                     " updated_at = %s WHERE key = %s",
                     (error[:500], now, now, key),
                 )
-                followers = c.execute(
+                self._bump_with_followers(
+                    c,
                     "UPDATE inbox SET status = 'failed', finished_at = %s, updated_at = %s"
                     " WHERE merged_into = %s AND status = 'merged'",
                     (now, now, key),
-                ).rowcount
-                self._bump(c, "messages_failed", 1 + followers)
-                self._bump(c, "messages_undelivered", 1 + followers)
+                    counters=["messages_failed", "messages_undelivered"],
+                )
             elif verdict is FailureVerdict.RETRY:
                 c.execute(
                     "UPDATE inbox SET status = 'queued', last_error = %s, lease_owner = NULL, lease_expires_at = 0,"
@@ -417,11 +414,10 @@ class PostgresStore(PostgresChatStore):
     def expire_leases(self) -> int:
         """At server start every lease belongs to a process that is gone: make their messages due now."""
         return self._write(
-            lambda c: (
-                c.execute(
-                    "UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL"
-                    " WHERE status IN ('processing', 'sending')"
-                ).rowcount
+            lambda c: self._count(
+                c,
+                "WITH expired AS (UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL"
+                " WHERE status IN ('processing', 'sending') RETURNING 1) SELECT COUNT(*) FROM expired",
             )
         )
 
@@ -429,9 +425,12 @@ class PostgresStore(PostgresChatStore):
         """Forget finished messages past the retention and conversation turns past their TTL."""
 
         def work(c: Connection) -> int:
-            removed = c.execute(
-                "DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < %s", (older_than,)
-            ).rowcount
+            removed = self._count(
+                c,
+                "WITH gone AS (DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < %s RETURNING 1)"
+                " SELECT COUNT(*) FROM gone",
+                (older_than,),
+            )
             c.execute("DELETE FROM history WHERE created_at < %s", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < %s", (older_than,))
             # Bytes whose message is finished or gone (the reply no longer needs them).
