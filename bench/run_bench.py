@@ -46,6 +46,7 @@ import httpx  # noqa: E402
 
 from fakes import waha_payloads as wp  # noqa: E402
 from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, last_lines, stop_process  # noqa: E402
+from fakes.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
 
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 WAHA_KEY = "bench-waha-key"
@@ -616,6 +617,39 @@ async def _floor(llm_url: str, waha_url: str, chats: int, per_chat: int) -> tupl
     return max(ends) - started, failures
 
 
+class PgConnections:
+    """Peak connections per worker (application_name whatsapp_webhook:<pid>), polled from pg_stat_activity."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.peaks: dict[str, list[int]] = {}  # application_name -> [open, busy]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _poll(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            while not self._stop.wait(0.25):
+                for name, opened, busy in connection.execute(
+                        "SELECT application_name, COUNT(*), COUNT(*) FILTER (WHERE state = 'active')"
+                        " FROM pg_stat_activity WHERE application_name LIKE 'whatsapp\\_webhook:%' GROUP BY 1"):
+                    peak = self.peaks.setdefault(name, [0, 0])
+                    peak[0], peak[1] = max(peak[0], opened), max(peak[1], busy)
+
+    def text(self, workers: int) -> str:
+        shown = " / ".join(f"{opened} open, {busy} busy" for opened, busy in self.peaks.values()) or "none seen"
+        return f"{shown} ({len(self.peaks)} pools seen, {workers} workers; STATE_DB_POOL_SIZE default 10)"
+
+
 # --------------------------------------------------------------------------------------------------
 # The runs
 # --------------------------------------------------------------------------------------------------
@@ -675,6 +709,15 @@ class Bench:
         self.waha: Fake | None = None
         self.server_config: dict[str, str] = {}
         self.repetition = ""  # "-2", "-3"... in file names when runs 2 and 3 are repeated
+        self.store = "sqlite"  # the store runs 2 and 3 are on now (--store both runs them on each)
+        self.pg: PostgresServer | None = None
+
+    def lab(self, run: str) -> str:
+        """A run's label in the table: "2", or "2 pg" for the same run on PostgreSQL."""
+        return run + (" pg" if self.store == "postgresql" else "")
+
+    def key(self, name: str) -> str:
+        return name + ("_pg" if self.store == "postgresql" else "")
 
     # -- starting things -------------------------------------------------------------------------
     def server_env(self, name: str) -> dict[str, str]:
@@ -690,7 +733,15 @@ class Bench:
                 "DEBOUNCE_SECONDS": f"{self.args.debounce_seconds:g}",
                 "RATE_LIMIT_PER_MINUTE": "100000", "DAILY_MESSAGE_LIMIT": "1000000",
                 "PROMETHEUS_MULTIPROC_DIR": str(self.folder / name / "metrics"),
+                **self.state_env(name),
                 **dict(item.split("=", 1) for item in self.args.server_env)}
+
+    def state_env(self, name: str) -> dict[str, str]:
+        """On PostgreSQL: a fresh database of the bench's server (SQLite: the launcher's fresh file)."""
+        if self.store != "postgresql":
+            return {}
+        assert self.pg is not None
+        return {"STATE_DB": self.pg.create_database(re.sub(r"\W", "_", name))}
 
     def start_server(self, name: str) -> Gunicorn:
         server = Gunicorn(self.procs, name, self.server_env(name), workers=self.args.workers,
@@ -730,9 +781,12 @@ class Bench:
 
     def cpu_meter(self, server: Gunicorn) -> CpuMeter:
         assert self.llm and self.waha
-        return CpuMeter({"server workers": server.worker_pids, "server master": lambda: [server.master],
-                         "fake LLM": lambda: [self.llm.pid], "fake WAHA": lambda: [self.waha.pid],
-                         "bench": lambda: [os.getpid()]})
+        groups = {"server workers": server.worker_pids, "server master": lambda: [server.master],
+                  "fake LLM": lambda: [self.llm.pid], "fake WAHA": lambda: [self.waha.pid],
+                  "bench": lambda: [os.getpid()]}
+        if self.store == "postgresql" and self.pg is not None and (postmaster := self.pg.backend_pid()):
+            groups["PostgreSQL"] = lambda: [postmaster, *children(postmaster)]
+        return CpuMeter(groups)
 
     # -- run 1 -----------------------------------------------------------------------------------
     def run1(self, server: Gunicorn, hello: Gunicorn) -> None:
@@ -801,13 +855,13 @@ class Bench:
             f"last delivery sent after {ingest:.2f}s")
         say("  " + meter.summary())
         r = self.results
-        r.row("2", f"Processed messages/s, fakes at 0 ms ({len(tokens):,} msgs / {chats} chats, first send → last reply)",
+        r.row(self.lab("2"), f"Processed messages/s, fakes at 0 ms ({len(tokens):,} msgs / {chats} chats, first send → last reply)",
               f"{rate:,.0f}", "≥ 300", verdict(rate >= 300))
-        self.webhook_row("2", run)
-        self.once_row("2", run)
+        self.webhook_row(self.lab("2"), run)
+        self.once_row(self.lab("2"), run)
         cpu_per_message = (meter.result.get("server workers", 0.0) + meter.result.get("server master", 0.0)) / max(1, len(tokens))
-        r.row("2", "Server CPU per processed message (workers' CPU seconds / messages)", f"{cpu_per_message * 1000:.1f} ms")
-        r.data["run2"] = {"messages": len(tokens), "chats": chats, "elapsed_s": elapsed, "rate": rate,
+        r.row(self.lab("2"), "Server CPU per processed message (workers' CPU seconds / messages)", f"{cpu_per_message * 1000:.1f} ms")
+        r.data[self.key("run2")] = {"messages": len(tokens), "chats": chats, "elapsed_s": elapsed, "rate": rate,
                           "cpu_per_message_s": cpu_per_message,
                           "all_sent_s": ingest, "wrk": run.wrk.data, "check": run.check.__dict__,
                           "cpu": meter.result, "cpu_wall": meter.wall}
@@ -927,26 +981,26 @@ class Bench:
         say(f"  {run.check.text()}; last reply after {took:.2f}s = {ratio:.2f}x ideal")
         say("  " + meter.summary())
         r = self.results
-        r.row("3", f"Time until the last reply reaches the fake WAHA ({len(tokens):,} msgs / {a.run3_chats} chats)",
+        r.row(self.lab("3"), f"Time until the last reply reaches the fake WAHA ({len(tokens):,} msgs / {a.run3_chats} chats)",
               f"{took:.2f} s")
-        r.row("3", f"… ratio to ideal ({a.run3_per_chat} msgs/chat × {per_message:.2f} s = {ideal:.2f} s)",
+        r.row(self.lab("3"), f"… ratio to ideal ({a.run3_per_chat} msgs/chat × {per_message:.2f} s = {ideal:.2f} s)",
               f"{ratio:.2f}×", "≤ 1.3×", verdict(ratio <= 1.3))
         if floor is not None:
-            r.row("3", "… floor of this harness: a perfect server calling the same fakes (asyncio client, "
+            r.row(self.lab("3"), "… floor of this harness: a perfect server calling the same fakes (asyncio client, "
                        "no inbox); ours / floor", f"{floor:.2f} s = {floor / ideal:.2f}× ideal; ours {took / floor:.2f}× floor")
-        self.webhook_row("3", run)
-        self.once_row("3", run)
+        self.webhook_row(self.lab("3"), run)
+        self.once_row(self.lab("3"), run)
 
         def fmt(values: dict[int, float | None]) -> str:
             return " / ".join(f"{v:.0f}" for v in values.values() if v is not None) + " MB"
 
-        r.row("4", f"RSS per worker at rest (after start: {fmt(start_rss)}; after warm-up)", fmt(rest),
+        r.row(self.lab("4"), f"RSS per worker at rest (after start: {fmt(start_rss)}; after warm-up)", fmt(rest),
               "< 100 MB", verdict(all(v is not None and v < 100 for v in rest.values())))
-        r.row("4", "RSS per worker, peak during run 3 (sampled every 100 ms)", fmt(peak), "< 100 MB",
+        r.row(self.lab("4"), "RSS per worker, peak during run 3 (sampled every 100 ms)", fmt(peak), "< 100 MB",
               verdict(all(v < 100 for v in peak.values())))
         r.notes.append(f"gunicorn master RSS peak during run 3: {master_peak[0]:.0f} MB (not a worker)")
         r.notes.append("Run 3 CPU: " + meter.summary())
-        r.data["run3"] = {"messages": len(tokens), "took_s": took, "ideal_s": ideal, "ratio": ratio,
+        r.data[self.key("run3")] = {"messages": len(tokens), "took_s": took, "ideal_s": ideal, "ratio": ratio,
                           "floor_s": floor, "wrk": run.wrk.data, "check": run.check.__dict__, "rss_start": start_rss,
                           "rss_rest": rest, "rss_peak": peak, "cpu": meter.result, "cpu_wall": meter.wall}
         return took
@@ -1010,11 +1064,20 @@ class Bench:
         for index in range(self.args.repeat):
             rows, notes = r.rows, r.notes
             r.rows, r.notes = [], []
-            self.repetition = f"-{index + 1}" if self.args.repeat > 1 else ""
-            server = self.start_server(f"server-{label}{self.repetition}")
+            self.repetition = (f"-{index + 1}" if self.args.repeat > 1 else "") + self.key("")
+            server = self.start_server(f"server-{label.replace(' ', '-')}{self.repetition}")
+            value = None
+            watch = PgConnections(self.pg.url()) if self.store == "postgresql" and self.pg else None
             try:
+                if watch:
+                    watch.start()
                 value = runner(server)
+                if watch:
+                    watch.stop()
+                    self.database_rows(label, key, watch, workers=len(server.worker_pids()))
             finally:
+                if watch:
+                    watch.stop()
                 server.stop()
                 outcomes.append((value, r.rows, r.notes, r.data.get(key)))
                 r.rows, r.notes = rows, notes
@@ -1034,6 +1097,43 @@ class Bench:
             r.data[key + "_repetitions"] = [o[3] for o in outcomes]
         return value
 
+    def database_rows(self, label: str, key: str, watch: PgConnections, *, workers: int) -> None:
+        """PostgreSQL runs: connections each worker held, and the database's share of the CPU."""
+        r = self.results
+        r.row(label, "PostgreSQL connections per worker: open / busy at once (peaks, pg_stat_activity every 0.25 s)",
+              watch.text(workers))
+        data = r.data.get(key) or {}
+        cpu, wall = data.get("cpu") or {}, data.get("cpu_wall") or 0.0
+        if "PostgreSQL" in cpu and wall:
+            share = cpu["PostgreSQL"] / max(sum(cpu.values()), 1e-9)
+            r.row(label, "PostgreSQL's CPU (postmaster and backends): share of all CPU used in the run; cores",
+                  f"{100 * share:.0f} %; {cpu['PostgreSQL'] / wall:.2f} of {os.cpu_count()} cores")
+            data["db_cpu_share"] = share
+        data["pg_connections"] = watch.peaks
+
+    def compare_stores(self, rates: dict[str, float | None], times: dict[str, float | None]) -> None:
+        """--store both: PostgreSQL's figures against SQLite's, measured side by side in this invocation."""
+        r = self.results
+        if rates.get("sqlite") and rates.get("postgresql"):
+            ratio = (rates["postgresql"] or 0.0) / (rates["sqlite"] or 1.0)
+            r.row("2 pg", "PostgreSQL / SQLite throughput (run 2, side by side)", f"{100 * ratio:.0f} %", "≥ 70 %",
+                  verdict(ratio >= 0.7))
+            r.data["run2_pg_vs_sqlite"] = ratio
+        if times.get("sqlite") and times.get("postgresql"):
+            ratio = (times["postgresql"] or 0.0) / (times["sqlite"] or 1.0)
+            r.row("3 pg", "PostgreSQL / SQLite time (run 3, side by side)", f"{ratio:.2f}×", "≤ 1.2×",
+                  verdict(ratio <= 1.2))
+            r.data["run3_pg_vs_sqlite"] = ratio
+
+    def start_postgres(self) -> None:
+        try:
+            self.pg = PostgresServer.start()
+        except PostgresUnavailable as exc:
+            raise HarnessError(f"--store {self.args.store}: {exc}") from None
+        self.procs.started.append(self.pg)  # type: ignore[arg-type] # stopped with the rest, whatever happens
+        say(f"PostgreSQL for runs 2-3: {self.pg.url()} (pid {self.pg.backend_pid()}, settings of "
+            "fakes/postgres_server.py: fsync off, like SQLite's synchronous=NORMAL it survives process crashes)")
+
     # -- whole thing -----------------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
@@ -1047,15 +1147,26 @@ class Bench:
         self.waha = Fake(self.procs, "fakes.fake_waha", "fake-waha", WAHA_KEY, self.folder)
         say(f"fakes: LLM {self.llm.url} (pid {self.llm.pid}), WAHA {self.waha.url} (pid {self.waha.pid})")
         our_time = None
+        stores = ["sqlite", "postgresql"] if a.store == "both" else [a.store]
+        if "postgresql" in stores:
+            self.start_postgres()
+        self.store = stores[0]
         if 1 in a.runs:
             server, hello = self.start_server("server-a"), self.start_hello()
             self.run1(server, hello)
             hello.stop()
             server.stop()
+        rates: dict[str, float | None] = {}
+        times: dict[str, float | None] = {}
         if 2 in a.runs:
-            self.repeated("2", "run2", self.run2, higher_is_better=True)
+            for self.store in stores:
+                rates[self.store] = self.repeated(self.lab("2"), self.key("run2"), self.run2, higher_is_better=True)
         if {3, 4} & a.runs:
-            our_time = self.repeated("3", "run3", self.run3, higher_is_better=False)
+            for self.store in stores:
+                times[self.store] = self.repeated(self.lab("3"), self.key("run3"), self.run3, higher_is_better=False)
+            our_time = times.get(stores[0])
+        self.compare_stores(rates, times)
+        self.store = stores[0]
         if not a.skip_baseline and 3 in a.runs:
             self.baseline(our_time)
         r.data["server_gunicorn"] = {k: self.server_config.get(k) for k, _ in SHARED_GUNICORN}
@@ -1078,7 +1189,9 @@ class Bench:
         print(f"- server: gunicorn -c gunicorn.conf.py ({cfg.get('worker_class')}, {cfg.get('workers')} workers × "
               f"{cfg.get('threads')} threads), LOG_LEVEL={a.log_level}, TYPING_SIMULATION=false, "
               f"DEBOUNCE_SECONDS={a.debounce_seconds:g}, RATE_LIMIT_PER_MINUTE=100000, DAILY_MESSAGE_LIMIT=1000000, "
-              f"other settings default, HMAC on, STATE_DB on {Path(tempfile.gettempdir())} (disk)")
+              f"other settings default, HMAC on, STATE_DB on {Path(tempfile.gettempdir())} (disk)"
+              + (" or, for rows marked pg, a PostgreSQL database of the bench's own server" if a.store != "sqlite"
+                 else ""))
         print()
         print("| Run | Measure | Result | Target | Verdict |")
         print("|---|---|---|---|---|")
@@ -1122,6 +1235,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="diagnostics: an extra environment variable for our server (repeatable)")
     p.add_argument("--server-app", default="whatsapp_webhook_server:app",
                    help="diagnostics: the WSGI app gunicorn loads (e.g. an instrumented wrapper)")
+    p.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql", "both"),
+                   help="STATE_DB of our server; both = runs 2 and 3 on SQLite, then on PostgreSQL (started by the "
+                        "bench from the machine's binaries, fakes/postgres_server.py), compared side by side")
     p.add_argument("--wrk", help="path to wrk (default: on PATH; installed with apt-get when root)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, wrk output, state files)")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")

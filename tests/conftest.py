@@ -12,6 +12,7 @@ import pytest
 import respx
 
 from fakes import waha_payloads as wp
+from tests import postgres
 from fakes.fake_waha import validate_waha_request
 from whatsapp_webhook import WEBHOOK_PATH
 from whatsapp_webhook.app import create_app, shutdown
@@ -21,6 +22,10 @@ LLM_BASE = "https://llm.test/api/v1"
 WAHA_BASE = "http://waha.test"
 WAHA_KEY = "test-waha-key"
 LLM_KEY = "test-llm-key"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    postgres.stop()  # the session's PostgreSQL server, if a test started it
 
 
 def make_settings(tmp_path: Any, **overrides: Any) -> Settings:

@@ -93,3 +93,23 @@ def test_history_is_trimmed_from_the_oldest_and_starts_with_the_customer() -> No
     assert trim_history(turns, max_chars=40) == turns
     assert trim_history(turns, max_chars=30) == turns[2:]  # never starts with the bot's turn
     assert trim_history(turns, max_chars=5) == []
+
+
+def test_admission_checks_pauses_then_loops_then_limits_and_loads_loop_evidence_only_when_needed() -> None:
+    from whatsapp_webhook.policy import LoopEvidence, RateWindow, decide_admission
+    from whatsapp_webhook.store_api import ChatLimits, Verdict
+
+    limits = ChatLimits(per_minute=1, per_day=10, loop_repeats=3, loop_window=60, loop_pause=600)
+    asked: list[bool] = []
+
+    def evidence(repeats: int) -> list[LoopEvidence]:
+        asked.append(True)
+        return [LoopEvidence(chars=10, repeats_in_window=repeats, matches_our_reply=False)]
+
+    common = dict(window=RateWindow(), now=1000.0, today="2026-12-01", limits=limits)
+    paused = decide_admission(paused_until=2000.0, opted_out=False, evidence=lambda: evidence(9), **common)
+    assert (paused.admission.verdict, paused.window, asked) == (Verdict.PAUSED, None, [])
+    loop = decide_admission(paused_until=0.0, opted_out=False, evidence=lambda: evidence(3), **common)
+    assert (loop.admission.verdict, loop.loop_pause_until, loop.window) == (Verdict.LOOP, 1600.0, None)
+    ok = decide_admission(paused_until=0.0, opted_out=False, evidence=lambda: evidence(1), **common)
+    assert ok.admission.verdict is Verdict.OK and ok.window is not None and ok.window.minute_count == 1

@@ -15,7 +15,9 @@ from whatsapp_webhook.settings import (
     Settings,
     SettingsError,
     declared_settings,
+    is_postgres_url,
     load_settings,
+    redact_url,
     setting_names,
     unknown_setting_warnings,
 )
@@ -162,13 +164,37 @@ def test_every_documented_setting_is_known() -> None:
 
 
 @pytest.mark.parametrize("value, words", [
-    ("postgresql://bot:secret@db/bot", "a postgresql: URL is not supported"),
+    ("mysql://bot:secret@db/bot", "a mysql: URL is not supported"),
     ("sqlite:///tmp/x.db", "a sqlite: URL is not supported"),
+    ("postgres:bot:secret@db", "a postgres: URL is not supported"),  # no //: not a URL libpq reads
 ])
 def test_a_state_db_url_is_refused_instead_of_becoming_a_folder(value: str, words: str) -> None:
-    with pytest.raises(SettingsError, match="STATE_DB must be a file path") as error:
+    with pytest.raises(SettingsError, match="STATE_DB must be a file path .* or a postgresql:// URL") as error:
         Settings.from_env(dict(REQUIRED, STATE_DB=value))
     assert words in str(error.value) and "secret" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://bot:s3cret@db:5432/bot?sslmode=require&application_name=x",
+    "postgres://bot:s3cret@db/bot",
+    "POSTGRESQL://bot:s3cret@10.0.0.5/bot?password=s3cret",
+])
+def test_a_postgresql_url_selects_postgresql_and_its_password_is_never_shown(value: str) -> None:
+    settings = Settings.from_env(dict(REQUIRED, STATE_DB=value))
+    scheme = value.split(":", 1)[0].lower()
+    assert settings.state_db == scheme + value[len(scheme):] and is_postgres_url(settings.state_db)
+    assert "s3cret" not in repr(settings) and "s3cret" not in redact_url(value)
+    assert redact_url(value).startswith(scheme + "://bot:***@")
+
+
+def test_a_postgresql_url_with_a_bad_port_is_explained() -> None:
+    with pytest.raises(SettingsError, match="STATE_DB has a port that is not a number"):
+        Settings.from_env(dict(REQUIRED, STATE_DB="postgresql://bot:pw@db:port/bot"))
+
+
+def test_a_file_path_stays_sqlite() -> None:
+    assert not is_postgres_url(Settings.from_env(REQUIRED).state_db)
+    assert redact_url("/data/state.db") == "/data/state.db"
 
 
 def test_a_state_db_folder_is_refused(tmp_path) -> None:

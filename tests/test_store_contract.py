@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fakes import waha_payloads as wp
+from tests import postgres
 from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
 from whatsapp_webhook.health import CheckStatus
 from whatsapp_webhook.store import StateStore
@@ -38,9 +39,10 @@ class Clock:
         return self.now
 
 
-# name -> a store on a folder; the PostgreSQL backend adds itself here.
+# name -> a store on a folder (the PostgreSQL one: a schema of the session's server, tests/postgres.py).
 BACKENDS: dict[str, Callable[[Path, Clock], Store]] = {
     "sqlite": lambda folder, clock: StateStore(str(folder / "state.db"), clock=clock),
+    "postgresql": lambda folder, clock: postgres.store_on(folder, clock),
 }
 
 

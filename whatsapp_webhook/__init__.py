@@ -11,6 +11,7 @@ How one message travels (module.function, and the thread it runs on):
        with a reason (200, nothing recorded).
     4. store.StateStore.accept records the message durably (the inbox) before any 2xx; a duplicate is ignored.
        Writes from every thread and worker queue at concurrency.WriterGate, which commits them in groups.
+       (STATE_DB=postgresql://... : pg_store.PostgresStore does the same in PostgreSQL; stores.open_store picks.)
     5. The request thread wakes the dispatcher and waits on concurrency.CompletionBoard for up to
        WEBHOOK_SYNC_WAIT_SECONDS, then answers 200 with the outcome or 202 (the inbox keeps the message).
 
@@ -29,8 +30,8 @@ How one message travels (module.function, and the thread it runs on):
   gunicorn.conf.py runs app.recover_after_restart once per server start. cli.main is the command line.
 
 Dependencies point one way, leaves first: settings, logs, ownership, formatting, signature, metrics,
-store_api, policy, store_schema, health, events, concurrency, sqlite_base, chat_store, store,
-upstream, llm, waha, pipeline, worker, service, app, cli.
+store_api, policy, store_schema, pg_schema, health, events, concurrency, sqlite_base, chat_store, store,
+pg_base, pg_chat_store, pg_store, stores, upstream, llm, waha, pipeline, worker, service, app, cli.
 """
 
 __version__ = "1.1.0"

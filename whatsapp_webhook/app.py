@@ -24,8 +24,8 @@ from whatsapp_webhook.logs import configure_logging, log
 from whatsapp_webhook.metrics import REQUESTS_REJECTED, metrics_document
 from whatsapp_webhook.service import WebhookService
 from whatsapp_webhook.settings import SettingsError, load_settings
-from whatsapp_webhook.store import StateStore
 from whatsapp_webhook.store_api import Store, StoreUnavailable
+from whatsapp_webhook.stores import open_store
 from whatsapp_webhook.worker import WorkerRuntime
 
 if TYPE_CHECKING:
@@ -50,8 +50,13 @@ def create_app(
     """
     settings = settings or load_settings()
     configure_logging(settings)
-    store = store or StateStore(settings.state_db)
-    store.initialize()
+    store = store or open_store(settings)
+    try:
+        store.initialize()
+    except StoreUnavailable as exc:
+        # A database server that is down while gunicorn restarts a worker must not stop the whole server:
+        # the master already brought the schema up to date, webhooks get 503 until the database is back.
+        log.error("state store unavailable at worker start (webhooks get 503 until it is back): %s", exc)
     if not (settings.webhook_secret_token or settings.webhook_hmac_key):
         log.warning(
             "neither WEBHOOK_HMAC_KEY nor WEBHOOK_SECRET_TOKEN is set: anyone who can reach this port "
@@ -145,12 +150,13 @@ def _discard_unread_body(*, limit: int) -> None:
 
 
 def check_local_resources(settings: Settings) -> None:
-    """Open LOG_FILE and STATE_DB once, so a bad path stops start-up with a SettingsError that names it.
+    """Open LOG_FILE and STATE_DB once, so a bad path (or an unreachable database) stops start-up with a
+    SettingsError that names it.
 
     The schema is left alone: a server that does not own the state file (yet) must not change it.
     """
     configure_logging(settings)
-    store = StateStore(settings.state_db)
+    store = open_store(settings, one_off=True)
     store.check_usable()
     store.close()
 
@@ -161,8 +167,11 @@ def recover_after_restart(settings: Settings) -> int:
 
     Their leases belong to processes of the previous run, so nobody is working on them.
     """
-    store = StateStore(settings.state_db)
-    store.initialize()
+    store = open_store(settings, one_off=True)  # no pool in the master: nothing may cross the fork
+    try:
+        store.initialize()
+    except StoreUnavailable as exc:
+        raise SettingsError(f"{exc}; start it, or fix the host and port in STATE_DB") from None
     try:
         recovered = store.expire_leases()
     finally:

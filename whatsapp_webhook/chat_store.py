@@ -10,13 +10,11 @@ from whatsapp_webhook.policy import (
     LoopEvidence,
     Pause,
     RateWindow,
-    blocked_verdict,
-    count_reply,
-    is_loop,
+    decide_admission,
     later_pause,
 )
 from whatsapp_webhook.sqlite_base import SQLiteStore
-from whatsapp_webhook.store_api import OPEN_STATUSES, Admission, ChatLimits, StoreSnapshot, Turn, Verdict
+from whatsapp_webhook.store_api import OPEN_STATUSES, Admission, ChatLimits, StoreSnapshot, Turn
 
 OPEN_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in OPEN_STATUSES) + ")"
 
@@ -124,27 +122,32 @@ class ChatStore(SQLiteStore):
                 " FROM chat_state WHERE chat_key = ?",
                 (chat_key,),
             ).fetchone()
-            blocked = blocked_verdict(paused_until=paused_until, opted_out=bool(opted_out), now=now)
-            if blocked is not None:
-                return Admission(verdict=blocked)
-            if is_loop(
-                self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window), repeats=limits.loop_repeats
-            ):
+            decision = decide_admission(
+                paused_until=paused_until,
+                opted_out=bool(opted_out),
+                window=RateWindow(
+                    minute_start=minute_start,
+                    minute_count=minute_count,
+                    day=day,
+                    day_count=day_count,
+                    notice_at=notice_at,
+                ),
+                evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
+                now=now,
+                today=today,
+                limits=limits,
+            )
+            if decision.loop_pause_until is not None:
                 c.execute(
                     "UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
-                    (now + limits.loop_pause, chat_key),
+                    (decision.loop_pause_until, chat_key),
                 )
-                return Admission(verdict=Verdict.LOOP)
-            window = RateWindow(
-                minute_start=minute_start, minute_count=minute_count, day=day, day_count=day_count, notice_at=notice_at
-            )
-            decision = count_reply(window, now=now, today=today, limits=limits)
-            saved = decision.window
-            c.execute(
-                "UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
-                " notice_at = ? WHERE chat_key = ?",
-                (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
-            )
+            if (saved := decision.window) is not None:
+                c.execute(
+                    "UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
+                    " notice_at = ? WHERE chat_key = ?",
+                    (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
+                )
             return decision.admission
 
         return self._transaction(work)

@@ -23,7 +23,7 @@ from whatsapp_webhook.app import (
 )
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
-from whatsapp_webhook.settings import SettingsError, load_settings, unknown_setting_warnings
+from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
 from whatsapp_webhook.upstream import error_message
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             fallbacks = ", ".join(settings.openrouter_fallback_models) or "none"
             print(
                 f"OK   settings: WAHA {settings.waha_base_url}, LLM {settings.openrouter_base_url} "
-                f"model {settings.openrouter_model} (fallbacks: {fallbacks}), state {settings.state_db}"
+                f"model {settings.openrouter_model} (fallbacks: {fallbacks}), state {redact_url(settings.state_db)}"
             )
             for warning in warnings:
                 print(f"WARN {warning}")

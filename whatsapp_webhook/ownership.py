@@ -6,6 +6,9 @@ a port) would take replies away from the first one, which then answers twice. So
 only in a server holding an exclusive lock on STATE_DB + ".server.lock", taken after its port is
 bound. A lock (flock) dies with the last process holding it, so a server killed with kill -9
 never blocks the next start; workers close their copy after the fork so they cannot outlive it.
+
+A PostgreSQL STATE_DB has no file to lock (and servers on several hosts may share it): the claim
+is then a no-op.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import errno
 import fcntl
 import os
 import socket
+
+from whatsapp_webhook.settings import is_postgres_url
 
 
 class StateFileBusy(Exception):
@@ -25,11 +30,13 @@ class StateFileOwner:
 
     def __init__(self, state_db: str) -> None:
         self.state_db = state_db
-        self.path = state_db + ".server.lock"
+        self.path: str | None = None if is_postgres_url(state_db) else state_db + ".server.lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the claim or raise StateFileBusy naming the process that has it."""
+        """Take the claim or raise StateFileBusy naming the process that has it (nothing to take for PostgreSQL)."""
+        if self.path is None:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -127,6 +127,36 @@ def count_reply(window: RateWindow, *, now: float, today: str, limits: ChatLimit
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdmissionDecision:
+    """What admission decided and what the store saves with it, in the same transaction."""
+
+    admission: Admission
+    loop_pause_until: float | None = None  # a loop: pause the chat until then (reason "loop")
+    window: RateWindow | None = None  # the reply counts to save (None: nothing was counted)
+
+
+def decide_admission(
+    *,
+    paused_until: float,
+    opted_out: bool,
+    window: RateWindow,
+    evidence: Callable[[], Iterable[LoopEvidence]],
+    now: float,
+    today: str,
+    limits: ChatLimits,
+) -> AdmissionDecision:
+    """Whether a chat gets an answer, in this order: a pause or the customer's opt-out, a loop, then the
+    rate limits. `evidence` is asked for only when the chat is not blocked (it costs the store a query)."""
+    blocked = blocked_verdict(paused_until=paused_until, opted_out=opted_out, now=now)
+    if blocked is not None:
+        return AdmissionDecision(admission=Admission(verdict=blocked))
+    if is_loop(evidence(), repeats=limits.loop_repeats):
+        return AdmissionDecision(admission=Admission(verdict=Verdict.LOOP), loop_pause_until=now + limits.loop_pause)
+    decision = count_reply(window, now=now, today=today, limits=limits)
+    return AdmissionDecision(admission=decision.admission, window=decision.window)
+
+
 # --- pauses and sends ------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -73,6 +73,32 @@ DEFAULT_STATE_DB = os.path.join(PROJECT_DIR, "data", "whatsapp_webhook_state.db"
 
 
 DEFAULT_ENV_FILE = ".env.webhook"
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres_url(state_db: str) -> bool:
+    """STATE_DB names a PostgreSQL database (postgresql:// or postgres://) rather than an SQLite file."""
+    return state_db.strip().lower().startswith(tuple(f"{scheme}://" for scheme in POSTGRES_SCHEMES))
+
+
+def redact_url(state_db: str) -> str:
+    """STATE_DB as it may be printed or logged: a URL's password (and any password= option) becomes ***."""
+    if not is_postgres_url(state_db):
+        return state_db
+    parts = urlsplit(state_db)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = "&".join(
+        f"{name}=***" if name.lower() == "password" else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 # Values copied from .env.webhook.example that still need a real value.
@@ -209,7 +235,25 @@ class Settings:
         secret=True,
         help="When set, every request must carry WAHA's X-Webhook-Hmac (sha512 of the body with this key).",
     )
-    state_db: str = setting("STATE_DB", DEFAULT_STATE_DB, kind="path", help="SQLite file shared by all workers.")
+    state_db: str = setting(
+        "STATE_DB",
+        DEFAULT_STATE_DB,
+        kind="path",
+        secret=True,  # a URL may carry the database password
+        help="SQLite file shared by all workers, or a postgresql:// URL (PostgreSQL; TLS and options in the URL).",
+    )
+    state_db_pool_size: int = setting(
+        "STATE_DB_POOL_SIZE",
+        10,
+        bounds=(1, 1000),
+        help="PostgreSQL only: most connections each gunicorn worker opens (opened as needed, after the fork).",
+    )
+    state_db_timeout_seconds: float = setting(
+        "STATE_DB_TIMEOUT_SECONDS",
+        5.0,
+        bounds=(0.1, 300),
+        help="PostgreSQL only: seconds a store call waits for a connection or a statement before giving up (503).",
+    )
     log_file: str | None = setting(
         "LOG_FILE", "/tmp/whatsapp_webhook.log", help="Also log to this file (empty = standard output only)."
     )
@@ -437,13 +481,24 @@ class _EnvReader:
         return self.environ[name].strip() or None
 
     def state_path(self, name: str, default: str) -> str:
-        """A file path for SQLite; a URL or a folder is refused here rather than becoming a folder named 'x:'."""
+        """A file path (SQLite) or a postgresql:// URL (PostgreSQL). Any other URL, and a folder, is refused
+        here rather than becoming a folder named 'x:'. Messages name the scheme only: a URL may hold a password."""
         raw = self.text(name, default)
-        if "://" in raw or raw.lower().startswith(("postgres:", "postgresql:", "sqlite:", "file:")):
-            scheme = raw.split(":", 1)[0]
+        if is_postgres_url(raw):
+            scheme, rest = raw.split(":", 1)
+            raw = scheme.lower() + ":" + rest  # libpq reads the scheme in lower case only
+            parts = urlsplit(raw)
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+            except ValueError:
+                self.problems.append(f"{name} has a port that is not a number: postgresql://user:password@host:5432/db")
+                return default
+            return raw
+        scheme = raw.split(":", 1)[0]
+        if "://" in raw or scheme.lower() in (*POSTGRES_SCHEMES, "sqlite", "file"):
             self.problems.append(
-                f"{name} must be a file path for the SQLite state file (e.g. data/whatsapp_webhook_state.db); "
-                f"a {scheme}: URL is not supported by this version"
+                f"{name} must be a file path for the SQLite state file (e.g. data/whatsapp_webhook_state.db) "
+                f"or a postgresql:// URL (e.g. postgresql://bot:password@db:5432/bot); a {scheme}: URL is not supported"
             )
             return default
         if os.path.isdir(raw):

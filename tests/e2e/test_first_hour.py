@@ -136,15 +136,17 @@ def test_settings_that_look_like_ours_but_are_not_get_a_warning_with_the_right_n
 
 
 @pytest.mark.parametrize("value, words", [
-    ("postgresql://bot@db/bot", "STATE_DB must be a file path for the SQLite state file"),
+    ("mysql://bot@db/bot", "STATE_DB must be a file path for the SQLite state file"),
     ("{folder}", "STATE_DB is the folder"),
+    ("postgresql://bot:secret@127.0.0.1:1/bot",  # nothing listens on port 1
+     "cannot reach the PostgreSQL server of STATE_DB postgresql://bot:***@127.0.0.1:1/bot"),
 ])
 def test_a_state_db_that_is_not_a_usable_file_stops_the_start(fake_waha, fake_llm, tmp_path, value, words) -> None:
     env = command_env(fake_waha, fake_llm, tmp_path, STATE_DB=value.format(folder=tmp_path))
     check = subprocess.run([sys.executable, str(REPO / "whatsapp_webhook_server.py"), "--check-settings"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=60)
-    assert check.returncode == 2 and words in check.stderr
-    assert not (tmp_path / "postgresql:").exists()
+    assert check.returncode == 2 and words in check.stderr and "secret" not in check.stderr
+    assert not (tmp_path / "mysql:").exists() and not (tmp_path / "postgresql:").exists()
 
 
 def test_the_control_socket_is_the_servers_own(tmp_path, fake_waha, fake_llm) -> None:

@@ -1,0 +1,260 @@
+"""The PostgreSQL store's own behaviour: many workers at once, fork safety, migrations raced by several
+servers, options passed through the URL, and a database that goes away and comes back.
+What every backend must do is in test_store_contract.py (which runs on PostgreSQL too)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fakes import waha_payloads as wp
+from fakes.postgres_server import PostgresServer, PostgresUnavailable
+from tests import postgres
+from tests.conftest import post_event
+from whatsapp_webhook import EXTENSION_KEY
+from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
+from whatsapp_webhook.settings import Settings, SettingsError
+from whatsapp_webhook.store_api import ChatLimits, Outcome, StoreUnavailable, Verdict
+from whatsapp_webhook.stores import open_store
+
+psycopg = pytest.importorskip("psycopg")
+from whatsapp_webhook.pg_schema import SCHEMA_VERSION  # noqa: E402
+from whatsapp_webhook.pg_store import PostgresStore  # noqa: E402
+
+
+@pytest.fixture
+def url() -> str:
+    return postgres.fresh_database()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[PostgresStore]:
+    store = PostgresStore(url)
+    store.initialize()
+    yield store
+    store.close()
+
+
+def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float = 100.0, body: str = "Oi", bare: str | None = None
+             ) -> IncomingMessage:
+    envelope = wp.text_message("WEBJS", sender=chat, body=body, message_id=bare)
+    envelope["payload"]["timestamp"] = ts
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, IncomingMessage)
+    return message
+
+
+def test_open_store_picks_the_backend_from_state_db(url: str, tmp_path) -> None:
+    base = Settings(openrouter_api_key="k", waha_api_key="w")
+    pg = open_store(Settings(**{**base.__dict__, "state_db": url, "state_db_pool_size": 3,
+                                "state_db_timeout_seconds": 2.5}))
+    assert isinstance(pg, PostgresStore) and (pg.pool_size, pg.timeout, pg.pooled) == (3, 2.5, True)
+    assert open_store(Settings(**{**base.__dict__, "state_db": url}), one_off=True).pooled is False
+    sqlite = open_store(Settings(**{**base.__dict__, "state_db": str(tmp_path / "s.db")}))
+    assert type(sqlite).__name__ == "StateStore"
+
+
+# --- many workers at once ----------------------------------------------------------------------------
+
+def test_workers_admitting_one_chat_at_the_same_moment_never_pass_the_limit_together(url: str, store) -> None:
+    limits = ChatLimits(per_minute=5, per_day=100, loop_repeats=1000, loop_window=60, loop_pause=60)
+    workers = [PostgresStore(url) for _ in range(4)]  # a pool each, like four gunicorn workers
+    start = threading.Barrier(20)
+    verdicts: list[Verdict] = []
+
+    def admit(worker: PostgresStore, n: int) -> None:
+        start.wait()
+        verdicts.append(worker.admit("default:chat", texts=[f"m{n}"], limits=limits).verdict)
+
+    threads = [threading.Thread(target=admit, args=(workers[n % 4], n)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker in workers:
+        worker.close()
+    assert sorted(verdicts).count(Verdict.OK) == 5 and verdicts.count(Verdict.RATE_LIMITED) == 15
+
+
+def _claim_and_finish_all(url: str, owner: str, results: Any) -> None:
+    store = PostgresStore(url)
+    events = []
+    while True:
+        batch = store.claim_due(owner, limit=8, lease_seconds=600)
+        if not batch:
+            break
+        for claimed in batch:
+            events.append((time.monotonic(), "claim", claimed.message.chat_key, claimed.message.dedupe_key))
+            time.sleep(0.001)
+            events.append((time.monotonic(), "finish", claimed.message.chat_key, claimed.message.dedupe_key))
+            store.finish(claimed.message.dedupe_key, owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    store.close()
+    results.put(events)
+
+
+def test_four_processes_claim_every_message_once_and_one_chat_at_a_time_in_order(url: str, store) -> None:
+    keys_by_chat: dict[str, list[str]] = {}
+    for turn in range(5):
+        for n in range(30):
+            message = incoming(f"55219{n:08d}@c.us", ts=100 + turn, bare=f"3EB0{n:09X}{turn:09X}")
+            store.accept(message)
+            keys_by_chat.setdefault(message.chat_key, []).append(message.dedupe_key)
+    store.snapshot()  # the parent used its pool: the children must open their own after the fork
+    context = multiprocessing.get_context("fork")
+    results: Any = context.Queue()
+    processes = [context.Process(target=_claim_and_finish_all, args=(url, f"p{i}", results)) for i in range(4)]
+    for process in processes:
+        process.start()
+    events = sorted(event for _ in processes for event in results.get(timeout=120))
+    for process in processes:
+        process.join(timeout=30)
+    claims = [key for _, kind, _, key in events if kind == "claim"]
+    assert len(claims) == 150 and len(set(claims)) == 150
+    for chat, keys in keys_by_chat.items():
+        assert [key for _, kind, c, key in events if kind == "claim" and c == chat] == keys  # in send order
+        kinds = [kind for _, kind, c, _ in events if c == chat]
+        assert kinds == ["claim", "finish"] * 5  # never a second message of a chat while one is unfinished
+    assert store.snapshot().counters["messages_processed"] == 150
+
+
+def test_a_pool_never_crosses_a_fork(url: str, store) -> None:
+    parent_pid = store._run(lambda c: c.info.backend_pid)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.write(writer, str(store._run(lambda c: c.info.backend_pid)).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    child_pid = int(os.read(reader, 32))
+    assert child_pid != parent_pid
+    assert store._run(lambda c: c.info.backend_pid) == parent_pid  # the parent's connection still works
+
+
+# --- migrations ----------------------------------------------------------------------------------------
+
+def _initialize(url: str, results: Any) -> None:
+    try:
+        PostgresStore(url).initialize()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent
+        results.put(repr(exc))
+
+
+def test_several_servers_starting_at_once_migrate_once(url: str) -> None:
+    context = multiprocessing.get_context("fork")
+    results: Any = context.Queue()
+    processes = [context.Process(target=_initialize, args=(url, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=10)
+    assert outcomes == ["ok"] * 4
+    store = PostgresStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store._run(lambda c: c.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0]) == SCHEMA_VERSION
+    store.close()
+
+
+def test_a_database_of_a_newer_release_is_refused(url: str, store) -> None:
+    store._write(lambda c: c.execute("INSERT INTO schema_migrations VALUES (%s, 0)", (SCHEMA_VERSION + 1,)))
+    with pytest.raises(SettingsError, match="written by a newer release"):
+        PostgresStore(url).initialize()
+
+
+def test_options_in_the_url_reach_the_server(url: str) -> None:
+    store = PostgresStore(url + "?application_name=bot-on-host-a&options=-c%20statement_timeout%3D1234")
+    store.initialize()
+    name, timeout = store._run(
+        lambda c: c.execute("SELECT current_setting('application_name'), current_setting('statement_timeout')"
+                            ).fetchone())
+    store.close()
+    assert (name, timeout) == ("bot-on-host-a", "1234ms")  # the URL's options win over the store's own
+    with pytest.raises(SettingsError, match="SSL") as error:  # TLS required, and the test server has none
+        PostgresStore(url.replace("postgres@", "postgres:hunter2@") + "?sslmode=require").initialize()
+    assert "hunter2" not in str(error.value)
+
+
+def test_a_bad_password_or_database_is_a_settings_error_not_an_outage(url: str) -> None:
+    with pytest.raises(SettingsError, match="cannot be used .*does not exist"):
+        PostgresStore(url + "_missing").initialize()
+
+
+# --- the database goes away and comes back -------------------------------------------------------------
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, so stopping it does not disturb the others."""
+    postgres.server()  # skips (or fails under CI) the same way when PostgreSQL cannot be had
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        postgres.unavailable(str(exc))
+    yield server
+    server.stop()
+
+
+def test_an_outage_costs_503s_loses_nothing_and_heals_by_itself(own_server: PostgresServer, make_app,
+                                                                 upstreams) -> None:
+    url = own_server.create_database("bot")
+    app = make_app(state_db=url, state_db_timeout_seconds=1.0)
+    client = app.test_client()
+    before = wp.text_message("WEBJS", body="antes da queda")
+    assert post_event(client, before).get_json()["status"] == "processed"
+    own_server.pause()
+    during = wp.text_message("WEBJS", body="durante a queda")
+    started = time.monotonic()
+    response = post_event(client, during)
+    assert response.status_code == 503 and "redeliver" in response.get_json()["error"]
+    assert time.monotonic() - started < 10  # STATE_DB_TIMEOUT_SECONDS bounds each wait, not an OS timeout
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["checks"]["store"]["status"] == "failing"
+    own_server.resume()
+    for _ in range(50):  # WAHA redelivers until a 2xx
+        response = post_event(client, during)
+        if response.status_code != 503:
+            break
+        time.sleep(0.2)
+    assert response.get_json()["status"] == "processed"
+    assert client.get("/health").status_code == 200
+    assert post_event(client, before).get_json()["reason"] == "duplicate"  # answered before the outage: kept
+    assert [t["text"] for t in upstreams.sent_texts()] == ["Echo: antes da queda", "Echo: durante a queda"]
+    store = app.extensions[EXTENSION_KEY].store
+    assert store.snapshot().counters["messages_processed"] == 2
+
+
+def test_a_worker_that_starts_while_the_database_is_down_waits_for_it(own_server: PostgresServer,
+                                                                        make_app) -> None:
+    url = own_server.create_database("bot")
+    PostgresStore(url).initialize()  # the master migrated at start
+    own_server.pause()
+    app = make_app(state_db=url, state_db_timeout_seconds=0.5)  # must not raise: gunicorn would stop the server
+    assert app.test_client().get("/health").status_code == 503
+    own_server.resume()
+    deadline = time.monotonic() + 15
+    while app.test_client().get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "the store did not come back"
+        time.sleep(0.2)
+
+
+def test_a_dead_connection_in_the_pool_is_replaced_without_an_error(url: str, store) -> None:
+    message = incoming()
+    store.accept(message)
+    pid = store._run(lambda c: c.info.backend_pid)  # the pool's one idle connection
+    admin = psycopg.connect(url, autocommit=True)
+    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+        time.sleep(0.01)
+    admin.close()
+    assert store.entry(message.dedupe_key).status == "queued"  # a fresh connection, no StoreUnavailable
+    assert store._run(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0]) != pid
+    with pytest.raises(StoreUnavailable):
+        PostgresStore(url.replace("/" + url.rsplit("/", 1)[1], "/gone"), timeout=0.5).accept(incoming())

@@ -1,0 +1,190 @@
+"""The PostgreSQL state store, chat side: history, pauses, opt-outs, admission (limits, loops) and /stats."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from whatsapp_webhook.events import bare_message_id, text_fingerprint
+from whatsapp_webhook.pg_base import Connection, PostgresBase
+from whatsapp_webhook.pg_schema import OPEN_SQL
+from whatsapp_webhook.policy import (
+    LoopEvidence,
+    Pause,
+    RateWindow,
+    decide_admission,
+    later_pause,
+)
+from whatsapp_webhook.store_api import Admission, ChatLimits, StoreSnapshot, Turn
+
+# Makes sure the chat's row exists and locks it, in one statement (an upsert takes the row lock): whoever
+# decides about this chat next waits for this transaction.
+LOCK_CHAT_SQL = (
+    "INSERT INTO chat_state (chat_key) VALUES (%s)"
+    " ON CONFLICT (chat_key) DO UPDATE SET chat_key = excluded.chat_key RETURNING {columns}"
+)
+
+
+class PostgresChatStore(PostgresBase):
+    """Per-chat state and reporting. Each decision reads its inputs with the chat's row locked
+    (SELECT ... FOR UPDATE) and saves its result in the same transaction: two workers, on any host,
+    decide about one chat one after the other."""
+
+    def history(self, chat_key: str, *, since: float, limit: int) -> list[Turn]:
+        """The chat's latest turns, oldest first."""
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT role, content FROM history WHERE chat_key = %s AND created_at >= %s ORDER BY id DESC LIMIT %s",
+                (chat_key, since, limit),
+            ).fetchall()
+        )
+        return [Turn(role=role, content=content) for role, content in reversed(rows)]
+
+    def clear_history(self, chat_key: str) -> None:
+        self._write(lambda c: c.execute("DELETE FROM history WHERE chat_key = %s", (chat_key,)))
+
+    @staticmethod
+    def _lock_chat(c: Connection, chat_key: str, columns: str) -> tuple[Any, ...]:
+        row = c.execute(LOCK_CHAT_SQL.format(columns=columns), (chat_key,)).fetchone()
+        assert row is not None  # an upsert always returns its row
+        return row
+
+    def pause_chat(self, chat_key: str, *, until: float, reason: str) -> None:
+        """Stop answering a chat until `until` (0 resumes it); policy.later_pause decides what stands."""
+
+        def work(c: Connection) -> None:
+            paused_until, pause_reason = self._lock_chat(c, chat_key, "paused_until, pause_reason")
+            current = Pause(until=float(paused_until), reason=pause_reason)
+            pause = later_pause(current, until=until, reason=reason)
+            c.execute(
+                "UPDATE chat_state SET paused_until = %s, pause_reason = %s WHERE chat_key = %s",
+                (pause.until, pause.reason, chat_key),
+            )
+
+        self._write(work)
+
+    def set_opted_out(self, chat_key: str, opted_out: bool) -> bool:
+        """Record the customer's choice; returns whether the chat is paused right now."""
+        now = self.clock()
+
+        def work(c: Connection) -> bool:
+            row = c.execute(
+                "INSERT INTO chat_state (chat_key, opted_out) VALUES (%s, %s) ON CONFLICT (chat_key)"
+                " DO UPDATE SET opted_out = excluded.opted_out RETURNING paused_until",
+                (chat_key, opted_out),
+            ).fetchone()
+            return bool(row and row[0] > now)
+
+        return self._write(work)
+
+    def known_sent_ids(self, message_ids: list[str]) -> set[str]:
+        """Which of these WAHA message ids (bare form) we already recorded as ours."""
+        bare = [b for b in map(bare_message_id, message_ids) if b]
+        if not bare:
+            return set()
+        rows = self._run(lambda c: c.execute("SELECT bare_id FROM sent WHERE bare_id = ANY(%s)", (bare,)).fetchall())
+        return {row[0] for row in rows}
+
+    def is_our_message(self, chat_key: str, *, message_id: str | None, text: str | None, within: float) -> bool:
+        """Did this server send it? By WAHA's message id, or by the same words to the same chat just now."""
+        since = self.clock() - within
+        bare = bare_message_id(message_id)
+        fingerprint = text_fingerprint(text)
+        if not bare and not fingerprint:
+            return False
+        row = self._run(
+            lambda c: c.execute(
+                "SELECT EXISTS (SELECT 1 FROM sent WHERE bare_id = %s) OR EXISTS (SELECT 1 FROM sent"
+                " WHERE chat_key = %s AND text_hash = %s AND sent_at >= %s)",
+                (bare or None, chat_key, fingerprint or None, since),
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def admit(self, chat_key: str, *, texts: list[str], limits: ChatLimits) -> Admission:
+        """Decide, in the chat's turn, whether it gets an answer: pause, opt-out, loops, then rate limits.
+
+        The decisions are policy's pure functions; their inputs are read with the chat's row locked and
+        their results saved before the lock goes, so two workers cannot both pass a limit.
+        """
+        now = self.clock()
+        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+
+        def work(c: Connection) -> Admission:
+            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = self._lock_chat(
+                c, chat_key, "paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
+            )
+            decision = decide_admission(
+                paused_until=paused_until,
+                opted_out=bool(opted_out),
+                window=RateWindow(
+                    minute_start=minute_start,
+                    minute_count=minute_count,
+                    day=day,
+                    day_count=day_count,
+                    notice_at=notice_at,
+                ),
+                evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
+                now=now,
+                today=today,
+                limits=limits,
+            )
+            if decision.loop_pause_until is not None:
+                c.execute(
+                    "UPDATE chat_state SET paused_until = %s, pause_reason = 'loop' WHERE chat_key = %s",
+                    (decision.loop_pause_until, chat_key),
+                )
+            if (saved := decision.window) is not None:
+                c.execute(
+                    "UPDATE chat_state SET minute_start = %s, minute_count = %s, day = %s, day_count = %s,"
+                    " notice_at = %s WHERE chat_key = %s",
+                    (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
+                )
+            return decision.admission
+
+        return self._write(work)
+
+    @staticmethod
+    def _loop_evidence(c: Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
+        """For each text of the burst, in one statement: its repeats in the window, and whether we sent it."""
+        if not texts:
+            return []
+        rows = c.execute(
+            "SELECT (SELECT COUNT(*) FROM inbox WHERE chat_key = %(chat)s AND text_hash = t.hash"
+            " AND received_at >= %(since)s AND merged_into IS NULL),"
+            " EXISTS (SELECT 1 FROM sent WHERE chat_key = %(chat)s AND text_hash = t.hash AND sent_at >= %(since)s)"
+            " FROM unnest(%(hashes)s::text[]) WITH ORDINALITY AS t(hash, n) ORDER BY t.n",
+            {"chat": chat_key, "since": since, "hashes": [text_fingerprint(text) for text in texts]},
+        ).fetchall()
+        return [
+            LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours))
+            for text, (repeats, ours) in zip(texts, rows, strict=True)
+        ]
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        """Counters, unfinished messages and chat states, read from one snapshot of the database."""
+        now = self.clock()
+
+        def work(c: Connection) -> StoreSnapshot:
+            counters = c.execute("SELECT name, SUM(value) FROM counters GROUP BY name").fetchall()
+            by_status = c.execute(f"SELECT status, COUNT(*) FROM inbox WHERE status IN {OPEN_SQL} GROUP BY status")
+            retrying = c.execute(
+                "SELECT COUNT(*) FROM inbox WHERE status = 'queued' AND last_error IS NOT NULL"
+            ).fetchone()
+            paused = c.execute(
+                "SELECT pause_reason, COUNT(*) FROM chat_state WHERE paused_until > %s GROUP BY pause_reason", (now,)
+            ).fetchall()
+            opted_out = c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out").fetchone()
+            media = c.execute("SELECT COALESCE(SUM(size), 0) FROM media").fetchone()
+            return StoreSnapshot(
+                counters={name: int(value) for name, value in counters},
+                by_status=dict(by_status.fetchall()),
+                retrying=retrying[0] if retrying else 0,
+                paused=dict(paused),
+                opted_out=opted_out[0] if opted_out else 0,
+                media_bytes=int(media[0]) if media else 0,
+            )
+
+        return self._run(work, begin="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

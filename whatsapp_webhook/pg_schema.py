@@ -1,0 +1,155 @@
+"""The PostgreSQL state store's schema, its versioned migrations and the SQL of the inbox state machine.
+
+The tables mirror the SQLite file's (store_schema.py) with PostgreSQL's types: epoch seconds as double
+precision (the store's clock decides every time, never the server's), media as bytea, arrival order as an
+identity column (`seq`, SQLite's rowid). Counters are split in shards, one per connection, so workers that
+count at the same moment never wait for each other's row lock.
+"""
+
+from __future__ import annotations
+
+from whatsapp_webhook.store_api import OPEN_STATUSES, InboxStatus
+
+OPEN_SQL = "(" + ", ".join(f"'{status}'" for status in OPEN_STATUSES) + ")"
+ALL_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in InboxStatus) + ")"
+ACTIVE_SQL = "('queued', 'processing', 'sending')"  # open and not merged into another message
+
+SCHEMA_V1 = f"""
+CREATE TABLE inbox (
+    key text PRIMARY KEY,
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    chat_key text NOT NULL,
+    sort_ts double precision NOT NULL,
+    message text NOT NULL,
+    text_hash text,
+    status text NOT NULL CHECK (status IN {ALL_STATUSES_SQL}),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision NOT NULL,
+    lease_owner text,
+    lease_expires_at double precision NOT NULL DEFAULT 0,
+    merged_into text,
+    merged text,
+    outcome text,
+    reply_text text,
+    parts_sent integer NOT NULL DEFAULT 0,
+    sent_message_id text,
+    last_error text,
+    send_started_at double precision,
+    received_at double precision NOT NULL,
+    updated_at double precision NOT NULL,
+    finished_at double precision
+);
+CREATE INDEX inbox_active ON inbox (sort_ts, seq) WHERE status IN {ACTIVE_SQL};
+CREATE INDEX inbox_active_by_chat ON inbox (chat_key, sort_ts, seq) WHERE status IN {ACTIVE_SQL};
+CREATE INDEX inbox_by_chat_text ON inbox (chat_key, text_hash, received_at);
+CREATE INDEX inbox_by_finish ON inbox (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX inbox_by_merge ON inbox (merged_into) WHERE merged_into IS NOT NULL;
+CREATE TABLE counters (
+    name text NOT NULL,
+    shard integer NOT NULL,
+    value bigint NOT NULL,
+    PRIMARY KEY (name, shard)
+);
+CREATE TABLE history (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    chat_key text NOT NULL,
+    role text NOT NULL,
+    content text NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE INDEX history_by_chat ON history (chat_key, id);
+CREATE INDEX history_by_age ON history (created_at);
+CREATE TABLE chat_state (
+    chat_key text PRIMARY KEY,
+    paused_until double precision NOT NULL DEFAULT 0,
+    pause_reason text,
+    opted_out boolean NOT NULL DEFAULT false,
+    minute_start double precision NOT NULL DEFAULT 0,
+    minute_count integer NOT NULL DEFAULT 0,
+    day text NOT NULL DEFAULT '',
+    day_count integer NOT NULL DEFAULT 0,
+    notice_at double precision NOT NULL DEFAULT 0
+);
+CREATE TABLE sent (
+    chat_key text NOT NULL,
+    text_hash text NOT NULL,
+    bare_id text,
+    sent_at double precision NOT NULL
+);
+CREATE INDEX sent_by_chat ON sent (chat_key, text_hash, sent_at);
+CREATE INDEX sent_by_id ON sent (bare_id) WHERE bare_id IS NOT NULL;
+CREATE INDEX sent_by_age ON sent (sent_at);
+CREATE TABLE health (
+    name text PRIMARY KEY,
+    status text NOT NULL,
+    reason text NOT NULL,
+    since double precision NOT NULL,
+    updated_at double precision NOT NULL
+);
+CREATE TABLE media (
+    key text PRIMARY KEY,
+    mimetype text NOT NULL,
+    data bytea NOT NULL,
+    size integer NOT NULL,
+    created_at double precision NOT NULL
+);
+"""
+
+# MIGRATIONS[n - 1] takes a database from schema version n - 1 to n (the rows of schema_migrations).
+# Append only: a released migration never changes, so every older database takes the same path.
+MIGRATIONS = (SCHEMA_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+MIGRATIONS_TABLE_SQL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+)
+
+# Advisory lock keys (the first of pg_advisory_lock's two ints; the second is the schema's hash, so two
+# deployments in two schemas of one database never wait for each other).
+MIGRATION_LOCK = 0x5741_0001  # held by the one server migrating; the others wait for it
+CLAIM_LOCK = 0x5741_0002  # one claim at a time: per-chat order holds across workers and hosts
+HEALTH_LOCK = 0x5741_0003  # bounds the rows of one health part
+SCHEMA_KEY = "hashtext(coalesce(current_schema(), ''))"
+COUNTER_SHARDS = 64
+
+# The earliest message of its chat that is due, whose chat has no other reply in progress and whose
+# burst is over (store_schema.NEXT_DUE_SQL, with seq for SQLite's rowid). Rows another transaction is
+# changing right now are passed over (SKIP LOCKED): they are someone else's this instant.
+CLAIM_DUE_SQL = f"""
+WITH due AS (
+    SELECT m.key, m.sort_ts, m.seq FROM inbox m
+    WHERE m.status IN {ACTIVE_SQL}
+      AND ((m.status = 'queued' AND m.next_attempt_at <= %(now)s
+            AND (m.received_at <= %(burst_limit)s OR NOT EXISTS (
+                SELECT 1 FROM inbox q WHERE q.chat_key = m.chat_key AND q.status = 'queued'
+                  AND q.received_at > %(quiet_since)s)))
+           OR (m.status <> 'queued' AND m.lease_expires_at < %(now)s))
+      AND NOT EXISTS (
+          SELECT 1 FROM inbox o
+          WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
+            AND ((o.status <> 'queued' AND o.lease_expires_at >= %(now)s)
+                 OR (m.status <> 'sending' AND m.parts_sent = 0
+                     AND (o.status = 'sending' OR o.parts_sent > 0
+                          OR o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq)))))
+    ORDER BY m.sort_ts, m.seq
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE inbox SET status = CASE inbox.status WHEN 'sending' THEN 'sending' ELSE 'processing' END,
+    attempts = inbox.attempts + 1, lease_owner = %(owner)s, lease_expires_at = %(expires)s, updated_at = %(now)s
+FROM due WHERE inbox.key = due.key
+RETURNING inbox.key, inbox.message, inbox.status, inbox.attempts, inbox.reply_text, inbox.outcome,
+    inbox.send_started_at, inbox.received_at, inbox.parts_sent, inbox.merged, due.sort_ts, due.seq
+"""
+
+# The last check before sendText in one read, with the message's row locked: who holds it, whether an
+# earlier message of its chat is still open (it must go first), and whether the chat is paused.
+BEGIN_SEND_SQL = f"""
+SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent,
+    EXISTS (SELECT 1 FROM inbox o
+            WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
+              AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))),
+    EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s)
+FROM inbox m WHERE m.key = %(key)s
+FOR UPDATE OF m
+"""

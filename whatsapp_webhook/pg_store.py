@@ -1,0 +1,462 @@
+"""The durable inbox, chat state, history and counters in PostgreSQL, shared by every worker on every host."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
+from whatsapp_webhook.pg_base import Connection
+from whatsapp_webhook.pg_chat_store import PostgresChatStore
+from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
+from whatsapp_webhook.policy import failure_verdict, send_verdict
+from whatsapp_webhook.store_api import (
+    Acceptance,
+    ClaimedMessage,
+    FailureVerdict,
+    InboxEntry,
+    InboxStatus,
+    MediaBlob,
+    Outcome,
+    SendVerdict,
+    Turn,
+)
+from whatsapp_webhook.store_schema import LLM_COST_COUNTER
+
+
+class PostgresStore(PostgresChatStore):
+    """The Store interface on PostgreSQL (STATE_DB=postgresql://...); store.StateStore is the SQLite one.
+
+    A message is committed here before the webhook answers 2xx. Workers take due messages under a
+    renewable lease. Claims take one transaction-scoped advisory lock, so one claim at a time decides,
+    over committed data, which message of a chat goes next (per-chat order across hosts), and pass over
+    rows another transaction holds (FOR UPDATE SKIP LOCKED). Every other step locks the rows it decides
+    about (the message, the chat) before reading them, so each is atomic across workers and hosts.
+    """
+
+    # --- the webhook side ------------------------------------------------------------------------
+
+    def accept(self, message: IncomingMessage) -> Acceptance:
+        """Record a delivery durably, once per message; a redelivery after a failed send makes it due now."""
+        now = self.clock()
+        key = message.dedupe_key
+
+        def work(c: Connection) -> Acceptance:
+            inserted = c.execute(
+                "INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at,"
+                " updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s, %s)"
+                " ON CONFLICT (key) DO NOTHING RETURNING 1",
+                (
+                    key,
+                    message.chat_key,
+                    message.timestamp or now,
+                    message.to_json(),
+                    text_fingerprint(message.text),
+                    now,
+                    now,
+                    now,
+                ),
+            ).fetchone()
+            if inserted:
+                self._bump(c, "messages_received")
+                return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
+            row = c.execute(
+                "SELECT status, attempts, last_error FROM inbox WHERE key = %s FOR UPDATE", (key,)
+            ).fetchone()
+            if row is None:  # pruned between the two statements: a delivery of a long-finished message
+                return Acceptance(stored=False, status=InboxStatus.DONE, attempts=0)
+            status, attempts, last_error = row
+            if status == InboxStatus.QUEUED and last_error is not None:
+                # WAHA redelivers what we answered with 5xx: try again now rather than at the backoff.
+                # That attempt is WAHA's (bounded by its own retry policy), so it does not use up ours.
+                c.execute(
+                    "UPDATE inbox SET next_attempt_at = %s, attempts = attempts - 1, updated_at = %s WHERE key = %s",
+                    (now, now, key),
+                )
+                return Acceptance(stored=True, status=InboxStatus(status), attempts=attempts - 1)
+            return Acceptance(stored=False, status=InboxStatus(status), attempts=attempts)
+
+        return self._write(work)
+
+    def entry(self, key: str) -> InboxEntry | None:
+        """A message's state; a message merged into another reports that one's sent id and error."""
+        row = self._run(
+            lambda c: c.execute(
+                "SELECT m.status, m.attempts, m.outcome, COALESCE(m.sent_message_id, lead.sent_message_id),"
+                " COALESCE(m.last_error, lead.last_error), m.merged_into"
+                " FROM inbox m LEFT JOIN inbox lead ON lead.key = m.merged_into WHERE m.key = %s",
+                (key,),
+            ).fetchone()
+        )
+        if not row:
+            return None
+        status, attempts, outcome, sent_message_id, last_error, merged_into = row
+        return InboxEntry(
+            status=InboxStatus(status),
+            attempts=attempts,
+            outcome=Outcome(outcome) if outcome else None,
+            sent_message_id=sent_message_id,
+            last_error=last_error,
+            merged_into=merged_into,
+        )
+
+    # --- the worker side -------------------------------------------------------------------------
+
+    def claim_due(
+        self,
+        owner: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        debounce_seconds: float = 0.0,
+        mergeable: Callable[[IncomingMessage], bool] = lambda message: False,
+    ) -> list[ClaimedMessage]:
+        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction."""
+        now = self.clock()
+        params = {
+            "now": now,
+            "quiet_since": now - debounce_seconds,
+            "burst_limit": now - 4 * debounce_seconds,
+            "limit": limit,
+            "owner": owner,
+            "expires": now + lease_seconds,
+        }
+
+        def work(c: Connection) -> list[ClaimedMessage]:
+            c.execute(f"SELECT pg_advisory_xact_lock({CLAIM_LOCK}, {SCHEMA_KEY})")
+            rows = sorted(c.execute(CLAIM_DUE_SQL, params).fetchall(), key=lambda row: (row[10], row[11]))
+            claimed = [self._claimed(row, owner) for row in rows]
+            if debounce_seconds:
+                claimed = self._merge_bursts(c, claimed, now=now, mergeable=mergeable)
+            return claimed
+
+        return self._write(work)
+
+    @staticmethod
+    def _claimed(row: tuple[Any, ...], owner: str) -> ClaimedMessage:
+        (_, message, status, attempts, reply_text, outcome, send_started_at, received_at, parts_sent, merged) = row[:10]
+        return ClaimedMessage(
+            message=IncomingMessage.from_json(message),
+            lease_owner=owner,
+            previous_status=InboxStatus.SENDING if status == InboxStatus.SENDING else InboxStatus.QUEUED,
+            attempts=attempts,
+            reply_text=reply_text,
+            outcome=Outcome(outcome) if outcome else None,
+            send_started_at=send_started_at,
+            received_at=received_at,
+            parts_sent=parts_sent,
+            merged=tuple(IncomingMessage.from_json(text) for text in json.loads(merged or "[]")),
+        )
+
+    @staticmethod
+    def _merge_bursts(
+        c: Connection, claimed: list[ClaimedMessage], *, now: float, mergeable: Callable[[IncomingMessage], bool]
+    ) -> list[ClaimedMessage]:
+        """Each lead's chat's next queued messages join its reply, up to the first one that must stand alone.
+
+        Once a reply exists, its wording is fixed: later messages wait for their own turn.
+        """
+        leads = {item.message.chat_key: item for item in claimed if item.reply_text is None and mergeable(item.message)}
+        if not leads:
+            return claimed
+        rows = c.execute(
+            "SELECT chat_key, key, message, attempts, reply_text, next_attempt_at FROM inbox"
+            " WHERE chat_key = ANY(%s) AND status = 'queued' ORDER BY chat_key, sort_ts, seq",
+            (list(leads),),
+        ).fetchall()
+        joined: dict[str, list[IncomingMessage]] = {chat: [] for chat in leads}
+        closed: set[str] = set()
+        followers: list[tuple[str, str]] = []  # (follower key, lead key)
+        for chat_key, key, text, attempts, reply_text, next_attempt_at in rows:
+            if chat_key in closed:
+                continue
+            follower = IncomingMessage.from_json(text)
+            # A message that was already tried has its own reply (maybe half sent): it keeps its turn.
+            if attempts or reply_text is not None or next_attempt_at > now or not mergeable(follower):
+                closed.add(chat_key)
+                continue
+            joined[chat_key].append(follower)
+            followers.append((key, leads[chat_key].message.dedupe_key))
+        if not followers:
+            return claimed
+        c.execute(
+            "UPDATE inbox SET status = 'merged', merged_into = f.lead, updated_at = %s"
+            " FROM unnest(%s::text[], %s::text[]) AS f(key, lead) WHERE inbox.key = f.key AND inbox.status = 'queued'",
+            (now, [key for key, _ in followers], [lead for _, lead in followers]),
+        )
+        result = []
+        for item in claimed:
+            extra = joined.get(item.message.chat_key) if leads.get(item.message.chat_key) is item else None
+            if extra:
+                item = replace(item, merged=(*item.merged, *extra))
+                c.execute(
+                    "UPDATE inbox SET merged = %s WHERE key = %s",
+                    (json.dumps([m.to_json() for m in item.merged]), item.message.dedupe_key),
+                )
+            result.append(item)
+        return result
+
+    def renew_leases(self, keys: Iterable[str], owner: str, *, lease_seconds: float) -> int:
+        """Extend the leases `owner` still holds among `keys`, in one step; returns how many it holds."""
+        now, keys = self.clock(), list(keys)
+        if not keys:
+            return 0
+        return self._write(
+            lambda c: self._count(
+                c,
+                "WITH renewed AS (UPDATE inbox SET lease_expires_at = %s WHERE key = ANY(%s) AND lease_owner = %s"
+                " AND status IN ('processing', 'sending') RETURNING 1) SELECT COUNT(*) FROM renewed",
+                (now + lease_seconds, keys, owner),
+            )
+        )
+
+    def begin_send(
+        self,
+        key: str,
+        owner: str,
+        *,
+        parts: list[str],
+        reply: tuple[str, Outcome] | None = None,
+        llm_cost_usd: float = 0.0,
+    ) -> SendVerdict:
+        """Last check before sendText (policy.send_verdict), with the message's row locked until it is acted on.
+
+        A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
+        `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
+        """
+        now = self.clock()
+
+        def work(c: Connection) -> SendVerdict:
+            row = c.execute(BEGIN_SEND_SQL, {"key": key, "now": now}).fetchone()
+            holds_lease = (
+                row is not None and row[1] == owner and row[0] in (InboxStatus.PROCESSING, InboxStatus.SENDING)
+            )
+            verdict, chat_key = SendVerdict.LOST, ""
+            if row is not None and holds_lease:
+                status, _, chat_key, parts_sent, earlier_open, paused = row
+                verdict = send_verdict(
+                    holds_lease=True,
+                    already_sending=status == InboxStatus.SENDING or parts_sent > 0,
+                    earlier_open=earlier_open,
+                    paused=paused,
+                )
+            if verdict is SendVerdict.YIELD:
+                # Answering now would overtake a message the customer sent first.
+                c.execute(
+                    "UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
+                    " lease_expires_at = 0, next_attempt_at = %s, reply_text = NULL, outcome = NULL,"
+                    " parts_sent = 0, merged = NULL, updated_at = %s WHERE key = %s",
+                    (now, now, key),
+                )
+                c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = %s", (key,))
+            elif verdict is SendVerdict.SEND:
+                # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
+                c.execute(
+                    "INSERT INTO sent (chat_key, text_hash, sent_at)"
+                    " SELECT %s, hash, %s FROM unnest(%s::text[]) AS hash",
+                    (chat_key, now, [text_fingerprint(part) for part in parts]),
+                )
+                c.execute(
+                    "UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s,"
+                    " reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,"
+                    " outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,"
+                    " parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END WHERE key = %(key)s",
+                    {
+                        "now": now,
+                        "new": reply is not None,
+                        "text": reply[0] if reply else None,
+                        "outcome": str(reply[1]) if reply else None,
+                        "key": key,
+                    },
+                )
+            if llm_cost_usd > 0:
+                self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
+            return verdict
+
+        return self._write(work)
+
+    def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool:
+        """Progress of a reply sent in parts: a retry resumes after the last part WAHA accepted.
+
+        False when the lease went to another worker meanwhile: this worker must stop sending.
+        """
+        now = self.clock()
+
+        def work(c: Connection) -> bool:
+            if sent_message_id:
+                c.execute(
+                    "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at)"
+                    " SELECT chat_key, '', %s, %s FROM inbox WHERE key = %s",
+                    (bare_message_id(sent_message_id), now, key),
+                )
+            return bool(
+                c.execute(
+                    "UPDATE inbox SET parts_sent = %s, sent_message_id = COALESCE(%s, sent_message_id),"
+                    " send_started_at = %s, updated_at = %s WHERE key = %s AND lease_owner = %s RETURNING 1",
+                    (parts_sent, sent_message_id, now, now, key, owner),
+                ).fetchone()
+            )
+
+        return self._write(work)
+
+    def finish(
+        self,
+        key: str,
+        owner: str,
+        *,
+        outcome: Outcome,
+        sent_message_id: str | None,
+        history: tuple[Turn, Turn] | None = None,
+        last_part_id: str | None = None,
+    ) -> None:
+        """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
+
+        Unlike the other updates this one does not require the lease: once WAHA took the text, the
+        message is answered even if our lease ran out meanwhile, and saying so prevents a second copy.
+        """
+        now = self.clock()
+
+        def work(c: Connection) -> None:
+            row = c.execute(
+                "UPDATE inbox SET status = 'done', outcome = %s, sent_message_id = COALESCE(%s, sent_message_id),"
+                " lease_owner = NULL, reply_text = NULL, finished_at = %s, updated_at = %s WHERE key = %s"
+                " AND status <> 'done' RETURNING chat_key",
+                (str(outcome), sent_message_id, now, now, key),
+            ).fetchone()
+            if row is None:
+                return
+            chat_key = row[0]
+            # Its bytes (and those of the burst) were only needed to write this reply.
+            c.execute(
+                "DELETE FROM media WHERE key = %s OR key IN (SELECT key FROM inbox WHERE merged_into = %s)", (key, key)
+            )
+            if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
+                c.execute(
+                    "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (%s, '', %s, %s)",
+                    (chat_key, bare_message_id(last_part_id), now),
+                )
+            if history is not None:
+                c.execute(
+                    "INSERT INTO history (chat_key, role, content, created_at)"
+                    " SELECT %s, role, content, %s FROM unnest(%s::text[], %s::text[]) AS turn(role, content)",
+                    (chat_key, now, [turn.role for turn in history], [turn.content for turn in history]),
+                )
+            # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
+            # ("too many messages") is not an answer either. Merged messages count with it.
+            counter = {
+                Outcome.FALLBACK: "messages_failed",
+                Outcome.SKIPPED: "messages_skipped",
+                Outcome.NOTICE: "messages_skipped",
+            }.get(outcome, "messages_processed")
+            self._bump_with_followers(
+                c,
+                "UPDATE inbox SET status = 'done', outcome = %s, finished_at = %s, updated_at = %s"
+                " WHERE merged_into = %s AND status = 'merged'",
+                (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
+                counters=[counter],
+            )
+
+        self._write(work)
+
+    def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> FailureVerdict:
+        """After a failed attempt: due again later, or given up once attempts are used (policy.failure_verdict)."""
+        now = self.clock()
+
+        def work(c: Connection) -> FailureVerdict:
+            row = c.execute(
+                "SELECT attempts FROM inbox WHERE key = %s AND lease_owner = %s FOR UPDATE", (key, owner)
+            ).fetchone()
+            verdict = failure_verdict(
+                holds_lease=row is not None, attempts=row[0] if row else 0, max_attempts=max_attempts
+            )
+            if verdict is FailureVerdict.FAILED:
+                c.execute(
+                    "UPDATE inbox SET status = 'failed', last_error = %s, lease_owner = NULL, finished_at = %s,"
+                    " updated_at = %s WHERE key = %s",
+                    (error[:500], now, now, key),
+                )
+                self._bump_with_followers(
+                    c,
+                    "UPDATE inbox SET status = 'failed', finished_at = %s, updated_at = %s"
+                    " WHERE merged_into = %s AND status = 'merged'",
+                    (now, now, key),
+                    counters=["messages_failed", "messages_undelivered"],
+                )
+            elif verdict is FailureVerdict.RETRY:
+                c.execute(
+                    "UPDATE inbox SET status = 'queued', last_error = %s, lease_owner = NULL, lease_expires_at = 0,"
+                    " next_attempt_at = %s, updated_at = %s WHERE key = %s",
+                    (error[:500], now + retry_in, now, key),
+                )
+            return verdict
+
+        return self._write(work)
+
+    def release(self, key: str, owner: str) -> None:
+        """Hand a message back untried (shutdown, crash in our code): due at once, attempt not counted.
+
+        A message caught mid-send keeps status 'sending', so whoever takes it next checks
+        WAHA before sending again. Merged messages stay with it.
+        """
+        now = self.clock()
+        self._write(
+            lambda c: c.execute(
+                "UPDATE inbox SET status = CASE status WHEN 'sending' THEN 'sending' ELSE 'queued' END,"
+                " attempts = GREATEST(attempts - 1, 0), lease_owner = NULL, lease_expires_at = 0,"
+                " next_attempt_at = %s, updated_at = %s WHERE key = %s AND lease_owner = %s"
+                " AND status IN ('processing', 'sending')",
+                (now, now, key, owner),
+            )
+        )
+
+    def expire_leases(self) -> int:
+        """At server start every lease belongs to a process that is gone: make their messages due now."""
+        return self._write(
+            lambda c: self._count(
+                c,
+                "WITH expired AS (UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL"
+                " WHERE status IN ('processing', 'sending') RETURNING 1) SELECT COUNT(*) FROM expired",
+            )
+        )
+
+    def prune(self, *, older_than: float, history_older_than: float) -> int:
+        """Forget finished messages past the retention and conversation turns past their TTL."""
+
+        def work(c: Connection) -> int:
+            removed = self._count(
+                c,
+                "WITH gone AS (DELETE FROM inbox WHERE status IN ('done', 'failed') AND finished_at < %s RETURNING 1)"
+                " SELECT COUNT(*) FROM gone",
+                (older_than,),
+            )
+            c.execute("DELETE FROM history WHERE created_at < %s", (history_older_than,))
+            c.execute("DELETE FROM sent WHERE sent_at < %s", (older_than,))
+            # Bytes whose message is finished or gone (the reply no longer needs them).
+            c.execute(
+                "DELETE FROM media WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.key = media.key"
+                f" AND inbox.status IN {OPEN_SQL})"
+            )
+            return removed
+
+        return self._write(work)
+
+    # --- media bytes ---------------------------------------------------------------------------------
+
+    def put_media(self, key: str, *, mimetype: str, data: bytes) -> None:
+        """Keep a message's media until the message is finished or pruned (written once; a redelivery is a no-op)."""
+        now = self.clock()
+        self._write(
+            lambda c: c.execute(
+                "INSERT INTO media (key, mimetype, data, size, created_at) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (key) DO NOTHING",
+                (key, mimetype, data, len(data), now),
+            )
+        )
+
+    def get_media(self, key: str) -> MediaBlob | None:
+        row = self._run(
+            lambda c: c.execute("SELECT mimetype, data, created_at FROM media WHERE key = %s", (key,)).fetchone()
+        )
+        return MediaBlob(key=key, mimetype=row[0], data=bytes(row[1]), created_at=row[2]) if row else None
