@@ -178,6 +178,7 @@ class PostgresChatStore(PostgresBase):
             ).fetchall()
             opted_out = c.execute("SELECT COUNT(*) FROM chat_state WHERE opted_out").fetchone()
             media = c.execute("SELECT COALESCE(SUM(size), 0) FROM media").fetchone()
+            chats = c.execute("SELECT COUNT(*) FROM chat_state").fetchone()
             return StoreSnapshot(
                 counters={name: int(value) for name, value in counters},
                 by_status=dict(by_status.fetchall()),
@@ -185,6 +186,7 @@ class PostgresChatStore(PostgresBase):
                 paused=dict(paused),
                 opted_out=opted_out[0] if opted_out else 0,
                 media_bytes=int(media[0]) if media else 0,
+                chats=chats[0] if chats else 0,
             )
 
         return self._run(work, begin="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

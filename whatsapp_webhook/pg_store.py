@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
@@ -433,6 +434,14 @@ class PostgresStore(PostgresChatStore):
             )
             c.execute("DELETE FROM history WHERE created_at < %s", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < %s", (older_than,))
+            # A chat nobody has heard from since the retention began (as in the SQLite store).
+            older_day = datetime.fromtimestamp(older_than, UTC).strftime("%Y-%m-%d")
+            c.execute(
+                "DELETE FROM chat_state s WHERE NOT s.opted_out AND s.paused_until < %s AND s.minute_start < %s"
+                " AND s.notice_at < %s AND s.day < %s AND NOT EXISTS (SELECT 1 FROM inbox m WHERE"
+                f" m.chat_key = s.chat_key AND (m.status IN {OPEN_SQL} OR m.finished_at >= %s))",
+                (older_than, older_than, older_than, older_day, older_than),
+            )
             # Bytes whose message is finished or gone (the reply no longer needs them).
             c.execute(
                 "DELETE FROM media WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.key = media.key"
