@@ -20,42 +20,21 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
+from whatsapp_webhook.texts import (
+    DEFAULT_FALLBACK_MESSAGE,
+    DEFAULT_NON_TEXT_REPLY,
+    DEFAULT_RATE_LIMIT_REPLY,
+    DEFAULT_RESET_REPLY,
+    DEFAULT_START_REPLY,
+    DEFAULT_STOP_REPLY,
+    DEFAULT_SYSTEM_PROMPT,
+)
+
 T = TypeVar("T")
 
 
 # The folder of whatsapp_webhook_server.py: the default state file and .env.webhook live beside it.
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are the WhatsApp assistant of a business. Answer the customer's message "
-    "helpfully, politely and briefly, in the same language the customer wrote in. "
-    "Write plain text suitable for WhatsApp: short paragraphs, no Markdown tables or "
-    "headings. If you do not know something about the business, say so honestly and "
-    "offer to pass the question to a human."
-)
-
-
-DEFAULT_FALLBACK_MESSAGE = "Desculpe, não consegui responder agora. Por favor, tente novamente em alguns minutos."
-
-
-DEFAULT_NON_TEXT_REPLY = "Por enquanto eu só entendo mensagens de texto. Pode me escrever sua pergunta?"
-
-
-DEFAULT_RESET_REPLY = "Pronto! Comecei uma conversa nova. Como posso ajudar?"
-
-
-DEFAULT_STOP_REPLY = (
-    "Tudo bem, não vou mais responder automaticamente. Se quiser voltar a falar com o assistente, envie VOLTAR."
-)
-
-
-DEFAULT_START_REPLY = "Que bom ter você de volta! Como posso ajudar?"
-
-
-DEFAULT_RATE_LIMIT_REPLY = (
-    "Recebi muitas mensagens em pouco tempo. Vou pausar as respostas por alguns instantes; tente de novo em breve."
-)
 
 
 # Served on OpenRouter as of 2026-12 (../shared/reference/openrouter.md §9); `--check` verifies them
