@@ -639,6 +639,27 @@ def test_markdown_code_block_is_a_fixed_point_property(block):
     assert md(md(block)) == md(block)
 
 
+@pytest.mark.parametrize("src, want", [
+    ("\ue0000\ue001", "\ue0000\ue001"),  # was an IndexError: read as the formatter's own token 0
+    ("`a` \ue0000\ue001 **b**", "`a` \ue0000\ue001 *b*"),  # was the code span again
+    ("a\ue002b **c**", "a\ue002b *c*"),  # was "a*b": read as a bold mark
+])
+def test_private_use_characters_are_text(src, want):
+    assert md(src) == want
+
+
+SENTINEL_TEXTS = st.lists(st.one_of(st.sampled_from([*"\ue000\ue001\ue002\ue003\ue004", "0", "12", "`x`", "**"]),
+                                    st.text(max_size=4)), max_size=30).map("".join)
+
+
+@PROPERTY
+@given(SENTINEL_TEXTS)
+def test_markdown_never_raises_and_keeps_private_use_characters_property(src):
+    out = md(src)
+    for char in "\ue000\ue001\ue002\ue003\ue004":
+        assert out.count(char) == src.count(char)
+
+
 # --------------------------------------------------------------------------- hostile sizes
 #
 # A reply is untrusted text and formatting runs on a worker thread: quadratic time on 200k characters is

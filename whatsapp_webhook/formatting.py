@@ -12,6 +12,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 _FENCE = re.compile(r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)")  # unclosed: to the end
+_SENTINELS = re.compile("[\ue000-\ue004]")  # the private-use characters used below as tokens and marks
 _TOKEN = re.compile("\ue000(\\d+)\ue001")
 _BACKTICKS = re.compile(r"`+")
 _CODE_TEXT = re.compile(r"[^`\n]+")
@@ -114,6 +115,8 @@ def markdown_to_whatsapp(text: str) -> str:
         stash.append(s)
         return f"\ue000{len(stash) - 1}\ue001"
 
+    # The reply's own private-use characters are stashed first, so they can never pose as our tokens.
+    text = _SENTINELS.sub(lambda m: keep(m[0]), text)
     # Marks we emit are placeholders so later passes (e.g. italic) cannot re-read them.
     bold, ital, strike = "\ue002", "\ue003", "\ue004"
     text = _FENCE.sub(lambda m: keep(m[0]), text)
