@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -10,7 +11,7 @@ import httpx
 
 from fakes import waha_payloads as wp
 from tests.conftest import completion, post_event
-from whatsapp_webhook import EXTENSION_KEY
+from whatsapp_webhook import EXTENSION_KEY, pipeline
 from whatsapp_webhook.events import classify_event, parse_event
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.settings import (
@@ -161,6 +162,39 @@ def test_a_reply_interrupted_between_parts_resumes_after_the_last_part_sent(make
     assert len(parts) == len(set(parts)) and len(parts) == len(split_message(
         markdown_to_whatsapp(LONG_MARKDOWN), 500))
     assert upstreams.llm.call_count == 1
+
+
+def test_formatting_and_splitting_run_off_the_event_loop(make_app, upstreams, monkeypatch) -> None:
+    """A long hostile reply is CPU work: on the loop's thread it would freeze every other chat of the worker."""
+    on_loop: list[tuple[str, bool]] = []
+
+    def watched(name, function):
+        def call(*args):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append((name, True))
+            except RuntimeError:  # no loop in this thread: a worker thread
+                on_loop.append((name, False))
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(pipeline, "markdown_to_whatsapp", watched("markdown_to_whatsapp", markdown_to_whatsapp))
+    monkeypatch.setattr(pipeline, "split_message", watched("split_message", split_message))
+    upstreams.llm.side_effect = lambda request: httpx.Response(200, json=completion(LONG_MARKDOWN))
+    healthy = upstreams.send_text.side_effect
+    calls = {"n": 0}
+
+    def fail_the_second(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(422, json={"error": "busy"}) if calls["n"] == 2 else healthy(request)
+
+    upstreams.send_text.side_effect = fail_the_second
+    client = make_app(max_message_chars=500, waha_send_attempts=1).test_client()
+    envelope = customer("Qual o horário?")
+    post_event(client, envelope)
+    post_event(client, envelope)  # the redelivery resumes the written reply: split again, not formatted again
+    assert [name for name, _ in on_loop] == ["markdown_to_whatsapp", "split_message", "split_message"]
+    assert not any(loop for _, loop in on_loop)
 
 
 # --- human handoff and opt-out ---------------------------------------------------------------------

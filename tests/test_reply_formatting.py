@@ -2,8 +2,13 @@
 
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from whatsapp_webhook.formatting import markdown_to_whatsapp as md
 from whatsapp_webhook.formatting import split_message
@@ -446,3 +451,257 @@ def test_random_markdown_keeps_code_verbatim():
         for code in codes:
             if code.strip("`").strip():
                 assert code in out
+
+
+# --------------------------------------------------------------------------- properties (hypothesis)
+#
+# Hypothesis finds the inputs hand-written cases miss. The reference copies below are the quadratic
+# implementation this module's cases were written against: on inputs small enough for them to be fast,
+# the linear implementation must give exactly the same output.
+
+
+def reference_markdown_to_whatsapp(text: str) -> str:
+    stash: list[str] = []
+
+    def keep(s: str) -> str:
+        stash.append(s)
+        return f"\ue000{len(stash) - 1}\ue001"
+
+    bold, ital, strike = "\ue002", "\ue003", "\ue004"
+    fence = r"(?ms)^[ \t]*(`{3,}|~{3,})[^`\n]*$.*?(?:^[ \t]*\1[ \t]*$|\Z)"
+    text = re.sub(fence, lambda m: keep(m[0]), text)
+    text = re.sub(r"(`+)[^`\n]+\1", lambda m: keep(m[0]), text)
+    url = r"((?:[^()\s]|\([^()\s]*\))+)"
+    text = re.sub(rf"!\[([^\]\n]*)\]\({url}\)", lambda m: f"{m[1]}: {keep(m[2])}" if m[1] else keep(m[2]), text)
+    text = re.sub(rf"\[([^\]\n]+)\]\({url}\)", lambda m: keep(m[2]) if m[1] == m[2] else f"{m[1]} ({keep(m[2])})", text)
+    text = re.sub(r"(?:https?://|www\.)[^\s<>]*[^\s<>.,;:!?'\")\]*_~]", lambda m: keep(m[0]), text)
+    lines = []
+    for line in text.split("\n"):
+        if "|" in line and "-" in line and re.fullmatch(r"[\s|:-]+", line):
+            continue
+        if re.fullmatch(r"[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*", line):
+            line = ""
+        elif m := re.fullmatch(r"[ \t]{0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*", line):
+            line = bold + m[1].replace("**", "") + bold
+        elif line.lstrip().startswith("|"):
+            line = " | ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
+        else:
+            line = re.sub(r"^([ \t]*)[*+-][ \t]+", r"\1• ", line)
+        lines.append(line)
+    text = "\n".join(lines)
+    for marks, out in (("***", bold + ital), ("**", bold), ("__", bold), ("~~", strike), ("*", ital), ("_", ital)):
+        c, escaped = re.escape(marks[0]), re.escape(marks)
+
+        def close(g, out=out):
+            return out + g[1] + out[::-1]
+
+        text = re.sub(rf"(?<![\w{c}]){escaped}(?![\s{c}])([^\n]+?)(?<![\s{c}]){escaped}(?![\w{c}])", close, text)
+    for mark, char in ((bold, "*"), (ital, "_"), (strike, "~")):
+        text = text.replace(mark, char)
+    text = re.sub(r"\n(?:[ \t]*\n){3,}", "\n\n\n", text)
+    token = re.compile("\ue000(\\d+)\ue001")
+
+    def restore(m):
+        return token.sub(restore, stash[int(m[1])])
+
+    return token.sub(restore, text).strip()
+
+
+def reference_split_message(text: str, max_chars: int = 1500) -> list[str]:
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    text = text.strip()
+    breaks = [re.compile(p) for p in (r"(?=\n[ \t]*\n)", r"(?=\n)", r"[.!?…]+[\"'”’»)\]]*(?=\s)", r"(?=\s)")]
+    ws = re.compile(r"\s*")
+
+    def after_space(pos):
+        return ws.match(text, pos).end()
+
+    blocked = [m.span() for m in FENCE.finditer(text) if len(m[0]) <= max_chars]
+
+    def best_cut(start):
+        limit = start + max_chars
+        end = after_space(limit)
+        for pattern in breaks:
+            cuts = [
+                c
+                for m in pattern.finditer(text, start + 1, end)
+                if (c := m.end()) <= limit and not any(a < c < b for a, b in blocked)
+            ]
+            if cuts:
+                return cuts[-1]
+        return limit
+
+    parts = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = best_cut(start)
+        parts.append(text[start:cut].rstrip())
+        start = after_space(cut)
+    return [*parts, text[start:]] if text else []
+
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None)  # shared CI cores; no .hypothesis/ files
+
+# Any character but surrogates and private use (the latter are the formatter's own tokens: see below).
+CHARS = st.characters(exclude_categories=("Cs", "Co"))
+MD_PIECES = [
+    "*", "**", "***", "_", "__", "~", "~~", "`", "``", "```", "~~~", "#", "## ", "###### ", "####### ",
+    "[", "]", "(", ")", "![", "](", "|", "|---|", ":-:", "-", "---", "* ", "- ", "+ ", "> ", "•",
+    " ", "  ", "\t", "\n", "\n\n", "\n \n", "\n\n\n\n", ".", "!", "?", "…", "...", '"', "”", "»", ",", ":",
+    "a", "b", "word", "é", "😀", "2", "https://", "http://x.io/a_b", "www.", "<", ">", "\u00a0", "\r", "\u2028",
+]
+markdown_texts = st.lists(st.one_of(st.sampled_from(MD_PIECES), st.text(CHARS, max_size=3)), max_size=60).map(
+    "".join
+)
+code_blocks = st.builds(
+    lambda fence, info, body: f"{fence}{info}\n{body}\n{fence}",
+    st.sampled_from(["```", "````", "~~~"]),
+    st.sampled_from(["", "py", "bash"]),
+    st.lists(st.sampled_from(["**x**", "_y_", "# h", "- li", "[a](b)", "---", "", "  a  b", "~~s~~", "| a |"]),
+             max_size=6).map("\n".join),
+)
+split_texts = st.lists(
+    st.one_of(st.sampled_from(MD_PIECES), st.text(CHARS, max_size=12), code_blocks.map(lambda c: f"\n{c}\n")),
+    max_size=40,
+).map("".join)
+
+
+@PROPERTY
+@given(markdown_texts)
+def test_markdown_matches_reference_property(src):
+    assert md(src) == reference_markdown_to_whatsapp(src)
+
+
+@PROPERTY
+@given(st.text(CHARS, max_size=80))
+def test_markdown_matches_reference_on_any_text_property(src):
+    assert md(src) == reference_markdown_to_whatsapp(src)
+
+
+@PROPERTY
+@given(split_texts, st.integers(1, 90))
+def test_split_matches_reference_property(text, max_chars):
+    assert split_message(text, max_chars) == reference_split_message(text, max_chars)
+
+
+@PROPERTY
+@given(split_texts, st.integers(1, 120))
+def test_split_invariants_property(text, max_chars):
+    parts = split_message(text, max_chars)
+    check_invariants(text, parts, max_chars)  # non-empty, <= max_chars, rejoin, fitting code blocks whole
+    if len(text.strip()) <= max_chars:
+        assert parts == ([text.strip()] if text.strip() else [])
+
+
+def joined(pieces, max_size):
+    return st.lists(st.sampled_from(pieces), max_size=max_size).map("".join)
+
+
+FILLER = joined([*"ab é*_#-+|>.,!?:\n\t", "**", "__", "~~", "[x]", "(y)", "😀"], 30)
+URLS = st.builds(
+    lambda scheme, path, last: f"{scheme}example.com/{path}{last}",
+    st.sampled_from(["https://", "http://", "www."]),
+    st.text(st.sampled_from(list("az09_*~/.-")), max_size=15),
+    st.sampled_from(list("az0/")),
+)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(FILLER, st.one_of(code_blocks, URLS, st.text(st.sampled_from("ab *_~#"), min_size=1,
+                                                                     max_size=8).map(lambda s: f"`{s}`"))),
+                max_size=5))
+def test_markdown_never_touches_code_or_urls_property(chunks):
+    kept = []
+    src = ""
+    for filler, verbatim in chunks:
+        # Code blocks on lines of their own, URLs and inline code set off by spaces.
+        src += f"{filler}\n{verbatim}\n" if verbatim[:3] in ("```", "~~~") else f"{filler} {verbatim} "
+        kept.append(verbatim)
+    out = md(src)
+    for verbatim in kept:
+        assert verbatim in out
+
+
+@PROPERTY
+@given(joined([*"ab é1.,!?:;-+•> \t\n", "\n\n\n\n", "---", "- - -"], 60))
+def test_markdown_is_idempotent_without_emphasis_marks_property(src):
+    # Prose, lists, rules and blank lines. Not other blanks, where the final strip can uncover a rule
+    # (md("\xa0---") == "---", md("---") == ""), nor tables with empty cells (md("| |a") == "| a").
+    once = md(src)
+    assert md(once) == once
+
+
+@PROPERTY
+@given(code_blocks)
+def test_markdown_code_block_is_a_fixed_point_property(block):
+    assert md(block) == block.strip()
+    assert md(md(block)) == md(block)
+
+
+@pytest.mark.parametrize("src, want", [
+    ("\ue0000\ue001", "\ue0000\ue001"),  # was an IndexError: read as the formatter's own token 0
+    ("`a` \ue0000\ue001 **b**", "`a` \ue0000\ue001 *b*"),  # was the code span again
+    ("a\ue002b **c**", "a\ue002b *c*"),  # was "a*b": read as a bold mark
+])
+def test_private_use_characters_are_text(src, want):
+    assert md(src) == want
+
+
+SENTINEL_TEXTS = st.lists(st.one_of(st.sampled_from([*"\ue000\ue001\ue002\ue003\ue004", "0", "12", "`x`", "**"]),
+                                    st.text(max_size=4)), max_size=30).map("".join)
+
+
+@PROPERTY
+@given(SENTINEL_TEXTS)
+def test_markdown_never_raises_and_keeps_private_use_characters_property(src):
+    out = md(src)
+    for char in "\ue000\ue001\ue002\ue003\ue004":
+        assert out.count(char) == src.count(char)
+
+
+# --------------------------------------------------------------------------- hostile sizes
+#
+# A reply is untrusted text and formatting runs on a worker thread: quadratic time on 200k characters is
+# minutes of a frozen worker. The guard runs each input in a child Python and fails if it is still busy
+# after 60 s (the quadratic implementation took minutes), so it asserts no timing on a loaded machine.
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTILE_MARKDOWN = [
+    '"*a " * 66_667',  # one unclosed italic after another: each rescanned the rest of the line
+    '"**a " * 50_000',
+    '"_a " * 66_667',
+    '"~~a " * 50_000',
+    '"_" * 200_000',
+    '"~" * 200_000',
+    '"[" * 200_000',  # brackets that never close
+    '"![" * 100_000',
+    '"[" * 100_000 + "]" * 100_000',  # deeply nested brackets for links
+    '"x " + "`" * 200_000',  # a backtick storm inside a line
+    '"```\\n" * 50_000',  # a fence storm
+    '"# a" + " " * 200_000 + "b"',  # a heading with a long run of blanks
+]
+HOSTILE_SPLIT = [
+    ('"```\\n```\\n" * 25_000', 1500),  # many small code blocks
+    ('"```\\ncode line\\n```\\n" * 11_112', 1500),
+    ('"```\\n" + "x " * 100_000', 1500),  # an unclosed fence
+    ('"." * 200_000', 199_999),  # one run of sentence ends as long as a part
+]
+
+
+def run_guarded(call: str, expr: str) -> None:
+    code = f"from whatsapp_webhook.formatting import *\ntext = {expr}\nassert len(text) >= 200_000\n{call}"
+    try:
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60, check=True, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{call} still running after 60 s on {expr}: formatting is not linear")
+
+
+@pytest.mark.parametrize("expr", HOSTILE_MARKDOWN)
+def test_markdown_hostile_input_does_not_hang(expr):
+    run_guarded("markdown_to_whatsapp(text)", expr)
+
+
+@pytest.mark.parametrize("expr, max_chars", HOSTILE_SPLIT)
+def test_split_hostile_input_does_not_hang(expr, max_chars):
+    run_guarded(f"parts = split_message(text, {max_chars}); assert len(parts) > 1 or '.' in text", expr)

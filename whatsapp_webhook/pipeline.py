@@ -150,7 +150,7 @@ class ReplyPipeline:
             text, outcome, history = claimed_text, claimed.outcome or Outcome.SUCCESS, None
             if claimed.outcome is Outcome.SUCCESS:
                 history = (Turn(role="user", content="\n".join(claimed.texts)), Turn(role="assistant", content=text))
-            parts = split_message(text, self.settings.max_message_chars)
+            parts = await asyncio.to_thread(split_message, text, self.settings.max_message_chars)
             # The worker before us died mid-send: did that part leave?
             if (
                 claimed.previous_status is InboxStatus.SENDING
@@ -185,7 +185,7 @@ class ReplyPipeline:
                     )
                 return
             text, outcome, history, cost = composed.text, composed.outcome, composed.history, composed.llm_cost_usd
-            parts, parts_sent = split_message(text, self.settings.max_message_chars), 0
+            parts, parts_sent = await asyncio.to_thread(split_message, text, self.settings.max_message_chars), 0
 
         verdict = await asyncio.to_thread(
             self.store.begin_send,
@@ -311,7 +311,7 @@ class ReplyPipeline:
         user_turn = "\n".join(claimed.texts)
         reply = await self._ask_llm(message, user_turn, history, context)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
-        formatted = markdown_to_whatsapp(reply.text) if reply is not None else ""
+        formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
             return ComposedReply(text=settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
