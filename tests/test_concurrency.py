@@ -129,3 +129,24 @@ def test_the_background_loop_runs_coroutines_and_callbacks_from_other_threads() 
         background.stop()
     assert background.loop.is_closed() and not background.thread.is_alive()
     background.stop()  # stopping twice is harmless
+
+
+def test_every_runs_blocking_work_in_the_pool_again_and_again_until_the_loop_stops() -> None:
+    background = BackgroundLoop(name="test-loop")
+    runs: list[str] = []
+    three = threading.Event()
+
+    def work() -> None:
+        runs.append(threading.current_thread().name)
+        if len(runs) == 3:
+            three.set()
+
+    try:
+        background.every(0.01, work)
+        assert three.wait(5)
+    finally:
+        background.stop()
+    assert all(name.startswith("store") for name in runs)  # the loop's thread pool, never the loop itself
+    stopped_at = len(runs)
+    time.sleep(0.05)
+    assert len(runs) <= stopped_at + 1  # at most one already handed to the pool when the loop stopped

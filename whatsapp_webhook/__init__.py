@@ -8,7 +8,8 @@ How one message travels (module.function, and the thread it runs on):
     3. events.parse_event types the envelope (400 for bad JSON or field types); events.classify_event decides:
        a customer message (IncomingMessage), our own or a person's message from this account (OwnMessage:
        handoff, /bot off), a session.status (SessionStatus, recorded by health.HealthReporter), or Ignored
-       with a reason (200, nothing recorded).
+       with a reason (200; service.RequestTally counts it, and the rejections, in memory and writes them
+       to the store about once a second).
     4. store.StateStore.accept records the message durably (the inbox) before any 2xx; a duplicate is ignored.
        Writes from every thread and worker queue at concurrency.WriterGate, which commits them in groups.
        (STATE_DB=postgresql://... : pg_store.PostgresStore does the same in PostgreSQL; stores.open_store picks.)

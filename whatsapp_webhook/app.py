@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, WEBHOOK_SERVICE_NAME
 from whatsapp_webhook.health import HealthReporter
 from whatsapp_webhook.logs import configure_logging, log
-from whatsapp_webhook.metrics import REQUESTS_REJECTED, metrics_document
+from whatsapp_webhook.metrics import metrics_document
 from whatsapp_webhook.service import WebhookService
 from whatsapp_webhook.settings import SettingsError, load_settings
 from whatsapp_webhook.store_api import Store, StoreUnavailable
@@ -114,9 +114,7 @@ def create_app(
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
         if exc.code == 413:
-            log.warning("request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
-            service.count_quietly("requests_rejected")
-            REQUESTS_REJECTED.labels("413").inc()
+            service.reject(413, "request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
             _discard_unread_body(limit=8 * settings.max_body_bytes)
             return jsonify({"error": f"request body is larger than {settings.max_body_bytes} bytes"}), 413
         return jsonify({"error": exc.description or exc.name}), exc.code

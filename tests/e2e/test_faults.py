@@ -2,7 +2,8 @@
 
 Each test scripts one fault into the fake LLM, the fake WAHA, the gunicorn processes or
 the state file, then checks what WAHA saw (status codes), what the customer got (the
-fake WAHA's delivered texts) and that /stats adds up.
+fake WAHA's delivered texts) and that /stats adds up. The last section sends what an
+attacker would (hostile HTTP) and checks that the server still answers as documented.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from fakes import FakeWaha
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornServer
 from tests.e2e.conftest import WAHA_KEY
-from tests.e2e.test_gunicorn import deliver, stats, wait_for
+from tests.e2e.test_gunicorn import WEBHOOK, deliver, stats, stats_on_every_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -310,3 +312,33 @@ def test_sigterm_releases_webhooks_waiting_for_replies_at_once(start_server, fak
     server.start()
     wait_for(lambda: customer_texts(fake_waha, envelope["payload"]["from"]), timeout=15)
     assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Resposta demorada"]
+
+
+# --- hostile HTTP ----------------------------------------------------------------------------------
+
+HMAC_KEY = "e2e-hostile-hmac"
+
+
+def test_an_unsigned_flood_is_counted_in_batches_and_logged_in_summaries(start_server) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY)
+    sent = 3000
+
+    def flood(share: int) -> list[int]:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            return [http.post(WEBHOOK, content=b'{"event":"message"}',
+                              headers={"Content-Type": "application/json"}).status_code for _ in range(share)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = [s for shares in pool.map(flood, [sent // 8] * 8) for s in shares]
+    assert statuses == [401] * sent
+    for counts in stats_on_every_worker(server, lambda s: s["requests_unauthorized"] == sent):
+        assert counts["requests_unauthorized"] == sent
+    lines = [line for line in server.log_text().splitlines() if "rejected status=401" in line]
+    print(f"\n{len(lines)} log lines for {sent} rejections while the flood lasted")
+    assert len(lines) <= 4  # the first rejection of each worker, at most one summary each
+    assert server.stop() == 0
+    # At exit each worker sums up what it did not log one by one.
+    log = server.log_text()
+    firsts = log.count("rejected status=401 reason=")
+    summed = sum(int(n) for n in re.findall(r"requests rejected status=401: (\d+) more since", log))
+    assert firsts + summed == sent, (firsts, summed)
