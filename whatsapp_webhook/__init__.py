@@ -2,6 +2,10 @@
 
 How one message travels (module.function, and the thread it runs on):
 
+  gunicorn worker, its main thread (gunicorn_worker.ReadDeadlineWorker, gthread with a read deadline):
+    0. The poller gathers the request's headers (and a small body) and closes connections that do not
+       deliver them within REQUEST_READ_TIMEOUT_SECONDS; only then does a request thread take over.
+
   gunicorn worker, a gthread request thread:
     1. app.create_app's POST route hands the raw bytes and headers to service.WebhookService.handle_webhook.
     2. signature.verify_token / verify_waha_hmac check the sender (401 otherwise).
@@ -32,7 +36,8 @@ How one message travels (module.function, and the thread it runs on):
 
 Dependencies point one way, leaves first: texts, settings, logs, ownership, formatting, signature, metrics,
 store_api, policy, store_schema, pg_schema, health, events, concurrency, sqlite_base, chat_store, store,
-pg_base, pg_chat_store, pg_store, stores, upstream, llm, waha, pipeline, worker, service, app, cli.
+pg_base, pg_chat_store, pg_store, stores, upstream, llm, waha, pipeline, worker, service, gunicorn_worker, app,
+cli.
 """
 
 __version__ = "1.1.0"

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from fakes import FakeWaha
+from fakes import hostile_http as hostile
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornServer
 from tests.e2e.conftest import WAHA_KEY
@@ -317,6 +318,52 @@ def test_sigterm_releases_webhooks_waiting_for_replies_at_once(start_server, fak
 # --- hostile HTTP ----------------------------------------------------------------------------------
 
 HMAC_KEY = "e2e-hostile-hmac"
+# Latencies under attack are printed (pytest -s), never asserted: the machine is shared; client timeouts
+# are generous instead.
+
+
+def test_150_slow_clients_do_not_stop_valid_webhooks_or_health(start_server, fake_waha) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY, REQUEST_READ_TIMEOUT_SECONDS="2")
+    attack = hostile.SlowClients(server.url, count=150, interval=1.0, seconds=90).start()
+    answered: list[tuple[str, int, float]] = []
+    try:
+        time.sleep(1)  # every slow client is connected and holding on
+        began = time.monotonic()
+        while time.monotonic() - began < 10 and len(answered) < 200:  # ~10 s of the attack, bounded
+            envelope = wp.text_message("WEBJS", body=f"Sob ataque {len(answered)}")
+            started = time.monotonic()
+            response = deliver(server, envelope, hmac_key=HMAC_KEY)
+            answered.append(("webhook", response.status_code, time.monotonic() - started))
+            assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+            status, took = hostile.probe(server.url, "/health", timeout=30)
+            answered.append(("health", status, took))
+            assert status == 200
+            time.sleep(0.2)
+    finally:
+        closed = attack.stop()
+    for kind in ("webhook", "health"):
+        took = sorted(t for k, _, t in answered if k == kind)
+        print(f"\n{len(took)} {kind} answers under attack, seconds: median {took[len(took) // 2]:.3f}, "
+              f"max {took[-1]:.3f}; all: {' '.join(f'{t:.3f}' for t in took)}")
+    print(f"the server closed {closed} slow connections of {attack.connections} opened")
+    assert len(answered) >= 4
+    assert closed >= 150  # every slow client was cut off at least once, none was waited for
+    assert len(fake_waha.delivered_texts()) == len(answered) // 2
+    assert "had not sent a whole request within REQUEST_READ_TIMEOUT_SECONDS=2s" in server.log_text()
+    assert "Traceback" not in server.tail(200)
+
+
+def test_clients_that_stay_silent_after_their_answer_do_not_stall_the_workers(server) -> None:
+    # Each connection is answered and closed by the server; the client then neither reads nor hangs up.
+    # gthread's graceful close waited up to 2 s for it in the worker's main thread, one connection after another.
+    sockets = hostile.silent_after_answer(server.url, 200)
+    try:
+        answers = [hostile.probe(server.url, "/health", timeout=20) for _ in range(5)]
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"\n/health with 200 silent clients, seconds: {' '.join(f'{took:.3f}' for _, took in answers)}")
+    assert [status for status, _ in answers] == [200] * 5
 
 
 def test_an_unsigned_flood_is_counted_in_batches_and_logged_in_summaries(start_server) -> None:
