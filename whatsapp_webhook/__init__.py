@@ -7,7 +7,9 @@ How one message travels (module.function, and the thread it runs on):
        deliver them within REQUEST_READ_TIMEOUT_SECONDS; only then does a request thread take over.
 
   gunicorn worker, a gthread request thread:
-    1. app.create_app's POST route hands the raw bytes and headers to service.WebhookService.handle_webhook.
+    1. app.create_app's POST route reads the whole body (app.read_whole_body: 413 over MAX_BODY_BYTES
+       whatever the framing, 400 when cut short or malformed) and hands the raw bytes and headers to
+       service.WebhookService.handle_webhook.
     2. signature.verify_token / verify_waha_hmac check the sender (401 otherwise).
     3. events.parse_event types the envelope (400 for bad JSON or field types); events.classify_event decides:
        a customer message (IncomingMessage), our own or a person's message from this account (OwnMessage:
@@ -47,3 +49,6 @@ SERVICE_NAME = "whatsapp_webhook_server"
 WEBHOOK_SERVICE_NAME = "whatsapp_webhook"
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 EXTENSION_KEY = "whatsapp_webhook"  # where create_app keeps the WebhookService in app.extensions
+# In the WSGI environ under gunicorn_worker: call it to close the connection after the answer instead of
+# reading the rest of a body the app refused.
+CLOSE_CONNECTION_KEY = "whatsapp_webhook.close_connection"

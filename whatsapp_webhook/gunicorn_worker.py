@@ -16,6 +16,9 @@ The deadline is REQUEST_READ_TIMEOUT_SECONDS after the connection was accepted o
 connection, after the next request's first byte. A connection still gathering then is closed (checked on
 each turn of gthread's loop, so up to a second late).
 
+The app may also ask for a connection to be closed after its answer (environ[CLOSE_CONNECTION_KEY]()),
+when it refused a body without reading it (413): gthread would otherwise drain the rest first.
+
 Closing: gthread closes a finished connection in its main thread with gunicorn.util.close_graceful, which
 blocks up to 2 s reading what the client still sends (so that unread bytes do not turn the close into a
 reset that could cut the answer short): a client that simply stays silent stops the whole worker for 2 s,
@@ -42,6 +45,7 @@ from gunicorn.http.errors import NoMoreData
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from whatsapp_webhook import CLOSE_CONNECTION_KEY
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.metrics import SLOW_REQUESTS_CLOSED
 from whatsapp_webhook.policy import EveryMinute
@@ -163,6 +167,7 @@ class ReadDeadlineWorker(ThreadWorker):  # type: ignore[misc]
     """gthread, with every request read under a deadline (gunicorn.conf.py: worker_class)."""
 
     read_timeout_seconds = 10.0  # gunicorn.conf.py's post_fork sets REQUEST_READ_TIMEOUT_SECONDS
+    wsgi: Any  # the app, set by gunicorn's load_wsgi
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -309,6 +314,20 @@ class ReadDeadlineWorker(ThreadWorker):  # type: ignore[misc]
             )
 
     # --- a request thread ----------------------------------------------------------------------------
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app = self.wsgi
+
+        def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+            # start_response is gunicorn's Response.start_response: force_close() before the headers go out
+            # makes them say "Connection: close", and gthread then neither drains the body nor keeps it alive.
+            force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+            if force_close is not None:
+                environ[CLOSE_CONNECTION_KEY] = force_close
+            return app(environ, start_response)
+
+        self.wsgi = wsgi
 
     def handle(self, conn: DeadlineConn) -> Any:
         if conn.deadline is None:  # a request read ahead behind the previous one, or not gathered

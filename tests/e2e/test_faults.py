@@ -318,6 +318,8 @@ def test_sigterm_releases_webhooks_waiting_for_replies_at_once(start_server, fak
 # --- hostile HTTP ----------------------------------------------------------------------------------
 
 HMAC_KEY = "e2e-hostile-hmac"
+TOKEN = "e2e-hostile-token"
+MAX_BODY = 1024 * 1024  # the default MAX_BODY_BYTES
 # Latencies under attack are printed (pytest -s), never asserted: the machine is shared; client timeouts
 # are generous instead.
 
@@ -366,6 +368,15 @@ def test_clients_that_stay_silent_after_their_answer_do_not_stall_the_workers(se
     assert [status for status, _ in answers] == [200] * 5
 
 
+def test_an_oversized_declared_body_gets_413_at_once_without_being_read(start_server) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY)
+    # 4 MB announced, one byte sent: the body is refused without waiting for (or reading) the rest.
+    answer = hostile.exchange(server.url, hostile.post_head(length=4_000_000) + b"{", timeout=15)
+    assert hostile.status_of(answer) == 413, answer[:300]
+    assert b"Connection: close" in answer and b"larger than 1048576 bytes" in answer
+    assert deliver(server, wp.text_message("GOWS"), hmac_key=HMAC_KEY).json()["status"] == "processed"
+
+
 def test_an_unsigned_flood_is_counted_in_batches_and_logged_in_summaries(start_server) -> None:
     server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY)
     sent = 3000
@@ -389,3 +400,51 @@ def test_an_unsigned_flood_is_counted_in_batches_and_logged_in_summaries(start_s
     firsts = log.count("rejected status=401 reason=")
     summed = sum(int(n) for n in re.findall(r"requests rejected status=401: (\d+) more since", log))
     assert firsts + summed == sent, (firsts, summed)
+
+
+@pytest.mark.parametrize("auth", ["token", "hmac"])
+def test_a_chunked_body_over_the_limit_is_413_not_cut_and_processed(start_server, fake_waha, auth: str) -> None:
+    server = start_server(**({"WEBHOOK_SECRET_TOKEN": TOKEN} if auth == "token" else {"WEBHOOK_HMAC_KEY": HMAC_KEY}))
+    # Its first MAX_BODY_BYTES are a valid message: cut there, it used to be answered (token) or 401 (HMAC).
+    message = wp.dumps(wp.text_message("WEBJS", body="Só o começo"))
+    body = message + b" " * (MAX_BODY - len(message)) + b"x" * (3 * MAX_BODY)
+    headers = {"Content-Type": "application/json", "X-Webhook-Token": TOKEN, "X-Webhook-Hmac": wp.sign(body, HMAC_KEY),
+               "X-Webhook-Hmac-Algorithm": "sha512"}
+    response = httpx.post(server.url + WEBHOOK, content=hostile.chunked(body), headers=headers, timeout=30)
+    assert response.status_code == 413, response.text
+    assert response.json() == {"error": "request body is larger than 1048576 bytes"}
+    assert fake_waha.delivered_texts() == []
+    assert stats(server)["messages_received"] == 0
+    assert "request rejected status=413 (body over MAX_BODY_BYTES=1048576)" in server.log_text()
+    small = wp.text_message("WEBJS", body="Inteiro")
+    response = httpx.post(server.url + WEBHOOK, content=hostile.chunked(wp.dumps(small), size=100),
+                          headers={**headers, "X-Webhook-Hmac": wp.sign(wp.dumps(small), HMAC_KEY)}, timeout=30)
+    assert response.status_code == 200 and response.json()["status"] == "processed"  # chunked within the limit
+
+
+def test_malformed_chunked_encoding_is_a_400_json_error_logged_in_one_line(start_server) -> None:
+    server = start_server()  # its own log: after the first 400 of a worker, the others are summed up
+    for name, chunks in hostile.BAD_CHUNKS.items():
+        answer = hostile.exchange(server.url, hostile.post_head(chunked=True) + chunks)
+        assert hostile.status_of(answer) == 400, (name, answer[:300])
+        assert b'{"error":"malformed chunked request body: ' in answer, (name, answer)
+    log = server.log_text()
+    assert re.search(r'rejected status=400 error="?malformed chunked request body: Invalid chunk', log), log[-2000:]
+    assert "Traceback" not in log and "Traceback" not in server.tail(200)
+    assert deliver(server, wp.text_message("NOWEB")).json()["status"] == "processed"
+
+
+@pytest.mark.parametrize("framing", ["small", "large", "chunked"])
+def test_a_body_cut_short_by_the_client_leaving_is_not_processed(server, fake_waha, framing: str) -> None:
+    message = wp.dumps(wp.text_message("WEBJS", body=f"Pela metade ({framing})"))
+    if framing == "chunked":  # one whole chunk with a valid message, then the connection ends mid-chunk
+        data = hostile.post_head(chunked=True) + b"%x\r\n" % len(message) + message + b"\r\n400\r\n{"
+    else:  # a valid message, announced as longer than it is (large: past what the poller gathers)
+        padded = message + b" " * (0 if framing == "small" else 200_000)
+        data = hostile.post_head(length=len(padded) + 100) + padded
+    before = stats(server)
+    hostile.exchange(server.url, data, half_close=True)
+    time.sleep(1)  # a reply, if one were wrongly started, would have reached the fake WAHA by now
+    assert fake_waha.delivered_texts() == []
+    assert stats(server)["messages_received"] == before["messages_received"]
+    assert deliver(server, wp.text_message("WEBJS")).json()["status"] == "processed"
