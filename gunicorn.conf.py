@@ -2,7 +2,10 @@
 
 Every reply waits seconds on the LLM, so workers are gthread: the threads wait on I/O
 while the per-worker event loop does the upstream calls (sync workers would cap
-throughput at workers / LLM latency). Command-line flags override these values.
+throughput at workers / LLM latency). They are gthread with a read deadline
+(whatsapp_webhook.gunicorn_worker): a client must deliver each whole request within
+REQUEST_READ_TIMEOUT_SECONDS, so slow clients cannot hold the threads. Command-line flags
+override these values.
 """
 
 import os
@@ -69,7 +72,7 @@ control_socket = os.path.join(_runtime_dir, "gunicorn.ctl")
 _owner = StateFileOwner(_settings.state_db)
 
 bind = f"{_settings.host}:{_settings.port}"
-worker_class = "gthread"
+worker_class = "whatsapp_webhook.gunicorn_worker.ReadDeadlineWorker"
 workers = _workers
 threads = _threads
 # gthread's timeout is a heartbeat, but it must still outlast the slowest synchronous webhook wait.
@@ -116,6 +119,8 @@ def when_ready(server_arbiter):
 def post_fork(server_arbiter, worker):
     # A worker must not keep the claim alive once the master is gone (kill -9 of the master).
     _owner.forget_in_child()
+    # How long this worker's clients get to deliver each whole request (the class alone would use 10 s).
+    worker.read_timeout_seconds = _settings.request_read_timeout_seconds
 
 
 def post_worker_init(worker):

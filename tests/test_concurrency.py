@@ -1,4 +1,6 @@
-"""The concurrency machinery on its own: the write gate's group commit, the completion board, the loop thread.
+"""The concurrency machinery on its own: the write gate's group commit, the completion board, the loop thread,
+and gunicorn_worker's pieces (what its poller gathers, the reader that keeps the read deadline; the worker as a
+whole runs under real gunicorn in tests/e2e/test_faults.py).
 
 (The sharded upstream pools have their own file, test_upstream_pools.py, with real loopback sockets.)
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import socket
 import threading
 import time
 from typing import Any
@@ -14,6 +17,14 @@ from typing import Any
 import pytest
 
 from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard, QueuedWrite, WriterGate
+from whatsapp_webhook.gunicorn_worker import (
+    GATHER_BODY_BYTES,
+    HEAD_LIMIT_BYTES,
+    DeadlineUnreader,
+    ReadDeadlineWorker,
+    RequestReadTimeout,
+    body_to_gather,
+)
 from whatsapp_webhook.store_api import StoreUnavailable
 
 
@@ -129,3 +140,115 @@ def test_the_background_loop_runs_coroutines_and_callbacks_from_other_threads() 
         background.stop()
     assert background.loop.is_closed() and not background.thread.is_alive()
     background.stop()  # stopping twice is harmless
+
+
+def test_every_runs_blocking_work_in_the_pool_again_and_again_until_the_loop_stops() -> None:
+    background = BackgroundLoop(name="test-loop")
+    runs: list[str] = []
+    three = threading.Event()
+
+    def work() -> None:
+        runs.append(threading.current_thread().name)
+        if len(runs) == 3:
+            three.set()
+
+    try:
+        background.every(0.01, work)
+        assert three.wait(5)
+    finally:
+        background.stop()
+    assert all(name.startswith("store") for name in runs)  # the loop's thread pool, never the loop itself
+    stopped_at = len(runs)
+    time.sleep(0.05)
+    assert len(runs) <= stopped_at + 1  # at most one already handed to the pool when the loop stopped
+
+
+# --- gunicorn_worker ------------------------------------------------------------------------------
+
+START = b"POST /api/v1/whatsapp/webhook HTTP/1.1\r\nHost: x"
+
+
+@pytest.mark.parametrize("headers, gathered", [
+    (b"Content-Length: 1234", 1234),
+    (b"content-length:  0 ", 0),
+    (b"", 0),  # no body
+    (b"Content-Length: %d" % GATHER_BODY_BYTES, GATHER_BODY_BYTES),
+    (b"Content-Length: %d" % (GATHER_BODY_BYTES + 1), 0),  # larger bodies are read by a thread
+    (b"Transfer-Encoding: chunked", 0),
+    (b"Content-Length: 10\r\nExpect: 100-continue", 0),  # the client waits for gunicorn's go-ahead
+    (b"Content-Length: 10\r\nContent-Length: 10", 0),  # gunicorn's parser refuses these; not our call
+    (b"Content-Length: -5", 0),
+    (b"Content-Length: " + b"9" * 5000, 0),  # not even parsed as a number
+])
+def test_the_poller_gathers_a_small_body_announced_by_content_length_only(headers: bytes, gathered: int) -> None:
+    assert body_to_gather(START + b"\r\n" + headers) == gathered
+
+
+class Conn:
+    """What DeadlineUnreader and _request_gathered use of a DeadlineConn."""
+
+    def __init__(self, head: bytes = b"", deadline: float | None = None) -> None:
+        self.head, self.deadline, self.timed_out = bytearray(head), deadline, False
+        self.searched = self.need = 0
+
+    def take_head(self) -> bytes:
+        head, self.head = self.head, bytearray()
+        return bytes(head)
+
+
+def gathered_after(*pieces: bytes) -> list[bool]:
+    conn = Conn()
+    done = []
+    for piece in pieces:
+        conn.head += piece
+        done.append(ReadDeadlineWorker._request_gathered(conn))
+    return done
+
+
+def test_a_request_is_gathered_once_its_headers_and_announced_body_are_in() -> None:
+    assert gathered_after(START, b"\r\nContent-Length: 4\r", b"\n\r\n", b"{}", b"{}") == [False, False, False,
+                                                                                          False, True]
+    assert gathered_after(b"GET /health HTTP/1.1\r\n\r\n") == [True]
+    assert gathered_after(START + b"\r\nTransfer-Encoding: chunked\r\n\r\n") == [True]  # the thread reads chunks
+    assert gathered_after(b"x" * (HEAD_LIMIT_BYTES - 1), b"x") == [False, True]  # the parser refuses it
+
+
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_the_reader_hands_out_the_gathered_bytes_first_then_reads_the_socket(pair) -> None:
+    ours, theirs = pair
+    conn = Conn(head=b"gathered ", deadline=time.monotonic() + 5)
+    reader = DeadlineUnreader(ours, conn)
+    theirs.sendall(b"then the socket")
+    assert reader.read() == b"gathered "
+    assert reader.read() == b"then the socket"
+    assert ours.gettimeout() is None  # the socket is left as it was found
+
+
+def test_the_reader_never_waits_past_the_deadline(pair) -> None:
+    ours, theirs = pair
+    conn = Conn(deadline=time.monotonic() + 0.2)
+    reader = DeadlineUnreader(ours, conn)
+    theirs.sendall(b"a")
+    assert reader.read() == b"a"
+    with pytest.raises(RequestReadTimeout) as raised:
+        reader.read()  # nothing more comes: the recv gives up at the deadline
+    assert conn.timed_out and isinstance(raised.value, TimeoutError)
+    with pytest.raises(RequestReadTimeout):
+        reader.read()  # past it, no recv at all
+
+
+def test_the_reader_keeps_a_shorter_timeout_of_gunicorns_own(pair) -> None:
+    ours, _ = pair
+    conn = Conn(deadline=time.monotonic() + 30)
+    ours.settimeout(0.05)  # gunicorn's drain of an unread body bounds its reads too
+    with pytest.raises(TimeoutError) as raised:
+        DeadlineUnreader(ours, conn).read()
+    assert not isinstance(raised.value, RequestReadTimeout) and not conn.timed_out
+    assert ours.gettimeout() == 0.05

@@ -41,6 +41,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert settings.reply_in_groups is False and settings.typing_simulation is True
     assert settings.webhook_sync_wait_seconds == 20.0
     assert settings.webhook_secret_token is None and settings.webhook_hmac_key is None
+    assert settings.request_read_timeout_seconds == 10.0
 
 
 def test_every_documented_variable_is_read() -> None:
@@ -49,7 +50,7 @@ def test_every_documented_variable_is_read() -> None:
                AI_SYSTEM_PROMPT="Be brief.", WAHA_BASE_URL="http://waha:3000", WEBHOOK_SECRET_TOKEN="tok",
                WEBHOOK_HMAC_KEY="hk", STATE_DB="/tmp/x.db", LOG_FILE="", LOG_LEVEL="debug",
                REPLY_IN_GROUPS="yes", FALLBACK_MESSAGE="Sorry!", TYPING_SIMULATION="off",
-               WEBHOOK_SYNC_WAIT_SECONDS="2.5")
+               WEBHOOK_SYNC_WAIT_SECONDS="2.5", REQUEST_READ_TIMEOUT_SECONDS="4.5")
     s = Settings.from_env(env)
     assert (s.host, s.port, s.debug) == ("127.0.0.1", 8080, True)
     assert s.openrouter_base_url == "http://localhost:11434/v1"  # trailing slash dropped
@@ -58,6 +59,7 @@ def test_every_documented_variable_is_read() -> None:
     assert s.log_file is None and s.log_level == "DEBUG"
     assert s.reply_in_groups is True and s.typing_simulation is False
     assert (s.fallback_message, s.webhook_sync_wait_seconds) == ("Sorry!", 2.5)
+    assert s.request_read_timeout_seconds == 4.5
 
 
 @pytest.mark.parametrize("raw, models", [
@@ -103,6 +105,8 @@ def test_a_local_openai_compatible_server_needs_no_openrouter_key() -> None:
     ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'"),
     ("WAHA_BASE_URL", "waha:3000", "WAHA_BASE_URL must be an http:// or https:// URL"),
     ("WEBHOOK_SYNC_WAIT_SECONDS", "-1", "WEBHOOK_SYNC_WAIT_SECONDS must be a number from 0 to 600"),
+    ("REQUEST_READ_TIMEOUT_SECONDS", "0", "REQUEST_READ_TIMEOUT_SECONDS must be a number from 1 to 300, got '0'"),
+    ("REQUEST_READ_TIMEOUT_SECONDS", "ten", "REQUEST_READ_TIMEOUT_SECONDS must be a number from 1 to 300"),
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
     ("FALLBACK_MESSAGE", " ", None),  # blank means "use the default", not an empty reply
 ])

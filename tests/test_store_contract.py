@@ -433,6 +433,15 @@ def test_counters_add_up_across_store_objects(store, reopen) -> None:
     assert store.snapshot().counters["ignored.event_not_handled"] == 3
 
 
+def test_a_batch_of_counters_is_added_in_one_call(store, reopen) -> None:
+    store.count("requests_unauthorized")
+    reopen().count_many({"requests_unauthorized": 40, "ignored.event_not_handled": 7, "requests_rejected": 0})
+    counters = store.snapshot().counters
+    assert (counters["requests_unauthorized"], counters["ignored.event_not_handled"]) == (41, 7)
+    assert counters.get("requests_rejected", 0) == 0
+    store.count_many({})  # nothing to add is no write and no error
+
+
 # --- media bytes -------------------------------------------------------------------------------------
 
 def test_media_bytes_are_kept_until_the_message_is_finished(store, clock) -> None:

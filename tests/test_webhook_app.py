@@ -612,3 +612,106 @@ def test_during_a_key_rotation_webhooks_signed_with_either_key_are_accepted(make
         response = post_event(client, wp.text_message("WEBJS", body=f"msg {n}"), hmac_key=key)
         assert response.status_code == 200 and response.get_json()["status"] == "processed"
     assert post_event(client, wp.text_message("WEBJS", body="x"), hmac_key="retired-key").status_code == 401
+
+
+# --- floods and bodies the server cannot use ---------------------------------------------------------
+
+def test_a_flood_of_rejected_and_ignored_requests_costs_one_store_write_not_one_each(make_app, upstreams) -> None:
+    app = make_app(webhook_hmac_key="hmac-key")
+    client, store = app.test_client(), app.extensions[EXTENSION_KEY].store
+    writes: list[dict] = []
+    count_many = store.count_many
+    store.count = lambda *args, **kwargs: pytest.fail("one write per request")
+    store.count_many = lambda amounts: (writes.append(dict(amounts)), count_many(amounts))
+    for _ in range(50):
+        assert post_event(client, wp.message_ack("WEBJS")).status_code == 401
+        assert post_event(client, wp.message_ack("WEBJS"), hmac_key="hmac-key").status_code == 200
+        assert post_event(client, b"{broken", hmac_key="hmac-key").status_code == 400
+    assert writes == []  # nothing was written while the requests came in
+    counts = stats(client)  # /stats writes this worker's counts first, in one transaction
+    assert writes == [{"requests_unauthorized": 50, "ignored.event_not_handled": 50, "requests_rejected": 50}]
+    assert (counts["requests_unauthorized"], counts["requests_rejected"]) == (50, 50)
+    assert counts["ignored_by_reason"] == {"event_not_handled": 50}
+
+
+def test_counts_a_failing_store_could_not_take_wait_for_the_next_flush(make_app, upstreams) -> None:
+    app = make_app()
+    client, service = app.test_client(), app.extensions[EXTENSION_KEY]
+    count_many = service.store.count_many
+    failures = iter([StoreUnavailable("disk I/O error")])
+
+    def flaky(amounts):
+        if (failure := next(failures, None)) is not None:
+            raise failure
+        count_many(amounts)
+
+    service.store.count_many = flaky
+    post_event(client, wp.message_ack("WEBJS"))
+    service.tally.flush()  # fails: the count is kept
+    post_event(client, wp.message_ack("WEBJS"))
+    assert stats(client)["ignored_by_reason"] == {"event_not_handled": 2}
+
+
+def test_rejections_are_logged_first_then_summed_up_in_one_line(make_app, upstreams, capsys) -> None:
+    app = make_app(webhook_secret_token="tok")
+    client = app.test_client()
+    for _ in range(30):
+        assert post_event(client, wp.message_ack("WEBJS")).status_code == 401
+    shutdown(app)  # a worker's exit logs what it kept quiet
+    lines = [line for line in capsys.readouterr().out.splitlines() if "rejected status=401" in line]
+    assert len(lines) == 2, lines
+    assert 'request=req-test rejected status=401 reason="missing or invalid X-Webhook-Token header"' in lines[0]
+    assert "requests rejected status=401: 29 more since the last line" in lines[1]
+
+
+def test_an_oversized_body_is_refused_without_reading_it_and_the_connection_closed(make_app, upstreams) -> None:
+    client = make_app(max_body_bytes=4096).test_client()
+    closed: list[bool] = []
+    response = client.post(WEBHOOK_PATH, data=b"x" * 5000, content_type="application/json",
+                           environ_overrides={"whatsapp_webhook.close_connection": lambda: closed.append(True)})
+    assert response.status_code == 413 and closed == [True]
+    assert response.get_json() == {"error": "request body is larger than 4096 bytes"}
+
+
+class Stream:
+    """wsgi.input that hands out `data`, then raises `error` (if any) instead of ending."""
+
+    def __init__(self, data: bytes = b"", error: Exception | None = None) -> None:
+        self.data, self.error, self.asked = data, error, []
+
+    def read(self, size: int) -> bytes:
+        self.asked.append(size)
+        if self.error is not None:
+            raise self.error
+        data, self.data = self.data[:size], self.data[size:]
+        return data
+
+
+def test_the_whole_body_is_read_whatever_its_framing_or_refused_with_a_reason() -> None:
+    from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, NoMoreData
+
+    from whatsapp_webhook.app import BodyError, read_whole_body
+
+    def read(stream: Stream, declared: int | None, terminated: bool = True) -> bytes | tuple[int, str]:
+        environ = {"wsgi.input": stream, **({"wsgi.input_terminated": True} if terminated else {})}
+        try:
+            return read_whole_body(environ, declared, max_bytes=100)
+        except BodyError as exc:
+            return exc.status, exc.error
+
+    assert read(Stream(b"{}"), 2) == b"{}"
+    assert read(Stream(b"x" * 100), None) == b"x" * 100  # chunked, right at the limit
+    declared_too_big = Stream(b"x" * 101)
+    assert read(declared_too_big, 101) == (413, "request body is larger than 100 bytes")
+    assert declared_too_big.asked == []  # refused before reading anything
+    chunked_too_big = Stream(b"x" * 5000)
+    assert read(chunked_too_big, None) == (413, "request body is larger than 100 bytes")
+    assert chunked_too_big.asked == [101]  # one byte past the limit, then no more
+    assert read(Stream(b"{}"), 50) == (400, "request body incomplete: got 2 of the 50 bytes announced")
+    assert read(Stream(error=NoMoreData()), None)[0] == 400
+    assert "incomplete" in read(Stream(error=NoMoreData()), None)[1]
+    for error in (InvalidChunkSize(b"zz"), ChunkMissingTerminator(b"XX"), InvalidChunkExtension("bad")):
+        status, message = read(Stream(error=error), None)
+        assert status == 400 and message.startswith("malformed chunked request body: Invalid chunk")
+    assert read(Stream(error=TimeoutError()), 10)[0] == 408
+    assert read(Stream(b"{}"), None, terminated=False) == b""  # no length, no framing server: no body

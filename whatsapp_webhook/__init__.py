@@ -2,13 +2,20 @@
 
 How one message travels (module.function, and the thread it runs on):
 
+  gunicorn worker, its main thread (gunicorn_worker.ReadDeadlineWorker, gthread with a read deadline):
+    0. The poller gathers the request's headers (and a small body) and closes connections that do not
+       deliver them within REQUEST_READ_TIMEOUT_SECONDS; only then does a request thread take over.
+
   gunicorn worker, a gthread request thread:
-    1. app.create_app's POST route hands the raw bytes and headers to service.WebhookService.handle_webhook.
+    1. app.create_app's POST route reads the whole body (app.read_whole_body: 413 over MAX_BODY_BYTES
+       whatever the framing, 400 when cut short or malformed) and hands the raw bytes and headers to
+       service.WebhookService.handle_webhook.
     2. signature.verify_token / verify_waha_hmac check the sender (401 otherwise).
     3. events.parse_event types the envelope (400 for bad JSON or field types); events.classify_event decides:
        a customer message (IncomingMessage), our own or a person's message from this account (OwnMessage:
        handoff, /bot off), a session.status (SessionStatus, recorded by health.HealthReporter), or Ignored
-       with a reason (200, nothing recorded).
+       with a reason (200; service.RequestTally counts it, and the rejections, in memory and writes them
+       to the store about once a second).
     4. store.StateStore.accept records the message durably (the inbox) before any 2xx; a duplicate is ignored.
        Writes from every thread and worker queue at concurrency.WriterGate, which commits them in groups.
        (STATE_DB=postgresql://... : pg_store.PostgresStore does the same in PostgreSQL; stores.open_store picks.)
@@ -31,7 +38,8 @@ How one message travels (module.function, and the thread it runs on):
 
 Dependencies point one way, leaves first: texts, settings, logs, ownership, formatting, signature, metrics,
 store_api, policy, store_schema, pg_schema, health, events, concurrency, sqlite_base, chat_store, store,
-pg_base, pg_chat_store, pg_store, stores, upstream, llm, waha, pipeline, worker, service, app, cli.
+pg_base, pg_chat_store, pg_store, stores, upstream, llm, waha, pipeline, worker, service, gunicorn_worker, app,
+cli.
 """
 
 __version__ = "1.1.0"
@@ -41,3 +49,6 @@ SERVICE_NAME = "whatsapp_webhook_server"
 WEBHOOK_SERVICE_NAME = "whatsapp_webhook"
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 EXTENSION_KEY = "whatsapp_webhook"  # where create_app keeps the WebhookService in app.extensions
+# In the WSGI environ under gunicorn_worker: call it to close the connection after the answer instead of
+# reading the rest of a body the app refused.
+CLOSE_CONNECTION_KEY = "whatsapp_webhook.close_connection"

@@ -18,10 +18,10 @@ import httpx
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from whatsapp_webhook import EXTENSION_KEY, WEBHOOK_PATH, WEBHOOK_SERVICE_NAME
+from whatsapp_webhook import CLOSE_CONNECTION_KEY, EXTENSION_KEY, WEBHOOK_PATH, WEBHOOK_SERVICE_NAME
 from whatsapp_webhook.health import HealthReporter
 from whatsapp_webhook.logs import configure_logging, log
-from whatsapp_webhook.metrics import REQUESTS_REJECTED, metrics_document
+from whatsapp_webhook.metrics import metrics_document
 from whatsapp_webhook.service import WebhookService
 from whatsapp_webhook.settings import SettingsError, load_settings
 from whatsapp_webhook.store_api import Store, StoreUnavailable
@@ -87,8 +87,9 @@ def create_app(
 
     @app.post(WEBHOOK_PATH)
     def receive_webhook() -> Any:
-        body, status = service.handle_webhook(request.get_data(cache=True), request.headers)
-        return jsonify(body), status
+        body = read_whole_body(request.environ, request.content_length, max_bytes=settings.max_body_bytes)
+        answer, status = service.handle_webhook(body, request.headers)
+        return jsonify(answer), status
 
     @app.get(WEBHOOK_PATH)
     def describe_webhook() -> Any:
@@ -113,13 +114,22 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
-        if exc.code == 413:
-            log.warning("request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
-            service.count_quietly("requests_rejected")
-            REQUESTS_REJECTED.labels("413").inc()
-            _discard_unread_body(limit=8 * settings.max_body_bytes)
-            return jsonify({"error": f"request body is larger than {settings.max_body_bytes} bytes"}), 413
+        if exc.code == 413:  # a route other than the webhook read a body with a declared length over the limit
+            return body_error(BodyError(413, f"request body is larger than {settings.max_body_bytes} bytes"))
         return jsonify({"error": exc.description or exc.name}), exc.code
+
+    @app.errorhandler(BodyError)
+    def body_error(exc: BodyError) -> Any:
+        if exc.status == 413:
+            service.reject(413, "request rejected status=413 (body over MAX_BODY_BYTES=%d)", settings.max_body_bytes)
+        elif exc.status != 408:  # a client too slow is logged and counted by gunicorn_worker, which closes it
+            request_id = request.headers.get("X-Webhook-Request-Id", "-")
+            service.reject(exc.status, "request=%s rejected status=%d error=%s", request_id, exc.status, exc.error)
+        # The rest of the body stays unread: the connection cannot carry another request (gunicorn_worker).
+        close_connection = request.environ.get(CLOSE_CONNECTION_KEY)
+        if close_connection is not None:
+            close_connection()
+        return jsonify({"error": exc.error}), exc.status
 
     @app.errorhandler(StoreUnavailable)
     def store_error(exc: StoreUnavailable) -> Any:
@@ -131,22 +141,42 @@ def create_app(
     return app
 
 
-def _discard_unread_body(*, limit: int) -> None:
-    """Read away a rejected body so the sender's keep-alive connection stays usable.
+class BodyError(Exception):
+    """The request's body cannot be used: the status to answer and why (JSON `error`)."""
 
-    gunicorn drains only 64 KiB of an unread body and then drops the connection
-    without saying so; WAHA's next event on that connection would fail. Bodies over
-    `limit` are not read: closing the connection is then the cheaper answer.
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+def read_whole_body(environ: dict[str, Any], declared: int | None, *, max_bytes: int) -> bytes:
+    """The request's body, all of it, whatever its framing (Content-Length or chunked), or BodyError.
+
+    413: over max_bytes; a declared length is refused before reading anything, a chunked body as
+    soon as it passes the limit, with the rest left unread. 400: the client left before the end
+    (fewer bytes than declared, or a chunked body cut short) or sent malformed chunked encoding.
+    408: the body did not arrive within REQUEST_READ_TIMEOUT_SECONDS (gunicorn_worker's deadline).
+    The server's own body reader decides what "malformed" is: whatever it raises is about the framing.
     """
-    remaining = request.content_length or 0
-    stream = request.environ.get("wsgi.input")
-    if stream is None or not 0 < remaining <= limit:
-        return
-    while remaining > 0:
-        chunk = stream.read(min(65536, remaining))
-        if not chunk:
-            break
-        remaining -= len(chunk)
+    if declared is not None and declared > max_bytes:
+        raise BodyError(413, f"request body is larger than {max_bytes} bytes")
+    stream = environ.get("wsgi.input")
+    if stream is None or (declared is None and not environ.get("wsgi.input_terminated")):
+        return b""  # no length and a server that does not frame the body: there is none (as in Werkzeug)
+    wanted = max_bytes + 1 if declared is None else declared
+    try:
+        body: bytes = stream.read(wanted) if wanted else b""
+    except TimeoutError:
+        raise BodyError(408, "request body not received within REQUEST_READ_TIMEOUT_SECONDS") from None
+    except OSError:
+        raise BodyError(400, "request body incomplete: the client disconnected before its end") from None
+    except Exception as exc:
+        raise BodyError(400, f"malformed chunked request body: {str(exc)[:200]}") from None
+    if declared is None and len(body) > max_bytes:
+        raise BodyError(413, f"request body is larger than {max_bytes} bytes")
+    if declared is not None and len(body) < declared:
+        raise BodyError(400, f"request body incomplete: got {len(body)} of the {declared} bytes announced")
+    return body
 
 
 def check_local_resources(settings: Settings) -> None:

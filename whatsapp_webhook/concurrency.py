@@ -223,6 +223,17 @@ class BackgroundLoop:
     def call(self, callback: Callable[[], Any]) -> None:
         self.loop.call_soon_threadsafe(callback)
 
+    def every(self, seconds: float, work: Callable[[], Any]) -> None:
+        """Run the blocking `work` in the loop's thread pool `seconds` after the previous run ended, until the
+        loop stops. `work` must not raise: nobody is there to see it.
+        """
+
+        def tick() -> None:
+            done = self.loop.run_in_executor(None, work)
+            done.add_done_callback(lambda _: self.loop.call_later(seconds, tick))
+
+        self.loop.call_soon_threadsafe(self.loop.call_later, seconds, tick)
+
     def stop(self, *, timeout: float = 5.0) -> None:
         if self.loop.is_closed():
             return

@@ -42,6 +42,12 @@ MESSAGES_IGNORED = Counter("webhook_messages_ignored", "Events deliberately not 
 REQUESTS_REJECTED = Counter("webhook_requests_rejected", "Webhook requests refused", ["status"])
 
 
+SLOW_REQUESTS_CLOSED = Counter(
+    "webhook_slow_requests_closed",
+    "Connections closed because their request did not arrive within REQUEST_READ_TIMEOUT_SECONDS",
+)
+
+
 LLM_SECONDS = Histogram(
     "webhook_llm_duration_seconds",
     "LLM call time, retries included",

@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import psycopg
@@ -321,6 +321,19 @@ class PostgresBase:
 
     def count(self, name: str, amount: int = 1) -> None:
         self._write(lambda c: self._bump(c, name, amount))
+
+    def count_many(self, amounts: Mapping[str, int]) -> None:
+        """Add several counters in one write (a worker's batch of rejected and ignored requests)."""
+        names = [name for name, amount in amounts.items() if amount]
+        if names:
+            self._write(
+                lambda c: c.execute(
+                    "INSERT INTO counters (name, shard, value)"
+                    " SELECT name, %s, amount FROM unnest(%s::text[], %s::bigint[]) AS batch (name, amount)"
+                    " ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
+                    (c.info.backend_pid % COUNTER_SHARDS, names, [amounts[name] for name in names]),
+                )
+            )
 
     def ping(self) -> None:
         """A real write: a database that can be read but not written cannot take new messages."""

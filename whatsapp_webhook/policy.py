@@ -32,6 +32,22 @@ class EveryMinute:
         self._last[key] = now
         return self._quiet.pop(key, 0)
 
+    def overdue(self, *, everything: bool = False) -> list[tuple[str, int]]:
+        """The keys kept quiet for a whole interval (or all kept quiet, with `everything`), with their counts.
+
+        For a summary line even when no new occurrence comes to report them; each starts a new interval.
+        """
+        now = self.clock()
+        due = [
+            (key, quiet)
+            for key, quiet in self._quiet.items()
+            if everything or now - self._last.get(key, now) >= self.interval
+        ]
+        for key, _ in due:
+            del self._quiet[key]
+            self._last[key] = now
+        return due
+
 
 def typing_pause_seconds(text: str, *, rng: Callable[[], float] = random.random) -> float:
     """A human-looking typing time: grows with the reply, 1-4 s, randomised (WAHA's anti-ban advice)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import (
     Callable,
     Mapping,
@@ -38,7 +39,7 @@ from whatsapp_webhook.metrics import (
     REQUESTS_REJECTED,
     ScrapeReading,
 )
-from whatsapp_webhook.policy import PAUSED_FOREVER
+from whatsapp_webhook.policy import PAUSED_FOREVER, EveryMinute
 from whatsapp_webhook.signature import verify_token, verify_waha_hmac
 from whatsapp_webhook.store_api import OPEN_STATUSES, StoreUnavailable
 from whatsapp_webhook.store_schema import IGNORED_COUNTER_PREFIX, LLM_COST_COUNTER
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from whatsapp_webhook.settings import Settings
     from whatsapp_webhook.store_api import InboxEntry, Store
     from whatsapp_webhook.worker import WorkerRuntime
+
+
+TALLY_FLUSH_SECONDS = 1.0  # how often each worker writes its counts of rejected and ignored requests
 
 
 class RequestHeaders(Protocol):
@@ -61,6 +65,57 @@ class RequestHeaders(Protocol):
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RequestTally:
+    """The counts of rejected and ignored requests, kept in memory and written to the store in batches.
+
+    One SQLite write per request would let a flood of unauthenticated or ignored requests queue every
+    worker at the write gate; here a worker writes its counts about once a second (`flush`, run by its
+    event loop), when it answers /stats (so it shows its own counts at once) and when it exits. Counts a
+    failing store could not take wait for the next flush. The rejection log line is thinned out the same
+    way: the first of each status is logged, the rest are summed up in one line a minute.
+    """
+
+    def __init__(self, store: Store, *, summary_seconds: float = 60.0) -> None:
+        self.store = store
+        self._pending: Counter[str] = Counter()
+        self._lock = threading.Lock()  # request threads add while a flush takes the batch
+        self._flushing = threading.Lock()  # one batch at a time, so a flush returns only once earlier ones landed
+        self._logged = EveryMinute(interval=summary_seconds)
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._pending[name] += 1
+
+    def log_rejection(self, status: int, message: str, *args: object) -> None:
+        """Log this rejection if it is the first of its status in a while; otherwise count it for the summary."""
+        with self._lock:
+            quiet = self._logged.due(str(status))
+        if quiet is not None:
+            log.warning(message + (f" ({quiet} more since the last line)" if quiet else ""), *args)
+
+    def flush(self, *, final: bool = False) -> None:
+        """Write the pending counts in one transaction and log the summaries that are due (all, if `final`)."""
+        with self._flushing:
+            with self._lock:
+                pending, self._pending = self._pending, Counter()
+                summaries = self._logged.overdue(everything=final)
+            for status, quiet in summaries:
+                log.warning(
+                    "requests rejected status=%s: %d more since the last line (after the first, rejections "
+                    "are summed up once a minute)",
+                    status,
+                    quiet,
+                )
+            if not pending:
+                return
+            try:
+                self.store.count_many(pending)
+            except StoreUnavailable as exc:
+                with self._lock:
+                    self._pending.update(pending)
+                log.warning("could not count %s yet: %s", ", ".join(sorted(pending)), exc)
 
 
 class WebhookService:
@@ -91,6 +146,7 @@ class WebhookService:
             threading.BoundedSemaphore(settings.webhook_max_waiting) if settings.webhook_max_waiting else None
         )
         self._shutting_down = threading.Event()
+        self.tally = RequestTally(store)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop holding webhook requests (their messages are recorded) so gunicorn can move on."""
@@ -104,6 +160,7 @@ class WebhookService:
         with self._runtime_lock:
             if self._runtime is None or self._runtime.pid != os.getpid():
                 self._runtime = self._runtime_factory()
+                self._runtime.background.every(TALLY_FLUSH_SECONDS, self.tally.flush)
             return self._runtime
 
     def close(self, *, drain_seconds: float = 10.0) -> None:
@@ -111,15 +168,16 @@ class WebhookService:
             if self._runtime is not None and self._runtime.pid == os.getpid():
                 self._runtime.close(drain_seconds=drain_seconds)
             self._runtime = None
+        self.tally.flush(final=True)
         self.store.close()
 
     def handle_webhook(self, body: bytes, headers: RequestHeaders) -> tuple[dict[str, Any], int]:
         request_id = headers.get("X-Webhook-Request-Id", "-")
         rejection = self._check_sender(body, headers)
         if rejection is not None:
-            log.warning("request=%s rejected status=401 reason=%s", request_id, rejection)
-            REQUESTS_REJECTED.labels("401").inc()
-            self.count_quietly("requests_unauthorized")
+            self.reject(
+                401, "request=%s rejected status=401 reason=%s", request_id, rejection, counter="requests_unauthorized"
+            )
             return {"error": rejection}, 401
         try:
             if (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
@@ -127,9 +185,7 @@ class WebhookService:
             event = parse_event(body)
             decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
         except BadRequestError as exc:
-            log.warning("request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
-            REQUESTS_REJECTED.labels(str(exc.status)).inc()
-            self.count_quietly("requests_rejected")
+            self.reject(exc.status, "request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
             return {"error": exc.message}, exc.status
 
         if isinstance(decision, SessionStatus):
@@ -305,7 +361,7 @@ class WebhookService:
     def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
         log.info("event=%s chat=%s decision=ignored reason=%s", event_id, chat_id, ignored.reason)
         MESSAGES_IGNORED.labels(ignored.reason).inc()
-        self.count_quietly(IGNORED_COUNTER_PREFIX + ignored.reason)
+        self.tally.add(IGNORED_COUNTER_PREFIX + ignored.reason)
         return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
 
     @staticmethod
@@ -313,12 +369,11 @@ class WebhookService:
         chat = (event.payload or {}).get("from")
         return chat if isinstance(chat, str) else None
 
-    def count_quietly(self, name: str) -> None:
-        """Counting ignored or rejected requests is best effort: a store hiccup must not turn them into errors."""
-        try:
-            self.store.count(name)
-        except StoreUnavailable as exc:
-            log.warning("could not count %s: %s", name, exc)
+    def reject(self, status: int, message: str, *args: object, counter: str = "requests_rejected") -> None:
+        """Count a refused request (metric, /stats) and log it, the first of its status at once, the rest summed up."""
+        REQUESTS_REJECTED.labels(str(status)).inc()
+        self.tally.add(counter)
+        self.tally.log_rejection(status, message, *args)
 
     def health_document(self) -> tuple[dict[str, Any], int]:
         """/health: one status for the whole server, the same from every worker, and the checks behind it."""
@@ -387,6 +442,7 @@ class WebhookService:
         self, status: str, *, service: str = SERVICE_NAME, checks: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """The JSON shared by /health, /stats and GET on the webhook."""
+        self.tally.flush()  # this worker's own counts; the other workers' arrive within about a second
         snapshot = self.store.snapshot()
         counters, by_status = snapshot.counters, snapshot.by_status
         ignored = {

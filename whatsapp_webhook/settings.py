@@ -269,6 +269,9 @@ class Settings:
     max_body_bytes: int = setting(
         "MAX_BODY_BYTES", 1024 * 1024, bounds=(1024, 64 * 1024 * 1024), help="Larger webhook bodies are refused (413)."
     )
+    request_read_timeout_seconds: float = setting(
+        "REQUEST_READ_TIMEOUT_SECONDS", 10.0, bounds=(1.0, 300), help="Seconds a client gets to send a whole request."
+    )
     reply_max_attempts: int = setting(
         "REPLY_MAX_ATTEMPTS", 5, bounds=(1, 100), help="Attempts before a reply that keeps failing is given up."
     )

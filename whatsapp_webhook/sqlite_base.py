@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import (
     Callable,
+    Mapping,
 )
 from typing import TYPE_CHECKING, TypeVar
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from whatsapp_webhook.concurrency import QueuedWrite
 
 T = TypeVar("T")
+_BUMP = (
+    "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
 
 
 class SQLiteStore:
@@ -177,14 +181,16 @@ class SQLiteStore:
 
     @staticmethod
     def _bump(connection: sqlite3.Connection, name: str, amount: int = 1) -> None:
-        connection.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            (name, amount),
-        )
+        connection.execute(_BUMP, (name, amount))
 
     def count(self, name: str, amount: int = 1) -> None:
         self._transaction(lambda c: self._bump(c, name, amount))
+
+    def count_many(self, amounts: Mapping[str, int]) -> None:
+        """Add several counters in one write (a worker's batch of rejected and ignored requests)."""
+        rows = [(name, amount) for name, amount in amounts.items() if amount]
+        if rows:
+            self._transaction(lambda c: c.executemany(_BUMP, rows))
 
     def ping(self) -> None:
         """A real write: a store that can be read but not written cannot take new messages."""

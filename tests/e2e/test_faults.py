@@ -2,7 +2,8 @@
 
 Each test scripts one fault into the fake LLM, the fake WAHA, the gunicorn processes or
 the state file, then checks what WAHA saw (status codes), what the customer got (the
-fake WAHA's delivered texts) and that /stats adds up.
+fake WAHA's delivered texts) and that /stats adds up. The last section sends what an
+attacker would (hostile HTTP) and checks that the server still answers as documented.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,10 +23,11 @@ import httpx
 import pytest
 
 from fakes import FakeWaha
+from fakes import hostile_http as hostile
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornServer
 from tests.e2e.conftest import WAHA_KEY
-from tests.e2e.test_gunicorn import deliver, stats, wait_for
+from tests.e2e.test_gunicorn import WEBHOOK, deliver, stats, stats_on_every_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -310,3 +313,138 @@ def test_sigterm_releases_webhooks_waiting_for_replies_at_once(start_server, fak
     server.start()
     wait_for(lambda: customer_texts(fake_waha, envelope["payload"]["from"]), timeout=15)
     assert customer_texts(fake_waha, envelope["payload"]["from"]) == ["Echo: Resposta demorada"]
+
+
+# --- hostile HTTP ----------------------------------------------------------------------------------
+
+HMAC_KEY = "e2e-hostile-hmac"
+TOKEN = "e2e-hostile-token"
+MAX_BODY = 1024 * 1024  # the default MAX_BODY_BYTES
+# Latencies under attack are printed (pytest -s), never asserted: the machine is shared; client timeouts
+# are generous instead.
+
+
+def test_150_slow_clients_do_not_stop_valid_webhooks_or_health(start_server, fake_waha) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY, REQUEST_READ_TIMEOUT_SECONDS="2")
+    attack = hostile.SlowClients(server.url, count=150, interval=1.0, seconds=90).start()
+    answered: list[tuple[str, int, float]] = []
+    try:
+        time.sleep(1)  # every slow client is connected and holding on
+        began = time.monotonic()
+        while time.monotonic() - began < 10 and len(answered) < 200:  # ~10 s of the attack, bounded
+            envelope = wp.text_message("WEBJS", body=f"Sob ataque {len(answered)}")
+            started = time.monotonic()
+            response = deliver(server, envelope, hmac_key=HMAC_KEY)
+            answered.append(("webhook", response.status_code, time.monotonic() - started))
+            assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+            status, took = hostile.probe(server.url, "/health", timeout=30)
+            answered.append(("health", status, took))
+            assert status == 200
+            time.sleep(0.2)
+    finally:
+        closed = attack.stop()
+    for kind in ("webhook", "health"):
+        took = sorted(t for k, _, t in answered if k == kind)
+        print(f"\n{len(took)} {kind} answers under attack, seconds: median {took[len(took) // 2]:.3f}, "
+              f"max {took[-1]:.3f}; all: {' '.join(f'{t:.3f}' for t in took)}")
+    print(f"the server closed {closed} slow connections of {attack.connections} opened")
+    assert len(answered) >= 4
+    assert closed >= 150  # every slow client was cut off at least once, none was waited for
+    assert len(fake_waha.delivered_texts()) == len(answered) // 2
+    assert "had not sent a whole request within REQUEST_READ_TIMEOUT_SECONDS=2s" in server.log_text()
+    assert "Traceback" not in server.tail(200)
+
+
+def test_clients_that_stay_silent_after_their_answer_do_not_stall_the_workers(server) -> None:
+    # Each connection is answered and closed by the server; the client then neither reads nor hangs up.
+    # gthread's graceful close waited up to 2 s for it in the worker's main thread, one connection after another.
+    sockets = hostile.silent_after_answer(server.url, 200)
+    try:
+        answers = [hostile.probe(server.url, "/health", timeout=20) for _ in range(5)]
+    finally:
+        for sock in sockets:
+            sock.close()
+    print(f"\n/health with 200 silent clients, seconds: {' '.join(f'{took:.3f}' for _, took in answers)}")
+    assert [status for status, _ in answers] == [200] * 5
+
+
+def test_an_oversized_declared_body_gets_413_at_once_without_being_read(start_server) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY)
+    # 4 MB announced, one byte sent: the body is refused without waiting for (or reading) the rest.
+    answer = hostile.exchange(server.url, hostile.post_head(length=4_000_000) + b"{", timeout=15)
+    assert hostile.status_of(answer) == 413, answer[:300]
+    assert b"Connection: close" in answer and b"larger than 1048576 bytes" in answer
+    assert deliver(server, wp.text_message("GOWS"), hmac_key=HMAC_KEY).json()["status"] == "processed"
+
+
+def test_an_unsigned_flood_is_counted_in_batches_and_logged_in_summaries(start_server) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY=HMAC_KEY)
+    sent = 3000
+
+    def flood(share: int) -> list[int]:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            return [http.post(WEBHOOK, content=b'{"event":"message"}',
+                              headers={"Content-Type": "application/json"}).status_code for _ in range(share)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = [s for shares in pool.map(flood, [sent // 8] * 8) for s in shares]
+    assert statuses == [401] * sent
+    for counts in stats_on_every_worker(server, lambda s: s["requests_unauthorized"] == sent):
+        assert counts["requests_unauthorized"] == sent
+    lines = [line for line in server.log_text().splitlines() if "rejected status=401" in line]
+    print(f"\n{len(lines)} log lines for {sent} rejections while the flood lasted")
+    assert len(lines) <= 4  # the first rejection of each worker, at most one summary each
+    assert server.stop() == 0
+    # At exit each worker sums up what it did not log one by one.
+    log = server.log_text()
+    firsts = log.count("rejected status=401 reason=")
+    summed = sum(int(n) for n in re.findall(r"requests rejected status=401: (\d+) more since", log))
+    assert firsts + summed == sent, (firsts, summed)
+
+
+@pytest.mark.parametrize("auth", ["token", "hmac"])
+def test_a_chunked_body_over_the_limit_is_413_not_cut_and_processed(start_server, fake_waha, auth: str) -> None:
+    server = start_server(**({"WEBHOOK_SECRET_TOKEN": TOKEN} if auth == "token" else {"WEBHOOK_HMAC_KEY": HMAC_KEY}))
+    # Its first MAX_BODY_BYTES are a valid message: cut there, it used to be answered (token) or 401 (HMAC).
+    message = wp.dumps(wp.text_message("WEBJS", body="Só o começo"))
+    body = message + b" " * (MAX_BODY - len(message)) + b"x" * (3 * MAX_BODY)
+    headers = {"Content-Type": "application/json", "X-Webhook-Token": TOKEN, "X-Webhook-Hmac": wp.sign(body, HMAC_KEY),
+               "X-Webhook-Hmac-Algorithm": "sha512"}
+    response = httpx.post(server.url + WEBHOOK, content=hostile.chunked(body), headers=headers, timeout=30)
+    assert response.status_code == 413, response.text
+    assert response.json() == {"error": "request body is larger than 1048576 bytes"}
+    assert fake_waha.delivered_texts() == []
+    assert stats(server)["messages_received"] == 0
+    assert "request rejected status=413 (body over MAX_BODY_BYTES=1048576)" in server.log_text()
+    small = wp.text_message("WEBJS", body="Inteiro")
+    response = httpx.post(server.url + WEBHOOK, content=hostile.chunked(wp.dumps(small), size=100),
+                          headers={**headers, "X-Webhook-Hmac": wp.sign(wp.dumps(small), HMAC_KEY)}, timeout=30)
+    assert response.status_code == 200 and response.json()["status"] == "processed"  # chunked within the limit
+
+
+def test_malformed_chunked_encoding_is_a_400_json_error_logged_in_one_line(start_server) -> None:
+    server = start_server()  # its own log: after the first 400 of a worker, the others are summed up
+    for name, chunks in hostile.BAD_CHUNKS.items():
+        answer = hostile.exchange(server.url, hostile.post_head(chunked=True) + chunks)
+        assert hostile.status_of(answer) == 400, (name, answer[:300])
+        assert b'{"error":"malformed chunked request body: ' in answer, (name, answer)
+    log = server.log_text()
+    assert re.search(r'rejected status=400 error="?malformed chunked request body: Invalid chunk', log), log[-2000:]
+    assert "Traceback" not in log and "Traceback" not in server.tail(200)
+    assert deliver(server, wp.text_message("NOWEB")).json()["status"] == "processed"
+
+
+@pytest.mark.parametrize("framing", ["small", "large", "chunked"])
+def test_a_body_cut_short_by_the_client_leaving_is_not_processed(server, fake_waha, framing: str) -> None:
+    message = wp.dumps(wp.text_message("WEBJS", body=f"Pela metade ({framing})"))
+    if framing == "chunked":  # one whole chunk with a valid message, then the connection ends mid-chunk
+        data = hostile.post_head(chunked=True) + b"%x\r\n" % len(message) + message + b"\r\n400\r\n{"
+    else:  # a valid message, announced as longer than it is (large: past what the poller gathers)
+        padded = message + b" " * (0 if framing == "small" else 200_000)
+        data = hostile.post_head(length=len(padded) + 100) + padded
+    before = stats(server)
+    hostile.exchange(server.url, data, half_close=True)
+    time.sleep(1)  # a reply, if one were wrongly started, would have reached the fake WAHA by now
+    assert fake_waha.delivered_texts() == []
+    assert stats(server)["messages_received"] == before["messages_received"]
+    assert deliver(server, wp.text_message("WEBJS")).json()["status"] == "processed"
