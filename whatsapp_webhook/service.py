@@ -32,13 +32,14 @@ from whatsapp_webhook.health import (
     combine_checks,
     overall_health,
 )
-from whatsapp_webhook.logs import log
+from whatsapp_webhook.logs import MessageLog, log
 from whatsapp_webhook.metrics import (
     MESSAGES_IGNORED,
     MESSAGES_RECEIVED,
     REQUESTS_REJECTED,
     ScrapeReading,
 )
+from whatsapp_webhook.pipeline import message_log
 from whatsapp_webhook.policy import PAUSED_FOREVER, EveryMinute
 from whatsapp_webhook.signature import verify_token, verify_waha_hmac
 from whatsapp_webhook.store_api import OPEN_STATUSES, StoreUnavailable
@@ -130,9 +131,11 @@ class WebhookService:
         runtime_factory: Callable[[], WorkerRuntime],
         health: HealthReporter | None = None,
         poll_seconds: float = 0.25,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.clock = clock  # wall time, like the store's
         self.health = health or HealthReporter(store=store)
         self.started_at = started_at
         self._store_health = (CheckStatus.OK, started_at)  # this worker's view: the store cannot report itself
@@ -176,7 +179,10 @@ class WebhookService:
         rejection = self._check_sender(body, headers)
         if rejection is not None:
             self.reject(
-                401, "request=%s rejected status=401 reason=%s", request_id, rejection, counter="requests_unauthorized"
+                401,
+                "request=%(request)s rejected status=%(status)d reason=%(reason)s",
+                {"request": request_id, "status": 401, "reason": rejection},
+                counter="requests_unauthorized",
             )
             return {"error": rejection}, 401
         try:
@@ -185,7 +191,11 @@ class WebhookService:
             event = parse_event(body)
             decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
         except BadRequestError as exc:
-            self.reject(exc.status, "request=%s rejected status=%d error=%s", request_id, exc.status, exc.message)
+            self.reject(
+                exc.status,
+                "request=%(request)s rejected status=%(status)d error=%(error)s",
+                {"request": request_id, "status": exc.status, "error": exc.message},
+            )
             return {"error": exc.message}, exc.status
 
         if isinstance(decision, SessionStatus):
@@ -204,19 +214,14 @@ class WebhookService:
                     Ignored("group_not_addressed", "in groups the bot answers only when mentioned or replied to"),
                 )
         except StoreUnavailable as exc:
-            log.error("event=%s store unavailable: %s", decision.event_id, exc)
+            MessageLog(event=decision.event_id).error("store unavailable: %(error)s", {"error": str(exc)})
             return {"error": "state store unavailable; please redeliver"}, 503
         message = decision
         try:
             accepted = self.store.accept(message)
         except StoreUnavailable as exc:
             # Never 2xx for a message we could not write down: WAHA redelivers 5xx.
-            log.error(
-                "event=%s chat=%s store unavailable, asking WAHA to redeliver: %s",
-                message.event_id,
-                message.chat_id,
-                exc,
-            )
+            message_log(message).error("store unavailable, asking WAHA to redeliver: %(error)s", {"error": str(exc)})
             return {"error": "state store unavailable; message not recorded, please redeliver"}, 503
         if not accepted.stored:
             detail = {"done": "message already answered", "failed": "message already given up on"}.get(
@@ -226,13 +231,14 @@ class WebhookService:
 
         if accepted.attempts == 0:
             MESSAGES_RECEIVED.inc()
-        log.info(
-            "event=%s chat=%s engine=%s decision=reply key=%s text_chars=%d",
-            message.event_id,
-            message.chat_id,
-            message.engine,
-            message.dedupe_key,
-            len(message.text or ""),
+        message_log(message).info(
+            "engine=%(engine)s decision=%(decision)s key=%(key)s text_chars=%(text_chars)d",
+            {
+                "engine": message.engine,
+                "decision": "reply",
+                "key": message.dedupe_key,
+                "text_chars": len(message.text or ""),
+            },
         )
         return self._await_reply(message, attempts_before=accepted.attempts)
 
@@ -243,7 +249,7 @@ class WebhookService:
             runtime = self.runtime()
             runtime.wake_dispatcher()
         except Exception:
-            log.exception("event=%s reply runtime unavailable; the message waits in the inbox", message.event_id)
+            MessageLog(event=message.event_id).exception("reply runtime unavailable; the message waits in the inbox")
             return self._accepted(message)
         if self._waiting_slots is None or not self._waiting_slots.acquire(blocking=False):
             return self._accepted(message)
@@ -275,25 +281,25 @@ class WebhookService:
         if self.store.is_our_message(own.chat_key, message_id=own.message_id, text=own.text, within=600):
             return Ignored("from_me", "the bot's own reply")
         said = " ".join((own.text or "").lower().split())
+        own_log = MessageLog(event=own.event_id, chat=own.chat_id)
         if said == " ".join(settings.bot_resume_command.lower().split()):
             self.store.pause_chat(own.chat_key, until=0, reason="operator")
-            log.info("event=%s chat=%s decision=bot_resumed (operator command)", own.event_id, own.chat_id)
+            own_log.info("decision=%(decision)s (operator command)", {"decision": "bot_resumed"})
             return Ignored("from_me", "operator command: bot resumed in this chat")
         if said == " ".join(settings.bot_pause_command.lower().split()):
             self.store.pause_chat(own.chat_key, until=PAUSED_FOREVER, reason="operator")
-            log.info(
-                "event=%s chat=%s decision=bot_paused reason=operator until=resume command", own.event_id, own.chat_id
+            own_log.info(
+                "decision=%(decision)s reason=%(reason)s until=resume command",
+                {"decision": "bot_paused", "reason": "operator"},
             )
             return Ignored("from_me", "operator command: bot paused in this chat until resumed")
         if not settings.handoff_pause_minutes:
             return Ignored("from_me", "message sent by a person from this account")
-        until = time.time() + settings.handoff_pause_minutes * 60
+        until = self.clock() + settings.handoff_pause_minutes * 60
         self.store.pause_chat(own.chat_key, until=until, reason="handoff")
-        log.info(
-            "event=%s chat=%s decision=bot_paused reason=handoff minutes=%.0f",
-            own.event_id,
-            own.chat_id,
-            settings.handoff_pause_minutes,
+        own_log.info(
+            "decision=%(decision)s reason=%(reason)s minutes=%(minutes).0f",
+            {"decision": "bot_paused", "reason": "handoff", "minutes": settings.handoff_pause_minutes},
         )
         return Ignored(
             "from_me", f"a person answered: bot paused in this chat for {settings.handoff_pause_minutes:g} min"
@@ -308,9 +314,7 @@ class WebhookService:
         )
 
     def _accepted(self, message: IncomingMessage) -> tuple[dict[str, Any], int]:
-        log.info(
-            "event=%s chat=%s decision=accepted (reply continues in background)", message.event_id, message.chat_id
-        )
+        message_log(message).info("decision=%(decision)s (reply continues in background)", {"decision": "accepted"})
         return {
             "status": "accepted",
             "message_key": message.dedupe_key,
@@ -359,7 +363,9 @@ class WebhookService:
         return None
 
     def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
-        log.info("event=%s chat=%s decision=ignored reason=%s", event_id, chat_id, ignored.reason)
+        MessageLog(event=event_id, chat=chat_id).info(
+            "decision=%(decision)s reason=%(reason)s", {"decision": "ignored", "reason": ignored.reason}
+        )
         MESSAGES_IGNORED.labels(ignored.reason).inc()
         self.tally.add(IGNORED_COUNTER_PREFIX + ignored.reason)
         return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
@@ -435,7 +441,7 @@ class WebhookService:
 
     def _store_check(self, status: CheckStatus, reason: str) -> HealthCheck:
         if self._store_health[0] is not status:
-            self._store_health = (status, time.time())
+            self._store_health = (status, self.clock())
         return HealthCheck(status=status, reason=reason, since=self._store_health[1])
 
     def status_document(
@@ -455,7 +461,7 @@ class WebhookService:
             "service": service,
             "version": __version__,
             **({"checks": checks} if checks is not None else {}),
-            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "uptime_seconds": round(self.clock() - self.started_at, 1),
             "worker_pid": os.getpid(),
             "stats": {
                 "messages_received": counters.get("messages_received", 0),

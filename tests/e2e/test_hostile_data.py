@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -31,3 +33,16 @@ def test_ids_that_would_steer_wahas_url_are_ignored_and_waha_never_hears_of_them
     response = post(server, envelope)
     assert (response.status_code, response.json()["reason"]) == (200, reason)  # WAHA would retry a 4xx forever
     assert fake_waha.requests() == [] and fake_llm.completions() == []
+def test_an_event_id_cannot_forge_a_log_line_or_a_json_field(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(LOG_FORMAT="json")
+    forged = 'x decision=FORGED\n2026-12-01 INFO [pid 1] whatsapp_webhook: event=fake decision=replied\u2028more'
+    envelope = wp.text_message("NOWEB", body="Qual o horário?")
+    envelope["id"] = forged
+    assert post(server, envelope).json()["status"] == "processed"
+    lines = server.log_text().splitlines()
+    documents = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(documents) == len([line for line in lines if line.strip()])  # every line is one whole JSON document
+    ours = [d for d in documents if d.get("event") == forged]
+    assert ours and {d.get("decision") for d in ours} >= {"reply", "working", "replied"}
+    assert all(d.get("decision") != "FORGED" for d in documents)
+    assert not [d for d in documents if d.get("event") == "fake"]
