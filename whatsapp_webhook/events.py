@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from whatsapp_webhook.health import CheckStatus
@@ -91,11 +92,36 @@ class OwnMessage:
         return f"{self.session}:{self.chat_id}"
 
 
+class IgnoreReason(StrEnum):
+    """The built-in reasons an event gets no reply: stable codes in the answer to WAHA, the log and /stats.
+
+    A filter added to MESSAGE_FILTERS may use a code of its own (any string).
+    """
+
+    BROADCAST_LIST = "broadcast_list"
+    CHANNEL = "channel"
+    DUPLICATE = "duplicate"
+    EVENT_NOT_HANDLED = "event_not_handled"
+    FROM_ME = "from_me"
+    GROUP_CHAT = "group_chat"
+    GROUP_NOT_ADDRESSED = "group_not_addressed"
+    INVALID_CHAT_ID = "invalid_chat_id"
+    INVALID_SESSION = "invalid_session"
+    NO_CHAT = "no_chat"
+    NO_CONTENT = "no_content"
+    NO_MESSAGE_ID = "no_message_id"
+    NO_PAYLOAD = "no_payload"
+    NO_SESSION = "no_session"
+    OWN_NUMBER = "own_number"
+    SESSION_STATUS = "session_status"
+    STATUS_BROADCAST = "status_broadcast"
+
+
 @dataclass(frozen=True)
 class Ignored:
     """Why an event gets no reply; `reason` is a stable code, `detail` is for humans."""
 
-    reason: str
+    reason: str  # an IgnoreReason, or a custom filter's own code
     detail: str
 
 
@@ -231,7 +257,7 @@ class MessageFacts:
 
 
 def ignore_api_sends(facts: MessageFacts) -> Ignored | None:
-    return Ignored("from_me", "message was sent through the WAHA API") if facts.source == "api" else None
+    return Ignored(IgnoreReason.FROM_ME, "message was sent through the WAHA API") if facts.source == "api" else None
 
 
 def ignore_own_number(facts: MessageFacts) -> Ignored | None:
@@ -239,35 +265,45 @@ def ignore_own_number(facts: MessageFacts) -> Ignored | None:
         facts.participant is not None and facts.participant in facts.me_ids
     )
     return (
-        Ignored("own_number", "message comes from the bot's own number") if not facts.from_me and sender_is_me else None
+        Ignored(IgnoreReason.OWN_NUMBER, "message comes from the bot's own number")
+        if not facts.from_me and sender_is_me
+        else None
     )
 
 
 def ignore_status_broadcast(facts: MessageFacts) -> Ignored | None:
     return (
-        Ignored("status_broadcast", "status updates are not answered") if facts.chat_id == "status@broadcast" else None
+        Ignored(IgnoreReason.STATUS_BROADCAST, "status updates are not answered")
+        if facts.chat_id == "status@broadcast"
+        else None
     )
 
 
 def ignore_broadcast_lists(facts: MessageFacts) -> Ignored | None:
     return (
-        Ignored("broadcast_list", "broadcast lists are not answered") if facts.chat_id.endswith("@broadcast") else None
+        Ignored(IgnoreReason.BROADCAST_LIST, "broadcast lists are not answered")
+        if facts.chat_id.endswith("@broadcast")
+        else None
     )
 
 
 def ignore_channels(facts: MessageFacts) -> Ignored | None:
-    return Ignored("channel", "channel posts are not answered") if facts.chat_id.endswith("@newsletter") else None
+    return (
+        Ignored(IgnoreReason.CHANNEL, "channel posts are not answered")
+        if facts.chat_id.endswith("@newsletter")
+        else None
+    )
 
 
 def ignore_groups_unless_enabled(facts: MessageFacts) -> Ignored | None:
     if facts.chat_id.endswith("@g.us") and not facts.reply_in_groups:
-        return Ignored("group_chat", "group messages are not answered (REPLY_IN_GROUPS=false)")
+        return Ignored(IgnoreReason.GROUP_CHAT, "group messages are not answered (REPLY_IN_GROUPS=false)")
     return None
 
 
 def ignore_empty_messages(facts: MessageFacts) -> Ignored | None:
     if not facts.from_me and not facts.text and not facts.has_other_content:
-        return Ignored("no_content", "message has neither text nor media")
+        return Ignored(IgnoreReason.NO_CONTENT, "message has neither text nor media")
     return None
 
 
@@ -296,10 +332,10 @@ def classify_event(
     if event.event == "session.status":
         return _session_status(event)
     if event.event not in ANSWERED_EVENTS:
-        return Ignored("event_not_handled", f"event '{event.event}' is not a new message")
+        return Ignored(IgnoreReason.EVENT_NOT_HANDLED, f"event '{event.event}' is not a new message")
     payload = event.payload
     if payload is None:
-        return Ignored("no_payload", f"a '{event.event}' event without a payload has nothing to answer")
+        return Ignored(IgnoreReason.NO_PAYLOAD, f"a '{event.event}' event without a payload has nothing to answer")
     chat_id = _field(payload, "from", str, where="payload.")
     message_id = _field(payload, "id", str, where="payload.")
     if chat_id is None and message_id is not None:
@@ -307,11 +343,13 @@ def classify_event(
         match = MESSAGE_ID_PATTERN.match(message_id)
         chat_id = match.group("chat") if match else None
     if chat_id is None:
-        return Ignored("no_chat", "the message has neither payload.from nor a payload.id that names its chat")
+        return Ignored(
+            IgnoreReason.NO_CHAT, "the message has neither payload.from nor a payload.id that names its chat"
+        )
     if not event.session:
-        return Ignored("no_session", "without a session there is no WAHA session to reply from")
+        return Ignored(IgnoreReason.NO_SESSION, "without a session there is no WAHA session to reply from")
     if not is_safe_id(event.session, SESSION_NAME_PATTERN):
-        return Ignored("invalid_session", "the session name has characters WAHA session names never have")
+        return Ignored(IgnoreReason.INVALID_SESSION, "the session name has characters WAHA session names never have")
     from_me = _field(payload, "fromMe", bool, where="payload.")
     source = _field(payload, "source", str, where="payload.")
     participant = _field(payload, "participant", str, where="payload.")
@@ -328,7 +366,7 @@ def classify_event(
         match = MESSAGE_ID_PATTERN.match(message_id)
         chat_id = match.group("chat") if match else chat_id
     if not is_safe_id(chat_id, CHAT_ID_PATTERN):
-        return Ignored("invalid_chat_id", "the chat id has characters WhatsApp ids never have")
+        return Ignored(IgnoreReason.INVALID_CHAT_ID, "the chat id has characters WhatsApp ids never have")
     text = body.strip() if body else ""
     facts = MessageFacts(
         me_ids=event.me_ids,
@@ -344,7 +382,9 @@ def classify_event(
         if (ignored := message_filter(facts)) is not None:
             return ignored
     if message_id is None:
-        return Ignored("no_message_id", "without payload.id the message cannot be told apart from its redeliveries")
+        return Ignored(
+            IgnoreReason.NO_MESSAGE_ID, "without payload.id the message cannot be told apart from its redeliveries"
+        )
     if from_me:
         return OwnMessage(
             event_id=event.event_id,
@@ -380,7 +420,7 @@ def _session_status(event: WebhookEvent) -> SessionStatus | Ignored:
     state = _field(payload, "status", str, where="payload.")
     session = event.session or _field(payload, "name", str, where="payload.")
     if state not in SESSION_STATES or not session or not is_safe_id(session, SESSION_NAME_PATTERN):
-        return Ignored("session_status", "session.status event without a known status and session name")
+        return Ignored(IgnoreReason.SESSION_STATUS, "session.status event without a known status and session name")
     return SessionStatus(event_id=event.event_id, session=session, state=state)
 
 

@@ -17,6 +17,7 @@ from whatsapp_webhook import SERVICE_NAME, __version__
 from whatsapp_webhook.events import (
     BadRequestError,
     Ignored,
+    IgnoreReason,
     OwnMessage,
     SessionStatus,
     classify_event,
@@ -201,7 +202,9 @@ class WebhookService:
         if isinstance(decision, SessionStatus):
             check, reason = decision.check
             self.health.report(f"waha:{decision.session}", check, reason)
-            return self._ignore(decision.event_id, None, Ignored("session_status", f"recorded for /health: {reason}"))
+            return self._ignore(
+                decision.event_id, None, Ignored(IgnoreReason.SESSION_STATUS, f"recorded for /health: {reason}")
+            )
         if isinstance(decision, Ignored):
             return self._ignore(event.event_id, self._chat_of(event), decision)
         try:
@@ -211,7 +214,9 @@ class WebhookService:
                 return self._ignore(
                     decision.event_id,
                     decision.chat_id,
-                    Ignored("group_not_addressed", "in groups the bot answers only when mentioned or replied to"),
+                    Ignored(
+                        IgnoreReason.GROUP_NOT_ADDRESSED, "in groups the bot answers only when mentioned or replied to"
+                    ),
                 )
         except StoreUnavailable as exc:
             MessageLog(event=decision.event_id).error("store unavailable: %(error)s", {"error": str(exc)})
@@ -227,7 +232,7 @@ class WebhookService:
             detail = {"done": "message already answered", "failed": "message already given up on"}.get(
                 accepted.status, "message is being answered"
             )
-            return self._ignore(message.event_id, message.chat_id, Ignored("duplicate", detail))
+            return self._ignore(message.event_id, message.chat_id, Ignored(IgnoreReason.DUPLICATE, detail))
 
         if accepted.attempts == 0:
             MESSAGES_RECEIVED.inc()
@@ -279,22 +284,22 @@ class WebhookService:
         """Our echo is ignored; a person writing from this account pauses the bot there (human handoff)."""
         settings = self.settings
         if self.store.is_our_message(own.chat_key, message_id=own.message_id, text=own.text, within=600):
-            return Ignored("from_me", "the bot's own reply")
+            return Ignored(IgnoreReason.FROM_ME, "the bot's own reply")
         said = " ".join((own.text or "").lower().split())
         own_log = MessageLog(event=own.event_id, chat=own.chat_id)
         if said == " ".join(settings.bot_resume_command.lower().split()):
             self.store.pause_chat(own.chat_key, until=0, reason="operator")
             own_log.info("decision=%(decision)s (operator command)", {"decision": "bot_resumed"})
-            return Ignored("from_me", "operator command: bot resumed in this chat")
+            return Ignored(IgnoreReason.FROM_ME, "operator command: bot resumed in this chat")
         if said == " ".join(settings.bot_pause_command.lower().split()):
             self.store.pause_chat(own.chat_key, until=PAUSED_FOREVER, reason="operator")
             own_log.info(
                 "decision=%(decision)s reason=%(reason)s until=resume command",
                 {"decision": "bot_paused", "reason": "operator"},
             )
-            return Ignored("from_me", "operator command: bot paused in this chat until resumed")
+            return Ignored(IgnoreReason.FROM_ME, "operator command: bot paused in this chat until resumed")
         if not settings.handoff_pause_minutes:
-            return Ignored("from_me", "message sent by a person from this account")
+            return Ignored(IgnoreReason.FROM_ME, "message sent by a person from this account")
         until = self.clock() + settings.handoff_pause_minutes * 60
         self.store.pause_chat(own.chat_key, until=until, reason="handoff")
         own_log.info(

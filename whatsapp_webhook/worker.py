@@ -49,10 +49,12 @@ class Dispatcher:
         settings: Settings,
         poll_seconds: float = 1.0,
         prune_every_seconds: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.settings = settings
+        self.clock = clock  # wall time, as the store's timestamps are
         self.poll_seconds = poll_seconds
         self.prune_every_seconds = prune_every_seconds
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
@@ -153,7 +155,7 @@ class Dispatcher:
         return message.text is not None and self.settings.command_of(message.text) is None
 
     async def _prune(self) -> None:
-        now = time.time()
+        now = self.clock()
         removed = await asyncio.to_thread(
             self.store.prune,
             older_than=now - self.settings.state_retention_hours * 3600,
