@@ -15,22 +15,13 @@ from typing import Any
 
 import pytest
 
-from fakes import waha_payloads as wp
 from tests.conftest import make_settings
-from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
+from tests.test_store_contract import Clock, claim, incoming
 from whatsapp_webhook.settings import SettingsError
 from whatsapp_webhook.store import StateStore
-from whatsapp_webhook.store_api import ClaimedMessage, StoreUnavailable
+from whatsapp_webhook.store_api import StoreUnavailable
 from whatsapp_webhook.store_schema import MIGRATIONS, SCHEMA_VERSION
 from whatsapp_webhook.worker import Dispatcher
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -43,22 +34,6 @@ def store(tmp_path: Any, clock: Clock) -> StateStore:
     store = StateStore(str(tmp_path / "state.db"), clock=clock)
     store.initialize()
     return store
-
-
-def incoming(chat: str = wp.CUSTOMER_PN, *, ts: float | None = 100.0, body: str = "Oi", session: str = "default",
-             bare: str | None = None) -> IncomingMessage:
-    envelope = wp.text_message("WEBJS", sender=chat, body=body, session=session, message_id=bare)
-    envelope["payload"]["timestamp"] = ts
-    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
-    assert isinstance(message, IncomingMessage)
-    return message
-
-
-def claim(store: StateStore, owner: str = "w1", lease: float = 30.0,
-          **options: Any) -> ClaimedMessage | None:
-    """The next due message, as the dispatcher takes it (a batch of one)."""
-    batch = store.claim_due(owner, limit=1, lease_seconds=lease, **options)
-    return batch[0] if batch else None
 
 
 
