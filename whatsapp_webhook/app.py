@@ -95,7 +95,7 @@ def create_app(
     def describe_webhook() -> Any:
         document = service.status_document("ok", service=WEBHOOK_SERVICE_NAME)
         document["endpoint"] = WEBHOOK_PATH
-        document["accepts"] = "POST application/json (WAHA webhook events: message, message.any)"
+        document["accepts"] = "POST application/json (WAHA webhook events: message, message.any, session.status)"
         return jsonify(document)
 
     @app.get("/health")
