@@ -42,11 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
+import httpx
 
-from fakes import waha_payloads as wp  # noqa: E402
-from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, last_lines, stop_process  # noqa: E402
-from fakes.postgres_server import PostgresServer, PostgresUnavailable  # noqa: E402
+from fakes import waha_payloads as wp
+from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, last_lines, stop_process
+from fakes.postgres_server import PostgresServer, PostgresUnavailable
 
 WEBHOOK_PATH = "/api/v1/whatsapp/webhook"
 WAHA_KEY = "bench-waha-key"

@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python demo/run_demo.py` works too
     sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
+import httpx
 
-from fakes import FakeOpenRouter, FakeWaha  # noqa: E402
-from fakes import waha_payloads as wp  # noqa: E402
-from fakes.gunicorn_server import GunicornError, GunicornServer  # noqa: E402
+from fakes import FakeOpenRouter, FakeWaha
+from fakes import waha_payloads as wp
+from fakes.gunicorn_server import GunicornError, GunicornServer
 from whatsapp_webhook import WEBHOOK_PATH
 from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fakes.base import FaultRule, FakeServer, Request, Response, run_cli
+from fakes.base import FakeServer, FaultRule, Request, Response, run_cli
 
 # status -> (message, error_type) as documented on OpenRouter's errors page.
 ERRORS: dict[int, tuple[str, str]] = {

@@ -5,8 +5,8 @@ import json
 import re
 import secrets
 import time
-from datetime import datetime, timezone
-from functools import lru_cache
+from datetime import UTC, datetime
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -32,7 +32,7 @@ def _spec() -> tuple[dict[str, Any], Registry]:
     return spec, Registry().with_resource(_SPEC_URI, resource)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(path: str) -> Draft202012Validator:
     spec, registry = _spec()
     try:
@@ -96,7 +96,7 @@ class FakeWaha(FakeServer):
         if status == 422:
             return self._not_working(self.session)
         if status == 500:  # WAHA's engine-error shape (#2271, #2094)
-            return {"statusCode": 500, "timestamp": datetime.now(timezone.utc).isoformat(),
+            return {"statusCode": 500, "timestamp": datetime.now(UTC).isoformat(),
                     "exception": {"message": "Fake engine failure", "name": "Error",
                                   "stack": "Error: Fake engine failure\n    at FakeWaha"}}
         return _nest_error(status, phrase(status))

@@ -65,7 +65,7 @@ class PostgresServer:
             try:
                 pwd.getpwnam(SERVER_USER)
             except KeyError:
-                raise PostgresUnavailable(f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL")
+                raise PostgresUnavailable(f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL") from None
             as_user = SERVER_USER
         folder = Path(tempfile.mkdtemp(prefix="whatsapp-webhook-pg-"))
         server = cls(bin_dir, folder, free_port(), as_user=as_user)

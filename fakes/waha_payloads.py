@@ -66,18 +66,53 @@ import hmac
 import json
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import EllipsisType
 from typing import Any
 
 __all__ = [
-    "ENGINES", "SESSION", "WAHA_VERSION", "BASE_URL", "BOT_ID", "BOT_LID", "BOT_JID", "BOT_NAME",
-    "CUSTOMER_PN", "CUSTOMER_LID", "CUSTOMER_NAME", "OTHER_PN", "OTHER_LID", "GROUP_ID", "STATUS_ID",
-    "NEWSLETTER_ID", "BROADCAST_LIST_ID", "ACK_NAMES",
-    "seed", "new_event_id", "bare_message_id", "serialize_message_id", "parse_message_id", "to_s_whatsapp",
-    "to_cus", "default_me", "environment", "envelope", "text_message", "media_message", "location_message",
-    "status_broadcast_message", "newsletter_message", "broadcast_list_message", "own_api_message_any",
-    "own_app_message_any", "message_ack", "session_status", "reaction", "lid_and_pn_pair", "dumps", "sign",
+    "ACK_NAMES",
+    "BASE_URL",
+    "BOT_ID",
+    "BOT_JID",
+    "BOT_LID",
+    "BOT_NAME",
+    "BROADCAST_LIST_ID",
+    "CUSTOMER_LID",
+    "CUSTOMER_NAME",
+    "CUSTOMER_PN",
+    "ENGINES",
+    "GROUP_ID",
+    "NEWSLETTER_ID",
+    "OTHER_LID",
+    "OTHER_PN",
+    "SESSION",
+    "STATUS_ID",
+    "WAHA_VERSION",
+    "bare_message_id",
+    "broadcast_list_message",
+    "default_me",
+    "dumps",
+    "envelope",
+    "environment",
+    "lid_and_pn_pair",
+    "location_message",
+    "media_message",
+    "message_ack",
+    "new_event_id",
+    "newsletter_message",
+    "own_api_message_any",
+    "own_app_message_any",
+    "parse_message_id",
+    "reaction",
+    "seed",
+    "serialize_message_id",
+    "session_status",
+    "sign",
+    "status_broadcast_message",
+    "text_message",
+    "to_cus",
+    "to_s_whatsapp",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -217,10 +252,10 @@ def _b64(n: int = 32) -> str:
 
 
 def _rfc3339(ts: int) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _alt(jid: str, override: str | None | EllipsisType) -> str | None:
+def _alt(jid: str, override: str | EllipsisType | None) -> str | None:
     return _ALT.get(jid) if override is ... else override
 
 
@@ -243,9 +278,9 @@ def environment(engine: str, *, version: str = WAHA_VERSION, tier: str = "CORE")
 
 
 def envelope(event: str, payload: dict[str, Any], *, engine: str = "WEBJS", session: str = SESSION,
-             event_id: str | None = None, me: dict[str, Any] | None | EllipsisType = ...,
+             event_id: str | None = None, me: dict[str, Any] | EllipsisType | None = ...,
              timestamp_ms: int | None = None,
-             metadata: dict[str, Any] | None | EllipsisType = None) -> dict[str, Any]:
+             metadata: dict[str, Any] | EllipsisType | None = None) -> dict[str, Any]:
     """The webhook body. ``me=None`` leaves ``me`` out (not authenticated yet); ``metadata=...`` leaves
     ``metadata`` out (seen on NOWEB 2025.11.4, #1689); ``metadata=None`` (default) sends ``{}``."""
     if engine not in ENGINES:
@@ -304,7 +339,7 @@ def _ack_for(m: _Msg) -> int:
 
 
 def _media_object(m: _Msg, file_id: str, *, download: bool,
-                  media_error: dict[str, Any] | None | EllipsisType) -> dict[str, Any] | None:
+                  media_error: dict[str, Any] | EllipsisType | None) -> dict[str, Any] | None:
     if not m.has_media or not download:
         return None
     mimetype = m.content["mimetype"]
@@ -691,8 +726,8 @@ def _default_bare_id(engine: str, *, own_api: bool = False) -> str:
 
 def _build(engine: str, *, event: str, chat: str, sender: str, from_me: bool, source: str, content: dict[str, Any],
            message_id: str | None, timestamp: int | None, session: str, event_id: str | None,
-           timestamp_ms: int | None, me: Any, push_name: str | None | EllipsisType = ...,
-           sender_alt: str | None | EllipsisType = ..., reply_to: dict[str, Any] | None = None,
+           timestamp_ms: int | None, me: Any, push_name: str | EllipsisType | None = ...,
+           sender_alt: str | EllipsisType | None = ..., reply_to: dict[str, Any] | None = None,
            download: bool = True, media_error: Any = ..., sender_device: int | None = None,
            device_sent: bool = False, server_id: int | None = None) -> dict[str, Any]:
     if engine not in ENGINES:
@@ -715,9 +750,9 @@ def text_message(engine: str = "WEBJS", *, body: str = _DEFAULT_BODY, sender: st
                  message_id: str | None = None, from_me: bool = False, source: str = "app",
                  timestamp: int | None = None, event: str = "message", session: str = SESSION,
                  group: str | None = None, reply_to: dict[str, Any] | None = None, event_id: str | None = None,
-                 timestamp_ms: int | None = None, me: dict[str, Any] | None | EllipsisType = ...,
-                 push_name: str | None | EllipsisType = ...,
-                 sender_alt: str | None | EllipsisType = ...) -> dict[str, Any]:
+                 timestamp_ms: int | None = None, me: dict[str, Any] | EllipsisType | None = ...,
+                 push_name: str | EllipsisType | None = ...,
+                 sender_alt: str | EllipsisType | None = ...) -> dict[str, Any]:
     """A text message from ``sender`` (``@c.us`` or ``@lid``) in a DM, or in ``group`` when given.
 
     ``message_id`` is the bare WhatsApp id (default: engine-typical random); ``timestamp`` is payload
@@ -738,8 +773,8 @@ def media_message(engine: str = "WEBJS", *, caption: str | None = None, mimetype
                   kind: str = "image", filename: str | None = None, sender: str = CUSTOMER_PN,
                   message_id: str | None = None, timestamp: int | None = None, event: str = "message",
                   session: str = SESSION, group: str | None = None, event_id: str | None = None,
-                  timestamp_ms: int | None = None, me: dict[str, Any] | None | EllipsisType = ...,
-                  download: bool = True, media_error: dict[str, Any] | None | EllipsisType = ...) -> dict[str, Any]:
+                  timestamp_ms: int | None = None, me: dict[str, Any] | EllipsisType | None = ...,
+                  download: bool = True, media_error: dict[str, Any] | EllipsisType | None = ...) -> dict[str, Any]:
     """``kind``: ``image`` | ``audio`` (voice note, PTT) | ``sticker`` | ``document``.
 
     ``body`` follows the engine: WEBJS ``caption or ""``; NOWEB ``caption or null``; GOWS has NO ``body`` key
@@ -863,7 +898,7 @@ _STATUS_HISTORY = {"STARTING": ["STOPPED", "STARTING"], "SCAN_QR_CODE": ["STOPPE
 def session_status(engine: str = "WEBJS", status: str = "WORKING", *, session: str = SESSION,
                    data: Any = None, event_id: str | None = None,
                    timestamp_ms: int | None = None,
-                   me: dict[str, Any] | None | EllipsisType = ...) -> dict[str, Any]:
+                   me: dict[str, Any] | EllipsisType | None = ...) -> dict[str, Any]:
     """``session.status`` with ``statuses`` = last 3 transitions (ms). ``me`` only once WORKING by default."""
     if status not in _STATUS_HISTORY:
         raise ValueError(f"unknown status {status!r}")

@@ -12,8 +12,8 @@ import pytest
 import respx
 
 from fakes import waha_payloads as wp
-from tests import postgres
 from fakes.fake_waha import validate_waha_request
+from tests import postgres
 from whatsapp_webhook import WEBHOOK_PATH
 from whatsapp_webhook.app import create_app, shutdown
 from whatsapp_webhook.settings import Settings

@@ -367,7 +367,7 @@ def fake_endpoint() -> Iterator[tuple[int, dict[str, Any]]]:
     state: dict[str, Any] = {"status": 200, "paths": []}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             state["paths"].append(self.path)
             body = b'{"status": "ok"}'
             self.send_response(state["status"])
@@ -557,7 +557,7 @@ def test_images_are_pinned_and_match_the_engine(raw_compose: dict[str, Any], com
         assert match["flavour"] in FLAVOURS_BY_ENGINE[engine], f"{origin}: engine {engine} cannot run image {tag}"
     assert example_env["WAHA_IMAGE_TAG"] == defaults["tag"].group(1), "one pinned WAHA version, not two"
     for name, service in compose["services"].items():
-        repository, sep, tag = service["image"].rpartition(":")
+        _repository, sep, tag = service["image"].rpartition(":")
         assert sep and "/" not in tag and tag and tag != "latest", f"{name} image {service['image']!r} is not pinned"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
@@ -85,7 +85,7 @@ def test_retry_after_seconds_is_honoured() -> None:
 
 
 def test_retry_after_http_date_is_honoured() -> None:
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=3), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
     reply, sleeps, _ = run_client([httpx.Response(503, headers={"Retry-After": when}, json=error_body(503)),
                                    httpx.Response(200, json=completion("ok"))])
     assert isinstance(reply, LLMReply) and 1.0 < sleeps[0] <= 3.0

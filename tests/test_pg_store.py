@@ -24,8 +24,8 @@ from whatsapp_webhook.store_api import ChatLimits, Outcome, StoreUnavailable, Ve
 from whatsapp_webhook.stores import open_store
 
 psycopg = pytest.importorskip("psycopg")
-from whatsapp_webhook.pg_schema import SCHEMA_VERSION  # noqa: E402
-from whatsapp_webhook.pg_store import PostgresStore  # noqa: E402
+from whatsapp_webhook.pg_schema import SCHEMA_VERSION
+from whatsapp_webhook.pg_store import PostgresStore
 
 
 @pytest.fixture

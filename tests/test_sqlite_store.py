@@ -109,7 +109,7 @@ def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_p
     def write(work) -> None:
         try:
             work()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+        except BaseException as exc:
             errors.append(exc)
 
     other_worker = os.open(str(tmp_path / "state.db.lock"), os.O_RDWR)

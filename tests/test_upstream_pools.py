@@ -133,7 +133,7 @@ def test_a_failed_or_abandoned_request_does_not_stay_counted() -> None:
                 await client.get("http://127.0.0.1:9/unreachable")  # discard port: connection refused
             assert transport.requests_in_flight == 0
             async with LoopbackServer() as upstream:
-                async with client.stream("GET", upstream.url + "/stream") as response:
+                async with client.stream("GET", upstream.url + "/stream"):
                     assert transport.requests_in_flight == 1  # body not read yet: the connection is busy
                 assert transport.requests_in_flight == 0  # closed unread
 

@@ -46,7 +46,7 @@ def sent_bodies(route: respx.Route) -> list[dict]:
 
 @pytest.mark.parametrize("chat_id", ["5511988887777@c.us", "200000000000002@lid", "120363000000000001@g.us"])
 def test_send_text_body_is_valid_for_waha_and_keeps_the_chat_id_as_received(chat_id: str) -> None:
-    result, routes, _ = run(lambda c: c.send_text(session="default", chat_id=chat_id, text="Olá!"),
+    _, routes, _ = run(lambda c: c.send_text(session="default", chat_id=chat_id, text="Olá!"),
                             {"/api/sendText": [httpx.Response(201, json={})]})
     (body,) = sent_bodies(routes["/api/sendText"])
     assert body == {"session": "default", "chatId": chat_id, "text": "Olá!"}

@@ -444,8 +444,8 @@ def test_waha_session_status_events_and_422_answers_show_in_health(client, upstr
         "session": "default", "status": "STARTING", "expected": ["WORKING"]})
     post_event(client, wp.text_message("WEBJS", session="default"))
     waha = health(client)[1]["checks"]["waha"]
-    assert waha["status"] == "degraded" and "WAHA session 'default' is not WORKING (sendText answered HTTP 422)" \
-        == waha["reason"]
+    assert waha["status"] == "degraded" and waha["reason"] \
+        == "WAHA session 'default' is not WORKING (sendText answered HTTP 422)"
 
 
 def test_every_worker_reads_the_same_health_from_the_shared_store(make_app, upstreams) -> None:

@@ -34,7 +34,7 @@ def start_server(start_server: Callable[..., Any]) -> Callable[..., Any]:
     return start
 
 
-def test_the_server_really_runs_on_postgresql(fault_server) -> None:
+def test_the_server_really_runs_on_postgresql(fault_server) -> None:  # noqa: F811 - the imported fixture
     assert fault_server.env["STATE_DB"].startswith("postgresql://")
     assert "messages_received" in stats(fault_server)
     assert not list(fault_server.folder.glob("*.db*"))  # no SQLite file, no lock file named after a URL
