@@ -715,3 +715,23 @@ def test_the_whole_body_is_read_whatever_its_framing_or_refused_with_a_reason() 
         assert status == 400 and message.startswith("malformed chunked request body: Invalid chunk")
     assert read(Stream(error=TimeoutError()), 10)[0] == 408
     assert read(Stream(b"{}"), None, terminated=False) == b""  # no length, no framing server: no body
+
+
+def test_a_signed_event_replayed_long_after_is_ignored_as_stale(make_app, upstreams) -> None:
+    client = make_app(webhook_hmac_key="hk", webhook_stale_seconds=3600).test_client()
+    now_ms = int(time.time() * 1000)
+    old = wp.text_message("WEBJS", body="replayed", timestamp_ms=now_ms - 2 * 3600 * 1000)
+    response = post_event(client, old, hmac_key="hk")
+    assert (response.status_code, response.get_json()["reason"]) == (200, "stale_event")  # WAHA would retry a 4xx
+    assert upstreams.llm.call_count == 0 and stats(client)["messages_received"] == 0
+    fresh = wp.text_message("WEBJS", body="fresh", timestamp_ms=now_ms - 60_000)
+    assert post_event(client, fresh, hmac_key="hk").get_json()["status"] == "processed"
+    undated = wp.text_message("WEBJS", body="older WAHA")
+    undated.pop("timestamp", None)  # WAHA of 2024 sent no envelope timestamp: accepted
+    assert post_event(client, undated, hmac_key="hk").get_json()["status"] == "processed"
+
+
+def test_without_hmac_the_envelope_timestamp_is_not_trusted_for_anything(make_app, upstreams) -> None:
+    client = make_app(webhook_stale_seconds=3600).test_client()
+    old = wp.text_message("WEBJS", body="old but unsigned", timestamp_ms=int(time.time() * 1000) - 7 * 86_400_000)
+    assert post_event(client, old).get_json()["status"] == "processed"

@@ -41,6 +41,7 @@ class WebhookEvent:
     engine: str | None
     me_ids: frozenset[str]
     payload: Mapping[str, Any] | None
+    timestamp_ms: float | None = None  # when WAHA created the event (signed with the body, unlike the header)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +116,7 @@ class IgnoreReason(StrEnum):
     OWN_NUMBER = "own_number"
     SESSION_STATUS = "session_status"
     STATUS_BROADCAST = "status_broadcast"
+    STALE_EVENT = "stale_event"
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,15 @@ def parse_event(body: bytes) -> WebhookEvent:
         engine=_field(document, "engine", str),
         me_ids=me_ids,
         payload=payload,
+        timestamp_ms=_envelope_timestamp(document.get("timestamp")),
     )
+
+
+def _envelope_timestamp(value: object) -> float | None:
+    """The envelope's `timestamp` (ms) when it is a usable number; anything else is as good as absent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _field(

@@ -190,6 +190,12 @@ class WebhookService:
             if (headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
                 raise BadRequestError("Content-Type must be application/json", status=415)
             event = parse_event(body)
+            if self._is_replay(event):
+                return self._ignore(
+                    event.event_id,
+                    self._chat_of(event),
+                    Ignored(IgnoreReason.STALE_EVENT, "a signed event older than WEBHOOK_STALE_SECONDS is a replay"),
+                )
             decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
         except BadRequestError as exc:
             self.reject(
@@ -355,6 +361,15 @@ class WebhookService:
             }, 200
         # WAHA's own error text stays in our log: it can carry stack traces.
         return {"error": "the reply could not be sent yet; please redeliver"}, 503
+
+    def _is_replay(self, event: WebhookEvent) -> bool:
+        """WAHA signs the envelope's `timestamp` with the body, so an old signed body replayed is told by it.
+
+        Only with HMAC on (without it anyone can send any timestamp); an envelope without one (older WAHA) passes.
+        """
+        if not self.settings.webhook_hmac_key or event.timestamp_ms is None:
+            return False
+        return self.clock() - event.timestamp_ms / 1000 > self.settings.webhook_stale_seconds
 
     def _check_sender(self, body: bytes, headers: RequestHeaders) -> str | None:
         token = self.settings.webhook_secret_token

@@ -214,6 +214,12 @@ class Settings:
         secret=True,
         help="When set, every request must carry WAHA's X-Webhook-Hmac (sha512 of the body with this key).",
     )
+    webhook_stale_seconds: float = setting(
+        "WEBHOOK_STALE_SECONDS",
+        86_400.0,
+        bounds=(60, 30 * 86_400),
+        help="With WEBHOOK_HMAC_KEY: a signed event whose own timestamp is older than this is a replay, ignored.",
+    )
     state_db: str = setting(
         "STATE_DB",
         DEFAULT_STATE_DB,

@@ -46,3 +46,14 @@ def test_an_event_id_cannot_forge_a_log_line_or_a_json_field(start_server, fake_
     assert ours and {d.get("decision") for d in ours} >= {"reply", "working", "replied"}
     assert all(d.get("decision") != "FORGED" for d in documents)
     assert not [d for d in documents if d.get("event") == "fake"]
+
+
+def test_a_replayed_signed_body_is_ignored_by_the_running_server(start_server, fake_waha, fake_llm) -> None:
+    server = start_server(WEBHOOK_HMAC_KEY="e2e-replay-key", WEBHOOK_STALE_SECONDS="3600")
+    old = wp.text_message("GOWS", body="Quero cancelar", timestamp_ms=1_700_000_000_000)  # 2023
+    body = wp.dumps(old)
+    headers = {"Content-Type": "application/json", "X-Webhook-Hmac": wp.sign(body, "e2e-replay-key"),
+               "X-Webhook-Hmac-Algorithm": "sha512"}
+    answers = [httpx.post(server.url + WEBHOOK, content=body, headers=headers, timeout=30) for _ in range(5)]
+    assert {(a.status_code, a.json()["reason"]) for a in answers} == {(200, "stale_event")}
+    assert fake_llm.completions() == [] and fake_waha.sent_texts() == []
