@@ -226,9 +226,22 @@ def test_every_field_is_declared_with_its_variable_and_help_and_documented() -> 
     assert set(variables) <= setting_names()
 
 
+WRITTEN_IN_A_GRAMMAR = {
+    "BUSINESS_HOURS": "seg-sex 09:00-17:00",
+    "BUSINESS_TIMEZONE": "Europe/Lisbon",
+    "BUSINESS_HOLIDAYS": "2026-12-25, 2027-01-01",
+}
+
+
 def a_valid_other_value(setting: Setting, tmp_path: Path) -> tuple[str, Any]:
     """What to put in the variable, and the value the loader must make of it, unlike the default."""
     default = setting.default
+    if setting.env in WRITTEN_IN_A_GRAMMAR:  # text settings that are parsed: a value they accept
+        value = WRITTEN_IN_A_GRAMMAR[setting.env]
+        return value, value
+    if setting.env == "AI_KNOWLEDGE_FILE":
+        (tmp_path / "faq.md").write_text("Entregamos em todo o bairro.", encoding="utf-8")
+        return str(tmp_path / "faq.md"), str(tmp_path / "faq.md")
     if setting.kind in ("integer", "number"):
         assert setting.minimum is not None and setting.maximum is not None
         value = next(v for v in (setting.minimum, setting.maximum) if v != default)

@@ -500,3 +500,16 @@ def test_chat_state_is_pruned_once_nothing_is_active_but_opt_outs_and_pauses_sta
     assert quiet_again == [Verdict.OK] * 3 + [Verdict.RATE_LIMITED]
     busy_again = [store.admit(busy, texts=[f"m{n}"], limits=LIMITS).verdict for n in range(3)]
     assert busy_again == [Verdict.OK, Verdict.OK, Verdict.RATE_LIMITED]
+
+
+def test_a_chat_mark_is_set_once_per_value_whoever_asks(reopen: Callable[[], Store], store: Store) -> None:
+    # The out-of-hours notice: the first message of a closed period gets it, the rest of the period does not,
+    # and the next closed period (a new value) gets it again; another worker sees the same mark.
+    other = reopen()
+    assert store.mark_once("chat-a", "closed_notice", "2026-12-02T08:00:00-03:00") is True
+    assert other.mark_once("chat-a", "closed_notice", "2026-12-02T08:00:00-03:00") is False
+    assert store.mark_once("chat-b", "closed_notice", "2026-12-02T08:00:00-03:00") is True
+    assert store.mark_once("chat-a", "other_mark", "2026-12-02T08:00:00-03:00") is True
+    assert other.mark_once("chat-a", "closed_notice", "2026-12-03T08:00:00-03:00") is True
+    assert store.mark_once("chat-a", "closed_notice", "2026-12-03T08:00:00-03:00") is False
+    other.close()

@@ -152,6 +152,21 @@ class ChatStore(SQLiteStore):
 
         return self._transaction(work)
 
+    def mark_once(self, chat_key: str, name: str, value: str) -> bool:
+        """Set the chat's mark `name` to `value`; True only for the one caller that changed it (once per value)."""
+        now = self.clock()
+
+        def work(c: sqlite3.Connection) -> bool:
+            changed = c.execute(
+                "INSERT INTO chat_marks (chat_key, name, value, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (chat_key, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+                " WHERE chat_marks.value != excluded.value",
+                (chat_key, name, value, now),
+            ).rowcount
+            return bool(changed)
+
+        return self._transaction(work)
+
     @staticmethod
     def _loop_evidence(c: sqlite3.Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
         evidence = []

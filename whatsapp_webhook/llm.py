@@ -97,6 +97,13 @@ class LLMReply:
         return self.answered_by != self.configured_model
 
 
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens the provider served from its prompt cache (usage.prompt_tokens_details.cached_tokens)."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0
+
+
 def served_model(answered: str | None, candidates: Iterable[str]) -> str | None:
     """Which requested id an answer's `model` is: equal, or a dated/variant form of it (longest match wins)."""
     if answered is None:
@@ -228,6 +235,8 @@ class LLMClient:
                 for kind in ("prompt_tokens", "completion_tokens"):
                     if isinstance(usage.get(kind), int):
                         LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(usage[kind])
+                if cached := cached_prompt_tokens(usage):
+                    LLM_TOKENS.labels("cached").inc(cached)
                 # Only OpenRouter picks among `models` itself; elsewhere the answer is from what we asked for
                 # (llama.cpp, for one, reports whatever name it likes).
                 answered_by = (served_model(model, models) if self.openrouter else None) or models[0]

@@ -144,6 +144,21 @@ class PostgresChatStore(PostgresBase):
 
         return self._write(work)
 
+    def mark_once(self, chat_key: str, name: str, value: str) -> bool:
+        """Set the chat's mark `name` to `value`; True only for the one caller that changed it (once per value)."""
+        now = self.clock()
+
+        def work(c: Connection) -> bool:
+            row = c.execute(
+                "INSERT INTO chat_marks (chat_key, name, value, updated_at) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (chat_key, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+                " WHERE chat_marks.value <> excluded.value RETURNING 1",
+                (chat_key, name, value, now),
+            ).fetchone()
+            return row is not None
+
+        return self._write(work)
+
     @staticmethod
     def _loop_evidence(c: Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
         """For each text of the burst, in one statement: its repeats in the window, and whether we sent it."""

@@ -95,9 +95,20 @@ CREATE TABLE media (
 );
 """
 
+# Per-chat marks (Store.mark_once): the out-of-hours notice goes once per chat and closed period.
+SCHEMA_CHAT_MARKS = """
+CREATE TABLE IF NOT EXISTS chat_marks (
+    chat_key text NOT NULL,
+    name text NOT NULL,
+    value text NOT NULL,
+    updated_at double precision NOT NULL,
+    PRIMARY KEY (chat_key, name)
+);
+"""
+
 # MIGRATIONS[n - 1] takes a database from schema version n - 1 to n (the rows of schema_migrations).
 # Append only: a released migration never changes, so every older database takes the same path.
-MIGRATIONS = (SCHEMA_V1,)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 MIGRATIONS_TABLE_SQL = (

@@ -13,6 +13,13 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from whatsapp_webhook.business import (
+    OUT_OF_HOURS_MARK,
+    BusinessProfiles,
+    OutOfHoursAction,
+    SessionProfile,
+    out_of_hours_action,
+)
 from whatsapp_webhook.events import bare_message_id
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.health import CheckStatus, HealthReporter
@@ -44,6 +51,7 @@ from whatsapp_webhook.upstream import LLMError, WahaError
 
 if TYPE_CHECKING:
     from whatsapp_webhook.events import IncomingMessage
+    from whatsapp_webhook.hours import HoursStatus
     from whatsapp_webhook.llm import LLMClient, LLMReply
     from whatsapp_webhook.settings import Settings
     from whatsapp_webhook.store_api import ClaimedMessage, Store
@@ -91,6 +99,7 @@ class ReplyPipeline:
         llm: LLMClient,
         waha: WahaClient,
         health: HealthReporter | None = None,
+        profiles: BusinessProfiles | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
@@ -100,6 +109,7 @@ class ReplyPipeline:
         self.llm = llm
         self.waha = waha
         self.health = health or HealthReporter(store=store)
+        self.profiles = profiles or BusinessProfiles(settings)
         self.sleep = sleep
         self.rng = rng
         self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
@@ -306,10 +316,15 @@ class ReplyPipeline:
             await asyncio.to_thread(self.store.clear_history, message.chat_key)
             context.info("decision=%(decision)s", {"decision": "history_reset"})
             return ComposedReply(text=settings.reset_reply, outcome=Outcome.COMMAND)
+        profile = self.profiles.profile(message.session)
+        hours = profile.hours(self.clock())
+        if (closed := await self._out_of_hours(message, profile, hours, context)) is not OutOfHoursAction.ANSWER:
+            notice = closed is OutOfHoursAction.NOTICE
+            return ComposedReply(text=profile.notice(hours), outcome=Outcome.NOTICE) if notice else None
         if not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
-        reply = await self._ask_llm(message, user_turn, history, context)
+        reply = await self._ask_llm(message, user_turn, history, context, profile=profile, hours=hours)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
         formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
@@ -331,17 +346,41 @@ class ReplyPipeline:
         )
         return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
 
+    async def _out_of_hours(
+        self, message: IncomingMessage, profile: SessionProfile, hours: HoursStatus, context: MessageLog
+    ) -> OutOfHoursAction:
+        """Closed and not in answer mode: the period's one notice (a store mark, shared by every worker) or silence."""
+        mode = profile.settings.out_of_hours_mode
+        if hours.is_open or mode == "answer":
+            return OutOfHoursAction.ANSWER
+        first = mode == "notice" and await asyncio.to_thread(
+            self.store.mark_once, message.chat_key, OUT_OF_HOURS_MARK, hours.closed_period
+        )
+        action = out_of_hours_action(mode, hours, first_in_period=first)
+        context.info(
+            "decision=%(decision)s reason=%(reason)s next_open=%(next_open)s",
+            {
+                "decision": "skipped" if action is OutOfHoursAction.SILENT else "notice",
+                "reason": "out_of_hours",
+                "next_open": hours.closed_period,
+            },
+        )
+        return action
+
     async def _ask_llm(
-        self, message: IncomingMessage, user_turn: str, history: list[Turn], context: MessageLog
+        self,
+        message: IncomingMessage,
+        user_turn: str,
+        history: list[Turn],
+        context: MessageLog,
+        *,
+        profile: SessionProfile,
+        hours: HoursStatus,
     ) -> LLMReply | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
-            prompt = [
-                {"role": "system", "content": self.settings.ai_system_prompt},
-                *({"role": turn.role, "content": turn.content} for turn in attempt_history),
-                {"role": "user", "content": user_turn},
-            ]
+            prompt = await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn)
             try:
                 reply = await self.llm.complete(prompt, user=user, log=context)
             except LLMError as exc:

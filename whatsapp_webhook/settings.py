@@ -29,9 +29,12 @@ from whatsapp_webhook.env_reader import (
     redact_url,
     setting,
 )
+from whatsapp_webhook.hours import DEFAULT_TIMEZONE, OUT_OF_HOURS_MODES, schedule_problems
+from whatsapp_webhook.knowledge import knowledge_problems
 from whatsapp_webhook.texts import (
     DEFAULT_FALLBACK_MESSAGE,
     DEFAULT_NON_TEXT_REPLY,
+    DEFAULT_OUT_OF_HOURS_NOTICE,
     DEFAULT_RATE_LIMIT_REPLY,
     DEFAULT_RESET_REPLY,
     DEFAULT_START_REPLY,
@@ -275,6 +278,37 @@ class Settings:
     loop_pause_minutes: float = setting(
         "LOOP_PAUSE_MINUTES", 60.0, bounds=(0.0, 525_600), help="How long a detected loop pauses the chat."
     )
+    # The business: opening hours, what the bot knows, one configuration per number (docs/negocio.md).
+    business_hours: str = setting(
+        "BUSINESS_HOURS", "", help="Opening hours, e.g. 'seg-sex 08:00-18:00; sab 08:00-12:00' (empty = always open)."
+    )
+    business_timezone: str = setting(
+        "BUSINESS_TIMEZONE", DEFAULT_TIMEZONE, help="The IANA time zone of BUSINESS_HOURS and of the daily budget."
+    )
+    business_holidays: str = setting(
+        "BUSINESS_HOLIDAYS", "", help="Closed dates, ISO (YYYY-MM-DD), separated by commas."
+    )
+    out_of_hours_mode: str = setting(
+        "OUT_OF_HOURS_MODE",
+        "answer",
+        choices=OUT_OF_HOURS_MODES,
+        lower=True,
+        help="Closed: answer (the bot answers, knowing the hours), notice (OUT_OF_HOURS_NOTICE once) or silent.",
+    )
+    out_of_hours_notice: str = setting(
+        "OUT_OF_HOURS_NOTICE",
+        DEFAULT_OUT_OF_HOURS_NOTICE,
+        help="notice mode: sent once per chat and closed period; {hours} and {next_open} are filled in.",
+    )
+    ai_knowledge_file: str = setting(
+        "AI_KNOWLEDGE_FILE", "", help="Markdown/text files (comma-separated) or a folder: what the bot knows."
+    )
+    ai_knowledge_max_chars: int = setting(
+        "AI_KNOWLEDGE_MAX_CHARS",
+        200_000,
+        bounds=(1000, 10_000_000),
+        help="Most characters AI_KNOWLEDGE_FILE may hold in all (it goes into every prompt).",
+    )
 
     def command_of(self, text: str | None) -> str | None:
         """Which chat command a customer's whole message is, if any (case and spacing ignored)."""
@@ -322,6 +356,8 @@ class Settings:
             env.problems.append("FALLBACK_MESSAGE must not be empty: it is sent when the LLM cannot answer")
         if not self.non_text_reply.strip():
             env.problems.append("NON_TEXT_REPLY must not be empty: it is sent for media without a caption")
+        env.problems.extend(schedule_problems(self.business_hours, self.business_timezone, self.business_holidays))
+        env.problems.extend(knowledge_problems(self.ai_knowledge_file, self.ai_knowledge_max_chars))
 
 
 @functools.cache
@@ -374,6 +410,9 @@ OUR_PREFIXES = (
     "STATE_",
     "MAX_",
     "BOT_",
+    "BUSINESS_",
+    "OUT_OF_HOURS",
+    "AI_",
 )
 
 

@@ -83,9 +83,20 @@ CREATE TABLE IF NOT EXISTS media (
 );
 """
 
+# Per-chat marks (Store.mark_once): the out-of-hours notice goes once per chat and closed period.
+SCHEMA_CHAT_MARKS = """
+CREATE TABLE IF NOT EXISTS chat_marks (
+    chat_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (chat_key, name)
+);
+"""
+
 # MIGRATIONS[n - 1] takes a file from schema version n - 1 to n (PRAGMA user_version). Append only:
 # a released migration never changes, so every older state file takes the same path.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 IGNORED_COUNTER_PREFIX = "ignored."

@@ -32,3 +32,8 @@ DEFAULT_START_REPLY = "Que bom ter você de volta! Como posso ajudar?"
 DEFAULT_RATE_LIMIT_REPLY = (
     "Recebi muitas mensagens em pouco tempo. Vou pausar as respostas por alguns instantes; tente de novo em breve."
 )
+
+
+DEFAULT_OUT_OF_HOURS_NOTICE = (
+    "Olá! Recebemos sua mensagem, mas estamos fora do horário de atendimento ({hours}). A equipe retorna {next_open}."
+)
