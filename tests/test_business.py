@@ -4,6 +4,7 @@ out-of-hours modes, the knowledge files in the prompt (stable part first) and th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from datetime import datetime, timedelta
@@ -152,7 +153,9 @@ def test_an_edited_file_takes_effect_on_the_next_message_and_an_unchanged_one_is
     assert base.loads == 2
 
 
-def test_a_broken_edit_keeps_the_last_good_knowledge(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_broken_edit_keeps_the_last_good_knowledge(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("whatsapp_webhook"), "propagate", True)  # an app may have turned it off
     faq = tmp_path / "faq.md"
     faq.write_text("Pão: R$ 0,90.", encoding="utf-8")
     now = [0.0]

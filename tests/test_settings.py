@@ -239,6 +239,9 @@ def a_valid_other_value(setting: Setting, tmp_path: Path) -> tuple[str, Any]:
     if setting.env in WRITTEN_IN_A_GRAMMAR:  # text settings that are parsed: a value they accept
         value = WRITTEN_IN_A_GRAMMAR[setting.env]
         return value, value
+    if setting.env == "SESSIONS_FILE":
+        (tmp_path / "sessions.toml").write_text('[loja2]\nopenrouter_model = "a/b"\n', encoding="utf-8")
+        return str(tmp_path / "sessions.toml"), str(tmp_path / "sessions.toml")
     if setting.env == "AI_KNOWLEDGE_FILE":
         (tmp_path / "faq.md").write_text("Entregamos em todo o bairro.", encoding="utf-8")
         return str(tmp_path / "faq.md"), str(tmp_path / "faq.md")

@@ -513,3 +513,14 @@ def test_a_chat_mark_is_set_once_per_value_whoever_asks(reopen: Callable[[], Sto
     assert other.mark_once("chat-a", "closed_notice", "2026-12-03T08:00:00-03:00") is True
     assert store.mark_once("chat-a", "closed_notice", "2026-12-03T08:00:00-03:00") is False
     other.close()
+
+
+def test_counters_are_read_back_by_name_as_every_worker_added_them(reopen: Callable[[], Store], store: Store) -> None:
+    other = reopen()
+    store.count_many({"llm_spend.2026-12-01.loja2": 1500, "session.loja2.messages_processed": 1})
+    other.count_many({"llm_spend.2026-12-01.loja2": 2500})
+    other.count("session.loja2.messages_processed")
+    assert store.read_counters(["llm_spend.2026-12-01.loja2", "session.loja2.messages_processed", "never"]) == {
+        "llm_spend.2026-12-01.loja2": 4000, "session.loja2.messages_processed": 2, "never": 0}
+    assert other.read_counters([]) == {}
+    other.close()

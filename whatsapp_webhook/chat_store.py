@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from whatsapp_webhook.customer_data import (
+    FORGOTTEN_CHAT,
+    ChatExport,
+    ForgetReport,
+    message_row,
+    scrubbed_message,
+)
 from whatsapp_webhook.events import bare_message_id, text_fingerprint
 from whatsapp_webhook.policy import (
     LoopEvidence,
@@ -167,6 +175,18 @@ class ChatStore(SQLiteStore):
 
         return self._transaction(work)
 
+    def read_counters(self, names: Iterable[str]) -> dict[str, int]:
+        """These counters' totals (0 for one never counted), read without taking the write lock."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        rows = self._transaction(
+            lambda c: c.execute(f"SELECT name, value FROM counters WHERE name IN ({marks})", wanted).fetchall(),
+            begin="BEGIN",
+        )
+        return {name: 0 for name in wanted} | dict(rows)
+
     @staticmethod
     def _loop_evidence(c: sqlite3.Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
         evidence = []
@@ -183,6 +203,98 @@ class ChatStore(SQLiteStore):
             ).fetchone()
             evidence.append(LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours)))
         return evidence
+
+    # --- a customer's data on request (LGPD) -----------------------------------------------------
+
+    def export_chat(self, chat_key: str) -> ChatExport:
+        """Every row about one chat, from every table, read in one transaction."""
+
+        def work(c: sqlite3.Connection) -> ChatExport:
+            messages = [
+                message_row(
+                    key=row[0],
+                    status=row[1],
+                    outcome=row[2],
+                    message_json=row[3],
+                    reply_text=row[4],
+                    sent_message_id=row[5],
+                    last_error=row[6],
+                    received_at=row[7],
+                    finished_at=row[8],
+                )
+                for row in c.execute(
+                    "SELECT key, status, outcome, message, reply_text, sent_message_id, last_error, received_at,"
+                    " finished_at FROM inbox WHERE chat_key = ? ORDER BY sort_ts, rowid",
+                    (chat_key,),
+                )
+            ]
+            state = c.execute(
+                "SELECT paused_until, pause_reason, opted_out, day, day_count FROM chat_state WHERE chat_key = ?",
+                (chat_key,),
+            ).fetchone()
+            return ChatExport(
+                chat_key=chat_key,
+                messages=messages,
+                history=[
+                    {"role": role, "content": content, "created_at": created_at}
+                    for role, content, created_at in c.execute(
+                        "SELECT role, content, created_at FROM history WHERE chat_key = ? ORDER BY id", (chat_key,)
+                    )
+                ],
+                chat_state=None
+                if state is None
+                else {
+                    "paused_until": state[0],
+                    "pause_reason": state[1],
+                    "opted_out": bool(state[2]),
+                    "day": state[3],
+                    "messages_today": state[4],
+                },
+                marks=dict(c.execute("SELECT name, value FROM chat_marks WHERE chat_key = ?", (chat_key,)).fetchall()),
+                media=[
+                    {"key": key, "mimetype": mimetype, "size": size, "created_at": created_at}
+                    for key, mimetype, size, created_at in c.execute(
+                        "SELECT key, mimetype, size, created_at FROM media"
+                        " WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?) ORDER BY created_at",
+                        (chat_key,),
+                    )
+                ],
+                sent=[
+                    {"sent_message_id": bare_id, "sent_at": sent_at}
+                    for bare_id, sent_at in c.execute(
+                        "SELECT bare_id, sent_at FROM sent WHERE chat_key = ? ORDER BY sent_at", (chat_key,)
+                    )
+                ],
+            )
+
+        return self._transaction(work, begin="BEGIN")
+
+    def forget_chat(self, chat_key: str) -> ForgetReport:
+        """Delete the chat from every table in one write; finished messages keep only a key with nothing personal."""
+
+        def work(c: sqlite3.Connection) -> ForgetReport:
+            deleted = {
+                "media": c.execute(
+                    "DELETE FROM media WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?)", (chat_key,)
+                ).rowcount,
+                "history": c.execute("DELETE FROM history WHERE chat_key = ?", (chat_key,)).rowcount,
+                "chat_state": c.execute("DELETE FROM chat_state WHERE chat_key = ?", (chat_key,)).rowcount,
+                "chat_marks": c.execute("DELETE FROM chat_marks WHERE chat_key = ?", (chat_key,)).rowcount,
+                "sent": c.execute("DELETE FROM sent WHERE chat_key = ?", (chat_key,)).rowcount,
+            }
+            dropped = c.execute(
+                f"DELETE FROM inbox WHERE chat_key = ? AND status IN {OPEN_STATUSES_SQL}", (chat_key,)
+            ).rowcount
+            kept = c.execute("SELECT key, message FROM inbox WHERE chat_key = ?", (chat_key,)).fetchall()
+            c.executemany(
+                "UPDATE inbox SET chat_key = ?, message = ?, text_hash = NULL, reply_text = NULL, merged = NULL,"
+                " last_error = NULL WHERE key = ?",
+                [(FORGOTTEN_CHAT, scrubbed_message(message), key) for key, message in kept],
+            )
+            deleted["inbox"] = dropped
+            return ForgetReport(deleted=deleted, kept_keys=len(kept), dropped_open=dropped)
+
+        return self._transaction(work)
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from whatsapp_webhook.app import (
     recover_after_restart,
     start_worker,
 )
+from whatsapp_webhook.business import BusinessProfiles, describe_profile
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
 from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             for warning in warnings:
                 print(f"WARN {warning}")
+            if settings.sessions_file or settings.business_hours or settings.ai_knowledge_file:
+                for profile in BusinessProfiles(settings).all_profiles().values():
+                    print(f"OK   {describe_profile(profile)}")
         if args.check_settings:
             return 0
         if args.check:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import re
 import time
@@ -191,6 +192,15 @@ class LLMClient:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if app_title:
             self.headers["X-Title"] = app_title
+
+    def with_models(self, model: str, fallback_models: Iterable[str]) -> LLMClient:
+        """The same client (connections, limits, key) asking other models: one WhatsApp number's own choice."""
+        clone = copy.copy(self)
+        clone.model = model
+        clone.models = tuple(dict.fromkeys((model, *fallback_models)))
+        clone.unserved = UnservedModels(clock=self.unserved.clock)
+        clone._config_errors = EveryMinute(clock=self.unserved.clock)
+        return clone
 
     def _body(self, messages: list[dict[str, str]], models: list[str], user: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -58,6 +58,19 @@ LLM_SECONDS = Histogram(
 LLM_ERRORS = Counter("webhook_llm_errors", "Failed LLM attempts", ["status"])
 
 
+# One series per configured WhatsApp number (SESSIONS_FILE's tables and "default"; others count as "_other").
+SESSION_MESSAGES = Counter(
+    "webhook_session_messages",
+    "Finished messages by WAHA session and outcome (success, fallback, notice...)",
+    ["session", "outcome"],
+)
+
+
+SESSION_LLM_COST_USD = Counter(
+    "webhook_session_llm_cost_usd", "What the LLM provider reported the replies cost, by WAHA session, USD", ["session"]
+)
+
+
 LLM_TOKENS = Counter("webhook_llm_tokens", "Tokens used by successful LLM calls", ["kind"])
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from whatsapp_webhook.customer_data import (
+    FORGOTTEN_CHAT,
+    ChatExport,
+    ForgetReport,
+    message_row,
+    scrubbed_message,
+)
 from whatsapp_webhook.events import bare_message_id, text_fingerprint
 from whatsapp_webhook.pg_base import Connection, PostgresBase
 from whatsapp_webhook.pg_schema import OPEN_SQL
@@ -159,6 +167,18 @@ class PostgresChatStore(PostgresBase):
 
         return self._write(work)
 
+    def read_counters(self, names: Iterable[str]) -> dict[str, int]:
+        """These counters' totals (0 for one never counted), summed over their shards."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT name, SUM(value) FROM counters WHERE name = ANY(%s) GROUP BY name", (wanted,)
+            ).fetchall()
+        )
+        return {name: 0 for name in wanted} | {name: int(total) for name, total in rows}
+
     @staticmethod
     def _loop_evidence(c: Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
         """For each text of the burst, in one statement: its repeats in the window, and whether we sent it."""
@@ -177,6 +197,100 @@ class PostgresChatStore(PostgresBase):
         ]
 
     # --- reporting -------------------------------------------------------------------------------
+
+    # --- a customer's data on request (LGPD) -----------------------------------------------------
+
+    def export_chat(self, chat_key: str) -> ChatExport:
+        """Every row about one chat, from every table, read in one transaction."""
+
+        def work(c: Connection) -> ChatExport:
+            messages = [
+                message_row(
+                    key=row[0],
+                    status=row[1],
+                    outcome=row[2],
+                    message_json=row[3],
+                    reply_text=row[4],
+                    sent_message_id=row[5],
+                    last_error=row[6],
+                    received_at=row[7],
+                    finished_at=row[8],
+                )
+                for row in c.execute(
+                    "SELECT key, status, outcome, message, reply_text, sent_message_id, last_error, received_at,"
+                    " finished_at FROM inbox WHERE chat_key = %s ORDER BY sort_ts, seq",
+                    (chat_key,),
+                ).fetchall()
+            ]
+            state = c.execute(
+                "SELECT paused_until, pause_reason, opted_out, day, day_count FROM chat_state WHERE chat_key = %s",
+                (chat_key,),
+            ).fetchone()
+            return ChatExport(
+                chat_key=chat_key,
+                messages=messages,
+                history=[
+                    {"role": role, "content": content, "created_at": created_at}
+                    for role, content, created_at in c.execute(
+                        "SELECT role, content, created_at FROM history WHERE chat_key = %s ORDER BY id", (chat_key,)
+                    ).fetchall()
+                ],
+                chat_state=None
+                if state is None
+                else {
+                    "paused_until": state[0],
+                    "pause_reason": state[1],
+                    "opted_out": bool(state[2]),
+                    "day": state[3],
+                    "messages_today": state[4],
+                },
+                marks=dict(c.execute("SELECT name, value FROM chat_marks WHERE chat_key = %s", (chat_key,)).fetchall()),
+                media=[
+                    {"key": key, "mimetype": mimetype, "size": size, "created_at": created_at}
+                    for key, mimetype, size, created_at in c.execute(
+                        "SELECT key, mimetype, size, created_at FROM media"
+                        " WHERE key IN (SELECT key FROM inbox WHERE chat_key = %s) ORDER BY created_at",
+                        (chat_key,),
+                    ).fetchall()
+                ],
+                sent=[
+                    {"sent_message_id": bare_id, "sent_at": sent_at}
+                    for bare_id, sent_at in c.execute(
+                        "SELECT bare_id, sent_at FROM sent WHERE chat_key = %s ORDER BY sent_at", (chat_key,)
+                    ).fetchall()
+                ],
+            )
+
+        return self._run(work)
+
+    def forget_chat(self, chat_key: str) -> ForgetReport:
+        """Delete the chat from every table in one transaction; finished messages keep only a key with nothing
+        personal."""
+
+        def work(c: Connection) -> ForgetReport:
+            def deleting(sql: str) -> int:
+                return c.execute(sql, (chat_key,)).rowcount
+
+            # The chat's row first, as every decision about the chat locks it: none runs halfway through this.
+            deleted = {"chat_state": deleting("DELETE FROM chat_state WHERE chat_key = %s")}
+            deleted |= {
+                "media": deleting("DELETE FROM media WHERE key IN (SELECT key FROM inbox WHERE chat_key = %s)"),
+                "history": deleting("DELETE FROM history WHERE chat_key = %s"),
+                "chat_marks": deleting("DELETE FROM chat_marks WHERE chat_key = %s"),
+                "sent": deleting("DELETE FROM sent WHERE chat_key = %s"),
+            }
+            dropped = deleting(f"DELETE FROM inbox WHERE chat_key = %s AND status IN {OPEN_SQL}")
+            kept = c.execute("SELECT key, message FROM inbox WHERE chat_key = %s", (chat_key,)).fetchall()
+            for key, message in kept:
+                c.execute(
+                    "UPDATE inbox SET chat_key = %s, message = %s, text_hash = NULL, reply_text = NULL, merged = NULL,"
+                    " last_error = NULL WHERE key = %s",
+                    (FORGOTTEN_CHAT, scrubbed_message(message), key),
+                )
+            deleted["inbox"] = dropped
+            return ForgetReport(deleted=deleted, kept_keys=len(kept), dropped_open=dropped)
+
+        return self._write(work)
 
     def snapshot(self) -> StoreSnapshot:
         """Counters, unfinished messages and chat states, read from one snapshot of the database."""

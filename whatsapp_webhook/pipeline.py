@@ -19,6 +19,7 @@ from whatsapp_webhook.business import (
     OutOfHoursAction,
     SessionProfile,
     out_of_hours_action,
+    session_counter,
 )
 from whatsapp_webhook.events import bare_message_id
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
@@ -30,6 +31,8 @@ from whatsapp_webhook.metrics import (
     MESSAGES_PROCESSED,
     MESSAGES_SKIPPED,
     PROCESSING_SECONDS,
+    SESSION_LLM_COST_USD,
+    SESSION_MESSAGES,
 )
 from whatsapp_webhook.policy import (
     EveryMinute,
@@ -109,7 +112,8 @@ class ReplyPipeline:
         self.llm = llm
         self.waha = waha
         self.health = health or HealthReporter(store=store)
-        self.profiles = profiles or BusinessProfiles(settings)
+        self.profiles = profiles or BusinessProfiles(settings, llm=llm)
+        self._budget_logged: set[tuple[str, str]] = set()  # (scope, day): a reached cap is logged once a day
         self.sleep = sleep
         self.rng = rng
         self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
@@ -286,6 +290,12 @@ class ReplyPipeline:
         message, settings = claimed.message, self.settings
         command = settings.command_of(message.text)
         context = message_log(message)
+        profile = self.profiles.profile(message.session)
+        if not profile.enabled:
+            context.info(
+                "decision=%(decision)s reason=%(reason)s", {"decision": "skipped", "reason": "session_disabled"}
+            )
+            return None
         if command in ("stop", "start"):
             paused = await asyncio.to_thread(self.store.set_opted_out, message.chat_key, command == "stop")
             context.info(
@@ -316,7 +326,6 @@ class ReplyPipeline:
             await asyncio.to_thread(self.store.clear_history, message.chat_key)
             context.info("decision=%(decision)s", {"decision": "history_reset"})
             return ComposedReply(text=settings.reset_reply, outcome=Outcome.COMMAND)
-        profile = self.profiles.profile(message.session)
         hours = profile.hours(self.clock())
         if (closed := await self._out_of_hours(message, profile, hours, context)) is not OutOfHoursAction.ANSWER:
             notice = closed is OutOfHoursAction.NOTICE
@@ -324,12 +333,17 @@ class ReplyPipeline:
         if not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
+        if not await self._within_budget(profile, context):
+            return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK)
         reply = await self._ask_llm(message, user_turn, history, context, profile=profile, hours=hours)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
+        if cost:
+            await asyncio.to_thread(self.profiles.record_spend, self.store, profile, self.clock(), cost)
+            SESSION_LLM_COST_USD.labels(profile.counted_as).inc(cost)
         formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
-            return ComposedReply(text=settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
+            return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
         turns = (Turn(role="user", content=user_turn), Turn(role="assistant", content=reply.text))
         return ComposedReply(text=formatted, outcome=Outcome.SUCCESS, history=turns, llm_cost_usd=cost)
@@ -345,6 +359,28 @@ class ReplyPipeline:
             chat_key, since=self.clock() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
         )
         return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
+
+    async def _within_budget(self, profile: SessionProfile, context: MessageLog) -> bool:
+        """False once today's LLM spend reached a daily cap: the reply is FALLBACK_MESSAGE, without an LLM call."""
+        if not profile.has_budget:
+            return True
+        verdict = await asyncio.to_thread(self.profiles.budget, self.store, profile, self.clock())
+        check = f"llm:budget:{profile.counted_as}"
+        if verdict.allowed:
+            await self._report(check, CheckStatus.OK, "the daily LLM budget is not reached")
+            return True
+        zone = profile.schedule.timezone.key
+        reason = (
+            f"{verdict.scope}={verdict.cap_usd:g} USD reached today ({verdict.spent_usd:.4f} USD spent): customers"
+            f" get FALLBACK_MESSAGE without an LLM call until midnight ({zone})"
+        )
+        await self._report(check, CheckStatus.DEGRADED, reason)
+        logged = (verdict.scope, profile.day(self.clock()))
+        if logged not in self._budget_logged:
+            self._budget_logged.add(logged)
+            context.warning("llm decision=%(decision)s: %(reason)s", {"decision": "budget_reached", "reason": reason})
+        context.info("decision=%(decision)s reason=%(reason)s", {"decision": "fallback", "reason": "budget"})
+        return False
 
     async def _out_of_hours(
         self, message: IncomingMessage, profile: SessionProfile, hours: HoursStatus, context: MessageLog
@@ -382,7 +418,7 @@ class ReplyPipeline:
         for attempt_history in (history, []):
             prompt = await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn)
             try:
-                reply = await self.llm.complete(prompt, user=user, log=context)
+                reply = await (profile.llm or self.llm).complete(prompt, user=user, log=context)
             except LLMError as exc:
                 if exc.status == 400 and "context" in str(exc).lower() and attempt_history:
                     context.warning("prompt too long for the model; retrying without history")
@@ -492,6 +528,9 @@ class ReplyPipeline:
             last_part_id=last_part_id,
         )
         count = 1 + len(claimed.merged)
+        session = self.profiles.profile(claimed.message.session).counted_as
+        SESSION_MESSAGES.labels(session, str(outcome)).inc(count)
+        await asyncio.to_thread(self.store.count, session_counter(session, str(outcome)), count)
         if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
         elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):

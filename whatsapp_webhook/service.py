@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from whatsapp_webhook import SERVICE_NAME, __version__
+from whatsapp_webhook.business import session_breakdown
 from whatsapp_webhook.events import (
     BadRequestError,
     Ignored,
@@ -42,6 +43,7 @@ from whatsapp_webhook.metrics import (
 )
 from whatsapp_webhook.pipeline import message_log
 from whatsapp_webhook.policy import PAUSED_FOREVER, EveryMinute
+from whatsapp_webhook.sessions_config import SessionsFile, reply_in_groups_for
 from whatsapp_webhook.signature import verify_token, verify_waha_hmac
 from whatsapp_webhook.store_api import OPEN_STATUSES, StoreUnavailable
 from whatsapp_webhook.store_schema import IGNORED_COUNTER_PREFIX, LLM_COST_COUNTER
@@ -151,6 +153,7 @@ class WebhookService:
         )
         self._shutting_down = threading.Event()
         self.tally = RequestTally(store)
+        self.sessions = SessionsFile(settings.sessions_file)  # REPLY_IN_GROUPS per session
 
     def begin_shutdown(self) -> None:
         """SIGTERM: stop holding webhook requests (their messages are recorded) so gunicorn can move on."""
@@ -196,7 +199,9 @@ class WebhookService:
                     self._chat_of(event),
                     Ignored(IgnoreReason.STALE_EVENT, "a signed event older than WEBHOOK_STALE_SECONDS is a replay"),
                 )
-            decision = classify_event(event, reply_in_groups=self.settings.reply_in_groups)
+            decision = classify_event(
+                event, reply_in_groups=reply_in_groups_for(self.settings, self.sessions, event.session)
+            )
         except BadRequestError as exc:
             self.reject(
                 exc.status,
@@ -499,6 +504,7 @@ class WebhookService:
                 "requests_rejected": counters.get("requests_rejected", 0),
                 "requests_unauthorized": counters.get("requests_unauthorized", 0),
                 "llm_cost_usd": round(counters.get(LLM_COST_COUNTER, 0) / 1e9, 6),
+                "by_session": session_breakdown(counters),
                 "server_started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(timespec="seconds"),
             },
             "timestamp": utc_now_iso(),

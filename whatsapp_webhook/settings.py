@@ -31,6 +31,7 @@ from whatsapp_webhook.env_reader import (
 )
 from whatsapp_webhook.hours import DEFAULT_TIMEZONE, OUT_OF_HOURS_MODES, schedule_problems
 from whatsapp_webhook.knowledge import knowledge_problems
+from whatsapp_webhook.sessions_config import sessions_problems
 from whatsapp_webhook.texts import (
     DEFAULT_FALLBACK_MESSAGE,
     DEFAULT_NON_TEXT_REPLY,
@@ -309,6 +310,15 @@ class Settings:
         bounds=(1000, 10_000_000),
         help="Most characters AI_KNOWLEDGE_FILE may hold in all (it goes into every prompt).",
     )
+    sessions_file: str = setting(
+        "SESSIONS_FILE", "", help="TOML file with one table per WAHA session overriding these settings for it."
+    )
+    llm_daily_budget_usd: float = setting(
+        "LLM_DAILY_BUDGET_USD",
+        0.0,
+        bounds=(0.0, 1_000_000),
+        help="Most USD the LLM may cost per day (the provider's figures; 0 = no cap); then FALLBACK_MESSAGE.",
+    )
 
     def command_of(self, text: str | None) -> str | None:
         """Which chat command a customer's whole message is, if any (case and spacing ignored)."""
@@ -358,6 +368,7 @@ class Settings:
             env.problems.append("NON_TEXT_REPLY must not be empty: it is sent for media without a caption")
         env.problems.extend(schedule_problems(self.business_hours, self.business_timezone, self.business_holidays))
         env.problems.extend(knowledge_problems(self.ai_knowledge_file, self.ai_knowledge_max_chars))
+        env.problems.extend(sessions_problems(self))
 
 
 @functools.cache
@@ -413,6 +424,7 @@ OUR_PREFIXES = (
     "BUSINESS_",
     "OUT_OF_HOURS",
     "AI_",
+    "SESSIONS_",
 )
 
 
