@@ -524,3 +524,44 @@ def test_counters_are_read_back_by_name_as_every_worker_added_them(reopen: Calla
         "llm_spend.2026-12-01.loja2": 4000, "session.loja2.messages_processed": 2, "never": 0}
     assert other.read_counters([]) == {}
     other.close()
+
+
+def test_a_chats_data_is_exported_whole_and_forgetting_it_leaves_only_keys_that_keep_answers_exactly_once(
+        store: Store, clock: Clock) -> None:
+    ana, other = wp.CUSTOMER_PN, wp.OTHER_PN
+    first = incoming(ana, body="Meu CPF é 123.456.789-00", bare="3EB0ANA1")
+    answered(store, first, "Anotado, Ana!")
+    store.put_media(first.dedupe_key, mimetype="audio/ogg", data=b"OggS voz da Ana")
+    store.mark_once(first.chat_key, "out_of_hours_notice", "2026-12-02T08:00:00-03:00")
+    store.set_opted_out(first.chat_key, True)
+    waiting = incoming(ana, ts=200.0, body="Ainda está aí?", bare="3EB0ANA2")
+    store.accept(waiting)
+    answered(store, incoming(other, body="Sou o Bruno", bare="3EB0BRU1"), "Oi, Bruno!")
+
+    exported = store.export_chat(first.chat_key)
+    assert [m["message"]["text"] for m in exported.messages] == ["Meu CPF é 123.456.789-00", "Ainda está aí?"]
+    assert exported.messages[0]["outcome"] == "success" and exported.messages[1]["status"] == "queued"
+    assert [(t["role"], t["content"]) for t in exported.history] == [
+        ("user", "Meu CPF é 123.456.789-00"), ("assistant", "Anotado, Ana!")]
+    assert exported.chat_state is not None and exported.chat_state["opted_out"] is True
+    assert exported.marks == {"out_of_hours_notice": "2026-12-02T08:00:00-03:00"}
+    assert [(m["mimetype"], m["size"]) for m in exported.media] == [("audio/ogg", len(b"OggS voz da Ana"))]
+    assert "R1" in [s["sent_message_id"] for s in exported.sent]
+    assert "Bruno" not in exported.to_json()
+
+    report = store.forget_chat(first.chat_key)
+    assert report.deleted == {"chat_state": 1, "media": 1, "history": 2, "chat_marks": 1, "sent": len(exported.sent), "inbox": 1}
+    assert (report.kept_keys, report.dropped_open) == (1, 1)
+    assert store.export_chat(first.chat_key).empty
+    assert store.get_media(first.dedupe_key) is None
+    assert store.history(first.chat_key, since=0, limit=10) == []
+    # The answered message's key stays: WAHA redelivering it gets "duplicate", not a second answer.
+    assert store.accept(first).stored is False
+    assert store.entry(first.dedupe_key) is not None and store.entry(first.dedupe_key).outcome is Outcome.SUCCESS
+    # Nothing personal is left anywhere: no number, no text, no reply.
+    left = store.export_chat("forgotten").to_json()
+    assert [secret for secret in ("123.456.789-00", "Anotado", ana, ana.split("@")[0]) if secret in left] == [], left
+    # Another chat is untouched, and the forgotten chat starts afresh.
+    assert store.export_chat(f"default:{other}").history[0]["content"] == "Sou o Bruno"
+    assert store.mark_once(first.chat_key, "out_of_hours_notice", "2026-12-02T08:00:00-03:00") is True
+    assert store.forget_chat("default:nobody@c.us").deleted == dict.fromkeys(report.deleted, 0)

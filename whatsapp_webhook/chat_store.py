@@ -273,28 +273,43 @@ class ChatStore(SQLiteStore):
         """Delete the chat from every table in one write; finished messages keep only a key with nothing personal."""
 
         def work(c: sqlite3.Connection) -> ForgetReport:
+            # Deleted rows are overwritten with zeros, not left in the file's free pages (kept on afterwards:
+            # pruning then wipes what it deletes too).
+            c.execute("PRAGMA secure_delete = ON")
             deleted = {
+                "chat_state": c.execute("DELETE FROM chat_state WHERE chat_key = ?", (chat_key,)).rowcount,
                 "media": c.execute(
                     "DELETE FROM media WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?)", (chat_key,)
                 ).rowcount,
                 "history": c.execute("DELETE FROM history WHERE chat_key = ?", (chat_key,)).rowcount,
-                "chat_state": c.execute("DELETE FROM chat_state WHERE chat_key = ?", (chat_key,)).rowcount,
                 "chat_marks": c.execute("DELETE FROM chat_marks WHERE chat_key = ?", (chat_key,)).rowcount,
                 "sent": c.execute("DELETE FROM sent WHERE chat_key = ?", (chat_key,)).rowcount,
             }
             dropped = c.execute(
                 f"DELETE FROM inbox WHERE chat_key = ? AND status IN {OPEN_STATUSES_SQL}", (chat_key,)
             ).rowcount
-            kept = c.execute("SELECT key, message FROM inbox WHERE chat_key = ?", (chat_key,)).fetchall()
+            kept = c.execute(
+                "SELECT key, message, sent_message_id FROM inbox WHERE chat_key = ?", (chat_key,)
+            ).fetchall()
             c.executemany(
                 "UPDATE inbox SET chat_key = ?, message = ?, text_hash = NULL, reply_text = NULL, merged = NULL,"
-                " last_error = NULL WHERE key = ?",
-                [(FORGOTTEN_CHAT, scrubbed_message(message), key) for key, message in kept],
+                " last_error = NULL, sent_message_id = ? WHERE key = ?",
+                [
+                    (FORGOTTEN_CHAT, scrubbed_message(message), bare_message_id(sent), key)
+                    for key, message, sent in kept
+                ],
             )
             deleted["inbox"] = dropped
             return ForgetReport(deleted=deleted, kept_keys=len(kept), dropped_open=dropped)
 
-        return self._transaction(work)
+        report = self._transaction(work)
+        # The WAL still holds the pages as they were before: copy the wiped ones into the file and empty it.
+        # A reader in another process can hold the WAL for a moment; then SQLite's own checkpoint does it later.
+        try:
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        return report
 
     # --- reporting -------------------------------------------------------------------------------
 

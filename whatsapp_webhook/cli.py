@@ -25,6 +25,8 @@ from whatsapp_webhook.business import BusinessProfiles, describe_profile
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
 from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
+from whatsapp_webhook.store_api import StoreUnavailable
+from whatsapp_webhook.stores import open_store
 from whatsapp_webhook.upstream import error_message
 
 if TYPE_CHECKING:
@@ -257,8 +259,48 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also talk to WAHA and the LLM once: sessions, key, models (exit 1 if anything fails)",
     )
+    mode.add_argument(
+        "--export-chat",
+        metavar="CHAT_ID",
+        help="print as JSON everything stored about this chat (LGPD), e.g. 5511988887777@c.us, then exit",
+    )
+    mode.add_argument(
+        "--forget-chat",
+        metavar="CHAT_ID",
+        help="delete everything stored about this chat, media included, say what was deleted, then exit",
+    )
+    parser.add_argument(
+        "--session", default="default", help="with --export-chat/--forget-chat: the WAHA session (default: default)"
+    )
     mode.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
+
+
+def chat_data_command(settings: Settings, *, export: str | None, forget: str | None, session: str) -> int:
+    """--export-chat / --forget-chat: through the Store interface, so both backends answer alike."""
+    chat_id = (export or forget or "").strip()
+    if "@" not in chat_id:
+        chat_id += "@c.us"  # a bare phone number, as people type it
+    chat_key = f"{session}:{chat_id}"
+    store = open_store(settings, one_off=True)
+    try:
+        store.initialize()
+        if export:
+            print(store.export_chat(chat_key).to_json())
+            return 0
+        report = store.forget_chat(chat_key)
+    except StoreUnavailable as exc:
+        print(f"whatsapp_webhook_server: the state store cannot be used: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    if not any(report.deleted.values()) and not report.kept_keys:
+        print(f"nothing stored about {chat_id} in session {session}")
+        return 0
+    print(f"forgot {chat_id} in session {session}:")
+    for line in report.lines():
+        print(f"  {line}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         check_local_resources(settings)
         warnings = unknown_setting_warnings(os.environ)
+        if args.export_chat or args.forget_chat:
+            return chat_data_command(settings, export=args.export_chat, forget=args.forget_chat, session=args.session)
         if args.check_settings or args.check:
             fallbacks = ", ".join(settings.openrouter_fallback_models) or "none"
             print(

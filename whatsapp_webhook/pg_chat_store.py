@@ -269,7 +269,8 @@ class PostgresChatStore(PostgresBase):
 
         def work(c: Connection) -> ForgetReport:
             def deleting(sql: str) -> int:
-                return c.execute(sql, (chat_key,)).rowcount
+                # A write runs in a pipeline, which has no rowcount until it syncs: count what RETURNING gives.
+                return self._count(c, f"WITH gone AS ({sql} RETURNING 1) SELECT COUNT(*) FROM gone", (chat_key,))
 
             # The chat's row first, as every decision about the chat locks it: none runs halfway through this.
             deleted = {"chat_state": deleting("DELETE FROM chat_state WHERE chat_key = %s")}
@@ -280,12 +281,14 @@ class PostgresChatStore(PostgresBase):
                 "sent": deleting("DELETE FROM sent WHERE chat_key = %s"),
             }
             dropped = deleting(f"DELETE FROM inbox WHERE chat_key = %s AND status IN {OPEN_SQL}")
-            kept = c.execute("SELECT key, message FROM inbox WHERE chat_key = %s", (chat_key,)).fetchall()
-            for key, message in kept:
+            kept = c.execute(
+                "SELECT key, message, sent_message_id FROM inbox WHERE chat_key = %s", (chat_key,)
+            ).fetchall()
+            for key, message, sent in kept:
                 c.execute(
                     "UPDATE inbox SET chat_key = %s, message = %s, text_hash = NULL, reply_text = NULL, merged = NULL,"
-                    " last_error = NULL WHERE key = %s",
-                    (FORGOTTEN_CHAT, scrubbed_message(message), key),
+                    " last_error = NULL, sent_message_id = %s WHERE key = %s",
+                    (FORGOTTEN_CHAT, scrubbed_message(message), bare_message_id(sent), key),
                 )
             deleted["inbox"] = dropped
             return ForgetReport(deleted=deleted, kept_keys=len(kept), dropped_open=dropped)
