@@ -57,16 +57,18 @@ def _hex(n_bytes: int) -> str:
 class FakeWaha(FakeServer):
     """Fake WAHA: /ping, GET /api/sessions/{name}, POST sendText/sendSeen/startTyping/stopTyping."""
 
-    config_keys = FakeServer.config_keys | {"session_status", "engine"}
+    config_keys = FakeServer.config_keys | {"session_status", "engine", "other_sessions"}
 
     def __init__(self, *, api_key: str = "test-waha-key", engine: str = "WEBJS", session: str = "default",
                  me_id: str = "11111111111@c.us", host: str = "127.0.0.1", port: int = 0,
-                 latency_s: float = 0.0, log_path: str | None = None, session_status: str = "WORKING") -> None:
+                 latency_s: float = 0.0, log_path: str | None = None, session_status: str = "WORKING",
+                 other_sessions: tuple[str, ...] = ()) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}")
         super().__init__(host=host, port=port, latency_s=latency_s, log_path=log_path)
         self.api_key, self.engine, self.session = api_key, engine, session
         self.me_id, self.session_status = me_id, session_status
+        self.other_sessions = tuple(other_sessions)  # more WORKING sessions (numbers) on this WAHA (WAHA Plus)
         self._delivered: list[dict[str, Any]] = []  # what reached WhatsApp, even if the HTTP answer never did
 
     def reset(self) -> None:
@@ -118,7 +120,7 @@ class FakeWaha(FakeServer):
                 return Response(400, _nest_error(400, ["request body must be a JSON object"]))
             if errors := validate_waha_request(req.path, req.body):
                 return Response(400, _nest_error(400, errors))
-            if req.body["session"] != self.session or self.session_status != "WORKING":
+            if req.body["session"] not in (self.session, *self.other_sessions) or self.session_status != "WORKING":
                 return Response(422, self._not_working(req.body["session"]))
             if req.path == SEND_TEXT:
                 return self._send_text(req.body)
@@ -127,11 +129,11 @@ class FakeWaha(FakeServer):
         return Response(404, _nest_error(404, f"Cannot {req.method} {req.path}"))
 
     def _not_working(self, session: str) -> dict[str, Any]:
-        status = self.session_status if session == self.session else "STOPPED"
+        status = self.session_status if session in (self.session, *self.other_sessions) else "STOPPED"
         return {"error": NOT_WORKING, "session": session, "status": status, "expected": ["WORKING"]}
 
     def _session_info(self, name: str) -> Response:
-        if name != self.session:
+        if name not in (self.session, *self.other_sessions):
             return Response(404, _nest_error(404, f"We didn't find a session with name '{name}'"))
         working = self.session_status == "WORKING"
         return Response(200, {"name": name, "status": self.session_status, "config": {},
