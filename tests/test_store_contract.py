@@ -565,3 +565,13 @@ def test_a_chats_data_is_exported_whole_and_forgetting_it_leaves_only_keys_that_
     assert store.export_chat(f"default:{other}").history[0]["content"] == "Sou o Bruno"
     assert store.mark_once(first.chat_key, "out_of_hours_notice", "2026-12-02T08:00:00-03:00") is True
     assert store.forget_chat("default:nobody@c.us").deleted == dict.fromkeys(report.deleted, 0)
+
+
+def test_chat_marks_are_pruned_once_no_closed_period_can_still_need_them(store: Store, clock: Clock) -> None:
+    assert store.mark_once("chat-a", "out_of_hours_notice", "2026-12-28T08:00:00-03:00") is True
+    clock.now += 20 * 86_400  # a long holiday: the same closed period still knows its notice went out
+    store.prune(older_than=clock.now - 3600, history_older_than=clock.now - 3600)
+    assert store.mark_once("chat-a", "out_of_hours_notice", "2026-12-28T08:00:00-03:00") is False
+    clock.now += 40 * 86_400
+    store.prune(older_than=clock.now - 3600, history_older_than=clock.now - 3600)
+    assert store.mark_once("chat-a", "out_of_hours_notice", "2026-12-28T08:00:00-03:00") is True

@@ -14,6 +14,7 @@ from whatsapp_webhook.pg_chat_store import PostgresChatStore
 from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
+    CHAT_MARKS_KEPT_SECONDS,
     Acceptance,
     ClaimedMessage,
     FailureVerdict,
@@ -434,6 +435,7 @@ class PostgresStore(PostgresChatStore):
             )
             c.execute("DELETE FROM history WHERE created_at < %s", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < %s", (older_than,))
+            c.execute("DELETE FROM chat_marks WHERE updated_at < %s", (self.clock() - CHAT_MARKS_KEPT_SECONDS,))
             # A chat nobody has heard from since the retention began (as in the SQLite store).
             older_day = datetime.fromtimestamp(older_than, UTC).strftime("%Y-%m-%d")
             c.execute(

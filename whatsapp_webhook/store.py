@@ -14,6 +14,7 @@ from whatsapp_webhook.chat_store import ChatStore
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
+    CHAT_MARKS_KEPT_SECONDS,
     Acceptance,
     ClaimedMessage,
     FailureVerdict,
@@ -441,6 +442,7 @@ class StateStore(ChatStore):
             ).rowcount
             c.execute("DELETE FROM history WHERE created_at < ?", (history_older_than,))
             c.execute("DELETE FROM sent WHERE sent_at < ?", (older_than,))
+            c.execute("DELETE FROM chat_marks WHERE updated_at < ?", (self.clock() - CHAT_MARKS_KEPT_SECONDS,))
             # A chat nobody has heard from since the retention began: nothing to remember but an opt-out
             # or a pause, which stay for as long as they last. A day still counted stays too.
             older_day = datetime.fromtimestamp(older_than, UTC).strftime("%Y-%m-%d")

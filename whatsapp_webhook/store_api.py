@@ -32,6 +32,9 @@ class InboxStatus(StrEnum):
     FAILED = "failed"  # given up after every attempt
 
 
+# Store.mark_once's marks outlive any closed period (a long holiday included), then prune forgets them.
+CHAT_MARKS_KEPT_SECONDS = 35 * 86_400
+
 OPEN_STATUSES = (InboxStatus.QUEUED, InboxStatus.PROCESSING, InboxStatus.SENDING, InboxStatus.MERGED)
 FINISHED_STATUSES = (InboxStatus.DONE, InboxStatus.FAILED)
 
