@@ -231,16 +231,24 @@ class BusinessProfiles:
         )
 
     def record_spend(self, store: Store, profile: SessionProfile, now: float, cost_usd: float) -> None:
-        """Add what the provider said a reply cost to today's totals (all sessions and this one's)."""
+        """Add what the provider said a reply cost to today's totals (all sessions and this one's), at once:
+        the next message's budget check must see it. Only written when a budget applies."""
         nanos = round(cost_usd * NANO)
-        if nanos > 0:
+        if nanos > 0 and profile.has_budget:
             store.count_many(
                 {
                     spend_counter(self._other.day(now)): nanos,
                     spend_counter(profile.day(now), profile.counted_as): nanos,
-                    session_counter(profile.counted_as, "llm_cost_nanousd"): nanos,
                 }
             )
+
+
+def finished_counts(session: str, outcome: str, count: int, cost_usd: float) -> dict[str, int]:
+    """The per-session counters one finished message adds (written in one store call)."""
+    counts = {session_counter(session, outcome): count}
+    if (nanos := round(cost_usd * NANO)) > 0:
+        counts[session_counter(session, "llm_cost_nanousd")] = nanos
+    return counts
 
 
 def session_breakdown(counters: Mapping[str, int]) -> dict[str, dict[str, Any]]:

@@ -18,8 +18,8 @@ from whatsapp_webhook.business import (
     BusinessProfiles,
     OutOfHoursAction,
     SessionProfile,
+    finished_counts,
     out_of_hours_action,
-    session_counter,
 )
 from whatsapp_webhook.events import bare_message_id
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
@@ -254,7 +254,12 @@ class ReplyPipeline:
                 mlog.warning("lease lost after part %(part)d; the new owner continues", {"part": index + 1})
                 return
         await self._finish(
-            claimed, outcome=outcome, sent_message_id=sent_id, history=history, last_part_id=last_part_id
+            claimed,
+            outcome=outcome,
+            sent_message_id=sent_id,
+            history=history,
+            last_part_id=last_part_id,
+            llm_cost_usd=0.0 if claimed_reply else cost,
         )
         mlog.info(
             "decision=%(decision)s outcome=%(outcome)s parts=%(parts)d chars=%(chars)d sent_id=%(sent_id)s"
@@ -337,9 +342,8 @@ class ReplyPipeline:
             return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK)
         reply = await self._ask_llm(message, user_turn, history, context, profile=profile, hours=hours)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
-        if cost:
+        if cost and profile.has_budget:
             await asyncio.to_thread(self.profiles.record_spend, self.store, profile, self.clock(), cost)
-            SESSION_LLM_COST_USD.labels(profile.counted_as).inc(cost)
         formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
@@ -416,7 +420,12 @@ class ReplyPipeline:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
-            prompt = await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn)
+            # Reading the knowledge files (only when they changed) is file I/O: off the event loop.
+            prompt = (
+                await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn)
+                if profile.knowledge.enabled
+                else profile.prompt(hours, attempt_history, user_turn)
+            )
             try:
                 reply = await (profile.llm or self.llm).complete(prompt, user=user, log=context)
             except LLMError as exc:
@@ -517,6 +526,7 @@ class ReplyPipeline:
         sent_message_id: str | None,
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
+        llm_cost_usd: float = 0.0,
     ) -> None:
         await asyncio.to_thread(
             self.store.finish,
@@ -530,7 +540,9 @@ class ReplyPipeline:
         count = 1 + len(claimed.merged)
         session = self.profiles.profile(claimed.message.session).counted_as
         SESSION_MESSAGES.labels(session, str(outcome)).inc(count)
-        await asyncio.to_thread(self.store.count, session_counter(session, str(outcome)), count)
+        if llm_cost_usd:
+            SESSION_LLM_COST_USD.labels(session).inc(llm_cost_usd)
+        await asyncio.to_thread(self.store.count_many, finished_counts(session, str(outcome), count, llm_cost_usd))
         if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
         elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):
