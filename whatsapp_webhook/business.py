@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from whatsapp_webhook.store_api import Store, Turn
 
 OUT_OF_HOURS_MARK = "out_of_hours_notice"  # Store.mark_once's name for "this closed period's notice went out"
+BUDGET_MARK_CHAT = "*llm_budget*"  # Store.mark_once's chat for "this cap's day was logged" (no real chat id)
 GLOBAL = "*"  # the profile of every session SESSIONS_FILE does not name
 OTHER_SESSIONS = "_other"  # counters of sessions nobody configured, so a stray name cannot add rows forever
 NANO = 1_000_000_000  # counters are integers: dollars are counted in billionths

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from whatsapp_webhook.business import (
+    BUDGET_MARK_CHAT,
     OUT_OF_HOURS_MARK,
     BusinessProfiles,
     OutOfHoursAction,
@@ -113,7 +114,7 @@ class ReplyPipeline:
         self.waha = waha
         self.health = health or HealthReporter(store=store)
         self.profiles = profiles or BusinessProfiles(settings, llm=llm)
-        self._budget_logged: set[tuple[str, str]] = set()  # (scope, day): a reached cap is logged once a day
+        self._budget_logged: set[tuple[str, str]] = set()  # (scope, day) this worker already asked the store about
         self.sleep = sleep
         self.rng = rng
         self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
@@ -382,6 +383,11 @@ class ReplyPipeline:
         logged = (verdict.scope, profile.day(self.clock()))
         if logged not in self._budget_logged:
             self._budget_logged.add(logged)
+            # Once for the whole server, whichever worker or host sees it first (a mark in the shared store).
+            first = await asyncio.to_thread(self.store.mark_once, BUDGET_MARK_CHAT, verdict.scope, logged[1])
+        else:
+            first = False
+        if first:
             context.warning("llm decision=%(decision)s: %(reason)s", {"decision": "budget_reached", "reason": reason})
         context.info("decision=%(decision)s reason=%(reason)s", {"decision": "fallback", "reason": "budget"})
         return False
