@@ -258,3 +258,18 @@ def test_stats_and_metrics_break_messages_and_cost_down_by_session(make_app, ups
     assert grew("webhook_session_messages_total", session="loja2", outcome="fallback") == 1
     assert grew("webhook_session_llm_cost_usd_total", session="loja2") == pytest.approx(0.5)
     assert grew("webhook_session_llm_cost_usd_total", session="_other") == pytest.approx(0.25)
+
+
+def test_check_asks_waha_for_each_number_and_the_llm_server_for_each_numbers_models(tmp_path: Path) -> None:
+    from tests.test_operations import HEALTHY, run_check
+    text = TWO_NUMBERS.replace('openrouter_model = "google/gemini-3.5-flash"', 'openrouter_model = "google/gemini-9-nope"')
+    text += '\n[loja3]\nenabled = false\n'
+    results = run_check(tmp_path, HEALTHY, sessions_file=str(two_numbers(tmp_path, text)))
+    by_name = {r.name: r for r in results}
+    assert by_name["WAHA session default (SESSIONS_FILE)"].ok
+    loja2 = by_name["WAHA session loja2 (SESSIONS_FILE)"]
+    assert not loja2.ok and loja2.detail == "loja2=not on this WAHA" and "create and pair the session loja2" in loja2.hint
+    assert "WAHA session loja3 (SESSIONS_FILE)" not in by_name  # disabled: never answered, not checked
+    model = by_name["LLM model [loja2] openrouter_model"]
+    assert not model.ok and "google/gemini-9-nope is not among the 3 models" in model.detail
+    assert "set [loja2] openrouter_model to a listed id" in model.hint

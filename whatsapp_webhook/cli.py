@@ -21,7 +21,7 @@ from whatsapp_webhook.app import (
     recover_after_restart,
     start_worker,
 )
-from whatsapp_webhook.business import BusinessProfiles, describe_profile
+from whatsapp_webhook.business import GLOBAL, BusinessProfiles, describe_profile
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
 from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
@@ -48,6 +48,8 @@ class CheckResult:
 def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | None = None) -> list[CheckResult]:
     """Talk to WAHA and the LLM once, the way the server will, and say what is wrong and how to fix it."""
     results: list[CheckResult] = []
+    # SESSIONS_FILE's numbers: each must be a WORKING session of this WAHA, and its own models served.
+    numbers = [p for name, p in BusinessProfiles(settings).all_profiles().items() if name != GLOBAL and p.enabled]
     with httpx.Client(transport=transport, timeout=10.0) as http:
 
         def get(url: str, **headers: str) -> httpx.Response | str:
@@ -96,6 +98,17 @@ def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | Non
                         "GET /api/{session}/auth/qr, then scan the QR code with WhatsApp",
                     )
                 )
+                states = dict(session_states)
+                for number in numbers:
+                    state = states.get(number.name, "not on this WAHA")
+                    results.append(
+                        CheckResult(
+                            f"WAHA session {number.name} (SESSIONS_FILE)",
+                            state == "WORKING",
+                            f"{number.name}={state}",
+                            f"create and pair the session {number.name} in WAHA, or set enabled = false in its table",
+                        )
+                    )
 
         auth = {"Authorization": f"Bearer {settings.openrouter_api_key}"} if settings.openrouter_api_key else {}
         base = settings.openrouter_base_url
@@ -158,6 +171,13 @@ def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | Non
                 ("OPENROUTER_MODEL", settings.openrouter_model),
                 *(("OPENROUTER_FALLBACK_MODELS", m) for m in settings.openrouter_fallback_models),
             ]
+            for number in numbers:
+                own = number.settings
+                if own.llm_models != settings.llm_models:
+                    settings_of.append((f"[{number.name}] openrouter_model", own.openrouter_model))
+                    settings_of += [
+                        (f"[{number.name}] openrouter_fallback_models", m) for m in own.openrouter_fallback_models
+                    ]
             for setting, model in settings_of:
                 name = f"LLM model {setting}"
                 if model in listed:
