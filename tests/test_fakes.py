@@ -70,6 +70,16 @@ def test_session_not_working(client: httpx.Client) -> None:
         assert r.status_code == 422 and r.json()["session"] == "other"
 
 
+def test_one_waha_can_serve_several_numbers(client: httpx.Client) -> None:
+    # WAHA Plus runs one session per WhatsApp number; SESSIONS_FILE configures each.
+    with FakeWaha(other_sessions=("loja2",)) as waha:
+        r = client.post(f"{waha.url}/api/sendText", json={**TEXT, "session": "loja2"}, headers=WAHA_KEY)
+        assert r.status_code == 201 and waha.delivered_texts()[-1]["session"] == "loja2"
+        assert client.get(f"{waha.url}/api/sessions/loja2", headers=WAHA_KEY).json()["status"] == "WORKING"
+        r = client.post(f"{waha.url}/api/sendText", json={**TEXT, "session": "loja3"}, headers=WAHA_KEY)
+        assert r.status_code == 422 and r.json()["status"] == "STOPPED"
+
+
 @pytest.mark.parametrize("engine", ["WEBJS", "NOWEB", "GOWS", "WEBJS_EMPTY"])
 def test_engine_shaped_send_text(engine: str, client: httpx.Client) -> None:
     with FakeWaha(engine=engine) as waha:
