@@ -22,6 +22,7 @@ import pytest
 from fakes import FakeOpenRouter, FakeWaha
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornServer
+from tests import postgres
 from tests.e2e.conftest import E2E_ENV, LLM_KEY, WAHA_KEY
 from tests.e2e.test_gunicorn import deliver, stats
 
@@ -66,8 +67,10 @@ def fakes() -> Iterator[tuple[FakeWaha, FakeOpenRouter]]:
         yield waha, llm
 
 
-@pytest.fixture(scope="module")
-def business(tmp_path_factory: pytest.TempPathFactory, fakes: tuple[FakeWaha, FakeOpenRouter]) -> Iterator[Any]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def business(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             fakes: tuple[FakeWaha, FakeOpenRouter]) -> Iterator[Any]:
+    """The server, once on an SQLite file and once on a PostgreSQL database of its own (tests/postgres.py)."""
     waha, llm = fakes
     folder = tmp_path_factory.mktemp("business")
     (folder / "padaria.md").write_text("Pão francês: R$ 0,90 a unidade.", encoding="utf-8")
@@ -77,6 +80,8 @@ def business(tmp_path_factory: pytest.TempPathFactory, fakes: tuple[FakeWaha, Fa
     env = {**E2E_ENV, "WAHA_BASE_URL": waha.url, "WAHA_API_KEY": WAHA_KEY,
            "OPENROUTER_BASE_URL": llm.url + "/api/v1", "OPENROUTER_API_KEY": LLM_KEY,
            "SESSIONS_FILE": str(folder / "sessions.toml")}
+    if request.param == "postgresql":
+        env["STATE_DB"] = postgres.fresh_database()
     server = GunicornServer(folder / "server", env).start()
     yield server, folder
     server.stop()
@@ -180,7 +185,8 @@ def test_export_then_forget_leaves_no_trace_of_the_chat(business, fakes) -> None
     assert "deleted 4 row(s) from history" in forgotten and "kept 2 answered message key(s)" in forgotten
     after = json.loads(command("--export-chat", chat))
     assert (after["messages"], after["history"], after["chat_state"], after["sent"]) == ([], [], None, [])
-    files = [Path(server.state_db + suffix) for suffix in ("", "-wal")]
-    on_disk = b"".join(path.read_bytes() for path in files if path.exists())
-    assert b"111.222.333-44" not in on_disk and chat.split("@")[0].encode() not in on_disk
-    assert os.path.exists(server.state_db)
+    if not server.env["STATE_DB"].startswith("postgresql://"):  # SQLite: not in the file's bytes either
+        files = [Path(server.state_db + suffix) for suffix in ("", "-wal")]
+        on_disk = b"".join(path.read_bytes() for path in files if path.exists())
+        assert os.path.exists(server.state_db) and b"111.222.333-44" not in on_disk
+        assert chat.split("@")[0].encode() not in on_disk
