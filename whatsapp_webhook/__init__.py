@@ -27,8 +27,9 @@ How one message travels (module.function, and the thread it runs on):
        merging a burst) and runs pipeline.ReplyPipeline.process for each as a task; store calls go to a
        small thread pool (asyncio.to_thread) so the loop never blocks on SQLite.
     7. ReplyPipeline._compose: commands, StateStore.admit (pause, opt-out, loops, rate limits), history,
-       the session's business.SessionProfile (opening hours: hours.hours_status; out of hours a notice once
-       per closed period or silence; the prompt: system prompt, knowledge.KnowledgeBase, turns, hours note),
+       the session's business.SessionProfile (SESSIONS_FILE over the settings; opening hours: out of hours
+       business_gate.BusinessGate sends a notice once per closed period or stays silent; the daily budget;
+       the prompt: system prompt, knowledge.KnowledgeBase, turns, hours note),
        then llm.LLMClient.complete (retries, model fallbacks, cost) and formatting.markdown_to_whatsapp.
     8. StateStore.begin_send stores the reply and checks order and handoff once more; formatting.split_message
        cuts it into parts and waha.WahaClient.send_text sends each (typing first, WAHA's anti-ban advice).
@@ -41,7 +42,7 @@ How one message travels (module.function, and the thread it runs on):
 Dependencies point one way, leaves first: texts, env_reader, hours, knowledge, sessions_config, settings, logs,
 ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events,
 customer_data, concurrency, sqlite_base, chat_store, store, pg_base, pg_chat_store, pg_store, stores, upstream,
-llm, business, waha, pipeline, worker, service, gunicorn_worker, app, cli.
+llm, business, business_gate, waha, pipeline, worker, service, gunicorn_worker, app, cli.
 """
 
 __version__ = "1.1.0"

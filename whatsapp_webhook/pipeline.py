@@ -13,15 +13,8 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from whatsapp_webhook.business import (
-    BUDGET_MARK_CHAT,
-    OUT_OF_HOURS_MARK,
-    BusinessProfiles,
-    OutOfHoursAction,
-    SessionProfile,
-    finished_counts,
-    out_of_hours_action,
-)
+from whatsapp_webhook.business import BusinessProfiles, OutOfHoursAction, SessionProfile
+from whatsapp_webhook.business_gate import BusinessGate
 from whatsapp_webhook.events import bare_message_id
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.health import CheckStatus, HealthReporter
@@ -32,8 +25,6 @@ from whatsapp_webhook.metrics import (
     MESSAGES_PROCESSED,
     MESSAGES_SKIPPED,
     PROCESSING_SECONDS,
-    SESSION_LLM_COST_USD,
-    SESSION_MESSAGES,
 )
 from whatsapp_webhook.policy import (
     EveryMinute,
@@ -114,11 +105,11 @@ class ReplyPipeline:
         self.waha = waha
         self.health = health or HealthReporter(store=store)
         self.profiles = profiles or BusinessProfiles(settings, llm=llm)
-        self._budget_logged: set[tuple[str, str]] = set()  # (scope, day) this worker already asked the store about
         self.sleep = sleep
         self.rng = rng
         self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
         self._notices = EveryMinute()
+        self.business = BusinessGate(profiles=self.profiles, store=store, health=self.health, clock=clock)
         self.limits = ChatLimits(
             per_minute=settings.rate_limit_per_minute,
             per_day=settings.daily_message_limit,
@@ -333,18 +324,18 @@ class ReplyPipeline:
             context.info("decision=%(decision)s", {"decision": "history_reset"})
             return ComposedReply(text=settings.reset_reply, outcome=Outcome.COMMAND)
         hours = profile.hours(self.clock())
-        if (closed := await self._out_of_hours(message, profile, hours, context)) is not OutOfHoursAction.ANSWER:
+        closed = await self.business.out_of_hours(message.chat_key, profile, hours, context)
+        if closed is not OutOfHoursAction.ANSWER:
             notice = closed is OutOfHoursAction.NOTICE
             return ComposedReply(text=profile.notice(hours), outcome=Outcome.NOTICE) if notice else None
         if not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
-        if not await self._within_budget(profile, context):
+        if not await self.business.within_budget(profile, context):
             return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK)
         reply = await self._ask_llm(message, user_turn, history, context, profile=profile, hours=hours)
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
-        if cost and profile.has_budget:
-            await asyncio.to_thread(self.profiles.record_spend, self.store, profile, self.clock(), cost)
+        await self.business.record_spend(profile, cost)
         formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
@@ -364,54 +355,6 @@ class ReplyPipeline:
             chat_key, since=self.clock() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
         )
         return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
-
-    async def _within_budget(self, profile: SessionProfile, context: MessageLog) -> bool:
-        """False once today's LLM spend reached a daily cap: the reply is FALLBACK_MESSAGE, without an LLM call."""
-        if not profile.has_budget:
-            return True
-        verdict = await asyncio.to_thread(self.profiles.budget, self.store, profile, self.clock())
-        check = f"llm:budget:{profile.counted_as}"
-        if verdict.allowed:
-            await self._report(check, CheckStatus.OK, "the daily LLM budget is not reached")
-            return True
-        zone = profile.schedule.timezone.key
-        reason = (
-            f"{verdict.scope}={verdict.cap_usd:g} USD reached today ({verdict.spent_usd:.4f} USD spent): customers"
-            f" get FALLBACK_MESSAGE without an LLM call until midnight ({zone})"
-        )
-        await self._report(check, CheckStatus.DEGRADED, reason)
-        logged = (verdict.scope, profile.day(self.clock()))
-        if logged not in self._budget_logged:
-            self._budget_logged.add(logged)
-            # Once for the whole server, whichever worker or host sees it first (a mark in the shared store).
-            first = await asyncio.to_thread(self.store.mark_once, BUDGET_MARK_CHAT, verdict.scope, logged[1])
-        else:
-            first = False
-        if first:
-            context.warning("llm decision=%(decision)s: %(reason)s", {"decision": "budget_reached", "reason": reason})
-        context.info("decision=%(decision)s reason=%(reason)s", {"decision": "fallback", "reason": "budget"})
-        return False
-
-    async def _out_of_hours(
-        self, message: IncomingMessage, profile: SessionProfile, hours: HoursStatus, context: MessageLog
-    ) -> OutOfHoursAction:
-        """Closed and not in answer mode: the period's one notice (a store mark, shared by every worker) or silence."""
-        mode = profile.settings.out_of_hours_mode
-        if hours.is_open or mode == "answer":
-            return OutOfHoursAction.ANSWER
-        first = mode == "notice" and await asyncio.to_thread(
-            self.store.mark_once, message.chat_key, OUT_OF_HOURS_MARK, hours.closed_period
-        )
-        action = out_of_hours_action(mode, hours, first_in_period=first)
-        context.info(
-            "decision=%(decision)s reason=%(reason)s next_open=%(next_open)s",
-            {
-                "decision": "skipped" if action is OutOfHoursAction.SILENT else "notice",
-                "reason": "out_of_hours",
-                "next_open": hours.closed_period,
-            },
-        )
-        return action
 
     async def _ask_llm(
         self,
@@ -544,11 +487,7 @@ class ReplyPipeline:
             last_part_id=last_part_id,
         )
         count = 1 + len(claimed.merged)
-        session = self.profiles.profile(claimed.message.session).counted_as
-        SESSION_MESSAGES.labels(session, str(outcome)).inc(count)
-        if llm_cost_usd:
-            SESSION_LLM_COST_USD.labels(session).inc(llm_cost_usd)
-        await asyncio.to_thread(self.store.count_many, finished_counts(session, str(outcome), count, llm_cost_usd))
+        await self.business.count_finished(claimed.message.session, str(outcome), count, llm_cost_usd)
         if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
         elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):
