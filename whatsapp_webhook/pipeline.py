@@ -37,6 +37,7 @@ from whatsapp_webhook.store_api import (
     InboxStatus,
     Outcome,
     SendVerdict,
+    StoreUnavailable,
     Turn,
     Verdict,
 )
@@ -122,12 +123,30 @@ class ReplyPipeline:
         try:
             await self._reply(claimed)
         except BaseException as exc:
-            # A bug or a shutdown: the message goes back to the inbox, due at once.
-            await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            mlog, key = message_log(message), {"key": message.dedupe_key}
+            if isinstance(exc, StoreUnavailable):
+                # Not handed back due at once: the store refusing writes (a full disk) would turn that into a
+                # loop of LLM calls. The lease runs out instead and any worker retries it then.
+                mlog.error(
+                    "state store failed mid-reply key=%(key)s: %(error)s; retried when its lease runs out",
+                    {**key, "error": str(exc)},
+                )
+                raise
+            # A bug or a shutdown: the message goes back to the inbox, due at once. When even that write
+            # fails, its lease runs out and any worker takes it over then.
+            try:
+                await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            except StoreUnavailable as release_error:
+                mlog.error(
+                    "could not hand key=%(key)s back to the inbox (%(error)s): it is retried when its lease runs "
+                    "out and the store takes writes again",
+                    {**key, "error": str(release_error)},
+                )
+                raise exc from None
             if isinstance(exc, asyncio.CancelledError):
-                message_log(message).info("reply interrupted by shutdown; message handed back to the inbox")
+                mlog.info("reply interrupted by shutdown; key=%(key)s handed back to the inbox", key)
             else:
-                message_log(message).exception("reply failed in our code; message handed back to the inbox")
+                mlog.exception("reply failed in our code; key=%(key)s handed back to the inbox", key)
             raise
 
     async def _reply(self, claimed: ClaimedMessage) -> None:

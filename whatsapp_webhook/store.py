@@ -22,7 +22,6 @@ from whatsapp_webhook.store_api import (
     MediaBlob,
     Outcome,
     SendVerdict,
-    StoreUnavailable,
     Turn,
 )
 from whatsapp_webhook.store_schema import EARLIER_OPEN_SQL, LLM_COST_COUNTER, NEXT_DUE_SQL
@@ -91,7 +90,7 @@ class StateStore(ChatStore):
                 .fetchone()
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store error: {exc}") from exc
+            raise self._failure(exc) from exc
         if not row:
             return None
         status, attempts, outcome, sent_message_id, last_error, merged_into = row

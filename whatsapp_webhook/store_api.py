@@ -21,6 +21,29 @@ if TYPE_CHECKING:
 class StoreUnavailable(Exception):
     """The state store could not be read or written."""
 
+    # What /health says about it: for the operator, without paths or secrets. The server log has the detail.
+    health_reason = (
+        "the state store cannot take writes: new messages get 503 so WAHA redelivers them (see the server log)"
+    )
+
+
+class StoreFull(StoreUnavailable):
+    """The disk (or the database's size limit) is full: nothing new can be written until space returns."""
+
+    health_reason = (
+        "the state store's disk is full: new messages get 503 so WAHA redelivers them; free space and the "
+        "server carries on by itself (docs/problemas.md)"
+    )
+
+
+class StateFileLost(StoreUnavailable):
+    """The SQLite state file was deleted or replaced while the server ran: writing on would split the state."""
+
+    health_reason = (
+        "the state file (STATE_DB) was deleted or replaced while the server ran: new messages get 503; put the "
+        "file back or restart the server (docs/problemas.md)"
+    )
+
 
 class InboxStatus(StrEnum):
     QUEUED = "queued"  # waiting for its turn (new, retrying, or handed back)
