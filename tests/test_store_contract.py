@@ -190,6 +190,27 @@ def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -
     assert claim(store).attempts == 1  # WAHA's redelivery is WAHA's retry: it does not use up ours
 
 
+def test_waha_redeliveries_cannot_send_one_message_more_than_max_sends_times(store) -> None:
+    message = incoming(body="Quero cancelar")
+    store.accept(message)
+    verdicts = []
+    for _ in range(6):  # WAHA redelivers every 503: each makes the failed reply due at once again
+        claimed = claim(store)
+        if claimed is None:
+            break
+        verdict = store.begin_send(message.dedupe_key, claimed.lease_owner, parts=["Ok"],
+                                   reply=("Ok", Outcome.SUCCESS), max_sends=3)
+        verdicts.append(str(verdict))
+        if verdict == "send":
+            store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
+        store.accept(message)
+    assert verdicts == ["send", "send", "send", "spent"]
+    entry = store.entry(message.dedupe_key)
+    assert entry.status == "failed" and "REPLY_MAX_SENDS" in entry.last_error
+    assert store.snapshot().counters["messages_undelivered"] == 1
+    assert store.accept(message).stored is False  # and later redeliveries are duplicates
+
+
 def test_release_hands_a_message_back_untried(store) -> None:
     message = incoming()
     store.accept(message)

@@ -213,6 +213,7 @@ class ReplyPipeline:
             parts=parts[parts_sent:],
             reply=None if claimed_reply else (text, outcome),
             llm_cost_usd=0.0 if claimed_reply else cost,
+            max_sends=self.settings.reply_max_sends,
         )
         if verdict is SendVerdict.PAUSED:
             mlog.info(
@@ -220,6 +221,13 @@ class ReplyPipeline:
                 {"decision": "skipped", "reason": "paused"},
             )
             await self._finish(claimed, outcome=Outcome.SKIPPED, sent_message_id=None)
+            return
+        if verdict is SendVerdict.SPENT:
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+            mlog.error(
+                "decision=%(decision)s key=%(key)s sends=%(sends)d (REPLY_MAX_SENDS): given up, not sent again",
+                {"decision": "send_failed", "key": key, "sends": self.settings.reply_max_sends},
+            )
             return
         if verdict is not SendVerdict.SEND:
             why = "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost"

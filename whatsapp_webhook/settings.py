@@ -199,6 +199,12 @@ class Settings:
     reply_max_attempts: int = setting(
         "REPLY_MAX_ATTEMPTS", 5, bounds=(1, 100), help="Attempts before a reply that keeps failing is given up."
     )
+    reply_max_sends: int = setting(
+        "REPLY_MAX_SENDS",
+        10,
+        bounds=(1, 1000),
+        help="Most times one message's reply goes to sendText, our retries and WAHA's redeliveries together.",
+    )
     reply_retry_seconds: float = setting(
         "REPLY_RETRY_SECONDS",
         10.0,
@@ -318,6 +324,11 @@ class Settings:
         )
         if self.uses_openrouter:
             env.require_real("OPENROUTER_API_KEY", self.openrouter_api_key, "your key from https://openrouter.ai/keys")
+        if self.reply_max_sends < self.reply_max_attempts:
+            env.problems.append(
+                f"REPLY_MAX_SENDS ({self.reply_max_sends}) must be at least REPLY_MAX_ATTEMPTS "
+                f"({self.reply_max_attempts}): it bounds our retries and WAHA's redeliveries together"
+            )
         if not self.fallback_message.strip():
             env.problems.append("FALLBACK_MESSAGE must not be empty: it is sent when the LLM cannot answer")
         if not self.non_text_reply.strip():

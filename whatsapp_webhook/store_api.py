@@ -45,6 +45,10 @@ class StateFileLost(StoreUnavailable):
     )
 
 
+# last_error of a message given up because its reply went to sendText REPLY_MAX_SENDS times.
+SENDS_SPENT_ERROR = "sent REPLY_MAX_SENDS times without WAHA confirming delivery: given up"
+
+
 class InboxStatus(StrEnum):
     QUEUED = "queued"  # waiting for its turn (new, retrying, or handed back)
     PROCESSING = "processing"  # a worker holds its lease and is writing the reply
@@ -88,6 +92,7 @@ class SendVerdict(StrEnum):
     YIELD = "yield"  # an earlier message of the chat showed up: it goes first
     PAUSED = "paused"  # a person took the chat over while the reply was being written
     LOST = "lost"  # the lease went to another worker
+    SPENT = "spent"  # sent REPLY_MAX_SENDS times already: given up (failed), never sent again
 
 
 class FailureVerdict(StrEnum):
@@ -219,6 +224,7 @@ class Store(Protocol):
         parts: list[str],
         reply: tuple[str, Outcome] | None = None,
         llm_cost_usd: float = 0.0,
+        max_sends: int | None = None,
     ) -> SendVerdict: ...
     def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool: ...
     def finish(
