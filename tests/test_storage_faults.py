@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -102,7 +103,10 @@ def wait_until(condition: Any, timeout: float = 15.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
-def test_the_store_names_a_full_disk_and_its_probe_write_fails_while_small_writes_still_pass(tmp_path) -> None:
+def test_the_store_names_a_full_disk_and_its_probe_write_fails_while_small_writes_still_pass(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(sqlite_base, "PROBE_REUSE_SECONDS", 0.0)
     store = CappedStore(str(tmp_path / "state.db"))
     store.initialize()
     store.ping()
@@ -113,6 +117,39 @@ def test_the_store_names_a_full_disk_and_its_probe_write_fails_while_small_write
     with pytest.raises(StoreFull) as refused:
         store.accept(incoming(body="x" * 20_000))
     assert "full" in str(refused.value)
+
+
+def test_health_probes_on_a_full_disk_never_fail_the_small_writes_of_other_threads(tmp_path, monkeypatch) -> None:
+    """On SQLITE_FULL SQLite ends the whole transaction: a probe in a group commit would fail every write
+    committed with it (a counter, a lease renewal) although those fit."""
+    monkeypatch.setattr(sqlite_base, "PROBE_REUSE_SECONDS", 0.0)
+    monkeypatch.setattr(sqlite_base, "FULL_DISK_MEMORY_SECONDS", 0.0)  # every ping really writes
+    store = CappedStore(str(tmp_path / "state.db"))
+    store.initialize()
+    store.count("messages_received")
+    store.fill_up()
+    failed: list[Exception] = []
+
+    def small_writes() -> None:
+        for _ in range(20):
+            try:
+                store.count("messages_received")
+            except StoreFull as exc:
+                failed.append(exc)
+
+    def probes() -> None:
+        for _ in range(20):
+            with pytest.raises(StoreFull):
+                store.ping()
+
+    threads = [threading.Thread(target=small_writes) for _ in range(4)] + [
+        threading.Thread(target=probes) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [] and store.snapshot().counters["messages_received"] == 81
 
 
 def test_a_full_disk_makes_health_unhealthy_and_new_messages_503_until_space_returns(
@@ -149,7 +186,7 @@ def test_a_reply_cut_short_by_a_full_disk_is_sent_exactly_once_when_space_return
     sendText the last write, finish, frees as much as it takes: the stored reply and message give way to
     the history, so a full disk does not stop it; a worker dying there is test_faults' kill -9 mid-send.)"""
     server_log = ServerLog(capsys)
-    app, store = capped_app(lease_seconds=1.0, webhook_sync_wait_seconds=0.5, max_message_chars=20_000)
+    app, store = capped_app(lease_seconds=3.0, webhook_sync_wait_seconds=0.5, max_message_chars=20_000)
     client = app.test_client()
     reply = "Entregamos, sim! " + "Segue a tabela de bairros e horários. " * 150  # needs new pages to be stored
     upstreams.llm.side_effect = lambda request: httpx.Response(200, json=completion(reply))
@@ -172,6 +209,26 @@ def test_a_reply_cut_short_by_a_full_disk_is_sent_exactly_once_when_space_return
     wait_until(lambda: (store.entry(key) or None) and store.entry(key).status == "done")  # type: ignore[union-attr]
     assert [t["text"] for t in upstreams.sent_texts()] == [reply.strip()]
     assert upstreams.llm.call_count == 2  # the attempt the disk cut short, and the one after: no loop
+
+
+def test_a_disk_that_stays_full_costs_at_most_reply_max_attempts_llm_calls(capped_app, upstreams, capsys) -> None:
+    server_log = ServerLog(capsys)
+    app, store = capped_app(lease_seconds=1.0, reply_max_attempts=2, webhook_sync_wait_seconds=0.5,
+                            max_message_chars=20_000)
+    reply = "Temos sim! " + "Veja a lista completa de sabores e preços. " * 150  # needs new pages to be stored
+
+    def fill_then_answer(request: Any) -> Any:
+        if store.max_pages is None:
+            store.fill_up()  # and nobody frees space
+        return httpx.Response(200, json=completion(reply))
+
+    upstreams.llm.side_effect = fill_then_answer
+    envelope = wp.text_message("WEBJS", body="Tem pizza de calabresa?")
+    post_event(app.test_client(), envelope)
+    key = key_of(envelope)
+    wait_until(lambda: (store.entry(key) or None) and store.entry(key).status == "failed")  # type: ignore[union-attr]
+    assert upstreams.llm.call_count == 2 and upstreams.sent_texts() == []
+    assert any("no attempt ended" in line and f"key={key}" in line for line in server_log.lines())
 
 
 def test_a_deleted_state_file_is_never_recreated_and_every_call_says_so(tmp_path, monkeypatch) -> None:
@@ -203,7 +260,7 @@ def test_a_state_file_moved_away_and_back_is_taken_up_again_with_its_messages(tm
 
 def test_a_replaced_state_file_is_refused_by_running_and_by_later_workers(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sqlite_base, "IDENTITY_CHECK_SECONDS", 0.0)
-    monkeypatch.delenv(sqlite_base.STATE_FILE_ID_ENV, raising=False)
+    monkeypatch.setenv(sqlite_base.STATE_FILE_ID_ENV, "")  # so pin_state_file's value is undone after the test
     path = tmp_path / "state.db"
     store = StateStore(str(path))
     store.initialize()

@@ -246,7 +246,7 @@ class PostgresStore(PostgresChatStore):
                     earlier_open=earlier_open,
                     paused=paused,
                     sends=sends,
-                    max_sends=max_sends,
+                    max_sends=max_sends if parts else None,  # nothing left to send (it all went out): no send
                 )
             if verdict is SendVerdict.SPENT:
                 self._give_up(c, key, SENDS_SPENT_ERROR, now)
@@ -268,12 +268,13 @@ class PostgresStore(PostgresChatStore):
                 )
                 c.execute(
                     "UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s,"
-                    " sends = sends + 1,"
+                    " sends = sends + %(sending)s,"
                     " reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,"
                     " outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,"
                     " parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END WHERE key = %(key)s",
                     {
                         "now": now,
+                        "sending": 1 if parts else 0,
                         "new": reply is not None,
                         "text": reply[0] if reply else None,
                         "outcome": str(reply[1]) if reply else None,

@@ -164,6 +164,11 @@ class ReplyPipeline:
         # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
         claimed_text = claimed.reply_text if claimed.outcome is not Outcome.FALLBACK or mid_send else None
         claimed_reply = claimed_text is not None
+        if claimed.attempts > self.settings.reply_max_attempts and not mid_send:
+            # Taken more often than REPLY_MAX_ATTEMPTS without an attempt ending (the store kept refusing the
+            # reply's writes, or workers kept dying on it): give up rather than call the LLM without end.
+            await self._give_up_unended(claimed)
+            return
         if claimed_text is not None:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed_text, claimed.outcome or Outcome.SUCCESS, None
@@ -228,6 +233,10 @@ class ReplyPipeline:
                 "decision=%(decision)s key=%(key)s sends=%(sends)d (REPLY_MAX_SENDS): given up, not sent again",
                 {"decision": "send_failed", "key": key, "sends": self.settings.reply_max_sends},
             )
+            if self.settings.typing_simulation:
+                await self._quietly(
+                    "stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id)
+                )
             return
         if verdict is not SendVerdict.SEND:
             why = "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost"
@@ -443,6 +452,24 @@ class ReplyPipeline:
         if remaining > 0:
             await self.sleep(remaining)
         await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
+
+    async def _give_up_unended(self, claimed: ClaimedMessage) -> None:
+        message = claimed.message
+        result = await asyncio.to_thread(
+            self.store.record_failure,
+            message.dedupe_key,
+            claimed.lease_owner,
+            f"taken {claimed.attempts} times without an attempt ending (REPLY_MAX_ATTEMPTS)",
+            max_attempts=self.settings.reply_max_attempts,
+            retry_in=0.0,
+        )
+        if result is FailureVerdict.FAILED:
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+        message_log(message).error(
+            "decision=%(decision)s key=%(key)s attempt=%(attempt)d then=%(then)s (no attempt ended: the state "
+            "store kept failing mid-reply, or workers kept dying)",
+            {"decision": "send_failed", "key": message.dedupe_key, "attempt": claimed.attempts, "then": str(result)},
+        )
 
     async def _record_failure(self, claimed: ClaimedMessage, exc: WahaError) -> None:
         message = claimed.message

@@ -203,7 +203,8 @@ class Settings:
         "REPLY_MAX_SENDS",
         10,
         bounds=(1, 1000),
-        help="Most times one message's reply goes to sendText, our retries and WAHA's redeliveries together.",
+        help="Most times one message's reply goes to sendText, our retries and WAHA's redeliveries together"
+        " (unset: 10 or 2 x REPLY_MAX_ATTEMPTS, whichever is more).",
     )
     reply_retry_seconds: float = setting(
         "REPLY_RETRY_SECONDS",
@@ -305,7 +306,11 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise SettingsError listing every problem at once."""
         env = EnvReader(os.environ if environ is None else environ)
-        settings = cls(**{name: env.read(declared) for name, declared in declared_settings().items()})
+        values = {name: env.read(declared) for name, declared in declared_settings().items()}
+        if env.environ.get("REPLY_MAX_SENDS", "").strip() == "":
+            # Unset: room for our own attempts twice over, so raising REPLY_MAX_ATTEMPTS alone keeps working.
+            values["reply_max_sends"] = max(values["reply_max_sends"], 2 * values["reply_max_attempts"])
+        settings = cls(**values)
         settings._check(env)
         if env.problems:
             raise SettingsError(

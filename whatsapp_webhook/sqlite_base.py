@@ -32,6 +32,7 @@ IDENTITY_CHECK_SECONDS = 1.0  # how stale the "is it still our file?" answer of 
 SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode & 0xFF for "database or disk is full"
 FULL_DISK_MEMORY_SECONDS = 10.0  # /health keeps saying "full" this long after a write was refused for space
 PROBE_BYTES = 16 * 1024  # the probe write of ping(): a big message with its reply
+PROBE_REUSE_SECONDS = 1.0  # a probe that passed this recently answers ping() without another write
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
@@ -91,6 +92,7 @@ class SQLiteStore:
         # An empty file beside the state file whose modification time says when a write of any worker was
         # last refused for lack of space (setting a time needs no free space; a row in the database would).
         self._full_marker = path + ".disk-full"
+        self._probed_at = float("-inf")  # when ping's probe write last succeeded in this process
 
     def initialize(self) -> None:
         """Create the file and bring its schema to SCHEMA_VERSION; fail early with a clear message.
@@ -148,10 +150,11 @@ class SQLiteStore:
             ) from None
 
     def _open(self) -> sqlite3.Connection:
-        # mode=rwc: fail when the file is not writable instead of quietly opening it read-only.
-        # (It also creates a missing file: checked first, uncached, so a deleted one is never recreated.)
+        # mode=rw(c): fail when the file is not writable instead of quietly opening it read-only. Only the
+        # first open may create the file: once this store knows its file, a missing one is an error.
         self._check_identity(force=True)
-        uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=rwc"
+        mode = "rwc" if self._identity is None else "rw"
+        uri = pathlib.Path(self.path).absolute().as_uri() + f"?mode={mode}"
         connection = sqlite3.connect(
             uri, uri=True, timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
         )
@@ -199,12 +202,17 @@ class SQLiteStore:
         connection: sqlite3.Connection = local.connection  # set by _open above, in this thread and process
         return connection
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T], *, begin: str = "BEGIN IMMEDIATE") -> T:
-        """Run `work` in a transaction of its own (reads) or as one atomic step of a group commit (writes).
+    def _transaction(
+        self, work: Callable[[sqlite3.Connection], T], *, begin: str = "BEGIN IMMEDIATE", solo: bool = False
+    ) -> T:
+        """Run `work` in a transaction of its own (reads, and `solo` writes) or as one atomic step of a group
+        commit (writes).
 
-        Reads ("BEGIN") run beside writers, as WAL allows; writes queue at the WriterGate.
+        Reads ("BEGIN") run beside writers, as WAL allows; writes queue at the WriterGate. A solo write takes
+        SQLite's write lock itself: for a write that may fail for lack of room (the /health probe), which in
+        a group commit would fail every write beside it (on SQLITE_FULL SQLite ends the whole transaction).
         """
-        if begin != "BEGIN":
+        if begin != "BEGIN" and not solo:
             return self._writers.write(work, self._commit)
         connection: sqlite3.Connection | None = None
         try:
@@ -212,6 +220,8 @@ class SQLiteStore:
             connection.execute(begin)
             result = work(connection)
             connection.execute("COMMIT")
+            if solo:
+                self._check_identity(force=True)
             return result
         except sqlite3.Error as exc:
             self._abandon(connection)
@@ -251,12 +261,19 @@ class SQLiteStore:
                     connection.execute("ROLLBACK TO one_write")
                     item.error = self._failure(exc)
                 except sqlite3.Error:
-                    raise
+                    raise  # the database itself (I/O, full: SQLite then ends the whole transaction)
                 except Exception as exc:
                     connection.execute("ROLLBACK TO one_write")
                     item.error = exc
                 connection.execute("RELEASE one_write")
             connection.execute("COMMIT")
+            # The file may have gone while BEGIN IMMEDIATE waited for another process: then this commit went to
+            # the lost file, and its callers must not answer 2xx for it.
+            self._check_identity(force=True)
+        except StateFileLost as exc:
+            self._abandon(connection)
+            for item in batch:
+                item.result, item.error = None, exc
         except sqlite3.Error as exc:
             self._abandon(connection)
             failure = self._failure(exc)
@@ -314,6 +331,9 @@ class SQLiteStore:
         if 0 <= since < FULL_DISK_MEMORY_SECONDS:
             raise StoreFull(f"a write failed {since:.0f} s ago: database or disk is full")
 
+        if time.monotonic() - self._probed_at < PROBE_REUSE_SECONDS:
+            return  # /health and /metrics are open to anyone: one probe write a second per worker is enough
+
         def probe(c: sqlite3.Connection) -> None:
             self._bump(c, "health_checks")
             c.execute(
@@ -323,7 +343,8 @@ class SQLiteStore:
             )
             c.execute("DELETE FROM health WHERE name = 'probe'")
 
-        self._transaction(probe)
+        self._transaction(probe, solo=True)
+        self._probed_at = time.monotonic()
 
     def set_health(self, name: str, status: CheckStatus, reason: str, *, max_parts: int = 200) -> None:
         """Record a part's state; `since` moves only when the status changes. New parts stop at `max_parts`."""

@@ -265,7 +265,7 @@ class StateStore(ChatStore):
                     ).fetchone()
                 ),
                 sends=row[4] if row is not None else 0,
-                max_sends=max_sends,
+                max_sends=max_sends if parts else None,  # nothing left to send (it all went out): no send
             )
             if verdict is SendVerdict.SPENT:
                 self._give_up(c, key, SENDS_SPENT_ERROR, now)
@@ -292,9 +292,9 @@ class StateStore(ChatStore):
                     (reply[0], str(reply[1]), key),
                 )
             c.execute(
-                "UPDATE inbox SET status = 'sending', send_started_at = ?, sends = sends + 1, updated_at = ?"
+                "UPDATE inbox SET status = 'sending', send_started_at = ?, sends = sends + ?, updated_at = ?"
                 " WHERE key = ?",
-                (now, now, key),
+                (now, 1 if parts else 0, now, key),
             )
             return verdict
 
