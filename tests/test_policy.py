@@ -81,6 +81,17 @@ def test_the_last_check_before_send(holds_lease, already_sending, earlier_open, 
                         paused=paused) is verdict
 
 
+def test_a_message_sent_max_sends_times_is_never_sent_again_even_mid_reply() -> None:
+    common = dict(holds_lease=True, earlier_open=False, paused=False, max_sends=3)
+    assert send_verdict(already_sending=False, sends=2, **common) is SendVerdict.SEND
+    assert send_verdict(already_sending=False, sends=3, **common) is SendVerdict.SPENT
+    assert send_verdict(already_sending=True, sends=3, **common) is SendVerdict.SPENT
+    assert send_verdict(holds_lease=False, already_sending=False, earlier_open=False, paused=False, sends=9,
+                        max_sends=3) is SendVerdict.LOST
+    assert send_verdict(already_sending=False, sends=500, holds_lease=True, earlier_open=False,
+                        paused=False) is SendVerdict.SEND  # no bound given
+
+
 def test_a_failed_attempt_is_retried_until_the_attempts_are_used() -> None:
     assert failure_verdict(holds_lease=True, attempts=2, max_attempts=3) is FailureVerdict.RETRY
     assert failure_verdict(holds_lease=True, attempts=3, max_attempts=3) is FailureVerdict.FAILED

@@ -81,6 +81,15 @@ def test_fallback_models_and_reasoning_effort_are_validated() -> None:
     assert "LLM_REASONING_EFFORT must be one of NONE, MINIMAL, LOW, MEDIUM, HIGH" in str(error.value)
 
 
+def test_reply_max_sends_below_the_servers_own_attempts_is_refused_with_why() -> None:
+    with pytest.raises(SettingsError, match=r"REPLY_MAX_SENDS \(2\) must be at least REPLY_MAX_ATTEMPTS \(5\)"):
+        Settings.from_env(dict(REQUIRED, REPLY_MAX_SENDS="2"))
+    assert Settings.from_env(dict(REQUIRED, REPLY_MAX_SENDS="5")).reply_max_sends == 5
+    # An install that only raised REPLY_MAX_ATTEMPTS keeps starting: unset, the bound follows it.
+    assert Settings.from_env(dict(REQUIRED, REPLY_MAX_ATTEMPTS="30")).reply_max_sends == 60
+    assert Settings.from_env(dict(REQUIRED)).reply_max_sends == 10
+
+
 def test_missing_keys_are_all_named_with_where_to_set_them() -> None:
     with pytest.raises(SettingsError) as error:
         Settings.from_env({})

@@ -190,6 +190,43 @@ def test_a_redelivery_after_a_failed_send_makes_the_message_due_at_once(store) -
     assert claim(store).attempts == 1  # WAHA's redelivery is WAHA's retry: it does not use up ours
 
 
+def test_waha_redeliveries_cannot_send_one_message_more_than_max_sends_times(store) -> None:
+    message = incoming(body="Quero cancelar")
+    store.accept(message)
+    verdicts = []
+    for _ in range(6):  # WAHA redelivers every 503: each makes the failed reply due at once again
+        claimed = claim(store)
+        if claimed is None:
+            break
+        verdict = store.begin_send(message.dedupe_key, claimed.lease_owner, parts=["Ok"],
+                                   reply=("Ok", Outcome.SUCCESS), max_sends=3)
+        verdicts.append(str(verdict))
+        if verdict == "send":
+            store.record_failure(message.dedupe_key, claimed.lease_owner, "HTTP 500", max_attempts=5, retry_in=600)
+        store.accept(message)
+    assert verdicts == ["send", "send", "send", "spent"]
+    entry = store.entry(message.dedupe_key)
+    assert entry.status == "failed" and "REPLY_MAX_SENDS" in entry.last_error
+    assert store.snapshot().counters["messages_undelivered"] == 1
+    assert store.accept(message).stored is False  # and later redeliveries are duplicates
+
+
+def test_a_reply_found_already_sent_after_a_takeover_finishes_even_at_max_sends(store, clock) -> None:
+    message = incoming(body="Qual o endereço?")
+    store.accept(message)
+    claimed = claim(store)
+    assert store.begin_send(message.dedupe_key, claimed.lease_owner, parts=["Rua A, 1"],
+                            reply=("Rua A, 1", Outcome.SUCCESS), max_sends=1) == "send"
+    # The worker dies after WAHA took the text; the next one finds it in the chat: nothing is left to send.
+    clock.now += 31  # its lease (30 s) runs out
+    taken = claim(store, "w2")
+    assert taken.previous_status == "sending"
+    assert store.begin_send(message.dedupe_key, taken.lease_owner, parts=[], max_sends=1) == "send"
+    store.finish(message.dedupe_key, taken.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="x")
+    assert store.entry(message.dedupe_key).status == "done"
+    assert store.snapshot().counters.get("messages_undelivered", 0) == 0
+
+
 def test_release_hands_a_message_back_untried(store) -> None:
     message = incoming()
     store.accept(message)

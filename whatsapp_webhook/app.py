@@ -23,8 +23,9 @@ from whatsapp_webhook.health import HealthReporter
 from whatsapp_webhook.logs import configure_logging, log
 from whatsapp_webhook.metrics import metrics_document
 from whatsapp_webhook.service import WebhookService
-from whatsapp_webhook.settings import SettingsError, load_settings
-from whatsapp_webhook.store_api import Store, StoreUnavailable
+from whatsapp_webhook.settings import SettingsError, is_postgres_url, load_settings
+from whatsapp_webhook.sqlite_base import pin_state_file
+from whatsapp_webhook.store_api import StateFileLost, Store, StoreUnavailable
 from whatsapp_webhook.stores import open_store
 from whatsapp_webhook.worker import WorkerRuntime
 
@@ -200,12 +201,16 @@ def recover_after_restart(settings: Settings) -> int:
     store = open_store(settings, one_off=True)  # no pool in the master: nothing may cross the fork
     try:
         store.initialize()
+    except StateFileLost as exc:
+        raise SettingsError(f"{exc}; start the server again to use the file now at STATE_DB") from None
     except StoreUnavailable as exc:
         raise SettingsError(f"{exc}; start it, or fix the host and port in STATE_DB") from None
     try:
         recovered = store.expire_leases()
     finally:
         store.close()  # no connection may cross gunicorn's fork
+    if not is_postgres_url(settings.state_db):
+        pin_state_file(settings.state_db)  # workers refuse a file deleted or replaced from now on
     if recovered:
         log.warning("recovering %d messages left unfinished by the previous run", recovered)
     return recovered

@@ -108,7 +108,12 @@ CREATE TABLE IF NOT EXISTS chat_marks (
 
 # MIGRATIONS[n - 1] takes a database from schema version n - 1 to n (the rows of schema_migrations).
 # Append only: a released migration never changes, so every older database takes the same path.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_CHAT_MARKS)
+# Release 1.2: how many times a message's reply went to sendText (REPLY_MAX_SENDS bounds it).
+SCHEMA_V2 = """
+ALTER TABLE inbox ADD COLUMN IF NOT EXISTS sends integer NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 MIGRATIONS_TABLE_SQL = (
@@ -156,7 +161,7 @@ RETURNING inbox.key, inbox.message, inbox.status, inbox.attempts, inbox.reply_te
 # The last check before sendText in one read, with the message's row locked: who holds it, whether an
 # earlier message of its chat is still open (it must go first), and whether the chat is paused.
 BEGIN_SEND_SQL = f"""
-SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent,
+SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent, m.sends,
     EXISTS (SELECT 1 FROM inbox o
             WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
               AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))),

@@ -15,6 +15,7 @@ from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
+    SENDS_SPENT_ERROR,
     Acceptance,
     ClaimedMessage,
     FailureVerdict,
@@ -222,11 +223,13 @@ class PostgresStore(PostgresChatStore):
         parts: list[str],
         reply: tuple[str, Outcome] | None = None,
         llm_cost_usd: float = 0.0,
+        max_sends: int | None = None,
     ) -> SendVerdict:
         """Last check before sendText (policy.send_verdict), with the message's row locked until it is acted on.
 
         A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
         `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
+        Each SEND counts one send of the message; once `max_sends` are used it is given up (SPENT).
         """
         now = self.clock()
 
@@ -237,14 +240,18 @@ class PostgresStore(PostgresChatStore):
             )
             verdict, chat_key = SendVerdict.LOST, ""
             if row is not None and holds_lease:
-                status, _, chat_key, parts_sent, earlier_open, paused = row
+                status, _, chat_key, parts_sent, sends, earlier_open, paused = row
                 verdict = send_verdict(
                     holds_lease=True,
                     already_sending=status == InboxStatus.SENDING or parts_sent > 0,
                     earlier_open=earlier_open,
                     paused=paused,
+                    sends=sends,
+                    max_sends=max_sends if parts else None,  # nothing left to send (it all went out): no send
                 )
-            if verdict is SendVerdict.YIELD:
+            if verdict is SendVerdict.SPENT:
+                self._give_up(c, key, SENDS_SPENT_ERROR, now)
+            elif verdict is SendVerdict.YIELD:
                 # Answering now would overtake a message the customer sent first.
                 c.execute(
                     "UPDATE inbox SET status = 'queued', attempts = attempts - 1, lease_owner = NULL,"
@@ -262,11 +269,13 @@ class PostgresStore(PostgresChatStore):
                 )
                 c.execute(
                     "UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s,"
+                    " sends = sends + %(sending)s,"
                     " reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,"
                     " outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,"
                     " parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END WHERE key = %(key)s",
                     {
                         "now": now,
+                        "sending": 1 if parts else 0,
                         "new": reply is not None,
                         "text": reply[0] if reply else None,
                         "outcome": str(reply[1]) if reply else None,
@@ -374,18 +383,7 @@ class PostgresStore(PostgresChatStore):
                 holds_lease=row is not None, attempts=row[0] if row else 0, max_attempts=max_attempts
             )
             if verdict is FailureVerdict.FAILED:
-                c.execute(
-                    "UPDATE inbox SET status = 'failed', last_error = %s, lease_owner = NULL, finished_at = %s,"
-                    " updated_at = %s WHERE key = %s",
-                    (error[:500], now, now, key),
-                )
-                self._bump_with_followers(
-                    c,
-                    "UPDATE inbox SET status = 'failed', finished_at = %s, updated_at = %s"
-                    " WHERE merged_into = %s AND status = 'merged'",
-                    (now, now, key),
-                    counters=["messages_failed", "messages_undelivered"],
-                )
+                self._give_up(c, key, error, now)
             elif verdict is FailureVerdict.RETRY:
                 c.execute(
                     "UPDATE inbox SET status = 'queued', last_error = %s, lease_owner = NULL, lease_expires_at = 0,"
@@ -395,6 +393,21 @@ class PostgresStore(PostgresChatStore):
             return verdict
 
         return self._write(work)
+
+    def _give_up(self, c: Connection, key: str, error: str, now: float) -> None:
+        """The message (and the messages merged into it) will not be answered: failed, counted undelivered."""
+        c.execute(
+            "UPDATE inbox SET status = 'failed', last_error = %s, lease_owner = NULL, finished_at = %s,"
+            " updated_at = %s WHERE key = %s",
+            (error[:500], now, now, key),
+        )
+        self._bump_with_followers(
+            c,
+            "UPDATE inbox SET status = 'failed', finished_at = %s, updated_at = %s"
+            " WHERE merged_into = %s AND status = 'merged'",
+            (now, now, key),
+            counters=["messages_failed", "messages_undelivered"],
+        )
 
     def release(self, key: str, owner: str) -> None:
         """Hand a message back untried (shutdown, crash in our code): due at once, attempt not counted.

@@ -39,6 +39,7 @@ from whatsapp_webhook.store_api import (
     InboxStatus,
     Outcome,
     SendVerdict,
+    StoreUnavailable,
     Turn,
     Verdict,
 )
@@ -128,12 +129,30 @@ class ReplyPipeline:
         try:
             await self._reply(claimed)
         except BaseException as exc:
-            # A bug or a shutdown: the message goes back to the inbox, due at once.
-            await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            mlog, key = message_log(message), {"key": message.dedupe_key}
+            if isinstance(exc, StoreUnavailable):
+                # Not handed back due at once: the store refusing writes (a full disk) would turn that into a
+                # loop of LLM calls. The lease runs out instead and any worker retries it then.
+                mlog.error(
+                    "state store failed mid-reply key=%(key)s: %(error)s; retried when its lease runs out",
+                    {**key, "error": str(exc)},
+                )
+                raise
+            # A bug or a shutdown: the message goes back to the inbox, due at once. When even that write
+            # fails, its lease runs out and any worker takes it over then.
+            try:
+                await asyncio.shield(asyncio.to_thread(self.store.release, message.dedupe_key, claimed.lease_owner))
+            except StoreUnavailable as release_error:
+                mlog.error(
+                    "could not hand key=%(key)s back to the inbox (%(error)s): it is retried when its lease runs "
+                    "out and the store takes writes again",
+                    {**key, "error": str(release_error)},
+                )
+                raise exc from None
             if isinstance(exc, asyncio.CancelledError):
-                message_log(message).info("reply interrupted by shutdown; message handed back to the inbox")
+                mlog.info("reply interrupted by shutdown; key=%(key)s handed back to the inbox", key)
             else:
-                message_log(message).exception("reply failed in our code; message handed back to the inbox")
+                mlog.exception("reply failed in our code; key=%(key)s handed back to the inbox", key)
             raise
 
     async def _reply(self, claimed: ClaimedMessage) -> None:
@@ -151,6 +170,11 @@ class ReplyPipeline:
         # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
         claimed_text = claimed.reply_text if claimed.outcome is not Outcome.FALLBACK or mid_send else None
         claimed_reply = claimed_text is not None
+        if claimed.attempts > self.settings.reply_max_attempts and not mid_send:
+            # Taken more often than REPLY_MAX_ATTEMPTS without an attempt ending (the store kept refusing the
+            # reply's writes, or workers kept dying on it): give up rather than call the LLM without end.
+            await self._give_up_unended(claimed)
+            return
         if claimed_text is not None:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed_text, claimed.outcome or Outcome.SUCCESS, None
@@ -200,6 +224,7 @@ class ReplyPipeline:
             parts=parts[parts_sent:],
             reply=None if claimed_reply else (text, outcome),
             llm_cost_usd=0.0 if claimed_reply else cost,
+            max_sends=self.settings.reply_max_sends,
         )
         if verdict is SendVerdict.PAUSED:
             mlog.info(
@@ -207,6 +232,17 @@ class ReplyPipeline:
                 {"decision": "skipped", "reason": "paused"},
             )
             await self._finish(claimed, outcome=Outcome.SKIPPED, sent_message_id=None)
+            return
+        if verdict is SendVerdict.SPENT:
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+            mlog.error(
+                "decision=%(decision)s key=%(key)s sends=%(sends)d (REPLY_MAX_SENDS): given up, not sent again",
+                {"decision": "send_failed", "key": key, "sends": self.settings.reply_max_sends},
+            )
+            if self.settings.typing_simulation:
+                await self._quietly(
+                    "stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id)
+                )
             return
         if verdict is not SendVerdict.SEND:
             why = "an earlier message of this chat goes first" if verdict is SendVerdict.YIELD else "lease lost"
@@ -449,6 +485,24 @@ class ReplyPipeline:
         if remaining > 0:
             await self.sleep(remaining)
         await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
+
+    async def _give_up_unended(self, claimed: ClaimedMessage) -> None:
+        message = claimed.message
+        result = await asyncio.to_thread(
+            self.store.record_failure,
+            message.dedupe_key,
+            claimed.lease_owner,
+            f"taken {claimed.attempts} times without an attempt ending (REPLY_MAX_ATTEMPTS)",
+            max_attempts=self.settings.reply_max_attempts,
+            retry_in=0.0,
+        )
+        if result is FailureVerdict.FAILED:
+            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
+        message_log(message).error(
+            "decision=%(decision)s key=%(key)s attempt=%(attempt)d then=%(then)s (no attempt ended: the state "
+            "store kept failing mid-reply, or workers kept dying)",
+            {"decision": "send_failed", "key": message.dedupe_key, "attempt": claimed.attempts, "then": str(result)},
+        )
 
     async def _record_failure(self, claimed: ClaimedMessage, exc: WahaError) -> None:
         message = claimed.message

@@ -192,12 +192,23 @@ def later_pause(current: Pause, *, until: float, reason: str) -> Pause:
     return current
 
 
-def send_verdict(*, holds_lease: bool, already_sending: bool, earlier_open: bool, paused: bool) -> SendVerdict:
+def send_verdict(
+    *,
+    holds_lease: bool,
+    already_sending: bool,
+    earlier_open: bool,
+    paused: bool,
+    sends: int = 0,
+    max_sends: int | None = None,
+) -> SendVerdict:
     """The last check before sendText. A reply whose sending began is finished whatever happens
     meanwhile (half an answer is worse than a whole one); one not begun yields to a message the
-    customer sent earlier, and stays unsent once a person took the chat over."""
+    customer sent earlier, and stays unsent once a person took the chat over. A message that already
+    went to sendText `max_sends` times (our retries and WAHA's redeliveries together) goes no more."""
     if not holds_lease:
         return SendVerdict.LOST
+    if max_sends is not None and sends >= max_sends:
+        return SendVerdict.SPENT
     if already_sending:
         return SendVerdict.SEND
     if earlier_open:

@@ -237,7 +237,10 @@ class WebhookService:
             accepted = self.store.accept(message)
         except StoreUnavailable as exc:
             # Never 2xx for a message we could not write down: WAHA redelivers 5xx.
-            message_log(message).error("store unavailable, asking WAHA to redeliver: %(error)s", {"error": str(exc)})
+            message_log(message).error(
+                "store unavailable, asking WAHA to redeliver key=%(key)s: %(error)s",
+                {"key": message.dedupe_key, "error": str(exc)},
+            )
             return {"error": "state store unavailable; message not recorded, please redeliver"}, 503
         if not accepted.stored:
             detail = {"done": "message already answered", "failed": "message already given up on"}.get(
@@ -430,10 +433,7 @@ class WebhookService:
             reports = self.store.health_reports()
         except StoreUnavailable as exc:
             log.error("health check failed: %s", exc)
-            store = self._store_check(
-                CheckStatus.FAILING,
-                "the state store cannot take writes: new messages get 503 so WAHA redelivers them (see the server log)",
-            )
+            store = self._store_check(CheckStatus.FAILING, exc.health_reason)
             reports = self.health.last_known()
         checks = {"store": store}
         for part in HEALTH_CHECKS[1:]:

@@ -203,6 +203,13 @@ class Settings:
     reply_max_attempts: int = setting(
         "REPLY_MAX_ATTEMPTS", 5, bounds=(1, 100), help="Attempts before a reply that keeps failing is given up."
     )
+    reply_max_sends: int = setting(
+        "REPLY_MAX_SENDS",
+        10,
+        bounds=(1, 1000),
+        help="Most times one message's reply goes to sendText, our retries and WAHA's redeliveries together"
+        " (unset: 10 or 2 x REPLY_MAX_ATTEMPTS, whichever is more).",
+    )
     reply_retry_seconds: float = setting(
         "REPLY_RETRY_SECONDS",
         10.0,
@@ -343,7 +350,11 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise SettingsError listing every problem at once."""
         env = EnvReader(os.environ if environ is None else environ)
-        settings = cls(**{name: env.read(declared) for name, declared in declared_settings().items()})
+        values = {name: env.read(declared) for name, declared in declared_settings().items()}
+        if env.environ.get("REPLY_MAX_SENDS", "").strip() == "":
+            # Unset: room for our own attempts twice over, so raising REPLY_MAX_ATTEMPTS alone keeps working.
+            values["reply_max_sends"] = max(values["reply_max_sends"], 2 * values["reply_max_attempts"])
+        settings = cls(**values)
         settings._check(env)
         if env.problems:
             raise SettingsError(
@@ -362,6 +373,11 @@ class Settings:
         )
         if self.uses_openrouter:
             env.require_real("OPENROUTER_API_KEY", self.openrouter_api_key, "your key from https://openrouter.ai/keys")
+        if self.reply_max_sends < self.reply_max_attempts:
+            env.problems.append(
+                f"REPLY_MAX_SENDS ({self.reply_max_sends}) must be at least REPLY_MAX_ATTEMPTS "
+                f"({self.reply_max_attempts}): it bounds our retries and WAHA's redeliveries together"
+            )
         if not self.fallback_message.strip():
             env.problems.append("FALLBACK_MESSAGE must not be empty: it is sent when the LLM cannot answer")
         if not self.non_text_reply.strip():
@@ -394,6 +410,7 @@ OTHER_VARIABLES = frozenset(
     {
         "WEBHOOK_ENV_FILE",
         "WEBHOOK_SERVER_STARTED_AT",
+        "WEBHOOK_STATE_FILE_ID",
         "GUNICORN_WORKERS",
         "GUNICORN_THREADS",
         "GUNICORN_GRACEFUL_TIMEOUT",

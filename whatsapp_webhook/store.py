@@ -15,6 +15,7 @@ from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_finge
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
+    SENDS_SPENT_ERROR,
     Acceptance,
     ClaimedMessage,
     FailureVerdict,
@@ -23,7 +24,6 @@ from whatsapp_webhook.store_api import (
     MediaBlob,
     Outcome,
     SendVerdict,
-    StoreUnavailable,
     Turn,
 )
 from whatsapp_webhook.store_schema import EARLIER_OPEN_SQL, LLM_COST_COUNTER, NEXT_DUE_SQL
@@ -92,7 +92,7 @@ class StateStore(ChatStore):
                 .fetchone()
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store error: {exc}") from exc
+            raise self._failure(exc) from exc
         if not row:
             return None
         status, attempts, outcome, sent_message_id, last_error, merged_into = row
@@ -234,11 +234,13 @@ class StateStore(ChatStore):
         parts: list[str],
         reply: tuple[str, Outcome] | None = None,
         llm_cost_usd: float = 0.0,
+        max_sends: int | None = None,
     ) -> SendVerdict:
         """Last check before sendText (policy.send_verdict), in the transaction that acts on it.
 
         A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
         `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
+        Each SEND counts one send of the message; once `max_sends` are used it is given up (SPENT).
         """
         now = self.clock()
 
@@ -246,7 +248,7 @@ class StateStore(ChatStore):
             if llm_cost_usd > 0:
                 self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
             row = c.execute(
-                "SELECT status, lease_owner, chat_key, parts_sent FROM inbox WHERE key = ?", (key,)
+                "SELECT status, lease_owner, chat_key, parts_sent, sends FROM inbox WHERE key = ?", (key,)
             ).fetchone()
             holds_lease = (
                 row is not None and row[1] == owner and row[0] in (InboxStatus.PROCESSING, InboxStatus.SENDING)
@@ -263,7 +265,11 @@ class StateStore(ChatStore):
                         "SELECT 1 FROM chat_state WHERE chat_key = ? AND paused_until > ?", (chat_key, now)
                     ).fetchone()
                 ),
+                sends=row[4] if row is not None else 0,
+                max_sends=max_sends if parts else None,  # nothing left to send (it all went out): no send
             )
+            if verdict is SendVerdict.SPENT:
+                self._give_up(c, key, SENDS_SPENT_ERROR, now)
             if verdict is SendVerdict.YIELD:
                 # Answering now would overtake a message the customer sent first.
                 c.execute(
@@ -287,8 +293,9 @@ class StateStore(ChatStore):
                     (reply[0], str(reply[1]), key),
                 )
             c.execute(
-                "UPDATE inbox SET status = 'sending', send_started_at = ?, updated_at = ? WHERE key = ?",
-                (now, now, key),
+                "UPDATE inbox SET status = 'sending', send_started_at = ?, sends = sends + ?, updated_at = ?"
+                " WHERE key = ?",
+                (now, 1 if parts else 0, now, key),
             )
             return verdict
 
@@ -384,18 +391,7 @@ class StateStore(ChatStore):
                 holds_lease=row is not None, attempts=row[0] if row else 0, max_attempts=max_attempts
             )
             if verdict is FailureVerdict.FAILED:
-                c.execute(
-                    "UPDATE inbox SET status = 'failed', last_error = ?, lease_owner = NULL, finished_at = ?,"
-                    " updated_at = ? WHERE key = ?",
-                    (error[:500], now, now, key),
-                )
-                followers = c.execute(
-                    "UPDATE inbox SET status = 'failed', finished_at = ?, updated_at = ?"
-                    " WHERE merged_into = ? AND status = 'merged'",
-                    (now, now, key),
-                ).rowcount
-                self._bump(c, "messages_failed", 1 + followers)
-                self._bump(c, "messages_undelivered", 1 + followers)
+                self._give_up(c, key, error, now)
             elif verdict is FailureVerdict.RETRY:
                 c.execute(
                     "UPDATE inbox SET status = 'queued', last_error = ?, lease_owner = NULL, lease_expires_at = 0,"
@@ -405,6 +401,21 @@ class StateStore(ChatStore):
             return verdict
 
         return self._transaction(work)
+
+    def _give_up(self, c: sqlite3.Connection, key: str, error: str, now: float) -> None:
+        """The message (and the messages merged into it) will not be answered: failed, counted undelivered."""
+        c.execute(
+            "UPDATE inbox SET status = 'failed', last_error = ?, lease_owner = NULL, finished_at = ?,"
+            " updated_at = ? WHERE key = ?",
+            (error[:500], now, now, key),
+        )
+        followers = c.execute(
+            "UPDATE inbox SET status = 'failed', finished_at = ?, updated_at = ?"
+            " WHERE merged_into = ? AND status = 'merged'",
+            (now, now, key),
+        ).rowcount
+        self._bump(c, "messages_failed", 1 + followers)
+        self._bump(c, "messages_undelivered", 1 + followers)
 
     def release(self, key: str, owner: str) -> None:
         """Hand a message back untried (shutdown, crash in our code): due at once, attempt not counted.

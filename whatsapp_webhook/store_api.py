@@ -22,6 +22,33 @@ if TYPE_CHECKING:
 class StoreUnavailable(Exception):
     """The state store could not be read or written."""
 
+    # What /health says about it: for the operator, without paths or secrets. The server log has the detail.
+    health_reason = (
+        "the state store cannot take writes: new messages get 503 so WAHA redelivers them (see the server log)"
+    )
+
+
+class StoreFull(StoreUnavailable):
+    """The disk (or the database's size limit) is full: nothing new can be written until space returns."""
+
+    health_reason = (
+        "the state store's disk is full: new messages get 503 so WAHA redelivers them; free space and the "
+        "server carries on by itself (docs/problemas.md)"
+    )
+
+
+class StateFileLost(StoreUnavailable):
+    """The SQLite state file was deleted or replaced while the server ran: writing on would split the state."""
+
+    health_reason = (
+        "the state file (STATE_DB) was deleted or replaced while the server ran: new messages get 503; put the "
+        "file back or restart the server (docs/problemas.md)"
+    )
+
+
+# last_error of a message given up because its reply went to sendText REPLY_MAX_SENDS times.
+SENDS_SPENT_ERROR = "sent REPLY_MAX_SENDS times without WAHA confirming delivery: given up"
+
 
 class InboxStatus(StrEnum):
     QUEUED = "queued"  # waiting for its turn (new, retrying, or handed back)
@@ -69,6 +96,7 @@ class SendVerdict(StrEnum):
     YIELD = "yield"  # an earlier message of the chat showed up: it goes first
     PAUSED = "paused"  # a person took the chat over while the reply was being written
     LOST = "lost"  # the lease went to another worker
+    SPENT = "spent"  # sent REPLY_MAX_SENDS times already: given up (failed), never sent again
 
 
 class FailureVerdict(StrEnum):
@@ -200,6 +228,7 @@ class Store(Protocol):
         parts: list[str],
         reply: tuple[str, Outcome] | None = None,
         llm_cost_usd: float = 0.0,
+        max_sends: int | None = None,
     ) -> SendVerdict: ...
     def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool: ...
     def finish(

@@ -96,7 +96,12 @@ CREATE TABLE IF NOT EXISTS chat_marks (
 
 # MIGRATIONS[n - 1] takes a file from schema version n - 1 to n (PRAGMA user_version). Append only:
 # a released migration never changes, so every older state file takes the same path.
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_CHAT_MARKS)
+# Release 1.2: how many times a message's reply went to sendText (REPLY_MAX_SENDS bounds it).
+SCHEMA_V3 = """
+ALTER TABLE inbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 IGNORED_COUNTER_PREFIX = "ignored."

@@ -57,3 +57,22 @@ def test_a_replayed_signed_body_is_ignored_by_the_running_server(start_server, f
     answers = [httpx.post(server.url + WEBHOOK, content=body, headers=headers, timeout=30) for _ in range(5)]
     assert {(a.status_code, a.json()["reason"]) for a in answers} == {(200, "stale_event")}
     assert fake_llm.completions() == [] and fake_waha.sent_texts() == []
+
+
+def test_replays_of_a_body_whose_reply_keeps_failing_cannot_send_it_more_than_reply_max_sends(
+        start_server, fake_waha, fake_llm) -> None:
+    # Our own retries wait 10 min here: every attempt below is one a replay (WAHA's redelivery) triggered.
+    server = start_server(WEBHOOK_HMAC_KEY="e2e-sends-key", REPLY_MAX_ATTEMPTS="3", REPLY_MAX_SENDS="4",
+                          REPLY_RETRY_SECONDS="600", WAHA_SEND_ATTEMPTS="1", WEBHOOK_SYNC_WAIT_SECONDS="3")
+    fake_waha.add_fault("/api/sendText", status=500, times=0)
+    envelope = wp.text_message("WEBJS", body="Quero cancelar meu pedido")
+    body = wp.dumps(envelope)
+    headers = {"Content-Type": "application/json", "X-Webhook-Hmac": wp.sign(body, "e2e-sends-key"),
+               "X-Webhook-Hmac-Algorithm": "sha512"}
+    answers = [httpx.post(server.url + WEBHOOK, content=body, headers=headers, timeout=30) for _ in range(40)]
+    send_calls = fake_waha.requests("/api/sendText", "POST")
+    assert len(send_calls) == 4, len(send_calls)  # one per replay (40) before REPLY_MAX_SENDS
+    assert len(fake_llm.completions()) == 1  # the stored reply is what each attempt resends
+    last = answers[-1].json()
+    assert (answers[-1].status_code, last["reason"], last["detail"]) == (200, "duplicate", "message already given up on")
+    assert "REPLY_MAX_SENDS" in server.log_text()
