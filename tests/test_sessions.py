@@ -273,3 +273,24 @@ def test_check_asks_waha_for_each_number_and_the_llm_server_for_each_numbers_mod
     model = by_name["LLM model [loja2] openrouter_model"]
     assert not model.ok and "google/gemini-9-nope is not among the 3 models" in model.detail
     assert "set [loja2] openrouter_model to a listed id" in model.hint
+
+
+def test_a_per_session_count_the_store_cannot_take_does_not_undo_a_sent_reply(make_app, upstreams,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from whatsapp_webhook import EXTENSION_KEY
+    from whatsapp_webhook.store_api import StoreUnavailable
+
+    app = make_app()
+    store = app.extensions[EXTENSION_KEY].store
+
+    def refuse(amounts: Any) -> None:
+        raise StoreUnavailable("database is locked")
+
+    client = app.test_client()
+    processed = ("webhook_messages_processed_total", ())
+    before = scraped(client).get(processed, 0.0)
+    monkeypatch.setattr(store, "count_many", refuse)
+    response = post_event(client, from_session("default", "Oi"))
+    assert response.get_json()["result"]["status"] == "success"
+    assert [s["text"] for s in upstreams.sent_texts()] == ["Echo: Oi"]
+    assert scraped(client)[processed] - before == 1  # the rest of the bookkeeping still ran

@@ -18,7 +18,9 @@ from whatsapp_webhook.business import (
     out_of_hours_action,
 )
 from whatsapp_webhook.health import CheckStatus, HealthReporter
+from whatsapp_webhook.logs import log
 from whatsapp_webhook.metrics import SESSION_LLM_COST_USD, SESSION_MESSAGES
+from whatsapp_webhook.store_api import StoreUnavailable
 
 if TYPE_CHECKING:
     from whatsapp_webhook.hours import HoursStatus
@@ -89,7 +91,10 @@ class BusinessGate:
     async def record_spend(self, profile: SessionProfile, cost_usd: float) -> None:
         """Today's spend, at once (the next message's budget check must see it); only when a budget applies."""
         if cost_usd and profile.has_budget:
-            await asyncio.to_thread(self.profiles.record_spend, self.store, profile, self.clock(), cost_usd)
+            try:
+                await asyncio.to_thread(self.profiles.record_spend, self.store, profile, self.clock(), cost_usd)
+            except StoreUnavailable as exc:  # the reply is paid for: write it, not ask the LLM again on a retry
+                log.warning("LLM spend of a reply not recorded (the daily budget counts less): %s", exc)
 
     async def count_finished(self, session: str, outcome: str, count: int, cost_usd: float) -> None:
         """/stats' and /metrics' per-session counts of a finished message (one store write)."""
@@ -97,4 +102,7 @@ class BusinessGate:
         SESSION_MESSAGES.labels(counted_as, outcome).inc(count)
         if cost_usd:
             SESSION_LLM_COST_USD.labels(counted_as).inc(cost_usd)
-        await asyncio.to_thread(self.store.count_many, finished_counts(counted_as, outcome, count, cost_usd))
+        try:
+            await asyncio.to_thread(self.store.count_many, finished_counts(counted_as, outcome, count, cost_usd))
+        except StoreUnavailable as exc:  # the reply is out and recorded: a lost count must not undo that
+            log.warning("per-session counts of a finished message not recorded: %s", exc)
