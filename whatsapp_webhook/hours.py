@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -259,28 +260,31 @@ def schedule_problems(hours: str, timezone: str, holidays: str) -> list[str]:
     return problems
 
 
-def _intervals(schedule: Schedule, first: date, days: int) -> list[tuple[datetime, datetime]]:
-    """Open intervals (naive local wall times) of the ranges that start on `first` .. `first + days - 1`."""
-    found = []
+def _intervals(schedule: Schedule, first: date, days: int) -> Iterator[tuple[datetime, datetime]]:
+    """Open intervals (naive local wall times) of the ranges that start on `first` .. `first + days - 1`, in
+    order of their start, made lazily: a day's ranges all start before the next day's."""
     for offset in range(days):
         day = first + timedelta(days=offset)
         if day in schedule.holidays:
             continue
         midnight = datetime(day.year, day.month, day.day)
-        for each in schedule.ranges:
-            if each.weekday == day.weekday():
-                found.append((midnight + timedelta(minutes=each.start), midnight + timedelta(minutes=each.end)))
-    return sorted(found)
+        starts = sorted((r.start, r.end) for r in schedule.ranges if r.weekday == day.weekday())
+        for start, end in starts:
+            yield midnight + timedelta(minutes=start), midnight + timedelta(minutes=end)
 
 
-def _merged(intervals: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
-    merged: list[tuple[datetime, datetime]] = []
+def _merged(intervals: Iterable[tuple[datetime, datetime]]) -> Iterator[tuple[datetime, datetime]]:
+    """Touching or overlapping intervals as one (24:00 then 00:00 is one opening), still lazily."""
+    current: tuple[datetime, datetime] | None = None
     for start, end in intervals:
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
+        if current is not None and start <= current[1]:
+            current = (current[0], max(current[1], end))
+            continue
+        if current is not None:
+            yield current
+        current = (start, end)
+    if current is not None:
+        yield current
 
 
 def _aware(local: datetime, zone: ZoneInfo) -> datetime:
