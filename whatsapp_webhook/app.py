@@ -23,7 +23,7 @@ from whatsapp_webhook.health import HealthReporter
 from whatsapp_webhook.logs import configure_logging, log
 from whatsapp_webhook.metrics import metrics_document
 from whatsapp_webhook.service import WebhookService
-from whatsapp_webhook.settings import SettingsError, load_settings
+from whatsapp_webhook.settings import SettingsError, is_postgres_url, load_settings
 from whatsapp_webhook.store_api import Store, StoreUnavailable
 from whatsapp_webhook.stores import open_store
 from whatsapp_webhook.worker import WorkerRuntime
@@ -195,7 +195,9 @@ def recover_after_restart(settings: Settings) -> int:
     """Called once per server start, before workers exist and only by the server that owns the state file
     (ownership.StateFileOwner): unfinished messages become due at once.
 
-    Their leases belong to processes of the previous run, so nobody is working on them.
+    On SQLite their leases belong to processes of the previous run, so nobody is working on them. A
+    PostgreSQL database may be shared by servers on several hosts, and a live one renews its leases:
+    only leases that ran out are taken (the rest are a live host's, or expire within LEASE_SECONDS).
     """
     store = open_store(settings, one_off=True)  # no pool in the master: nothing may cross the fork
     try:
@@ -203,7 +205,7 @@ def recover_after_restart(settings: Settings) -> int:
     except StoreUnavailable as exc:
         raise SettingsError(f"{exc}; start it, or fix the host and port in STATE_DB") from None
     try:
-        recovered = store.expire_leases()
+        recovered = store.expire_leases(only_run_out=is_postgres_url(settings.state_db))
     finally:
         store.close()  # no connection may cross gunicorn's fork
     if recovered:
