@@ -15,6 +15,8 @@ import concurrent.futures
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ import pytest
 
 from fakes import FakeOpenRouter, FakeWaha
 from fakes import waha_payloads as wp
-from fakes.gunicorn_server import GunicornServer
+from fakes.gunicorn_server import REPO, GunicornServer
 from fakes.postgres_server import PostgresServer, PostgresUnavailable
 from tests import postgres
 from tests.e2e.test_gunicorn import deliver, stats, wait_for
@@ -256,3 +258,56 @@ def test_a_host_restarted_while_the_other_is_busy_steals_no_lease(
     assert not twice, f"{len(twice)} messages got a second LLM call, e.g. {next(iter(twice.items()))}"
     assert sum(asked.values()) == CHATS * TURNS
     assert_hosts_agree(busy, restarted)
+
+
+# --- from one host on SQLite to PostgreSQL -------------------------------------------------------------
+
+def migrate_command(server: GunicornServer, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "whatsapp_webhook_server.py", "--migrate-to-postgres", url],
+                          cwd=REPO, env=server.env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_state_file_with_messages_in_flight_moves_to_postgresql_and_each_is_answered_once(
+        start_server, database_server: PostgresServer, fake_waha: FakeWaha, fake_llm: FakeOpenRouter) -> None:
+    # LEASE_SECONDS=600: were the old server's leases carried over, nothing would be answered for ten minutes.
+    old = start_server(**{**HOST_ENV, "LEASE_SECONDS": "600", "WEBHOOK_SYNC_WAIT_SECONDS": "0.5",
+                          "LLM_TIMEOUT_SECONDS": "120", "LLM_DEADLINE_SECONDS": "300"})
+    first = wp.text_message("NOWEB", sender=wp.CUSTOMER_PN, body="Bom dia", timestamp=int(time.time()) - 60)
+    deliver(old, first)
+    wait_for(lambda: fake_waha.delivered_texts(), timeout=10)  # answered: history to carry over
+    fake_llm.add_fault("/chat/completions", delay_s=60, times=0)  # the LLM is stuck: replies stay in flight
+    in_flight = [wp.text_message("NOWEB", sender=chat, body=f"{chat[:13]} em andamento")
+                 for chat in (wp.CUSTOMER_PN, wp.OTHER_PN, "5511955554444@c.us")]
+    for envelope in in_flight:
+        assert deliver(old, envelope).status_code == 202
+        old.pid_working_on(envelope["id"])
+    queued = wp.text_message("NOWEB", sender=wp.OTHER_PN, body="e mais uma")  # waits behind its chat's reply
+    assert deliver(old, queued).status_code == 202
+    url = database_server.create_database("migrated")
+    refused = migrate_command(old, url)
+    assert refused.returncode == 2 and "stop the server before migrating" in refused.stderr, refused.stderr
+    os.killpg(old.process.pid, signal.SIGKILL)  # the server is stopped the hard way: its leases stay in the file
+    old.process.wait()
+    fake_llm.clear_faults()
+    fake_llm.reset()
+    moved = migrate_command(old, url)
+    assert moved.returncode == 0, moved.stderr
+    assert "4 unfinished messages" in moved.stdout and "next: set STATE_DB=" in moved.stdout
+    assert not os.path.exists(old.state_db) and os.path.exists(old.state_db + ".migrated-to-postgresql")
+
+    new = start_server(**{**HOST_ENV, "LEASE_SECONDS": "600", "STATE_DB": url})
+    wait_for(lambda: len(fake_waha.delivered_texts()) >= 5, timeout=30)
+    time.sleep(2)
+    texts = collections.defaultdict(list)
+    for sent in fake_waha.delivered_texts():
+        texts[sent["chatId"]].append(sent["text"])
+    assert texts == {wp.CUSTOMER_PN: ["Echo: Bom dia", f"Echo: {wp.CUSTOMER_PN[:13]} em andamento"],
+                     wp.OTHER_PN: [f"Echo: {wp.OTHER_PN[:13]} em andamento", "Echo: e mais uma"],
+                     "5511955554444@c.us": ["Echo: 5511955554444 em andamento"]}
+    asked = [body["messages"] for body in fake_llm.completions()]
+    assert len(asked) == 4  # one LLM call for each message in flight, none for the one answered before
+    with_history = next(m for m in asked if m[-1]["content"] == f"{wp.CUSTOMER_PN[:13]} em andamento")
+    assert [turn["content"] for turn in with_history[1:-1]] == ["Bom dia", "Echo: Bom dia"]  # history moved too
+    counts = settled_stats(new)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_in_progress"]) == (5, 5, 0)
+    assert deliver(new, first).json()["reason"] == "duplicate"  # WAHA's late copy of a migrated message
