@@ -311,3 +311,57 @@ def test_a_state_file_with_messages_in_flight_moves_to_postgresql_and_each_is_an
     counts = settled_stats(new)
     assert (counts["messages_received"], counts["messages_processed"], counts["messages_in_progress"]) == (5, 5, 0)
     assert deliver(new, first).json()["reason"] == "duplicate"  # WAHA's late copy of a migrated message
+
+
+# --- the conversation rules and fencing, across hosts ----------------------------------------------------
+
+def test_bursts_memory_and_handoff_are_shared_by_both_hosts(two_hosts, fake_waha: FakeWaha,
+                                                            fake_llm: FakeOpenRouter) -> None:
+    host_a, host_b = two_hosts(DEBOUNCE_SECONDS="2", WEBHOOK_SYNC_WAIT_SECONDS="10")
+    chat, base = "5521922220001@c.us", int(time.time())
+    burst = ["oi", "tudo bem?", "quero saber o preço do plano anual"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        futures = []
+        for n, (text, host) in enumerate(zip(burst, (host_a, host_b, host_a), strict=True)):
+            futures.append(pool.submit(deliver, host, wp.text_message("NOWEB", sender=chat, body=text,
+                                                                      timestamp=base + n)))
+            time.sleep(0.5)
+        answers = [f.result().json() for f in futures]
+    assert sorted(a["result"]["status"] for a in answers) == ["merged", "merged", "success"]
+    assert [t["text"] for t in fake_waha.delivered_texts()] == ["Echo: " + "\n".join(burst)]
+    # Our own reply, echoed back to the other host, is known as ours there too.
+    echo_back = wp.own_app_message_any("NOWEB", chat=chat, body="Echo: " + "\n".join(burst))
+    assert deliver(host_b, echo_back).json()["detail"] == "the bot's own reply"
+    # A person answers from the phone; WAHA tells host B; host A must stay silent.
+    assert "bot paused" in deliver(host_b, wp.own_app_message_any("NOWEB", chat=chat, body="Oi, sou a Ana")).json()[
+        "detail"]
+    assert deliver(host_a, wp.text_message("NOWEB", sender=chat, body="Obrigado Ana")).json()["result"][
+        "status"] == "skipped"
+    assert stats(host_a)["chats_paused"] == stats(host_b)["chats_paused"] == {"handoff": 1}
+    assert "resumed" in deliver(host_a, wp.own_app_message_any("NOWEB", chat=chat, body="/bot on")).json()["detail"]
+    assert deliver(host_b, wp.text_message("NOWEB", sender=chat, body="e o boleto?")).json()["result"][
+        "status"] == "success"
+    prompt = [m["content"] for m in fake_llm.completions()[-1]["messages"][1:]]
+    assert prompt == ["\n".join(burst), "Echo: " + "\n".join(burst), "e o boleto?"]  # host A's turn, on host B
+    assert len(fake_llm.completions()) == 2
+
+
+def test_a_host_frozen_past_its_lease_cannot_send_a_reply_the_other_host_took_over(
+        two_hosts, fake_waha: FakeWaha, fake_llm: FakeOpenRouter) -> None:
+    frozen, other = two_hosts(LEASE_SECONDS="2", LLM_TIMEOUT_SECONDS="30", LLM_DEADLINE_SECONDS="60")
+    envelope = wp.text_message("NOWEB", body="Vocês abrem sábado?")
+    fake_llm.add_fault("/chat/completions", delay_s=4)  # the first attempt is still thinking when its host freezes
+    assert deliver(frozen, envelope).status_code == 202
+    frozen.pid_working_on(envelope["id"])
+    os.killpg(frozen.process.pid, signal.SIGSTOP)  # a VM paused, a long GC, a partition: alive but silent
+    try:
+        wait_for(lambda: fake_waha.delivered_texts(), timeout=20)  # the other host took the lease over
+    finally:
+        os.killpg(frozen.process.pid, signal.SIGCONT)
+    wait_for(lambda: "lease lost" in frozen.log_text(), timeout=20)  # its LLM answer arrived: too late to send
+    time.sleep(1)
+    assert [t["text"] for t in fake_waha.delivered_texts()] == ["Echo: Vocês abrem sábado?"]
+    assert len(fake_llm.completions()) == 2
+    assert "decision=working attempt=2" in other.log_text()
+    counts = stats(frozen)
+    assert (counts["messages_received"], counts["messages_processed"], counts["messages_in_progress"]) == (1, 1, 0)
