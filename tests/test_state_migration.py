@@ -135,3 +135,23 @@ def test_it_refuses_what_is_not_a_state_file_and_a_postgresql_source(tmp_path: P
         migrate_to_postgres(url, url)
     with pytest.raises(MigrationRefused, match="postgresql:// URL"):
         migrate_to_postgres(str(tmp_path / "missing.db"), str(tmp_path / "other.db"))
+
+
+def test_rows_this_release_has_no_place_for_stop_it_before_anything_moves(tmp_path: Path) -> None:
+    import sqlite3
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    with sqlite3.connect(state_db) as connection:
+        connection.execute("CREATE TABLE empty_extra (x TEXT)")  # nothing in it: nothing to lose
+        connection.execute("CREATE TABLE notes (x TEXT)")
+        connection.execute("INSERT INTO notes VALUES ('written by a newer release')")
+    url = postgres.fresh_database()
+    with pytest.raises(MigrationRefused, match="table 'notes' has no place in PostgreSQL"):
+        migrate_to_postgres(str(state_db), url)
+    assert state_db.exists()
+    check = PostgresStore(url)
+    try:
+        assert check.snapshot().counters == {}  # the schema was made, no row was copied
+    finally:
+        check.close()

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from whatsapp_webhook.pg_base import Connection
 
 MIGRATED_SUFFIX = ".migrated-to-postgresql"
-BATCH_ROWS = 200  # rows per INSERT batch (media rows carry their bytes: keep batches modest)
+BATCH_ROWS = 200  # rows per INSERT batch
+MEDIA_BATCH_ROWS = 4  # media rows carry their bytes (a video may be megabytes): a few at a time
 # Written by a server that was pointed at the new database before the move (a /health, a check): kept.
 MERGEABLE_TABLES = ("counters", "health")
 # The PostgreSQL side's own bookkeeping, never copied.
@@ -144,18 +145,16 @@ def _copy_tables(source: sqlite3.Connection, target: Connection) -> MigrationRep
     return MigrationReport(rows=rows, open_messages=int(open_row[0]), media_bytes=int(media_row[0]), kept_as="")
 
 
-def _target_columns(target: Connection) -> dict[str, dict[str, str]]:
-    """table -> column -> data type, for the columns a row may be given (identity columns number themselves)."""
-    columns: dict[str, dict[str, str]] = {}
+def _target_columns(target: Connection) -> dict[str, dict[str, str | None]]:
+    """table -> column -> data type; None for an identity column, which numbers itself (history.id, inbox.seq):
+    rows go in the file's order, so the new numbers keep it (no table refers to another's numbers)."""
+    columns: dict[str, dict[str, str | None]] = {}
     for table, column, data_type, identity in target.execute(
         "SELECT table_name, column_name, data_type, is_identity FROM information_schema.columns"
         " WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"
     ).fetchall():
-        if table in TARGET_ONLY_TABLES:
-            continue
-        known = columns.setdefault(table, {})
-        if identity != "YES":
-            known[column] = data_type
+        if table not in TARGET_ONLY_TABLES:
+            columns.setdefault(table, {})[column] = None if identity == "YES" else data_type
     return columns
 
 
@@ -168,7 +167,7 @@ def _target_has_rows(target: Connection, table: str) -> bool:
     return bool(row and row[0])
 
 
-def _copy_table(source: sqlite3.Connection, target: Connection, table: str, columns: dict[str, str]) -> int:
+def _copy_table(source: sqlite3.Connection, target: Connection, table: str, columns: dict[str, str | None]) -> int:
     """Copy one table in the file's order (rowid: arrival order, which the identity columns then keep)."""
     source_columns = [row[1] for row in source.execute(f'PRAGMA table_info("{table}")')]
     if table == "counters":  # one shard of PostgreSQL's sharded counters takes each total
@@ -179,10 +178,10 @@ def _copy_table(source: sqlite3.Connection, target: Connection, table: str, colu
             " DO UPDATE SET value = counters.value + excluded.value",
             [str, int],
         )
-    missing = [c for c in source_columns if c not in columns and not (table == "history" and c == "id")]
+    missing = [c for c in source_columns if c not in columns]
     if missing:
         raise MigrationRefused(f"the state file's columns {table}.{', '.join(missing)} have no place in PostgreSQL")
-    shared = [c for c in source_columns if c in columns]
+    shared = [c for c in source_columns if columns[c] is not None]
     names = ", ".join(f'"{c}"' for c in shared)
     values = ", ".join("%s" for _ in shared)
     conflict = " ON CONFLICT DO NOTHING" if table in MERGEABLE_TABLES else ""
@@ -190,7 +189,8 @@ def _copy_table(source: sqlite3.Connection, target: Connection, table: str, colu
         source.execute(f'SELECT {names} FROM "{table}" ORDER BY rowid'),
         target,
         f'INSERT INTO "{table}" ({names}) VALUES ({values}){conflict}',
-        [_converter(columns[c]) for c in shared],
+        [_converter(columns[c] or "") for c in shared],
+        batch_rows=MEDIA_BATCH_ROWS if table == "media" else BATCH_ROWS,
     )
 
 
@@ -202,9 +202,16 @@ def _converter(data_type: str) -> Callable[[Any], Any]:
     return lambda value: value
 
 
-def _copy_rows(cursor: sqlite3.Cursor, target: Connection, insert: str, converters: list[Callable[[Any], Any]]) -> int:
+def _copy_rows(
+    cursor: sqlite3.Cursor,
+    target: Connection,
+    insert: str,
+    converters: list[Callable[[Any], Any]],
+    *,
+    batch_rows: int = BATCH_ROWS,
+) -> int:
     copied = 0
-    for batch in _batches(cursor):
+    for batch in _batches(cursor, batch_rows):
         rows = [
             tuple(None if value is None else convert(value) for convert, value in zip(converters, row, strict=True))
             for row in batch
@@ -215,6 +222,6 @@ def _copy_rows(cursor: sqlite3.Cursor, target: Connection, insert: str, converte
     return copied
 
 
-def _batches(cursor: sqlite3.Cursor) -> Iterator[list[tuple[Any, ...]]]:
-    while batch := cursor.fetchmany(BATCH_ROWS):
+def _batches(cursor: sqlite3.Cursor, size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while batch := cursor.fetchmany(size):
         yield batch
