@@ -722,7 +722,7 @@ def test_real_compose_resolves_the_file_as_these_tests_do(tmp_path: Path, compos
             assert str(theirs["environment"][key]) == value, f"{name}.{key}"
         if "healthcheck" in ours:
             assert theirs["healthcheck"]["test"] == ours["healthcheck"]["test"]
-        assert [normalised_port(p) for p in theirs["ports"]] == [normalised_port(p) for p in ours["ports"]]
+        assert [normalised_port(p) for p in theirs.get("ports", [])] == [normalised_port(p) for p in ours.get("ports", [])]
         assert theirs.get("stop_grace_period") == ours.get("stop_grace_period") or name != "webhook"
     assert real["services"]["webhook"]["depends_on"]["waha"]["condition"] == "service_healthy"
     # env_file really reaches the container: a .env-only setting shows up in the webhook's environment.
