@@ -155,3 +155,28 @@ def test_rows_this_release_has_no_place_for_stop_it_before_anything_moves(tmp_pa
         assert check.snapshot().counters == {}  # the schema was made, no row was copied
     finally:
         check.close()
+
+
+def test_the_command_line_names_a_missing_state_file_instead_of_creating_one(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    from whatsapp_webhook.cli import main
+
+    missing = tmp_path / "typo.db"
+    for name, value in {"STATE_DB": str(missing), "OPENROUTER_API_KEY": "k", "WAHA_API_KEY": "w",
+                        "WEBHOOK_ENV_FILE": str(tmp_path / "none.env"), "LOG_FILE": ""}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--migrate-to-postgres", "postgresql://postgres@127.0.0.1:1/none"]) == 2
+    assert "FAIL migrate: there is no state file at STATE_DB=" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_an_unreachable_target_is_named_as_the_target_and_nothing_moves(tmp_path: Path) -> None:
+    from whatsapp_webhook.settings import SettingsError
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    with pytest.raises(SettingsError, match=r"cannot reach the PostgreSQL server of the target database .*fix the URL"
+                       ) as error:
+        migrate_to_postgres(str(state_db), "postgresql://bot:segredo@127.0.0.1:1/bot", timeout=2)
+    assert "segredo" not in str(error.value)  # the password never shows
+    assert state_db.exists()

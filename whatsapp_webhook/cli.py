@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     owner: StateFileOwner | None = None
     try:
         settings = load_settings()
+        if args.migrate_to_postgres:  # before the start-up check, which would create a missing state file
+            return migrate_command(settings, args.migrate_to_postgres)
         check_local_resources(settings)
         warnings = unknown_setting_warnings(os.environ)
         if args.check_settings or args.check:
@@ -303,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"WARN {warning}")
         if args.check_settings:
             return 0
-        if args.migrate_to_postgres:
-            return migrate_command(settings, args.migrate_to_postgres)
         if args.check:
             results = check_deployment(settings)
             for result in results:

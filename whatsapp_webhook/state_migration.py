@@ -69,8 +69,8 @@ def migrate_to_postgres(state_db: str, url: str, *, timeout: float = 30.0) -> Mi
         raise MigrationRefused(f"STATE_DB is already a PostgreSQL database ({redact_url(state_db)}): nothing to move")
     if not is_postgres_url(url):
         raise MigrationRefused("the target must be a postgresql:// URL, e.g. postgresql://user:password@host/db")
-    if not os.path.isfile(state_db):
-        raise MigrationRefused(f"there is no state file at STATE_DB={state_db}")
+    if not os.path.isfile(state_db) or os.path.getsize(state_db) == 0:
+        raise MigrationRefused(f"there is no state file at STATE_DB={state_db}: point STATE_DB at the server's file")
     owner = StateFileOwner(state_db)
     try:
         owner.acquire()  # held until the file is renamed: no server may start on it meanwhile
@@ -99,8 +99,11 @@ def _copy(state_db: str, url: str, *, timeout: float) -> MigrationReport:
     target = PostgresStore(url, pooled=False, timeout=timeout)
     try:
         target.initialize()  # this release's schema (several servers may race for it: they wait)
-    except StoreUnavailable as exc:
-        raise SettingsError(f"{exc}; start it, or fix the URL") from None
+    except (StoreUnavailable, SettingsError) as exc:
+        # Its words name STATE_DB, which here is still the file: say which database is meant.
+        reason = str(exc).replace("STATE_DB ", "the target database ", 1)
+        hint = "; start it, or fix the URL" if isinstance(exc, StoreUnavailable) else ""
+        raise SettingsError(reason + hint) from None
     source = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=timeout)
     try:
         with psycopg.connect(connection_info(url, timeout=timeout)) as connection:  # one transaction: all or nothing
