@@ -108,7 +108,8 @@ def on_starting(server_arbiter):
 
 
 def when_ready(server_arbiter):
-    # The port is ours now. Recovery (and any schema change) only by the one server owning the file.
+    # The port is ours now. Recovery (and any schema change) only by the one server owning the file. On
+    # PostgreSQL there is no file: every server (on any host) runs it, and it takes only leases that ran out.
     try:
         _owner.acquire()
     except StateFileBusy as exc:

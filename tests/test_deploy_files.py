@@ -48,6 +48,7 @@ FILLED_SECRETS = {
     "WEBHOOK_HMAC_KEY": "test-hmac-key-9b2e",
     "WAHA_DASHBOARD_PASSWORD": "test-dashboard-pass-77a0",
     "OPENROUTER_API_KEY": "sk-or-v1-test-0d3f",
+    "POSTGRES_PASSWORD": "test-pg-pass-5e21",  # only the postgres profile uses it
 }
 SECRET_NAME = re.compile(r"(?:_KEY|_SECRET|_PASSWORD|_TOKEN)$")
 # WAHA image flavours per engine (reference waha.md §12: latest = Chromium/WEBJS, noweb, gows, arm builds).
@@ -413,7 +414,8 @@ def test_compose_starts_the_two_services_and_keeps_monitoring_optional(raw_compo
     by_default = {name for name, service in raw_compose["services"].items() if "profiles" not in service}
     assert by_default == {"waha", "webhook"}, "`docker compose up` must start WAHA and the server, nothing else"
     optional = {name: service["profiles"] for name, service in raw_compose["services"].items() if name not in by_default}
-    assert optional == {"prometheus": ["monitoring"], "grafana": ["monitoring"]}
+    assert optional == {"prometheus": ["monitoring"], "grafana": ["monitoring"], "postgres": ["postgres"],
+                        "webhook-a": ["postgres"], "webhook-b": ["postgres"]}
     assert raw_compose["services"]["webhook"]["build"] == "."
 
 
@@ -589,6 +591,54 @@ def test_docker_waits_longer_than_gunicorns_graceful_stop(compose: dict[str, Any
     assert seconds(webhook["stop_grace_period"]) > graceful, "Docker would SIGKILL gunicorn mid-drain"
 
 
+# --- the postgres profile: two servers on one database ----------------------------------------------------
+
+REPLICAS = ("webhook-a", "webhook-b")
+
+
+def test_the_postgres_profile_runs_two_servers_on_one_pinned_database(compose: dict[str, Any],
+                                                                     filled_env: dict[str, str]) -> None:
+    database = compose["services"]["postgres"]
+    assert re.fullmatch(r"postgres:\d+\.\d+(-[a-z]+)?", database["image"]), "pin PostgreSQL's major.minor version"
+    assert database["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert {"interval", "timeout", "retries", "start_period"} <= set(database["healthcheck"])
+    assert database["restart"] in ("unless-stopped", "always") and "ports" not in database, "not published"
+    (volume,) = database["volumes"]
+    assert volume.split(":")[1] == "/var/lib/postgresql/data" and volume.split(":")[0] in compose["volumes"]
+    user, name = database["environment"]["POSTGRES_USER"], database["environment"]["POSTGRES_DB"]
+    password = database["environment"]["POSTGRES_PASSWORD"]
+    webhook = compose["services"]["webhook"]
+    hosts = []
+    for replica in REPLICAS:
+        service = compose["services"][replica]
+        assert service["image"] == webhook["image"] and service["build"] == "."
+        assert service["depends_on"] == {"waha": {"condition": "service_healthy"},
+                                         "postgres": {"condition": "service_healthy"}}
+        url = urlparse(service["environment"]["STATE_DB"])
+        assert (url.scheme, url.username, url.password, url.hostname, url.port, url.path) == (
+            "postgresql", user, password, "postgres", 5432, f"/{name}")
+        # The same server as `webhook` in every other respect, so the two setups cannot drift apart.
+        same = {k: v for k, v in service.items() if k not in ("profiles", "depends_on", "ports", "networks")}
+        ours = {k: v for k, v in webhook.items() if k not in ("depends_on", "ports", "volumes")}
+        assert {**same, "environment": {**same["environment"], "STATE_DB": "x"}} == {
+            **ours, "environment": {**ours["environment"], "STATE_DB": "x"}}
+        assert service["networks"]["default"]["aliases"] == ["webhooks"]
+        hosts.append(published(service["ports"][0]))
+        settings = Settings.from_env({**service["environment"]})
+        assert settings.state_db.startswith("postgresql://")
+    assert len({host[1] for host in hosts}) == 2 and {host[0] for host in hosts} == {"127.0.0.1"}
+
+
+def test_waha_posts_to_both_servers_of_the_postgres_profile_when_told_to(raw_compose: dict[str, Any],
+                                                                        filled_env: dict[str, str]) -> None:
+    both = interpolate_all(raw_compose, {**filled_env, "WEBHOOK_SERVICE": "webhooks", "POSTGRES_PASSWORD": "pw"})
+    url = urlparse(both["services"]["waha"]["environment"]["WHATSAPP_HOOK_URL"])
+    aliased = {name for name, service in both["services"].items()
+               if url.hostname in service.get("networks", {}).get("default", {}).get("aliases", [])}
+    assert aliased == set(REPLICAS) and url.path == WEBHOOK_PATH
+    assert all(url.port == int(both["services"][name]["environment"]["WEBHOOK_PORT"]) for name in REPLICAS)
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: WAHA's healthcheck command not run")
 def test_the_waha_healthcheck_command_works(compose: dict[str, Any], fake_endpoint: tuple[int, dict[str, Any]]) -> None:
     port, state = fake_endpoint
@@ -652,7 +702,8 @@ def test_real_compose_resolves_the_file_as_these_tests_do(tmp_path: Path, compos
 
     def run_config(env_file: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
         (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in env_file.items()), encoding="utf-8")
-        args = [*command, "-f", str(tmp_path / "docker-compose.yml"), "--profile", "monitoring", "config"]
+        args = [*command, "-f", str(tmp_path / "docker-compose.yml"), "--profile", "monitoring", "--profile",
+                "postgres", "config"]
         if output_format == "json":
             args += ["--format", "json"]
         return subprocess.run(args, cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
@@ -671,7 +722,7 @@ def test_real_compose_resolves_the_file_as_these_tests_do(tmp_path: Path, compos
             assert str(theirs["environment"][key]) == value, f"{name}.{key}"
         if "healthcheck" in ours:
             assert theirs["healthcheck"]["test"] == ours["healthcheck"]["test"]
-        assert [normalised_port(p) for p in theirs["ports"]] == [normalised_port(p) for p in ours["ports"]]
+        assert [normalised_port(p) for p in theirs.get("ports", [])] == [normalised_port(p) for p in ours.get("ports", [])]
         assert theirs.get("stop_grace_period") == ours.get("stop_grace_period") or name != "webhook"
     assert real["services"]["webhook"]["depends_on"]["waha"]["condition"] == "service_healthy"
     # env_file really reaches the container: a .env-only setting shows up in the webhook's environment.

@@ -258,3 +258,19 @@ def test_a_dead_connection_in_the_pool_is_replaced_without_an_error(url: str, st
     assert store._run(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0]) != pid
     with pytest.raises(StoreUnavailable):
         PostgresStore(url.replace("/" + url.rsplit("/", 1)[1], "/gone"), timeout=0.5).accept(incoming())
+
+
+def test_a_server_starting_on_a_shared_database_leaves_a_live_hosts_leases_alone(url: str, store) -> None:
+    # Two hosts, one database: host B's start-up recovery must not hand host A's reply in progress to anyone.
+    from whatsapp_webhook.app import recover_after_restart
+
+    in_progress, abandoned = incoming(body="host A is answering"), incoming(wp.OTHER_PN, ts=50.0, body="host C died")
+    store.accept(in_progress)
+    store.accept(abandoned)
+    assert [c.message for c in store.claim_due("host-c:1:dead", limit=1, lease_seconds=0.01)] == [abandoned]
+    assert [c.message for c in store.claim_due("host-a:1:live", limit=1, lease_seconds=60)] == [in_progress]
+    time.sleep(0.05)
+    assert recover_after_restart(Settings(openrouter_api_key="k", waha_api_key="w", state_db=url)) == 1
+    assert store.claim_due("host-b:1:new", limit=10, lease_seconds=60)[0].message == abandoned
+    assert store.renew_leases([in_progress.dedupe_key], "host-a:1:live", lease_seconds=60) == 1
+    assert store.begin_send(in_progress.dedupe_key, "host-a:1:live", parts=["oi"], reply=("oi", Outcome.SUCCESS)) == "send"

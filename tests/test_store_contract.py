@@ -245,6 +245,59 @@ def test_restart_recovery_makes_every_unfinished_message_due(store) -> None:
     assert claim(store, "new-run") is not None and claim(store, "new-run") is not None
 
 
+def test_restart_recovery_on_a_shared_database_takes_only_leases_that_ran_out(store, clock) -> None:
+    # Several hosts on one database: a host starting must not take a live host's replies away from it.
+    dead, live = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN)
+    store.accept(dead)
+    claim(store, "dead-host", lease=30)
+    clock.now += 20
+    store.accept(live)
+    claim(store, "live-host", lease=30)
+    clock.now += 11  # the dead host's lease ran out, the live host's did not
+    assert store.expire_leases(only_run_out=True) == 1
+    taken = claim(store, "new-host")
+    assert taken.message == dead and claim(store, "new-host") is None
+    assert store.renew_leases([live.dedupe_key], "live-host", lease_seconds=30) == 1
+    assert store.begin_send(live.dedupe_key, "live-host", parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_finish_the_message_it_did_not_send(store, clock) -> None:
+    # Fencing: the first owner came back (a host paused, a partition) after another took its message over.
+    message = incoming()
+    store.accept(message)
+    stale = claim(store, "stale-host", lease=30)
+    clock.now += 31
+    current = claim(store, "live-host")
+    assert current.attempts == 2
+    store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SKIPPED, sent_message_id=None)
+    assert store.entry(message.dedupe_key).status == "processing"
+    store.record_failure(message.dedupe_key, stale.lease_owner, "late", max_attempts=1, retry_in=0)
+    store.release(message.dedupe_key, stale.lease_owner)
+    assert store.entry(message.dedupe_key).status == "processing"
+    assert store.begin_send(message.dedupe_key, stale.lease_owner, parts=["x"], reply=("x", Outcome.SUCCESS)) == "lost"
+    assert store.begin_send(message.dedupe_key, "live-host", parts=["y"], reply=("y", Outcome.SUCCESS)) == "send"
+    store.finish(message.dedupe_key, "live-host", outcome=Outcome.SUCCESS, sent_message_id="true_y",
+                 history=(Turn(role="user", content="Oi"), Turn(role="assistant", content="y")))
+    entry = store.entry(message.dedupe_key)
+    assert (entry.status, entry.outcome, entry.sent_message_id) == ("done", "success", "true_y")
+    assert store.snapshot().counters.get("messages_skipped", 0) == 0
+
+
+def test_a_reply_waha_took_is_recorded_even_after_the_lease_was_taken_over(store, clock) -> None:
+    # The other side of fencing: the text left, so saying so stops the new owner from sending a second copy.
+    message = incoming()
+    store.accept(message)
+    stale = claim(store, "stale-host", lease=30)
+    assert store.begin_send(message.dedupe_key, "stale-host", parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
+    clock.now += 31
+    current = claim(store, "live-host")
+    assert current.previous_status == "sending"
+    store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="true_x",
+                 last_part_id="true_x")
+    assert store.entry(message.dedupe_key).status == "done"
+    assert not store.mark_part_sent(message.dedupe_key, "live-host", parts_sent=1, sent_message_id=None)
+
+
 def test_finished_messages_are_pruned_but_counters_and_open_messages_stay(store, clock) -> None:
     done, still_open = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN)
     store.accept(done)

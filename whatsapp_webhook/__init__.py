@@ -37,12 +37,15 @@ How one message travels (module.function, and the thread it runs on):
        the waiting request thread (step 5).
 
   A message whose worker died is taken over when its lease runs out (any worker's Dispatcher polls), and
-  gunicorn.conf.py runs app.recover_after_restart once per server start. cli.main is the command line.
+  gunicorn.conf.py runs app.recover_after_restart once per server start (on PostgreSQL, shared by several
+  hosts, it takes only leases that ran out). cli.main is the command line; its --migrate-to-postgres is
+  state_migration.migrate_to_postgres.
 
 Dependencies point one way, leaves first: texts, env_reader, hours, knowledge, sessions_config, settings, logs,
 ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events,
-customer_data, concurrency, sqlite_base, chat_store, store, pg_base, pg_chat_store, pg_store, stores, upstream,
-llm, business, business_gate, waha, pipeline, worker, service, gunicorn_worker, app, cli.
+customer_data, concurrency, sqlite_base, chat_store, store, pg_base, pg_chat_store, pg_store, stores,
+state_migration, upstream, llm, business, business_gate, waha, pipeline, worker, service, gunicorn_worker, app,
+cli.
 """
 
 __version__ = "1.1.0"

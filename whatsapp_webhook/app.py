@@ -196,7 +196,9 @@ def recover_after_restart(settings: Settings) -> int:
     """Called once per server start, before workers exist and only by the server that owns the state file
     (ownership.StateFileOwner): unfinished messages become due at once.
 
-    Their leases belong to processes of the previous run, so nobody is working on them.
+    On SQLite their leases belong to processes of the previous run, so nobody is working on them. A
+    PostgreSQL database may be shared by servers on several hosts, and a live one renews its leases:
+    only leases that ran out are taken (the rest are a live host's, or expire within LEASE_SECONDS).
     """
     store = open_store(settings, one_off=True)  # no pool in the master: nothing may cross the fork
     try:
@@ -206,7 +208,7 @@ def recover_after_restart(settings: Settings) -> int:
     except StoreUnavailable as exc:
         raise SettingsError(f"{exc}; start it, or fix the host and port in STATE_DB") from None
     try:
-        recovered = store.expire_leases()
+        recovered = store.expire_leases(only_run_out=is_postgres_url(settings.state_db))
     finally:
         store.close()  # no connection may cross gunicorn's fork
     if not is_postgres_url(settings.state_db):

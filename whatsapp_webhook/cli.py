@@ -1,4 +1,5 @@
-"""The command line: the development server, --check-settings and --check (talk to WAHA and the LLM once)."""
+"""The command line: the development server, --check-settings, --check (talk to WAHA and the LLM once),
+--migrate-to-postgres (state_migration) and a customer's data on request (--export-chat, --forget-chat)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from whatsapp_webhook.business import GLOBAL, BusinessProfiles, describe_profile
 from whatsapp_webhook.logs import log
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
 from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
+from whatsapp_webhook.state_migration import MigrationRefused, migrate_to_postgres
 from whatsapp_webhook.store_api import StoreUnavailable
 from whatsapp_webhook.stores import open_store
 from whatsapp_webhook.upstream import error_message
@@ -260,6 +262,19 @@ def suggest_models(missing: str, listed: list[str], *, count: int = 3) -> list[s
     return difflib.get_close_matches(missing, same_vendor, n=count, cutoff=0.0) if same_vendor else []
 
 
+def migrate_command(settings: Settings, url: str) -> int:
+    """--migrate-to-postgres: 0 once moved, 2 when refused (nothing changed); what happened, one line each."""
+    try:
+        report = migrate_to_postgres(settings.state_db, url, timeout=max(30.0, settings.state_db_timeout_seconds))
+    except (MigrationRefused, SettingsError) as exc:
+        print(f"FAIL migrate: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    print(f"next: set STATE_DB={redact_url(url)} (with its password) on every server, then start them")
+    return 0
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="whatsapp_webhook_server.py",
@@ -291,6 +306,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--session", default="default", help="with --export-chat/--forget-chat: the WAHA session (default: default)"
+    )
+    mode.add_argument(
+        "--migrate-to-postgres",
+        metavar="POSTGRESQL_URL",
+        help="move the SQLite state file (STATE_DB) into that PostgreSQL database, then exit; "
+        "stop the server first (docs/varios-hosts.md)",
     )
     mode.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
@@ -333,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     owner: StateFileOwner | None = None
     try:
         settings = load_settings()
+        if args.migrate_to_postgres:  # before the start-up check, which would create a missing state file
+            return migrate_command(settings, args.migrate_to_postgres)
         check_local_resources(settings)
         warnings = unknown_setting_warnings(os.environ)
         if args.export_chat or args.forget_chat:

@@ -324,8 +324,10 @@ class PostgresStore(PostgresChatStore):
     ) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
-        Unlike the other updates this one does not require the lease: once WAHA took the text, the
-        message is answered even if our lease ran out meanwhile, and saying so prevents a second copy.
+        Fencing: without the lease (another worker or host took the message over) only a reply whose
+        sending began may be finished here: once WAHA took the text, the message is answered, and saying
+        so stops the new owner from sending a second copy. A decision not to send (outcome 'skipped')
+        belongs to the current owner alone.
         """
         now = self.clock()
 
@@ -333,8 +335,9 @@ class PostgresStore(PostgresChatStore):
             row = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = %s, sent_message_id = COALESCE(%s, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = %s, updated_at = %s WHERE key = %s"
-                " AND status <> 'done' RETURNING chat_key",
-                (str(outcome), sent_message_id, now, now, key),
+                " AND status <> 'done' AND (lease_owner = %s OR (status = 'sending' AND %s <> 'skipped'))"
+                " RETURNING chat_key",
+                (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
             ).fetchone()
             if row is None:
                 return
@@ -426,13 +429,17 @@ class PostgresStore(PostgresChatStore):
             )
         )
 
-    def expire_leases(self) -> int:
-        """At server start every lease belongs to a process that is gone: make their messages due now."""
+    def expire_leases(self, *, only_run_out: bool = False) -> int:
+        """Restart recovery: make unfinished messages due now. `only_run_out` (what a server on PostgreSQL
+        uses, app.recover_after_restart) takes only leases that ran out: the others may be a live host's."""
+        now = self.clock()
         return self._write(
             lambda c: self._count(
                 c,
                 "WITH expired AS (UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL"
-                " WHERE status IN ('processing', 'sending') RETURNING 1) SELECT COUNT(*) FROM expired",
+                " WHERE status IN ('processing', 'sending') AND (NOT %s OR lease_expires_at < %s) RETURNING 1)"
+                " SELECT COUNT(*) FROM expired",
+                (only_run_out, now),
             )
         )
 

@@ -331,6 +331,7 @@ class SQLiteStore:
         if 0 <= since < FULL_DISK_MEMORY_SECONDS:
             raise StoreFull(f"a write failed {since:.0f} s ago: database or disk is full")
 
+        self._check_identity(force=True)  # a lost file shows at once, whatever a recent probe said
         if time.monotonic() - self._probed_at < PROBE_REUSE_SECONDS:
             return  # /health and /metrics are open to anyone: one probe write a second per worker is enough
 

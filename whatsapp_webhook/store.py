@@ -337,8 +337,10 @@ class StateStore(ChatStore):
     ) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
-        Unlike the other updates this one does not require the lease: once WAHA took the text, the
-        message is answered even if our lease ran out meanwhile, and saying so prevents a second copy.
+        Fencing: without the lease (another worker or host took the message over) only a reply whose
+        sending began may be finished here: once WAHA took the text, the message is answered, and saying
+        so stops the new owner from sending a second copy. A decision not to send (outcome 'skipped')
+        belongs to the current owner alone.
         """
         now = self.clock()
 
@@ -346,8 +348,9 @@ class StateStore(ChatStore):
             row = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = COALESCE(?, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ?"
-                " AND status != 'done' RETURNING chat_key",
-                (str(outcome), sent_message_id, now, now, key),
+                " AND status != 'done' AND (lease_owner = ? OR (status = 'sending' AND ? != 'skipped'))"
+                " RETURNING chat_key",
+                (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
             ).fetchone()
             if row is None:
                 return
@@ -433,13 +436,16 @@ class StateStore(ChatStore):
             )
         )
 
-    def expire_leases(self) -> int:
-        """At server start every lease belongs to a process that is gone: make their messages due now."""
+    def expire_leases(self, *, only_run_out: bool = False) -> int:
+        """Restart recovery: make unfinished messages due now (every lease belongs to a process that is
+        gone). `only_run_out` takes only leases that ran out, as on a database shared by several hosts."""
+        now = self.clock()
         return self._transaction(
             lambda c: (
                 c.execute(
                     "UPDATE inbox SET lease_expires_at = 0, lease_owner = NULL"
-                    " WHERE status IN ('processing', 'sending')"
+                    " WHERE status IN ('processing', 'sending') AND (NOT ? OR lease_expires_at < ?)",
+                    (only_run_out, now),
                 ).rowcount
             )
         )
