@@ -185,7 +185,7 @@ class LLMClient:
         if app_title:
             self.headers["X-Title"] = app_title
 
-    def _body(self, messages: list[dict[str, str]], models: list[str], user: str | None) -> dict[str, Any]:
+    def _body(self, messages: list[dict[str, Any]], models: list[str], user: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": models[0],
             "messages": messages,
@@ -204,7 +204,7 @@ class LLMClient:
         return body
 
     async def complete(
-        self, messages: list[dict[str, str]], *, user: str | None = None, log: MessageLog | None = None
+        self, messages: list[dict[str, Any]], *, user: str | None = None, log: MessageLog | None = None
     ) -> LLMReply:
         """Return the reply text, or raise LLMError once retries, models or the deadline are used up.
 
