@@ -244,19 +244,15 @@ async def await_media(
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait_seconds
     while True:
-        blob = await asyncio.to_thread(store.get_media, key)
-        if blob is not None:
-            return MediaOutcome(blob=blob)
         status = await asyncio.to_thread(store.media_job, key)
-        if status is None:
-            return MediaOutcome(blob=None, failure=MediaFailure.LOST)
+        if status is None or status.state is MediaJobState.STORED:
+            blob = await asyncio.to_thread(store.get_media, key)
+            return MediaOutcome(blob=blob) if blob is not None else MediaOutcome(blob=None, failure=MediaFailure.LOST)
         if status.state is MediaJobState.FAILED:
             reason = status.reason or ""
             return MediaOutcome(
                 blob=None, failure=MediaFailure(reason) if reason in set(MediaFailure) else MediaFailure.HTTP_ERROR
             )
-        if status.state is MediaJobState.STORED:  # stored, then deleted: nothing to send any more
-            return MediaOutcome(blob=None, failure=MediaFailure.LOST)
         if loop.time() >= give_up_at:
             return MediaOutcome(blob=None, failure=MediaFailure.TIMEOUT)
         await sleep(poll_seconds)
