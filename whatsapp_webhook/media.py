@@ -102,6 +102,21 @@ def matches_mimetype(data: bytes, mimetype: str | None) -> bool:
     return bool(check and check(data))
 
 
+_KIND_WORDS = {MediaKind.AUDIO: "voice notes and audio", MediaKind.IMAGE: "images and stickers", MediaKind.PDF: "PDFs"}
+
+
+def media_summary(modalities: frozenset[str] | tuple[str, ...] | None, *, model: str) -> str:
+    """Which customers' files the model will understand, from its GET /models input_modalities (None: unknown)."""
+    if modalities is None or not modalities:
+        return f"{model}: the LLM server does not list its input kinds; voice notes, images and PDFs will be tried"
+    taken = [words for kind, words in _KIND_WORDS.items() if MODALITY_OF_KIND[kind] in modalities]
+    refused = [words for kind, words in _KIND_WORDS.items() if MODALITY_OF_KIND[kind] not in modalities]
+    line = f"{model} understands " + (", ".join(taken) if taken else "no media")
+    if refused:
+        line += "; " + ", ".join(refused) + " get MEDIA_UNSUPPORTED_REPLY"
+    return line + " (video and other documents always do)"
+
+
 # --- where media may come from ------------------------------------------------------------------------
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})

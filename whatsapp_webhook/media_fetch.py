@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from whatsapp_webhook.logs import log
-from whatsapp_webhook.media import MODALITY_OF_KIND, MediaKind, kind_of, matches_mimetype, media_source
+from whatsapp_webhook.media import (
+    MODALITY_OF_KIND,
+    MediaKind,
+    kind_of,
+    matches_mimetype,
+    media_source,
+    media_summary,
+)
 from whatsapp_webhook.metrics import MEDIA_BYTES_DOWNLOADED
 from whatsapp_webhook.store_api import MediaBlob, MediaJobState, StoreUnavailable
 
@@ -285,6 +292,10 @@ class ModelInputKinds:
         self._kinds: frozenset[str] | None = None
         self._checked_at: float | None = None
         self._lock = asyncio.Lock()
+
+    async def announce(self) -> None:
+        """Say at start which media the model will understand (one GET /models, after the fork)."""
+        log.info("media: %s", media_summary(await self._current(), model=self.model))
 
     async def understood(self, kind: MediaKind) -> bool:
         if kind is MediaKind.UNSUPPORTED:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.media import STAND_IN, MediaKind, content_part, kind_of
 from whatsapp_webhook.media_fetch import MediaFailure, ModelInputKinds, await_media
-from whatsapp_webhook.metrics import MEDIA_FAILURES, MEDIA_RECEIVED
+from whatsapp_webhook.metrics import MEDIA_FAILURES
 from whatsapp_webhook.store_api import Outcome
 
 if TYPE_CHECKING:
@@ -80,7 +80,6 @@ class MediaTurns:
         for m in burst_of(claimed):
             if m.has_media:
                 kind = kind_of(m.media_mimetype)
-                MEDIA_RECEIVED.labels(str(kind)).inc()
                 understood = self.input_kinds is None or await self.input_kinds.understood(kind)
                 if not understood:
                     return self._refuse(MediaFailure.UNSUPPORTED, log, kind=kind, mimetype=m.media_mimetype)

@@ -274,6 +274,10 @@ class WorkerRuntime:
         self.background.call(self.dispatcher.start)
         if settings.media_enabled:
             self.background.call(self.media_fetcher.start)
+            self.background.call(lambda: self._keep(asyncio.get_running_loop().create_task(input_kinds.announce())))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._announcing = task  # the loop holds tasks weakly
 
     def wake_dispatcher(self) -> None:
         self.background.call(self.dispatcher.wake)
