@@ -40,6 +40,7 @@ MEDIA_CATALOG = {
     "product.jpg": "foto de um produto vermelho e azul com um círculo branco",
     "sticker.webp": "figurinha de um rosto amarelo sorrindo",
     "boleto.pdf": "boleto de R$ 123,45 com vencimento em 10/12/2026",
+    "voice_note_long.ogg": "qual é o horário de vocês no sábado e vocês entregam em Campinas?",
 }
 AUDIO_FORMATS = {"wav", "mp3", "aiff", "aac", "ogg", "flac", "m4a", "pcm16", "pcm24"}  # openrouter.md §13
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif"}

@@ -16,6 +16,9 @@ from pathlib import Path
 MEDIA_DIR = Path(__file__).resolve().parent / "data" / "media"
 SUMS = MEDIA_DIR / "SHA256SUMS"
 VOICE_TEXT = "qual o horário de vocês?"  # what the voice note says (the fake LLM's transcript of it)
+# A longer one (about 13 s, ~40 KB) for the benchmark's 200 voice notes (bench/media_bench.py).
+LONG_VOICE_TEXT = ("Oi, bom dia! Eu queria saber qual é o horário de funcionamento de vocês no sábado, e também se "
+                   "vocês fazem entrega em Campinas, porque eu preciso receber o pedido até sexta-feira. Obrigada!")
 OPUS_SERIAL = "1717"
 
 
@@ -52,6 +55,10 @@ def make() -> None:
         _run("espeak-ng", "-v", "pt-br", "-s", "150", "-w", str(wav), VOICE_TEXT)
         _run("opusenc", "--quiet", "--serial", OPUS_SERIAL, "--bitrate", "24", "--discard-comments",
              str(wav), str(MEDIA_DIR / "voice_note.ogg"))
+        long_wav = Path(tmp) / "long.wav"
+        _run("espeak-ng", "-v", "pt-br", "-s", "150", "-w", str(long_wav), LONG_VOICE_TEXT)
+        _run("opusenc", "--quiet", "--serial", OPUS_SERIAL, "--bitrate", "24", "--discard-comments",
+             str(long_wav), str(MEDIA_DIR / "voice_note_long.ogg"))
         png = Path(tmp) / "sticker.png"
         _run("convert", "-size", "160x120", "gradient:#d33-#36c", "-fill", "white", "-draw", "circle 80,60 80,20",
              "-strip", "-quality", "80", str(MEDIA_DIR / "product.jpg"))

@@ -35,6 +35,7 @@ FILES = {  # file -> the mimetype WhatsApp declares for it
     "product.jpg": "image/jpeg",
     "sticker.webp": "image/webp",
     "boleto.pdf": "application/pdf",
+    "voice_note_long.ogg": "audio/ogg",  # ~13 s, for bench/media_bench.py
 }
 
 
@@ -57,9 +58,8 @@ def test_the_media_files_are_the_ones_the_script_made_and_small() -> None:
 def test_each_file_starts_like_its_declared_type_and_not_like_the_others(name: str) -> None:
     data = media_bytes(name)
     assert matches_mimetype(data, FILES[name])
-    for other, mimetype in FILES.items():
-        if other != name:
-            assert not matches_mimetype(data, mimetype), (name, mimetype)
+    for mimetype in {m for m in FILES.values() if m.split(";")[0] != FILES[name].split(";")[0]}:
+        assert not matches_mimetype(data, mimetype), (name, mimetype)
 
 
 # --- WAHA's media object, three engines --------------------------------------------------------------------
