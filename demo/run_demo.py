@@ -162,7 +162,8 @@ class Demo:
 
         # The worker logs its final decision just after the inbox says "done": give it a moment.
         lines = self.wait_for_log(env["id"], step.expect_log)
-        new_waha = [r for r in self.waha.requests()[waha_before:] if r["method"] == "POST"]
+        new_waha = [r for r in self.waha.requests()[waha_before:]
+                    if r["method"] == "POST" or r["path"].startswith("/api/files/")]
         new_llm = [r for r in self.llm.requests()[llm_before:] if r["path"].endswith("/chat/completions")]
         if new_llm:
             codes = ", ".join(str(r["status"]) for r in new_llm)
@@ -172,6 +173,10 @@ class Demo:
         if new_waha:
             say("  -> chamadas ao WAHA:")
             for r in new_waha:
+                if r["method"] == "GET":  # the customer's file, with WAHA's key
+                    key = "X-Api-Key ok" if r["headers"].get("x-api-key") == WAHA_KEY else "sem X-Api-Key"
+                    say(f"       GET  {r['path']}  ({key})  -> HTTP {r['status']}")
+                    continue
                 say(f"       POST {r['path']:<16} chatId={r['body'].get('chatId')}  -> HTTP {r['status']}")
         else:
             say("  -> chamadas ao WAHA: nenhuma")

@@ -177,7 +177,11 @@ class Settings:
     fallback_message: str = setting(
         "FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE, help="Sent when the LLM cannot answer."
     )
-    non_text_reply: str = setting("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY, help="Sent for media without a caption.")
+    non_text_reply: str = setting(
+        "NON_TEXT_REPLY",
+        DEFAULT_NON_TEXT_REPLY,
+        help="Sent for a location or contact card (and media when MEDIA_ENABLED=false).",
+    )
     typing_simulation: bool = setting(
         "TYPING_SIMULATION", True, help="WAHA's anti-ban recipe: seen, typing, a pause, then the text."
     )
