@@ -13,6 +13,11 @@ from whatsapp_webhook.events import IncomingMessage
 from whatsapp_webhook.sqlite_base import SQLiteStore
 from whatsapp_webhook.store_api import MediaJob, MediaJobState, MediaJobStatus, StoreUnavailable
 
+DUE_MEDIA_SQL = (
+    "SELECT 1 FROM media_jobs WHERE (state = 'pending' AND next_attempt_at <= ?)"
+    " OR (state = 'fetching' AND lease_expires_at < ?) LIMIT 1"
+)
+
 
 class SQLiteMediaQueue(SQLiteStore):
     @staticmethod
@@ -41,8 +46,17 @@ class SQLiteMediaQueue(SQLiteStore):
         )
 
     def claim_media_jobs(self, owner: str, *, limit: int, lease_seconds: float) -> list[MediaJob]:
-        """Take up to `limit` files to download: pending ones that are due, and those whose worker died."""
+        """Take up to `limit` files to download: pending ones that are due, and those whose worker died.
+
+        Every worker asks about once a second: a read first, so an idle queue costs no write lock.
+        """
         now = self.clock()
+        try:
+            due = self._connection().execute(DUE_MEDIA_SQL, (now, now)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store error: {exc}") from exc
+        if due is None:
+            return []
 
         def work(c: sqlite3.Connection) -> list[MediaJob]:
             rows = c.execute(

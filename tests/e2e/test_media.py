@@ -63,6 +63,15 @@ def test_a_voice_note_is_heard_and_answered(server, fake_waha, fake_llm, engine:
     assert download["headers"]["x-api-key"] == WAHA_KEY and download["status"] == 200
 
 
+def test_a_file_delivered_as_message_and_message_any_is_downloaded_once(server, fake_waha, fake_llm) -> None:
+    envelope = wp.media_message("GOWS", kind="image")
+    serve(fake_waha, envelope, "product.jpg")
+    assert deliver(server, envelope).json()["result"]["status"] == "success"
+    echo = {**envelope, "event": "message.any", "id": envelope["id"] + "x"}
+    assert deliver(server, echo).json()["reason"] == "duplicate"
+    assert len(fake_waha.file_requests()) == 1 and len(fake_llm.completions()) == 1
+
+
 @pytest.mark.parametrize("name, kind, caption, expected", [
     ("sticker.webp", "sticker", None, "Echo: <image_url: figurinha de um rosto amarelo sorrindo>"),
     ("boleto.pdf", "document", None, "Echo: <file: boleto de R$ 123,45 com vencimento em 10/12/2026>"),
