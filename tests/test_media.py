@@ -27,7 +27,7 @@ from whatsapp_webhook.media import (
     media_source,
     strip_media_note,
 )
-from whatsapp_webhook.media_fetch import MediaDownloadError, MediaFailure, download_media, input_kinds_of
+from whatsapp_webhook.media_fetch import MediaBudget, MediaDownloadError, MediaFailure, download_media, input_kinds_of
 
 MEDIA = Path(make_media.MEDIA_DIR)
 FILES = {  # file -> the mimetype WhatsApp declares for it
@@ -296,3 +296,33 @@ def test_a_malformed_note_can_lose_the_note_but_never_leak_it(reply: str, text: 
 def test_no_reply_ever_shows_a_note_marker(pieces: list[str]) -> None:
     shown = strip_media_note("".join(pieces)).text.lower().replace(" ", "")
     assert "[[nota]]" not in shown and "[[/nota]]" not in shown
+
+
+# --- media bytes held by the replies being written ------------------------------------------------------
+
+def test_the_budget_makes_a_reply_wait_until_the_files_before_it_are_let_go() -> None:
+    async def run() -> list[str]:
+        budget, order = MediaBudget(limit=100), []
+
+        async def reply(name: str, size: int, hold: float) -> None:
+            await budget.reserve(size)
+            order.append(f"{name} in (held {budget.held})")
+            await asyncio.sleep(hold)
+            await budget.release(size)
+
+        await asyncio.gather(reply("a", 60, 0.05), reply("b", 60, 0.0), reply("c", 30, 0.0))
+        assert budget.held == 0 and budget.peak <= 100
+        return order
+
+    assert asyncio.run(run()) == ["a in (held 60)", "c in (held 90)", "b in (held 60)"]
+
+
+def test_a_file_bigger_than_the_budget_still_goes_through_alone() -> None:
+    async def run() -> int:
+        budget = MediaBudget(limit=100)
+        await budget.reserve(500)
+        peak = budget.held
+        await budget.release(500)
+        return peak
+
+    assert asyncio.run(run()) == 500

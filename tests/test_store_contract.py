@@ -495,7 +495,7 @@ def test_stored_bytes_are_the_messages_until_it_is_finished(store, clock) -> Non
     store.accept(message)
     (job,) = store.claim_media_jobs("w1", limit=1, lease_seconds=30)
     assert store.store_media_job(job.key, "w1", mimetype=job.mimetype, data=voice, max_total_bytes=10**6)
-    assert store.media_job(job.key).state is MediaJobState.STORED
+    assert store.media_job(job.key) == MediaJobStatus(state=MediaJobState.STORED, attempts=1, size=len(voice))
     assert store.get_media(job.key).data == voice
     claimed = claim(store)
     store.finish(message.dedupe_key, claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)

@@ -28,7 +28,7 @@ from whatsapp_webhook.media import (
     media_summary,
 )
 from whatsapp_webhook.metrics import MEDIA_BYTES_DOWNLOADED
-from whatsapp_webhook.store_api import MediaBlob, MediaJobState, StoreUnavailable
+from whatsapp_webhook.store_api import MediaJobState, StoreUnavailable
 
 if TYPE_CHECKING:
     from whatsapp_webhook.settings import Settings
@@ -231,37 +231,68 @@ class MediaFetcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-@dataclass(frozen=True, kw_only=True)
-class MediaOutcome:
-    """What the reply pipeline gets for a message's file: the bytes, or why there are none."""
+# Files (raw bytes) the replies being written on one worker hold at once, before base64 and the request body
+# (about 3.7x more while the LLM request is built). A file bigger than this is still taken, alone.
+MEDIA_MEMORY_PER_WORKER_BYTES = 64 * 1024 * 1024
 
-    blob: MediaBlob | None
+
+class MediaBudget:
+    """At most `limit` bytes of customers' files held by the replies being written on this worker at once.
+
+    A reply reserves its files' size before reading them from the store and frees it once its LLM request
+    is done; the others wait. A single file over the limit is let through when nothing else is held.
+    """
+
+    def __init__(self, limit: int = MEDIA_MEMORY_PER_WORKER_BYTES) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self._changed = asyncio.Condition()
+
+    async def reserve(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held == 0 or self.held + size <= self.limit)
+            self.held += size
+            self.peak = max(self.peak, self.held)
+
+    async def release(self, size: int) -> None:
+        if size:
+            async with self._changed:
+                self.held -= size
+                self._changed.notify_all()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredMedia:
+    """Whether a message's file is in the store (and how big), or why it will not be."""
+
+    size: int = 0
     failure: MediaFailure | None = None
 
 
-async def await_media(
+async def await_stored(
     store: Store,
     key: str,
     *,
     wait_seconds: float,
     poll_seconds: float = 0.2,
     sleep: Callable[[float], Any] = asyncio.sleep,
-) -> MediaOutcome:
-    """The message's stored file, waiting up to `wait_seconds` while its download is still queued or running."""
+) -> StoredMedia:
+    """Wait up to `wait_seconds` while the message's download is still queued or running."""
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait_seconds
     while True:
         status = await asyncio.to_thread(store.media_job, key)
-        if status is None or status.state is MediaJobState.STORED:
+        if status is None:  # recorded before the media queue existed, or put_media'd directly
             blob = await asyncio.to_thread(store.get_media, key)
-            return MediaOutcome(blob=blob) if blob is not None else MediaOutcome(blob=None, failure=MediaFailure.LOST)
+            return StoredMedia(size=len(blob.data)) if blob else StoredMedia(failure=MediaFailure.LOST)
+        if status.state is MediaJobState.STORED:
+            return StoredMedia(size=status.size)
         if status.state is MediaJobState.FAILED:
             reason = status.reason or ""
-            return MediaOutcome(
-                blob=None, failure=MediaFailure(reason) if reason in set(MediaFailure) else MediaFailure.HTTP_ERROR
-            )
+            return StoredMedia(failure=MediaFailure(reason) if reason in set(MediaFailure) else MediaFailure.HTTP_ERROR)
         if loop.time() >= give_up_at:
-            return MediaOutcome(blob=None, failure=MediaFailure.TIMEOUT)
+            return StoredMedia(failure=MediaFailure.TIMEOUT)
         await sleep(poll_seconds)
 
 

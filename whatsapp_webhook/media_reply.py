@@ -8,12 +8,13 @@ when one could not be downloaded, MEDIA_UNAVAILABLE_REPLY (asking them to send i
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.media import STAND_IN, MediaKind, content_part, kind_of
-from whatsapp_webhook.media_fetch import MediaFailure, ModelInputKinds, await_media
+from whatsapp_webhook.media_fetch import MediaBudget, MediaFailure, ModelInputKinds, await_stored
 from whatsapp_webhook.metrics import MEDIA_FAILURES
 from whatsapp_webhook.store_api import Outcome
 
@@ -29,6 +30,7 @@ class MediaTurn:
 
     content: list[dict[str, Any]]
     stand_in: list[str]  # the same turn with each file replaced by its fixed stand-in ("[áudio]")
+    reserved: int = 0  # bytes of MediaTurns.budget this turn holds: give them back with MediaTurns.done
 
     def history_text(self, note: str | None) -> str:
         """What later turns see instead of the bytes: the texts, the stand-ins, and the model's note if any."""
@@ -73,31 +75,51 @@ class MediaTurns:
         self.input_kinds = input_kinds
         # A claimed message waits for its file while the download is queued or running (retries included).
         self.wait_seconds = settings.media_download_timeout_seconds * 2 + 10.0
+        self.budget = MediaBudget()
+
+    async def done(self, turn: MediaTurn) -> None:
+        """The LLM request is over: the turn's files no longer need to be held."""
+        await self.budget.release(turn.reserved)
 
     async def compose(self, claimed: ClaimedMessage, log: MessageLog) -> MediaTurn | MediaRefusal:
-        content: list[dict[str, Any]] = []
-        stand_in: list[str] = []
-        for m in burst_of(claimed):
-            if m.has_media:
-                kind = kind_of(m.media_mimetype)
-                understood = self.input_kinds is None or await self.input_kinds.understood(kind)
-                if not understood:
-                    return self._refuse(MediaFailure.UNSUPPORTED, log, kind=kind, mimetype=m.media_mimetype)
-                if m.media_error is not None:
-                    return self._refuse(MediaFailure(m.media_error), log, kind=kind)
-                outcome = await await_media(self.store, m.dedupe_key, wait_seconds=self.wait_seconds)
-                if outcome.blob is None:
-                    return self._refuse(outcome.failure or MediaFailure.LOST, log, kind=kind)
-                content.append(
-                    content_part(
-                        kind, mimetype=outcome.blob.mimetype, data=outcome.blob.data, filename=m.media_filename
+        """The burst as one user message; a turn holds its files' bytes in `budget` until done() is called."""
+        files: dict[str, tuple[MediaKind, int]] = {}  # dedupe key -> kind, stored size
+        for m in burst_of(claimed):  # every file first: understood, and downloaded
+            if not m.has_media:
+                continue
+            kind = kind_of(m.media_mimetype)
+            if not (self.input_kinds is None or await self.input_kinds.understood(kind)):
+                return self._refuse(MediaFailure.UNSUPPORTED, log, kind=kind, mimetype=m.media_mimetype)
+            if m.media_error is not None:
+                return self._refuse(MediaFailure(m.media_error), log, kind=kind)
+            stored = await await_stored(self.store, m.dedupe_key, wait_seconds=self.wait_seconds)
+            if stored.failure is not None:
+                return self._refuse(stored.failure, log, kind=kind)
+            files[m.dedupe_key] = (kind, stored.size)
+        # The whole burst at once: two replies each holding part of the budget never wait for each other.
+        reserved = sum(size for _, size in files.values())
+        await self.budget.reserve(reserved)
+        try:
+            content: list[dict[str, Any]] = []
+            stand_in: list[str] = []
+            for m in burst_of(claimed):
+                if m.dedupe_key in files:
+                    kind = files[m.dedupe_key][0]
+                    blob = await asyncio.to_thread(self.store.get_media, m.dedupe_key)
+                    if blob is None:
+                        await self.budget.release(reserved)
+                        return self._refuse(MediaFailure.LOST, log, kind=kind)
+                    content.append(
+                        content_part(kind, mimetype=blob.mimetype, data=blob.data, filename=m.media_filename)
                     )
-                )
-                stand_in.append(STAND_IN[kind])
-            if m.text:
-                content.append({"type": "text", "text": m.text})
-                stand_in.append(m.text)
-        return MediaTurn(content=content, stand_in=stand_in)
+                    stand_in.append(STAND_IN[kind])
+                if m.text:
+                    content.append({"type": "text", "text": m.text})
+                    stand_in.append(m.text)
+        except BaseException:
+            await asyncio.shield(self.budget.release(reserved))
+            raise
+        return MediaTurn(content=content, stand_in=stand_in, reserved=reserved)
 
     def _refuse(
         self, reason: MediaFailure, log: MessageLog, *, kind: MediaKind, mimetype: str | None = None

@@ -97,6 +97,12 @@ class PostgresMediaQueue(PostgresBase):
 
     def media_job(self, key: str) -> MediaJobStatus | None:
         row = self._run(
-            lambda c: c.execute("SELECT state, reason, attempts FROM media_jobs WHERE key = %s", (key,)).fetchone()
+            lambda c: c.execute(
+                "SELECT j.state, j.reason, j.attempts, COALESCE(m.size, 0) FROM media_jobs j"
+                " LEFT JOIN media m ON m.key = j.key WHERE j.key = %s",
+                (key,),
+            ).fetchone()
         )
-        return MediaJobStatus(state=MediaJobState(row[0]), reason=row[1], attempts=row[2]) if row else None
+        if row is None:
+            return None
+        return MediaJobStatus(state=MediaJobState(row[0]), reason=row[1], attempts=row[2], size=int(row[3]))

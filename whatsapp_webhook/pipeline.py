@@ -321,13 +321,17 @@ class ReplyPipeline:
         if media_turn is None and not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
-        reply = await self._ask_llm(
-            message,
-            media_turn.content if media_turn is not None else user_turn,
-            history,
-            context,
-            instructions=NOTE_INSTRUCTION if media_turn is not None else None,
-        )
+        try:
+            reply = await self._ask_llm(
+                message,
+                media_turn.content if media_turn is not None else user_turn,
+                history,
+                context,
+                instructions=NOTE_INSTRUCTION if media_turn is not None else None,
+            )
+        finally:
+            if media_turn is not None and self.media is not None:
+                await asyncio.shield(self.media.done(media_turn))
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
         answer = reply.text if reply is not None else ""
         if media_turn is not None:  # the note is for the history only: it never reaches the customer

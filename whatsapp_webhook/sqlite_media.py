@@ -110,9 +110,15 @@ class SQLiteMediaQueue(SQLiteStore):
         try:
             row = (
                 self._connection()
-                .execute("SELECT state, reason, attempts FROM media_jobs WHERE key = ?", (key,))
+                .execute(
+                    "SELECT j.state, j.reason, j.attempts, COALESCE(m.size, 0) FROM media_jobs j"
+                    " LEFT JOIN media m ON m.key = j.key WHERE j.key = ?",
+                    (key,),
+                )
                 .fetchone()
             )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store error: {exc}") from exc
-        return MediaJobStatus(state=MediaJobState(row[0]), reason=row[1], attempts=row[2]) if row else None
+        if row is None:
+            return None
+        return MediaJobStatus(state=MediaJobState(row[0]), reason=row[1], attempts=row[2], size=row[3])

@@ -190,6 +190,7 @@ class MediaJobStatus:
     state: MediaJobState
     reason: str | None = None
     attempts: int = 0
+    size: int = 0  # the stored file's bytes (STORED)
 
 
 class Store(Protocol):
