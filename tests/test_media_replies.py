@@ -98,6 +98,25 @@ def test_a_photo_then_a_question_within_the_debounce_is_one_llm_call_in_send_ord
     assert text == {"type": "text", "text": "quanto custa?"}
 
 
+def test_a_voice_note_two_photos_and_a_text_in_one_burst_are_one_call_in_send_order(make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    base = 1_764_000_100
+    burst = [wp.media_message("WEBJS", kind="audio", timestamp=base),
+             wp.media_message("WEBJS", kind="image", timestamp=base + 1),
+             wp.media_message("WEBJS", kind="sticker", timestamp=base + 2),
+             wp.text_message("WEBJS", body="e então?", timestamp=base + 3)]
+    for envelope, data in zip(burst, (VOICE, PHOTO, STICKER, None)):
+        if data is not None:
+            upstreams.serve_media(envelope, data)
+        assert post_event(client, envelope).status_code == 202
+    assert wait_for_replies(upstreams, 1) == ["Echo: <input_audio> <image_url> <image_url> e então?"]
+    time.sleep(1.5)
+    assert upstreams.llm.call_count == 1 and len(upstreams.sent_texts()) == 1
+    parts = last_user_content(upstreams)
+    assert parts[0]["input_audio"]["data"] == b64(VOICE)
+    assert parts[1]["image_url"]["url"].endswith(b64(PHOTO)) and parts[2]["image_url"]["url"].endswith(b64(STICKER))
+
+
 def test_an_expired_file_gets_the_unavailable_reply_and_no_llm_call(client, upstreams, caplog) -> None:
     failures = metric("webhook_media_failures_total", reason="not_found")
     post_event(client, wp.media_message("WEBJS", kind="audio"))  # not served: WAHA answers 404

@@ -61,6 +61,9 @@ def test_a_voice_note_is_heard_and_answered(server, fake_waha, fake_llm, engine:
     assert fake_llm.media_seen() == [{"kind": "input_audio", "sha256": sha256(voice), "size": len(voice)}]
     (download,) = fake_waha.file_requests()
     assert download["headers"]["x-api-key"] == WAHA_KEY and download["status"] == 200
+    # each worker said at start which files the model understands (from GET /models)
+    assert 'media: "google/gemini-3.1-flash-lite understands voice notes and audio, images and stickers, PDFs' \
+        in server.log_text()
 
 
 def test_a_file_delivered_as_message_and_message_any_is_downloaded_once(server, fake_waha, fake_llm) -> None:
