@@ -243,3 +243,26 @@ def test_with_media_off_nothing_is_downloaded(make_app, upstreams) -> None:
     client = make_app(media_enabled=False).test_client()
     post_event(client, wp.media_message("WEBJS", kind="audio"))
     assert upstreams.media.call_count == 0
+
+
+def test_a_model_that_cannot_take_the_file_fails_that_reply_only_not_the_model(client, upstreams, caplog) -> None:
+    """OpenRouter answers 404 "No endpoints found that support input audio" for a served model without audio
+    endpoints: that voice note gets the fallback, and the model keeps answering texts (not marked as retired)."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if isinstance(body["messages"][-1]["content"], list):
+            return httpx.Response(404, json={"error": {"code": 404, "message":
+                                                       "No endpoints found that support input audio"}})
+        return httpx.Response(200, json=completion("Oi!", model=body["model"]))
+
+    upstreams.llm.side_effect = answer
+    retired = metric("webhook_llm_model_unavailable_total", model="google/gemini-3.1-flash-lite")
+    voice = wp.media_message("WEBJS", kind="audio")
+    upstreams.serve_media(voice, VOICE)
+    post_event(client, voice)
+    assert wait_for_replies(upstreams, 1) == [DEFAULT_FALLBACK_MESSAGE]
+    assert metric("webhook_llm_model_unavailable_total", model="google/gemini-3.1-flash-lite") == retired
+    assert "model_unavailable" not in caplog.text and "no configured model is served" not in json.dumps(
+        client.get("/health").get_json())
+    post_event(client, wp.text_message("WEBJS", body="oi"))
+    assert wait_for_replies(upstreams, 2)[1] == "Oi!"
