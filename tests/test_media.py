@@ -326,3 +326,14 @@ def test_a_file_bigger_than_the_budget_still_goes_through_alone() -> None:
         return peak
 
     assert asyncio.run(run()) == 500
+
+
+def test_a_log_line_never_carries_a_files_base64_even_inside_an_upstreams_error(caplog) -> None:
+    import logging
+
+    from whatsapp_webhook.logs import TextLogFormatter, log
+    encoded = base64.b64encode(media_bytes("product.jpg")).decode()
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.error("llm_failed=%s", f'400 "invalid image: data:image/jpeg;base64,{encoded}"')
+    line = TextLogFormatter().format(caplog.records[-1])
+    assert encoded[:256] not in line and f"<{len(encoded)} base64 characters left out>" in line
