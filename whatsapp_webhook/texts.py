@@ -32,3 +32,13 @@ DEFAULT_START_REPLY = "Que bom ter você de volta! Como posso ajudar?"
 DEFAULT_RATE_LIMIT_REPLY = (
     "Recebi muitas mensagens em pouco tempo. Vou pausar as respostas por alguns instantes; tente de novo em breve."
 )
+
+
+DEFAULT_MEDIA_UNSUPPORTED_REPLY = (
+    "Recebi seu arquivo, mas ainda não consigo abrir esse tipo. Pode me mandar em texto, áudio, foto ou PDF?"
+)
+
+
+DEFAULT_MEDIA_UNAVAILABLE_REPLY = (
+    "Não consegui abrir o arquivo que você mandou. Pode enviá-lo de novo ou escrever sua pergunta?"
+)
