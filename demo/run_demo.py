@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python demo/run_demo.py` works too
@@ -34,13 +35,14 @@ from fakes import FakeOpenRouter, FakeWaha
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornError, GunicornServer
 from whatsapp_webhook import WEBHOOK_PATH
-from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
+from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE
 
 WAHA_KEY = "demo-waha-key"
 LLM_KEY = "demo-llm-key"
 HMAC_KEY = "demo-hmac-key"  # the server checks X-Webhook-Hmac with it, like with WAHA's hmac.key
 ENGINE = "WEBJS"
 LLM_ATTEMPTS = 3
+MEDIA_DIR = Path(__file__).resolve().parent.parent / "fakes" / "data" / "media"
 # Log lines shown per delivery: the decisions, plus the LLM retries and failure behind a fallback.
 DECISION_MARKS = ("decision=", "llm attempt", "llm_failed=")
 
@@ -160,7 +162,8 @@ class Demo:
 
         # The worker logs its final decision just after the inbox says "done": give it a moment.
         lines = self.wait_for_log(env["id"], step.expect_log)
-        new_waha = [r for r in self.waha.requests()[waha_before:] if r["method"] == "POST"]
+        new_waha = [r for r in self.waha.requests()[waha_before:]
+                    if r["method"] == "POST" or r["path"].startswith("/api/files/")]
         new_llm = [r for r in self.llm.requests()[llm_before:] if r["path"].endswith("/chat/completions")]
         if new_llm:
             codes = ", ".join(str(r["status"]) for r in new_llm)
@@ -170,6 +173,10 @@ class Demo:
         if new_waha:
             say("  -> chamadas ao WAHA:")
             for r in new_waha:
+                if r["method"] == "GET":  # the customer's file, with WAHA's key
+                    key = "X-Api-Key ok" if r["headers"].get("x-api-key") == WAHA_KEY else "sem X-Api-Key"
+                    say(f"       GET  {r['path']}  ({key})  -> HTTP {r['status']}")
+                    continue
                 say(f"       POST {r['path']:<16} chatId={r['body'].get('chatId')}  -> HTTP {r['status']}")
         else:
             say("  -> chamadas ao WAHA: nenhuma")
@@ -244,8 +251,15 @@ def bare_id(serialized: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # The scenario
 # --------------------------------------------------------------------------------------------------
+def serve_media(demo: Demo, envelope: dict[str, Any], name: str, mimetype: str) -> None:
+    """The fake WAHA holds the committed file at the message's media.url, as WAHA does for 180 s."""
+    data = (MEDIA_DIR / name).read_bytes()
+    demo.waha.serve_file(urlsplit(envelope["payload"]["media"]["url"]).path, data, mimetype)
+    say(f"     (WAHA guarda {name}, {len(data)} bytes, em {envelope['payload']['media']['url']})")
+
+
 def scenario(demo: Demo) -> None:
-    total = 7
+    total = 8
     question = "Olá, qual o horário de funcionamento?"
     first = wp.text_message(ENGINE, body=question, sender=wp.CUSTOMER_PN)
     answer = demo.run(1, total, Step(
@@ -291,16 +305,31 @@ def scenario(demo: Demo) -> None:
         200, {"status": "ignored", "reason": "group_chat"}, r"decision=ignored reason=group_chat",
         "REPLY_IN_GROUPS=false (o padrão): o bot não fala em grupos"))
 
+    voice_note = wp.media_message(ENGINE, kind="audio", sender=wp.CUSTOMER_PN)
     demo.run(6, total, Step(
-        "Áudio sem legenda",
-        wp.media_message(ENGINE, kind="audio", sender=wp.CUSTOMER_PN),
-        f"{wp.CUSTOMER_NAME} ({wp.CUSTOMER_PN}) manda um áudio (sem texto)",
-        200, {"status": "processed", "result.status": "non_text"}, r"decision=replied outcome=non_text",
-        "mídia sem legenda não vai ao LLM: o cliente recebe o aviso NON_TEXT_REPLY",
-        expect_reply=(wp.CUSTOMER_PN, DEFAULT_NON_TEXT_REPLY)))
+        "Áudio (voice note) perguntando o horário",
+        voice_note,
+        f"{wp.CUSTOMER_NAME} ({wp.CUSTOMER_PN}) grava um áudio de 2 s: \"qual o horário de vocês?\" "
+        "(fakes/data/media/voice_note.ogg, feito com espeak-ng + opusenc)",
+        200, {"status": "processed", "result.status": "success"}, r"decision=replied outcome=success",
+        "o servidor baixa o áudio do WAHA (GET /api/files/..., com X-Api-Key) logo que a mensagem chega e o manda "
+        "ao LLM na mesma chamada (input_audio, format ogg); a transcrição que o modelo devolve num bloco "
+        "[[nota]] fica no histórico e é retirada da resposta",
+        expect_reply=(wp.CUSTOMER_PN, fake_llm_reply("qual o horário de vocês?")), llm_calls=1,
+        before=lambda: serve_media(demo, voice_note, "voice_note.ogg", "audio/ogg")))
+
+    photo = wp.media_message(ENGINE, kind="image", caption="quanto custa?", sender=wp.CUSTOMER_PN)
+    demo.run(7, total, Step(
+        "Foto de um produto com a legenda \"quanto custa?\"",
+        photo,
+        f"{wp.CUSTOMER_NAME} ({wp.CUSTOMER_PN}) manda uma foto (fakes/data/media/product.jpg) com \"quanto custa?\"",
+        200, {"status": "processed", "result.status": "success"}, r"decision=replied outcome=success",
+        "a imagem vai como image_url (data:image/jpeg;base64,...) seguida da legenda, numa chamada só",
+        expect_reply=(wp.CUSTOMER_PN, fake_llm_reply("quanto custa?")), llm_calls=1,
+        before=lambda: serve_media(demo, photo, "product.jpg", "image/jpeg")))
 
     price = "Qual o valor do frete para o Rio?"
-    demo.run(7, total, Step(
+    demo.run(8, total, Step(
         "O LLM está fora do ar (falha programada no LLM falso: HTTP 503 em toda tentativa)",
         wp.text_message(ENGINE, body=price, sender=wp.OTHER_PN),
         f"Outra Pessoa ({wp.OTHER_PN}) escreve: \"{price}\"",
@@ -317,7 +346,7 @@ def scenario(demo: Demo) -> None:
                  "messages_ignored", "ignored_by_reason", "requests_rejected", "requests_unauthorized"):
         say(f"  {name}: {stats.get(name)}")
     say("  (messages_failed conta respostas de fallback: o cliente recebeu um aviso, não uma resposta do LLM)")
-    wanted = {"messages_received": 4, "messages_processed": 3, "messages_failed": 1, "messages_in_progress": 0,
+    wanted = {"messages_received": 5, "messages_processed": 4, "messages_failed": 1, "messages_in_progress": 0,
               "ignored_by_reason": {"duplicate": 1, "event_not_handled": 1, "group_chat": 1},
               "requests_rejected": 0, "requests_unauthorized": 0}
     checks_before = len(demo.checks)

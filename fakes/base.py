@@ -32,12 +32,18 @@ class Request:
 
 @dataclass
 class Response:
-    """What to send: `raw` bytes win over `body`; dict/list bodies are sent as JSON, str as text."""
+    """What to send: `raw` bytes win over `body`; dict/list bodies are sent as JSON, str as text.
+
+    `chunks` (an iterable of bytes) is sent with chunked transfer encoding instead, one write per chunk,
+    stopping when the client goes away; `on_sent(n)` is told each chunk's size once it is written.
+    """
 
     status: int
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None
+    chunks: Any = None
+    on_sent: Any = None
 
 
 @dataclass
@@ -280,7 +286,29 @@ class FakeServer:
                     self._log.write(line)
                     self._log.flush()
 
+    def _send_chunked(self, h: _Handler, resp: Response) -> None:
+        headers = {k.title(): v for k, v in resp.headers.items()}
+        headers.update({"Transfer-Encoding": "chunked", "Date": formatdate(usegmt=True), "Connection": "close"})
+        h.close_connection = True
+        head = f"HTTP/1.1 {resp.status} {phrase(resp.status)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        try:
+            h.wfile.write(head.encode("latin-1"))
+            for chunk in resp.chunks:
+                if self._stopping.is_set():
+                    return
+                h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                h.wfile.flush()
+                if resp.on_sent is not None:
+                    resp.on_sent(len(chunk))
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client stopped reading: that is what an oversize test wants to see
+
     def _send(self, h: _Handler, resp: Response) -> None:
+        if resp.chunks is not None:
+            self._send_chunked(h, resp)
+            return
         headers = {k.title(): v for k, v in resp.headers.items()}
         if resp.raw is not None:
             payload = resp.raw

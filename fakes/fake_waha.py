@@ -58,6 +58,7 @@ class FakeWaha(FakeServer):
     """Fake WAHA: /ping, GET /api/sessions/{name}, POST sendText/sendSeen/startTyping/stopTyping."""
 
     config_keys = FakeServer.config_keys | {"session_status", "engine", "other_sessions"}
+    OVERSIZE_CHUNK = 64 * 1024
 
     def __init__(self, *, api_key: str = "test-waha-key", engine: str = "WEBJS", session: str = "default",
                  me_id: str = "11111111111@c.us", host: str = "127.0.0.1", port: int = 0,
@@ -70,11 +71,67 @@ class FakeWaha(FakeServer):
         self.me_id, self.session_status = me_id, session_status
         self.other_sessions = tuple(other_sessions)  # more WORKING sessions (numbers) on this WAHA (WAHA Plus)
         self._delivered: list[dict[str, Any]] = []  # what reached WhatsApp, even if the HTTP answer never did
+        # /api/files/...: path -> (bytes, mimetype); a path in _endless streams that many bytes of its file's
+        # first bytes plus padding, without Content-Length (more than any cap); _file_bytes_sent counts per path.
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._endless: dict[str, int] = {}
+        self._file_bytes_sent: dict[str, int] = {}
 
     def reset(self) -> None:
         super().reset()
         with self._lock:
             self._delivered.clear()
+            self._files.clear()
+            self._endless.clear()
+            self._file_bytes_sent.clear()
+
+    # -- media files (WAHA's /api/files, deleted after WHATSAPP_FILES_LIFETIME) ------------------
+    def serve_file(self, path: str, data: bytes, mimetype: str) -> None:
+        """WAHA has this file at `path` (e.g. /api/files/default/ABC.oga) until expire_file(path)."""
+        with self._lock:
+            self._files[path] = (data, mimetype)
+            self._endless.pop(path, None)
+
+    def serve_oversize(self, path: str, mimetype: str, *, head: bytes, total_bytes: int) -> None:
+        """A file of `total_bytes` (starting with `head`) sent chunked, without Content-Length."""
+        with self._lock:
+            self._files[path] = (head, mimetype)
+            self._endless[path] = total_bytes
+
+    def expire_file(self, path: str) -> None:
+        """The file's lifetime ran out: WAHA answers 404 from now on."""
+        with self._lock:
+            self._files.pop(path, None)
+            self._endless.pop(path, None)
+
+    def file_bytes_sent(self, path: str) -> int:
+        with self._lock:
+            return self._file_bytes_sent.get(path, 0)
+
+    def file_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests(method="GET") if r["path"].startswith("/api/files/")]
+
+    def _file(self, path: str) -> Response:
+        with self._lock:
+            found, total = self._files.get(path), self._endless.get(path)
+        if found is None:  # what WAHA's static file route answers for a deleted file
+            return Response(404, _nest_error(404, f"Cannot GET {path}"))
+        data, mimetype = found
+
+        def count(n: int) -> None:
+            with self._lock:
+                self._file_bytes_sent[path] = self._file_bytes_sent.get(path, 0) + n
+
+        if total is None:
+            count(len(data))
+            return Response(200, headers={"Content-Type": mimetype}, raw=data)
+
+        def chunks() -> Any:
+            yield data
+            for _ in range(max(0, total - len(data)) // self.OVERSIZE_CHUNK):
+                yield b"\0" * self.OVERSIZE_CHUNK
+
+        return Response(200, headers={"Content-Type": mimetype}, chunks=chunks(), on_sent=count)
 
     # -- convenience for assertions ---------------------------------------
     def sent_texts(self) -> list[dict[str, Any]]:
@@ -109,6 +166,8 @@ class FakeWaha(FakeServer):
         key = req.headers.get("x-api-key") or req.query.get("x-api-key")  # WAHA accepts both
         if req.path.startswith("/api/") and key != self.api_key:
             return Response(401, {"message": "Unauthorized", "statusCode": 401})
+        if req.method == "GET" and req.path.startswith("/api/files/"):
+            return self._file(req.path)
         if req.method == "GET" and req.path == "/api/sessions":
             return Response(200, [self._session_info(self.session).body])
         if req.method == "GET" and (m := re.fullmatch(r"/api/sessions/([^/]+)", req.path)):

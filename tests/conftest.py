@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
 import respx
 
 from fakes import waha_payloads as wp
+from fakes.fake_openrouter import CURRENT_MODELS, FakeOpenRouter
 from fakes.fake_waha import validate_waha_request
 from tests import postgres
 from whatsapp_webhook import WEBHOOK_PATH
@@ -65,11 +66,33 @@ class Upstreams:
             router.post(f"{WAHA_BASE}/api/{path}", name=path).side_effect = self._waha_ok
         self.chat_messages = router.get(url__regex=rf"{WAHA_BASE}/api/[^/]+/chats/[^/]+/messages", name="chatMessages")
         self.chat_messages.side_effect = self._our_messages_in_chat
+        # Media: WAHA's /api/files (404 unless a test serves a file there), and the model list with its input kinds
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.media = router.get(url__regex=rf"{WAHA_BASE}/api/files/.*", name="files")
+        self.media.side_effect = self._serve_file
+        self.models = router.get(f"{LLM_BASE}/models", name="models")
+        self.models.side_effect = lambda request: httpx.Response(200, json={"data": [
+            FakeOpenRouter._model_entry(m) for m in CURRENT_MODELS]})
+
+    def serve_media(self, envelope: dict[str, Any], data: bytes, mimetype: str = "application/octet-stream") -> None:
+        """WAHA has this file at the envelope's media.url (as rewritten to WAHA_BASE_URL)."""
+        self.files[urlsplit(envelope["payload"]["media"]["url"]).path] = (data, mimetype)
+
+    def _serve_file(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get("X-Api-Key") != WAHA_KEY:
+            return httpx.Response(401, json={"message": "Unauthorized", "statusCode": 401})
+        if request.url.path not in self.files:
+            return httpx.Response(404, json={"message": "Not Found", "statusCode": 404})
+        data, mimetype = self.files[request.url.path]
+        return httpx.Response(200, content=data, headers={"Content-Type": mimetype})
 
     @staticmethod
     def _echo_completion(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
-        return httpx.Response(200, json=completion(f"Echo: {body['messages'][-1]['content']}", model=body["model"]))
+        content = body["messages"][-1]["content"]
+        if isinstance(content, list):  # text and media parts: the texts, and a tag per media part
+            content = " ".join(p["text"] if p["type"] == "text" else f"<{p['type']}>" for p in content)
+        return httpx.Response(200, json=completion(f"Echo: {content}", model=body["model"]))
 
     def _waha_ok(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)

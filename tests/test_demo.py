@@ -45,10 +45,12 @@ def test_transcript_shows_the_whole_flow(demo) -> None:
     assert "evento WAHA: message.any" in out
     assert "status=ignored reason=duplicate" in out
     assert "decision=ignored reason=duplicate" in out
-    # Group ignored with its reason; the ack is not a message; media without caption; LLM down -> fallback.
+    # Group ignored with its reason; the ack is not a message; a voice note and a photo; LLM down -> fallback.
     assert "reason=group_chat (group messages are not answered (REPLY_IN_GROUPS=false))" in out
     assert "decision=ignored reason=event_not_handled" in out
-    assert "decision=replied outcome=non_text" in out
+    assert "grava um áudio" in out and "manda uma foto" in out
+    assert "Funcionamos de segunda a sexta" in out  # the voice note asked for the opening hours
+    assert "[[nota]]" not in out.split("=== /stats")[0].split("o cliente recebeu")[-1]
     assert "respostas HTTP 503, 503, 503" in out
     assert "decision=replied outcome=fallback" in out
     # Typing simulation shows up as WAHA calls.

@@ -580,7 +580,17 @@ def test_waha_retry_policy_is_explicit(compose: dict[str, Any]) -> None:
     assert env["WHATSAPP_HOOK_RETRIES_POLICY"] in ("constant", "linear", "exponential")
     assert int(env["WHATSAPP_HOOK_RETRIES_DELAY_SECONDS"]) >= 1
     assert int(env["WHATSAPP_HOOK_RETRIES_ATTEMPTS"]) >= 3
-    assert env["WHATSAPP_DOWNLOAD_MEDIA"] == "false" and env["WHATSAPP_START_SESSION"] == "default"
+    assert env["WHATSAPP_START_SESSION"] == "default"
+
+
+def test_waha_downloads_the_media_the_bot_understands_at_an_address_the_bot_can_reach(compose: dict[str, Any]) -> None:
+    env = compose["services"]["waha"]["environment"]
+    assert "WHATSAPP_DOWNLOAD_MEDIA" not in env  # deprecated; WAHA_EVENTS_DOWNLOAD_MEDIA wins
+    assert env["WAHA_EVENTS_DOWNLOAD_MEDIA"] == "true"
+    assert set(env["WAHA_EVENTS_DOWNLOAD_MEDIA_MIMETYPES"].split(",")) == {"audio", "image", "application/pdf"}
+    # media.url is built from WAHA's own WAHA_BASE_URL: it must be the address the webhook service calls
+    assert env["WAHA_BASE_URL"] == compose["services"]["webhook"]["environment"]["WAHA_BASE_URL"]
+    assert int(env["WHATSAPP_FILES_LIFETIME"]) >= 60
 
 
 def test_docker_waits_longer_than_gunicorns_graceful_stop(compose: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Quick checks of the fake upstreams themselves (they are the ground truth for the end-to-end tests)."""
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -227,3 +228,69 @@ def test_log_file_and_malformed_requests(tmp_path: Path, client: httpx.Client) -
         assert client.post(f"{waha.url}/api/sendText", json=TEXT, headers=WAHA_KEY).status_code == 201
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["path"], line["status"]) for line in lines] == [("/api/sendText", 400), ("/api/sendText", 201)]
+
+
+# --- media: the fake WAHA's /api/files and the fake LLM's content-part checks ------------------------------
+
+MEDIA_DIR = Path(__file__).resolve().parent.parent / "fakes" / "data" / "media"
+VOICE = (MEDIA_DIR / "voice_note.ogg").read_bytes()
+PHOTO = (MEDIA_DIR / "product.jpg").read_bytes()
+
+
+def test_waha_files_need_the_key_expire_and_can_be_endless(waha: FakeWaha, client: httpx.Client) -> None:
+    path = "/api/files/default/A.oga"
+    waha.serve_file(path, VOICE, "audio/ogg")
+    assert client.get(waha.url + path).status_code == 401
+    served = client.get(waha.url + path, headers=WAHA_KEY)
+    assert served.status_code == 200 and served.content == VOICE and served.headers["content-type"] == "audio/ogg"
+    waha.expire_file(path)
+    assert client.get(waha.url + path, headers=WAHA_KEY).status_code == 404
+    assert waha.file_bytes_sent(path) == len(VOICE)
+    big = "/api/files/default/B.jpeg"
+    waha.serve_oversize(big, "image/jpeg", head=PHOTO, total_bytes=1_000_000)
+    with client.stream("GET", waha.url + big, headers=WAHA_KEY) as response:
+        assert "content-length" not in response.headers
+        received = sum(len(chunk) for chunk in response.iter_bytes())
+    assert received >= 1_000_000 - 65_536 and waha.file_bytes_sent(big) == received
+
+
+def media_chat(*parts: dict) -> dict:
+    return {"model": "google/gemini-3.1-flash-lite", "messages": [
+        {"role": "system", "content": "Answer. End with [[nota]]...[[/nota]]."},
+        {"role": "user", "content": list(parts)}]}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_llm_hears_a_valid_voice_note_and_sees_a_photo(llm: FakeOpenRouter, client: httpx.Client) -> None:
+    body = media_chat({"type": "input_audio", "input_audio": {"data": b64(VOICE), "format": "ogg"}},
+                      {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(PHOTO)}},
+                      {"type": "text", "text": "e isso?"})
+    answer = client.post(llm.url + "/api/v1/chat/completions", json=body, headers=LLM_KEY)
+    text = answer.json()["choices"][0]["message"]["content"]
+    assert text.startswith("Echo: <input_audio: qual o horário de vocês?> <image_url: foto de um produto")
+    assert text.endswith("e isso?\n[[nota]]qual o horário de vocês?; foto de um produto vermelho e azul com um círculo "
+                         "branco[[/nota]]")
+    assert [seen["kind"] for seen in llm.media_seen()] == ["input_audio", "image_url"]
+
+
+@pytest.mark.parametrize("part, error", [
+    ({"type": "input_audio", "input_audio": {"data": b64(VOICE), "format": "opus"}}, "format"),
+    ({"type": "input_audio", "input_audio": {"data": "data:audio/ogg;base64," + b64(VOICE), "format": "ogg"}},
+     "not a data URL"),
+    ({"type": "input_audio", "input_audio": {"data": b64(VOICE)[:-8] + "!!!!!!!!", "format": "ogg"}}, "base64"),
+    ({"type": "input_audio", "input_audio": {"data": b64(VOICE[:-1]), "format": "ogg"}}, "none of the files"),
+    ({"type": "image_url", "image_url": {"url": "data:image/bmp;base64," + b64(PHOTO)}}, "mimetype"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PHOTO)}}, "not image/png"),
+    ({"type": "image_url", "image_url": {"url": "https://example.test/p.jpg"}}, "data: URL"),
+    ({"type": "file", "file": {"file_data": "data:application/pdf;base64," + b64(PHOTO)}}, "filename"),
+    ({"type": "video_url", "video_url": {"url": "x"}}, "unknown content part"),
+], ids=["format", "audio-data-url", "bad-base64", "other-bytes", "image-mimetype", "image-magic", "image-http",
+        "file-name", "video"])
+def test_llm_refuses_parts_openrouter_would_or_bytes_waha_never_served(
+        llm: FakeOpenRouter, client: httpx.Client, part: dict, error: str) -> None:
+    answer = client.post(llm.url + "/api/v1/chat/completions", json=media_chat(part), headers=LLM_KEY)
+    assert answer.status_code == 400 and error in answer.json()["error"]["message"]
+    assert llm.media_seen() == []

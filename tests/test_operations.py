@@ -43,9 +43,12 @@ HEALTHY = {
 def test_check_passes_when_waha_and_the_llm_are_ready(tmp_path) -> None:
     results = run_check(tmp_path, HEALTHY)
     assert [r.name for r in results] == ["WAHA reachable", "WAHA session WORKING", "LLM model OPENROUTER_MODEL",
-                                         "LLM model OPENROUTER_FALLBACK_MODELS", "LLM answers"]
+                                         "media", "LLM model OPENROUTER_FALLBACK_MODELS", "LLM answers"]
     assert all(r.ok for r in results)
     assert results[2].detail == "google/gemini-3.1-flash-lite is served (input: text, image, audio)"
+    # which customers' files will be understood, from the model's input_modalities (no "file": no PDFs)
+    assert results[3].detail == ("google/gemini-3.1-flash-lite understands voice notes and audio, images and stickers;"
+                                 " PDFs get MEDIA_UNSUPPORTED_REPLY (video and other documents always do)")
 
 
 def test_check_names_each_missing_model_and_suggests_ids_from_the_servers_own_list(tmp_path) -> None:

@@ -271,6 +271,8 @@ def a_valid_other_value(setting: Setting, tmp_path: Path) -> tuple[str, Any]:
         read = [(choice, choice.lower() if setting.lower else choice) for choice in setting.choices]
         choice, value = next((c, v) for c, v in read if v != default)
         return choice.title(), value  # any case is read
+    if setting.env == "MEDIA_ALLOWED_ORIGINS":  # a list of origins, checked as such
+        return "https://a.test, http://b.test:9000,https://a.test", ("https://a.test", "http://b.test:9000")
     if setting.kind == "id list":
         return "a/one, b/two,a/one", ("a/one", "b/two")
     pytest.fail(f"{setting.env}: this test has no value for settings of kind {setting.kind!r}; add one")

@@ -23,6 +23,8 @@ from whatsapp_webhook.store_api import (
     Acceptance,
     ChatLimits,
     ClaimedMessage,
+    MediaJobState,
+    MediaJobStatus,
     Outcome,
     SendVerdict,
     Store,
@@ -555,6 +557,87 @@ def test_media_of_a_message_that_is_gone_is_pruned(store, clock) -> None:
     store.put_media(kept.dedupe_key, mimetype="image/jpeg", data=b"\xff\xd8\xff\xe0")
     store.prune(older_than=clock.now, history_older_than=clock.now)
     assert store.get_media("default:ORPHAN") is None and store.get_media(kept.dedupe_key) is not None
+
+
+# --- the media queue ---------------------------------------------------------------------------------
+
+def media_incoming(*, bare: str = "MEDIA1", event: str = "message", caption: str | None = None) -> IncomingMessage:
+    envelope = wp.media_message("WEBJS", kind="audio", message_id=bare, event=event, caption=caption)
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, IncomingMessage) and message.media_url
+    return message
+
+
+def test_a_message_with_a_file_is_queued_for_download_once_for_message_and_message_any(store, clock) -> None:
+    store.accept(media_incoming(event="message"))
+    store.accept(media_incoming(event="message.any"))  # the same WhatsApp message again
+    store.accept(incoming(body="texto"))  # no file, no job
+    (job,) = store.claim_media_jobs("w1", limit=10, lease_seconds=30)
+    assert job.key == "default:MEDIA1" and job.url.endswith(".oga") and job.mimetype == "audio/ogg; codecs=opus"
+    assert job.attempts == 1
+    assert store.claim_media_jobs("w2", limit=10, lease_seconds=30) == []  # w1 holds it
+    assert store.media_job(job.key).state is MediaJobState.FETCHING
+
+
+def test_stored_bytes_are_the_messages_until_it_is_finished(store, clock) -> None:
+    voice = bytes(range(256)) * 30
+    message = media_incoming()
+    store.accept(message)
+    (job,) = store.claim_media_jobs("w1", limit=1, lease_seconds=30)
+    assert store.store_media_job(job.key, "w1", mimetype=job.mimetype, data=voice, max_total_bytes=10**6)
+    assert store.media_job(job.key) == MediaJobStatus(state=MediaJobState.STORED, attempts=1, size=len(voice))
+    assert store.get_media(job.key).data == voice
+    claimed = claim(store)
+    store.finish(message.dedupe_key, claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    assert store.get_media(job.key) is None and store.media_job(job.key) is None
+
+
+def test_a_download_whose_worker_died_is_taken_over_when_its_lease_runs_out(reopen, store, clock) -> None:
+    store.accept(media_incoming())
+    (job,) = store.claim_media_jobs("dead", limit=1, lease_seconds=30)
+    other = reopen()  # another worker (or the server after a restart)
+    assert other.claim_media_jobs("w2", limit=1, lease_seconds=30) == []
+    clock.now += 31
+    (again,) = other.claim_media_jobs("w2", limit=1, lease_seconds=30)
+    assert again.key == job.key and again.attempts == 2
+    # the dead worker's late answer is not taken
+    assert not store.store_media_job(job.key, "dead", mimetype="audio/ogg", data=b"late", max_total_bytes=10**6)
+    assert other.store_media_job(job.key, "w2", mimetype="audio/ogg", data=b"OggS...", max_total_bytes=10**6)
+    assert other.get_media(job.key).data == b"OggS..."
+    other.close()
+
+
+def test_a_failed_download_says_why_and_a_transient_one_is_tried_again_later(store, clock) -> None:
+    store.accept(media_incoming(bare="GONE"))
+    store.accept(media_incoming(bare="SLOW"))
+    jobs = {j.key: j for j in store.claim_media_jobs("w1", limit=5, lease_seconds=30)}
+    store.fail_media_job("default:GONE", "w1", reason="not_found")
+    store.fail_media_job("default:SLOW", "w1", reason="timeout", retry_in=2.0)
+    assert len(jobs) == 2
+    assert store.media_job("default:GONE") == MediaJobStatus(state=MediaJobState.FAILED, reason="not_found", attempts=1)
+    assert store.media_job("default:SLOW").state is MediaJobState.PENDING
+    assert store.claim_media_jobs("w1", limit=5, lease_seconds=30) == []  # not due yet
+    clock.now += 2.5
+    assert [j.key for j in store.claim_media_jobs("w1", limit=5, lease_seconds=30)] == ["default:SLOW"]
+
+
+def test_the_media_store_is_bounded(store, clock) -> None:
+    for bare in ("A1", "A2"):
+        store.accept(media_incoming(bare=bare))
+    first, second = sorted(store.claim_media_jobs("w1", limit=5, lease_seconds=30), key=lambda j: j.key)
+    assert store.store_media_job(first.key, "w1", mimetype="audio/ogg", data=b"x" * 600, max_total_bytes=1000)
+    assert not store.store_media_job(second.key, "w1", mimetype="audio/ogg", data=b"y" * 600, max_total_bytes=1000)
+    assert store.media_job(second.key) == MediaJobStatus(state=MediaJobState.FAILED, reason="store_full", attempts=1)
+    assert store.get_media(second.key) is None and store.snapshot().media_bytes == 600
+
+
+def test_media_jobs_of_finished_messages_are_pruned(store, clock) -> None:
+    message = media_incoming()
+    store.accept(message)
+    claimed = claim(store)
+    store.finish(message.dedupe_key, claimed.lease_owner, outcome=Outcome.MEDIA_UNAVAILABLE, sent_message_id=None)
+    assert store.media_job(message.dedupe_key) is None
+    assert store.claim_media_jobs("w1", limit=5, lease_seconds=30) == []
 
 
 # --- health ------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +19,14 @@ from whatsapp_webhook.app import shutdown
 from whatsapp_webhook.events import classify_event, parse_event
 from whatsapp_webhook.settings import DEFAULT_FALLBACK_MESSAGE, DEFAULT_NON_TEXT_REPLY
 from whatsapp_webhook.store_api import StoreUnavailable
+
+
+def media_file(name: str) -> bytes:
+    return (Path(__file__).resolve().parent.parent / "fakes" / "data" / "media" / name).read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def stats(client) -> dict:
@@ -87,13 +97,21 @@ def test_quoting_one_of_the_bots_replies_in_a_group_addresses_it(make_app, upstr
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
-def test_media_with_a_caption_is_answered_from_the_caption(client, upstreams, engine: str) -> None:
-    post_event(client, wp.media_message(engine, caption="Tem este modelo em azul?"))
-    assert upstreams.sent_texts()[0]["text"] == "Echo: Tem este modelo em azul?"
+def test_a_photo_with_a_caption_goes_to_the_llm_with_the_caption_after_it(client, upstreams, engine: str) -> None:
+    envelope = wp.media_message(engine, caption="Tem este modelo em azul?")
+    photo = media_file("product.jpg")
+    upstreams.serve_media(envelope, photo, "image/jpeg")
+    post_event(client, envelope)
+    assert upstreams.sent_texts()[0]["text"] == "Echo: <image_url> Tem este modelo em azul?"
+    image, caption = upstreams.calls_to("llm")[0]["messages"][-1]["content"]
+    assert image == {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(photo)}}
+    assert caption == {"type": "text", "text": "Tem este modelo em azul?"}
 
 
 @pytest.mark.parametrize("kind", ["image", "audio", "sticker", "document"])
-def test_media_without_a_caption_gets_the_text_only_note_and_no_llm_call(client, upstreams, kind: str) -> None:
+def test_with_media_off_media_without_a_caption_gets_the_text_only_note_and_no_llm_call(
+        make_app, upstreams, kind: str) -> None:
+    client = make_app(media_enabled=False).test_client()
     response = post_event(client, wp.media_message("GOWS", kind=kind))
     assert response.get_json()["result"]["status"] == "non_text"
     assert upstreams.sent_texts()[0]["text"] == DEFAULT_NON_TEXT_REPLY
@@ -266,7 +284,8 @@ def test_typing_simulation_follows_wahas_recipe_and_survives_presence_failures(m
 
 def test_without_typing_simulation_there_are_no_presence_calls_and_no_pause(client, upstreams) -> None:
     post_event(client, wp.text_message("WEBJS"))
-    assert [r.name for r in upstreams.router.routes if r.call_count] == ["llm", "sendText"]
+    called = [r.name for r in upstreams.router.routes if r.call_count]
+    assert [name for name in called if name != "models"] == ["llm", "sendText"]  # models: the media kinds look-up
     assert SLEEPS == []
 
 
@@ -594,8 +613,9 @@ def test_an_unprotected_server_warns_at_start(make_app, capsys) -> None:
     assert "neither WEBHOOK_HMAC_KEY" not in capsys.readouterr().out
 
 
-def test_two_identical_replies_in_a_row_are_both_delivered(client, upstreams) -> None:
+def test_two_identical_replies_in_a_row_are_both_delivered(make_app, upstreams) -> None:
     """The 'did it go out?' check must not mistake the first copy for the second."""
+    client = make_app(media_enabled=False).test_client()
     post_event(client, wp.media_message("WEBJS", kind="audio"))
     healthy = upstreams.send_text.side_effect
     upstreams.send_text.side_effect = lambda request: httpx.Response(500, json={"statusCode": 500})

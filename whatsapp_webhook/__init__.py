@@ -36,16 +36,21 @@ How one message travels (module.function, and the thread it runs on):
     9. StateStore.finish records the outcome and the turn in history; metrics count it; CompletionBoard wakes
        the waiting request thread (step 5).
 
+  Media (media.py, media_fetch.py, media_reply.py): accept also queues the message's file (media_jobs)
+  in the same transaction; media_fetch.MediaFetcher, on the same loop but its own queue, downloads it from
+  WAHA's origin only, within MEDIA_MAX_BYTES, and stores the bytes; at step 7 media_reply.MediaTurns puts
+  the burst's files and texts, in send order, into one user message, and keeps a text stand-in in history.
+
   A message whose worker died is taken over when its lease runs out (any worker's Dispatcher polls), and
   gunicorn.conf.py runs app.recover_after_restart once per server start (on PostgreSQL, shared by several
   hosts, it takes only leases that ran out). cli.main is the command line; its --migrate-to-postgres is
   state_migration.migrate_to_postgres.
 
 Dependencies point one way, leaves first: texts, env_reader, hours, knowledge, sessions_config, settings, logs,
-ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events,
-customer_data, concurrency, sqlite_base, chat_store, store, pg_base, pg_chat_store, pg_store, stores,
-state_migration, upstream, llm, business, business_gate, waha, pipeline, worker, service, gunicorn_worker, app,
-cli.
+ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events, media,
+customer_data, concurrency, sqlite_base, chat_store, sqlite_media, store, pg_base, pg_chat_store, pg_media,
+pg_store, stores, state_migration, upstream, llm, media_fetch, media_reply, business, business_gate, waha,
+pipeline, worker, service, gunicorn_worker, app, cli.
 """
 
 __version__ = "1.1.0"

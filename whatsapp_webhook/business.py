@@ -120,9 +120,17 @@ class SessionProfile:
             self._system = (self.knowledge.version, text)
         return text
 
-    def prompt(self, status: HoursStatus, history: list[Turn], user_turn: str) -> list[dict[str, str]]:
-        """The chat completion's messages: stable system part, turns, this minute's hours note, the customer."""
-        messages = [{"role": "system", "content": self.system_prompt()}]
+    def prompt(
+        self,
+        status: HoursStatus,
+        history: list[Turn],
+        user_turn: str | list[dict[str, Any]],
+        instructions: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The chat completion's messages: stable system part, turns, this minute's hours note, the customer.
+        `instructions` (what a media reply must add) follow the stable part, so only such replies change it."""
+        system = self.system_prompt() + (f"\n\n{instructions}" if instructions else "")
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
         messages.extend({"role": turn.role, "content": turn.content} for turn in history)
         if not self.schedule.always_open:
             messages.append({"role": "system", "content": prompt_note(self.schedule, status)})

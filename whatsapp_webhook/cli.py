@@ -24,6 +24,7 @@ from whatsapp_webhook.app import (
 )
 from whatsapp_webhook.business import GLOBAL, BusinessProfiles, describe_profile
 from whatsapp_webhook.logs import log
+from whatsapp_webhook.media import media_summary
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner, port_in_use_message
 from whatsapp_webhook.settings import SettingsError, load_settings, redact_url, unknown_setting_warnings
 from whatsapp_webhook.state_migration import MigrationRefused, migrate_to_postgres
@@ -189,6 +190,8 @@ def check_deployment(settings: Settings, *, transport: httpx.BaseTransport | Non
                             name, True, f"{model} is served" + (f" (input: {', '.join(kinds)})" if kinds else "")
                         )
                     )
+                    if setting == "OPENROUTER_MODEL" and settings.media_enabled:
+                        results.append(CheckResult("media", True, media_summary(kinds or None, model=model)))
                     continue
                 suggestions = suggest_models(model, list(listed))
                 results.append(

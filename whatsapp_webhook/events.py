@@ -60,6 +60,12 @@ class IncomingMessage:
     timestamp: float | None
     mentions_bot: bool = False
     reply_to_id: str | None = None
+    # payload.media as WAHA sent it (see media.py for what is downloaded, from where, and why not)
+    has_media: bool = False
+    media_url: str | None = None
+    media_mimetype: str | None = None
+    media_filename: str | None = None
+    media_error: str | None = None
 
     @property
     def is_group(self) -> bool:
@@ -406,6 +412,7 @@ def classify_event(
 
     match = MESSAGE_ID_PATTERN.match(message_id)
     bare_id = match.group("bare") if match else message_id
+    media_fields = _media_fields(payload, has_media=bool(has_media), media=media)
     raw_reply_to = payload.get("replyTo")
     reply_to: Mapping[str, Any] = raw_reply_to if isinstance(raw_reply_to, dict) else {}
     reply_to_id = reply_to.get("id") if isinstance(reply_to.get("id"), str) else None
@@ -422,7 +429,56 @@ def classify_event(
         timestamp=_seconds(timestamp),
         mentions_bot=chat_id.endswith("@g.us") and _addresses_bot(text, payload, reply_to, event.me_ids),
         reply_to_id=reply_to_id,
+        **media_fields,
     )
+
+
+MAX_MEDIA_URL_CHARS = 4096
+
+
+def _media_fields(payload: Mapping[str, Any], *, has_media: bool, media: Mapping[str, Any] | None) -> dict[str, Any]:
+    """payload.media as plain values: url, mimetype, filename, and why WAHA has no file (error, or none at all).
+
+    WEBJS, NOWEB and GOWS all send {url, mimetype, filename[, error]}; `url` is null when WAHA did not
+    download the file (WAHA_EVENTS_DOWNLOAD_MEDIA off, or a mimetype outside its list). Then the
+    mimetype still comes from the engine's raw message (`_data`), so a video is told from a lost photo.
+    """
+    if not has_media and not media:
+        return {}
+    media = media or {}
+    url = media.get("url") if isinstance(media.get("url"), str) else None
+    if url is None and isinstance(payload.get("mediaUrl"), str):  # WEBJS's deprecated copy
+        url = payload["mediaUrl"]
+    mimetype = media.get("mimetype") if isinstance(media.get("mimetype"), str) else None
+    filename = media.get("filename") if isinstance(media.get("filename"), str) else None
+    error: str | None = None
+    if media.get("error") not in (None, False, "", {}):
+        error = "waha_error"
+    elif url is None:
+        error = "not_downloaded"
+    elif len(url) > MAX_MEDIA_URL_CHARS or not _is_valid_unicode(url):
+        url, error = None, "bad_url"
+    return {
+        "has_media": True,
+        "media_url": url if error is None else None,
+        "media_mimetype": (mimetype or _raw_mimetype(payload.get("_data")) or "")[:200] or None,
+        "media_filename": filename[:200] if filename else None,
+        "media_error": error,
+    }
+
+
+def _raw_mimetype(node: object, depth: int = 0) -> str | None:
+    """The first `mimetype` in the engine's raw message (WEBJS _data.mimetype, NOWEB/GOWS *Message.mimetype)."""
+    if depth > 6:
+        return None
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.lower() == "mimetype" and isinstance(value, str):
+                return value
+        for value in node.values():
+            if isinstance(value, dict) and (found := _raw_mimetype(value, depth + 1)):
+                return found
+    return None
 
 
 def _session_status(event: WebhookEvent) -> SessionStatus | Ignored:

@@ -57,6 +57,10 @@ MODEL_UNAVAILABLE_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
+# OpenRouter's 404 for a served model that cannot take part of the request ("No endpoints found that support
+# image input", "... input audio", "... tool use"): a media reply's failure, never a reason to stop using the model.
+UNSUPPORTED_INPUT_PATTERN = re.compile(r"no endpoints found that support", re.IGNORECASE)
+
 
 def model_unavailable_model(
     status: int | None, message: str, *, requested: str, candidates: Iterable[str] = ()
@@ -67,6 +71,8 @@ def model_unavailable_model(
     model: a bare 404 is more often a base URL without its /v1. The model named in the text wins
     (OpenRouter names the last one of a `models` list it tried).
     """
+    if UNSUPPORTED_INPUT_PATTERN.search(message):
+        return None  # the model is served, just not with this request's input (an image, audio): not a retired id
     named = [m for m in (*candidates, requested) if m in message]
     if status not in (400, 404, 200, None) or not (
         MODEL_UNAVAILABLE_PATTERN.search(message) or (status == 404 and named)
@@ -202,7 +208,7 @@ class LLMClient:
         clone._config_errors = EveryMinute(clock=self.unserved.clock)
         return clone
 
-    def _body(self, messages: list[dict[str, str]], models: list[str], user: str | None) -> dict[str, Any]:
+    def _body(self, messages: list[dict[str, Any]], models: list[str], user: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": models[0],
             "messages": messages,
@@ -221,7 +227,7 @@ class LLMClient:
         return body
 
     async def complete(
-        self, messages: list[dict[str, str]], *, user: str | None = None, log: MessageLog | None = None
+        self, messages: list[dict[str, Any]], *, user: str | None = None, log: MessageLog | None = None
     ) -> LLMReply:
         """Return the reply text, or raise LLMError once retries, models or the deadline are used up.
 

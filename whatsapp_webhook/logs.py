@@ -35,6 +35,9 @@ def _escape_character(match: re.Match[str]) -> str:
     return {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", '"': '\\"'}.get(character, f"\\u{ord(character):04x}")
 
 
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{256,}={0,2}")
+
+
 def log_value(value: object) -> str:
     """A value as it appears in a text line: as is when plain, else quoted with control characters escaped
     (newlines, U+0085, U+2028, ANSI escapes), so it can never break the line or look like `key=value`."""
@@ -79,6 +82,8 @@ def rendered_message(record: logging.LogRecord) -> str:
         except (TypeError, ValueError, KeyError):
             message = f"{message} {args!r}"
     message = _UNSAFE_CHARACTER.sub(lambda m: m.group() if m.group() in '"\\' else _escape_character(m), message)
+    # A customer's voice note or photo must never end up in a log, not even echoed in an upstream's error.
+    message = _BASE64_RUN.sub(lambda m: f"<{len(m.group())} base64 characters left out>", message)
     prefix = " ".join(f"{name}={log_value(value)}" for name, value in context.items())
     return f"{prefix} {message}" if prefix and message else prefix or message
 

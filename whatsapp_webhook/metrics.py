@@ -87,6 +87,15 @@ LLM_MODEL_UNAVAILABLE = Counter(
 WAHA_ERRORS = Counter("webhook_waha_errors", "Failed WAHA calls", ["endpoint", "status"])
 
 
+MEDIA_RECEIVED = Counter("webhook_media_received", "Customer media recorded for a reply, by kind", ["kind"])
+
+
+MEDIA_BYTES_DOWNLOADED = Counter("webhook_media_bytes_downloaded", "Media bytes downloaded from WAHA and kept")
+
+
+MEDIA_FAILURES = Counter("webhook_media_failures", "Media that could not be had or understood, by reason", ["reason"])
+
+
 REPLIES_IN_FLIGHT = Gauge(
     "webhook_replies_in_flight", "Replies being prepared or sent right now", multiprocess_mode="livesum"
 )

@@ -95,6 +95,25 @@ CREATE TABLE media (
 );
 """
 
+# The media queue: one row per message whose file is to be downloaded (pg_media.py).
+SCHEMA_MEDIA_JOBS = """
+CREATE TABLE IF NOT EXISTS media_jobs (
+    key text PRIMARY KEY,
+    url text NOT NULL,
+    mimetype text NOT NULL,
+    state text NOT NULL,
+    reason text,
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision NOT NULL,
+    lease_owner text,
+    lease_expires_at double precision NOT NULL DEFAULT 0,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS media_jobs_due ON media_jobs (state, next_attempt_at);
+"""
+MEDIA_STORE_LOCK = 0x5741_0004  # one media write at a time checks MEDIA_STORE_MAX_BYTES
+
 # Per-chat marks (Store.mark_once): the out-of-hours notice goes once per chat and closed period.
 SCHEMA_CHAT_MARKS = """
 CREATE TABLE IF NOT EXISTS chat_marks (
@@ -113,7 +132,7 @@ SCHEMA_V2 = """
 ALTER TABLE inbox ADD COLUMN IF NOT EXISTS sends integer NOT NULL DEFAULT 0;
 """
 
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_CHAT_MARKS)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_MEDIA_JOBS, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 MIGRATIONS_TABLE_SQL = (

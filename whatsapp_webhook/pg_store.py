@@ -11,6 +11,7 @@ from typing import Any
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.pg_base import Connection
 from whatsapp_webhook.pg_chat_store import PostgresChatStore
+from whatsapp_webhook.pg_media import PostgresMediaQueue
 from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
@@ -29,7 +30,7 @@ from whatsapp_webhook.store_api import (
 from whatsapp_webhook.store_schema import LLM_COST_COUNTER
 
 
-class PostgresStore(PostgresChatStore):
+class PostgresStore(PostgresChatStore, PostgresMediaQueue):
     """The Store interface on PostgreSQL (STATE_DB=postgresql://...); store.StateStore is the SQLite one.
 
     A message is committed here before the webhook answers 2xx. Workers take due messages under a
@@ -64,6 +65,7 @@ class PostgresStore(PostgresChatStore):
             ).fetchone()
             if inserted:
                 self._bump(c, "messages_received")
+                self._queue_media(c, message, now)
                 return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
             row = c.execute(
                 "SELECT status, attempts, last_error FROM inbox WHERE key = %s FOR UPDATE", (key,)
@@ -346,6 +348,7 @@ class PostgresStore(PostgresChatStore):
             c.execute(
                 "DELETE FROM media WHERE key = %s OR key IN (SELECT key FROM inbox WHERE merged_into = %s)", (key, key)
             )
+            self._forget_media(c, key)
             if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
                 c.execute(
                     "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (%s, '', %s, %s)",
@@ -464,6 +467,7 @@ class PostgresStore(PostgresChatStore):
                 f" m.chat_key = s.chat_key AND (m.status IN {OPEN_SQL} OR m.finished_at >= %s))",
                 (older_than, older_than, older_than, older_day, older_than),
             )
+            self._prune_media(c)
             # Bytes whose message is finished or gone (the reply no longer needs them).
             c.execute(
                 "DELETE FROM media WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.key = media.key"

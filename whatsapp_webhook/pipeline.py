@@ -11,7 +11,7 @@ from collections.abc import (
     Callable,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from whatsapp_webhook.business import BusinessProfiles, OutOfHoursAction, SessionProfile
 from whatsapp_webhook.business_gate import BusinessGate
@@ -20,6 +20,8 @@ from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.health import CheckStatus, HealthReporter
 from whatsapp_webhook.llm import ModelUnavailableError
 from whatsapp_webhook.logs import MessageLog, log
+from whatsapp_webhook.media import NOTE_INSTRUCTION, strip_media_note
+from whatsapp_webhook.media_reply import MediaRefusal, MediaTurns, fixed_stand_in, has_media
 from whatsapp_webhook.metrics import (
     MESSAGES_FAILED,
     MESSAGES_PROCESSED,
@@ -99,8 +101,10 @@ class ReplyPipeline:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
+        media: MediaTurns | None = None,
     ) -> None:
         self.settings = settings
+        self.media = media if settings.media_enabled else None  # None: media gets NON_TEXT_REPLY, as before
         self.store = store
         self.llm = llm
         self.waha = waha
@@ -179,7 +183,8 @@ class ReplyPipeline:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
             text, outcome, history = claimed_text, claimed.outcome or Outcome.SUCCESS, None
             if claimed.outcome is Outcome.SUCCESS:
-                history = (Turn(role="user", content="\n".join(claimed.texts)), Turn(role="assistant", content=text))
+                said = fixed_stand_in(claimed) if has_media(claimed) else "\n".join(claimed.texts)
+                history = (Turn(role="user", content=said), Turn(role="assistant", content=text))
             parts = await asyncio.to_thread(split_message, text, self.settings.max_message_chars)
             # The worker before us died mid-send: did that part leave?
             if (
@@ -343,8 +348,12 @@ class ReplyPipeline:
                     text=settings.stop_reply if command == "stop" else settings.start_reply, outcome=Outcome.COMMAND
                 )
             )
+        with_media = self.media is not None and has_media(claimed)
         admitted = await asyncio.to_thread(
-            self._admit, message.chat_key, claimed.texts, with_history=bool(claimed.texts) and command != "reset"
+            self._admit,
+            message.chat_key,
+            claimed.texts,
+            with_history=(bool(claimed.texts) or with_media) and command != "reset",
         )
         admission, history = admitted.admission, admitted.history
         if admission.verdict is not Verdict.OK:
@@ -364,20 +373,39 @@ class ReplyPipeline:
         if closed is not OutOfHoursAction.ANSWER:
             notice = closed is OutOfHoursAction.NOTICE
             return ComposedReply(text=profile.notice(hours), outcome=Outcome.NOTICE) if notice else None
-        if not claimed.texts:
+        media_turn = await self.media.compose(claimed, context) if with_media and self.media is not None else None
+        if isinstance(media_turn, MediaRefusal):
+            return ComposedReply(text=media_turn.text, outcome=media_turn.outcome)
+        if media_turn is None and not claimed.texts:
             return ComposedReply(text=settings.non_text_reply, outcome=Outcome.NON_TEXT)
         user_turn = "\n".join(claimed.texts)
-        if not await self.business.within_budget(profile, context):
-            return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK)
-        reply = await self._ask_llm(message, user_turn, history, context, profile=profile, hours=hours)
+        try:
+            if not await self.business.within_budget(profile, context):
+                return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK)
+            reply = await self._ask_llm(
+                message,
+                media_turn.content if media_turn is not None else user_turn,
+                history,
+                context,
+                profile=profile,
+                hours=hours,
+                instructions=NOTE_INSTRUCTION if media_turn is not None else None,
+            )
+        finally:
+            if media_turn is not None and self.media is not None:
+                await asyncio.shield(self.media.done(media_turn))
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
         await self.business.record_spend(profile, cost)
-        formatted = await asyncio.to_thread(markdown_to_whatsapp, reply.text) if reply is not None else ""
+        answer = reply.text if reply is not None else ""
+        if media_turn is not None:  # the note is for the history only: it never reaches the customer
+            noted = strip_media_note(answer)
+            answer, user_turn = noted.text, media_turn.history_text(noted.note)
+        formatted = await asyncio.to_thread(markdown_to_whatsapp, answer) if answer else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
             return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
-        turns = (Turn(role="user", content=user_turn), Turn(role="assistant", content=reply.text))
+        turns = (Turn(role="user", content=user_turn), Turn(role="assistant", content=answer))
         return ComposedReply(text=formatted, outcome=Outcome.SUCCESS, history=turns, llm_cost_usd=cost)
 
     def _admit(self, chat_key: str, texts: list[str], *, with_history: bool) -> AdmittedChat:
@@ -395,21 +423,22 @@ class ReplyPipeline:
     async def _ask_llm(
         self,
         message: IncomingMessage,
-        user_turn: str,
+        user_turn: str | list[dict[str, Any]],
         history: list[Turn],
         context: MessageLog,
         *,
         profile: SessionProfile,
         hours: HoursStatus,
+        instructions: str | None = None,
     ) -> LLMReply | None:
         # OpenRouter's abuse tracking wants a stable end-user id; a hash never reveals the number.
         user = hashlib.sha256(message.chat_id.encode("utf-8")).hexdigest()[:32]
         for attempt_history in (history, []):
             # Reading the knowledge files (only when they changed) is file I/O: off the event loop.
             prompt = (
-                await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn)
+                await asyncio.to_thread(profile.prompt, hours, attempt_history, user_turn, instructions)
                 if profile.knowledge.enabled
-                else profile.prompt(hours, attempt_history, user_turn)
+                else profile.prompt(hours, attempt_history, user_turn, instructions)
             )
             try:
                 reply = await (profile.llm or self.llm).complete(prompt, user=user, log=context)

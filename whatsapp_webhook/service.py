@@ -35,7 +35,9 @@ from whatsapp_webhook.health import (
     overall_health,
 )
 from whatsapp_webhook.logs import MessageLog, log
+from whatsapp_webhook.media import kind_of
 from whatsapp_webhook.metrics import (
+    MEDIA_RECEIVED,
     MESSAGES_IGNORED,
     MESSAGES_RECEIVED,
     REQUESTS_REJECTED,
@@ -250,6 +252,8 @@ class WebhookService:
 
         if accepted.attempts == 0:
             MESSAGES_RECEIVED.inc()
+            if message.has_media:
+                MEDIA_RECEIVED.labels(str(kind_of(message.media_mimetype))).inc()
         message_log(message).info(
             "engine=%(engine)s decision=%(decision)s key=%(key)s text_chars=%(text_chars)d",
             {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -34,6 +35,8 @@ from whatsapp_webhook.knowledge import knowledge_problems
 from whatsapp_webhook.sessions_config import sessions_problems
 from whatsapp_webhook.texts import (
     DEFAULT_FALLBACK_MESSAGE,
+    DEFAULT_MEDIA_UNAVAILABLE_REPLY,
+    DEFAULT_MEDIA_UNSUPPORTED_REPLY,
     DEFAULT_NON_TEXT_REPLY,
     DEFAULT_OUT_OF_HOURS_NOTICE,
     DEFAULT_RATE_LIMIT_REPLY,
@@ -178,7 +181,11 @@ class Settings:
     fallback_message: str = setting(
         "FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE, help="Sent when the LLM cannot answer."
     )
-    non_text_reply: str = setting("NON_TEXT_REPLY", DEFAULT_NON_TEXT_REPLY, help="Sent for media without a caption.")
+    non_text_reply: str = setting(
+        "NON_TEXT_REPLY",
+        DEFAULT_NON_TEXT_REPLY,
+        help="Sent for a location or contact card (and media when MEDIA_ENABLED=false).",
+    )
     typing_simulation: bool = setting(
         "TYPING_SIMULATION", True, help="WAHA's anti-ban recipe: seen, typing, a pause, then the text."
     )
@@ -326,6 +333,40 @@ class Settings:
         bounds=(0.0, 1_000_000),
         help="Most USD the LLM may cost per day (the provider's figures; 0 = no cap); then FALLBACK_MESSAGE.",
     )
+    # Media: voice notes, photos, stickers and PDFs go to the LLM with the text (docs/midia.md).
+    media_enabled: bool = setting(
+        "MEDIA_ENABLED",
+        True,
+        help="Download voice notes, images and PDFs and send them to the LLM (false = NON_TEXT_REPLY).",
+    )
+    media_max_bytes: int = setting(
+        "MEDIA_MAX_BYTES",
+        10 * 1024 * 1024,
+        bounds=(1024, 100 * 1024 * 1024),
+        help="The largest file downloaded; a bigger one gets MEDIA_UNAVAILABLE_REPLY (reading stops at the cap).",
+    )
+    media_store_max_bytes: int = setting(
+        "MEDIA_STORE_MAX_BYTES",
+        512 * 1024 * 1024,
+        bounds=(1024, 2**40),
+        help="Most media bytes the store holds at once for replies still waiting.",
+    )
+    media_download_timeout_seconds: float = setting(
+        "MEDIA_DOWNLOAD_TIMEOUT_SECONDS", 30.0, bounds=(0.5, 600), help="Seconds one media download may take."
+    )
+    media_allowed_origins: tuple[str, ...] = setting(
+        "MEDIA_ALLOWED_ORIGINS",
+        (),
+        help="Origins besides WAHA_BASE_URL's that media may be downloaded from (comma-separated, e.g. an S3 bucket).",
+    )
+    media_unsupported_reply: str = setting(
+        "MEDIA_UNSUPPORTED_REPLY", DEFAULT_MEDIA_UNSUPPORTED_REPLY, help="Sent for media the bot cannot understand."
+    )
+    media_unavailable_reply: str = setting(
+        "MEDIA_UNAVAILABLE_REPLY",
+        DEFAULT_MEDIA_UNAVAILABLE_REPLY,
+        help="Sent when a file could not be downloaded (expired, too big, refused).",
+    )
 
     def command_of(self, text: str | None) -> str | None:
         """Which chat command a customer's whole message is, if any (case and spacing ignored)."""
@@ -385,6 +426,18 @@ class Settings:
         env.problems.extend(schedule_problems(self.business_hours, self.business_timezone, self.business_holidays))
         env.problems.extend(knowledge_problems(self.ai_knowledge_file, self.ai_knowledge_max_chars))
         env.problems.extend(sessions_problems(self))
+        for name, text in (
+            ("MEDIA_UNSUPPORTED_REPLY", self.media_unsupported_reply),
+            ("MEDIA_UNAVAILABLE_REPLY", self.media_unavailable_reply),
+        ):
+            if not text.strip():
+                env.problems.append(f"{name} must not be empty: a customer's media always gets an answer")
+        for origin in self.media_allowed_origins:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+                env.problems.append(
+                    f"MEDIA_ALLOWED_ORIGINS: '{origin}' is not an origin; write scheme://host[:port], e.g. "
+                    "https://bucket.s3.amazonaws.com"
+                )
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from whatsapp_webhook.chat_store import ChatStore
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.policy import failure_verdict, send_verdict
+from whatsapp_webhook.sqlite_media import SQLiteMediaQueue
 from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
     SENDS_SPENT_ERROR,
@@ -29,7 +30,7 @@ from whatsapp_webhook.store_api import (
 from whatsapp_webhook.store_schema import EARLIER_OPEN_SQL, LLM_COST_COUNTER, NEXT_DUE_SQL
 
 
-class StateStore(ChatStore):
+class StateStore(ChatStore, SQLiteMediaQueue):
     """The durable inbox plus counters in one SQLite file, safe across threads and processes.
 
     A message is written here before the webhook answers 2xx, so it survives any crash.
@@ -62,6 +63,7 @@ class StateStore(ChatStore):
             ).rowcount
             if inserted:
                 self._bump(c, "messages_received")
+                self._queue_media(c, message, now)
                 return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
             status, attempts, last_error = c.execute(
                 "SELECT status, attempts, last_error FROM inbox WHERE key = ?", (message.dedupe_key,)
@@ -358,6 +360,7 @@ class StateStore(ChatStore):
             c.execute(
                 "DELETE FROM media WHERE key = ? OR key IN (SELECT key FROM inbox WHERE merged_into = ?)", (key, key)
             )
+            self._forget_media(c, key)
             if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
                 c.execute(
                     "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (?, '', ?, ?)",
@@ -469,6 +472,7 @@ class StateStore(ChatStore):
                 " status IN ('queued', 'processing', 'sending', 'merged') OR finished_at >= ?)",
                 (older_than, older_than, older_than, older_day, older_than),
             )
+            self._prune_media(c)
             # Bytes whose message is finished or gone (the reply no longer needs them).
             c.execute(
                 "DELETE FROM media WHERE key NOT IN (SELECT key FROM inbox WHERE status IN"

@@ -76,6 +76,8 @@ class Outcome(StrEnum):
     NOTICE = "notice"  # the "too many messages" notice
     SKIPPED = "skipped"  # deliberately left unanswered (paused, opted out, loop, over a limit)
     MERGED = "merged"  # answered by the reply of the burst it was merged into
+    MEDIA_UNSUPPORTED = "media_unsupported"  # MEDIA_UNSUPPORTED_REPLY: a kind the bot or the model cannot take
+    MEDIA_UNAVAILABLE = "media_unavailable"  # MEDIA_UNAVAILABLE_REPLY: the file could not be had
 
 
 class Verdict(StrEnum):
@@ -196,6 +198,33 @@ class MediaBlob:
     created_at: float
 
 
+class MediaJobState(StrEnum):
+    """Where a message's file is on its way into the store (the media queue, apart from the reply queue)."""
+
+    PENDING = "pending"  # to be downloaded (new, or again after a transient failure)
+    FETCHING = "fetching"  # a worker is downloading it under a lease
+    STORED = "stored"  # the bytes are in the store (get_media)
+    FAILED = "failed"  # the file cannot be had: `reason` says why
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaJob:
+    """A file to download for a message, claimed by one worker until its lease runs out."""
+
+    key: str  # the message's dedupe key
+    url: str  # media.url as WAHA sent it (media.media_source decides where it is really fetched)
+    mimetype: str
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaJobStatus:
+    state: MediaJobState
+    reason: str | None = None
+    attempts: int = 0
+    size: int = 0  # the stored file's bytes (STORED)
+
+
 class Store(Protocol):
     """Everything the webhook service, the dispatcher and the reply pipeline ask of the state store."""
 
@@ -266,6 +295,11 @@ class Store(Protocol):
     # Media bytes, kept until the message is finished or pruned
     def put_media(self, key: str, *, mimetype: str, data: bytes) -> None: ...
     def get_media(self, key: str) -> MediaBlob | None: ...
+    # The media queue: accept() queues a message's file when it has a media.url; workers download it
+    def claim_media_jobs(self, owner: str, *, limit: int, lease_seconds: float) -> list[MediaJob]: ...
+    def store_media_job(self, key: str, owner: str, *, mimetype: str, data: bytes, max_total_bytes: int) -> bool: ...
+    def fail_media_job(self, key: str, owner: str, *, reason: str, retry_in: float | None = None) -> None: ...
+    def media_job(self, key: str) -> MediaJobStatus | None: ...
 
     # Reporting and health
     def snapshot(self) -> StoreSnapshot: ...

@@ -83,6 +83,24 @@ CREATE TABLE IF NOT EXISTS media (
 );
 """
 
+# The media queue: one row per message whose file is to be downloaded (sqlite_media.py).
+SCHEMA_MEDIA_JOBS = """
+CREATE TABLE IF NOT EXISTS media_jobs (
+    key TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    mimetype TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS media_jobs_due ON media_jobs (state, next_attempt_at);
+"""
+
 # Per-chat marks (Store.mark_once): the out-of-hours notice goes once per chat and closed period.
 SCHEMA_CHAT_MARKS = """
 CREATE TABLE IF NOT EXISTS chat_marks (
@@ -101,7 +119,7 @@ SCHEMA_V3 = """
 ALTER TABLE inbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0;
 """
 
-MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_CHAT_MARKS)
+MIGRATIONS = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_MEDIA_JOBS, SCHEMA_CHAT_MARKS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 IGNORED_COUNTER_PREFIX = "ignored."

@@ -37,3 +37,13 @@ DEFAULT_RATE_LIMIT_REPLY = (
 DEFAULT_OUT_OF_HOURS_NOTICE = (
     "Olá! Recebemos sua mensagem, mas estamos fora do horário de atendimento ({hours}). A equipe retorna {next_open}."
 )
+
+
+DEFAULT_MEDIA_UNSUPPORTED_REPLY = (
+    "Recebi seu arquivo, mas ainda não consigo abrir esse tipo. Pode me mandar em texto, áudio, foto ou PDF?"
+)
+
+
+DEFAULT_MEDIA_UNAVAILABLE_REPLY = (
+    "Não consegui abrir o arquivo que você mandou. Pode enviá-lo de novo ou escrever sua pergunta?"
+)

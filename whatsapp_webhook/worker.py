@@ -17,6 +17,8 @@ from whatsapp_webhook import SERVICE_NAME
 from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard
 from whatsapp_webhook.llm import LLMClient
 from whatsapp_webhook.logs import MessageLog, log
+from whatsapp_webhook.media_fetch import MEDIA_FETCHES_IN_FLIGHT, MediaFetcher, ModelInputKinds
+from whatsapp_webhook.media_reply import MediaTurns
 from whatsapp_webhook.metrics import REPLIES_IN_FLIGHT
 from whatsapp_webhook.pipeline import ReplyPipeline
 from whatsapp_webhook.store_api import InboxStatus, StoreUnavailable
@@ -151,8 +153,9 @@ class Dispatcher:
                 log.exception("could not renew the leases of %d replies in progress", len(keys))
 
     def _mergeable(self, message: IncomingMessage) -> bool:
-        """Text that may share one reply with the messages around it; commands and media stand alone."""
-        return message.text is not None and self.settings.command_of(message.text) is None
+        """Text and media that may share one reply with the messages around it; commands stand alone."""
+        understood = message.text is not None or (message.has_media and self.settings.media_enabled)
+        return understood and self.settings.command_of(message.text) is None
 
     async def _prune(self) -> None:
         now = self.clock()
@@ -197,6 +200,7 @@ class WorkerRuntime:
         health: HealthReporter,
         llm_transport: httpx.AsyncBaseTransport | None = None,
         waha_transport: httpx.AsyncBaseTransport | None = None,
+        media_transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.pid = os.getpid()
@@ -242,18 +246,48 @@ class WorkerRuntime:
             send_attempts=settings.waha_send_attempts,
             sleep=sleep,
         )
-        pipeline = ReplyPipeline(settings=settings, store=store, llm=llm, waha=waha, health=health, sleep=sleep)
+        # Files have their own connections and queue: a reply backlog never makes WAHA's file expire first.
+        self.media_http = upstream_client(
+            transport=media_transport or waha_transport,
+            max_connections=MEDIA_FETCHES_IN_FLIGHT,
+            timeout=httpx.Timeout(settings.media_download_timeout_seconds, connect=5.0),
+        )
+        self.media_fetcher = MediaFetcher(store=store, http=self.media_http, settings=settings)
+        input_kinds = ModelInputKinds(
+            http=self.llm_http,
+            base_url=settings.openrouter_base_url,
+            api_key=settings.openrouter_api_key,
+            model=settings.openrouter_model,
+        )
+        pipeline = ReplyPipeline(
+            settings=settings,
+            store=store,
+            llm=llm,
+            waha=waha,
+            health=health,
+            sleep=sleep,
+            media=MediaTurns(store=store, settings=settings, input_kinds=input_kinds),
+        )
         self.completions = CompletionBoard()
         self.dispatcher = Dispatcher(store=store, pipeline=pipeline, settings=settings)
         self.dispatcher.add_listener(self.completions.notify)
         self.background.call(self.dispatcher.start)
+        if settings.media_enabled:
+            self.background.call(self.media_fetcher.start)
+            self.background.call(lambda: self._keep(asyncio.get_running_loop().create_task(input_kinds.announce())))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._announcing = task  # the loop holds tasks weakly
 
     def wake_dispatcher(self) -> None:
         self.background.call(self.dispatcher.wake)
+        self.background.call(self.media_fetcher.wake)
 
     def close(self, *, drain_seconds: float = 10.0) -> None:
         async def stop() -> None:
             await self.dispatcher.stop(timeout=drain_seconds)
+            await self.media_fetcher.stop()
+            await self.media_http.aclose()
             await self.llm_http.aclose()
             await self.waha_http.aclose()
 

@@ -1,0 +1,144 @@
+"""The customer's media as one LLM turn: content parts in send order, the fixed replies, the history stand-in.
+
+ReplyPipeline asks MediaTurns.compose for every claimed burst that holds media. The whole burst is one
+chat-completions user message (a photo then "quanto custa?" is one call, one reply). When any file of
+the burst is of a kind the bot or the model cannot take, the customer gets MEDIA_UNSUPPORTED_REPLY;
+when one could not be downloaded, MEDIA_UNAVAILABLE_REPLY (asking them to send it again or type it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from whatsapp_webhook.logs import MessageLog
+from whatsapp_webhook.media import STAND_IN, MediaKind, content_part, kind_of
+from whatsapp_webhook.media_fetch import MediaBudget, MediaFailure, ModelInputKinds, await_stored
+from whatsapp_webhook.metrics import MEDIA_FAILURES
+from whatsapp_webhook.store_api import Outcome
+
+if TYPE_CHECKING:
+    from whatsapp_webhook.events import IncomingMessage
+    from whatsapp_webhook.settings import Settings
+    from whatsapp_webhook.store_api import ClaimedMessage, Store
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaTurn:
+    """The user message the LLM gets (text and media parts, in send order) and what history keeps of it."""
+
+    content: list[dict[str, Any]]
+    stand_in: list[str]  # the same turn with each file replaced by its fixed stand-in ("[áudio]")
+    reserved: int = 0  # bytes of MediaTurns.budget this turn holds: give them back with MediaTurns.done
+
+    def history_text(self, note: str | None) -> str:
+        """What later turns see instead of the bytes: the texts, the stand-ins, and the model's note if any."""
+        lines = list(self.stand_in)
+        if note:
+            lines.append(f"(conteúdo da mídia: {note})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaRefusal:
+    """A fixed reply instead of the LLM: the file's kind is not understood, or the file could not be had."""
+
+    text: str
+    outcome: Outcome
+    reason: str
+
+
+def burst_of(claimed: ClaimedMessage) -> tuple[IncomingMessage, ...]:
+    return (claimed.message, *claimed.merged)
+
+
+def has_media(claimed: ClaimedMessage) -> bool:
+    return any(m.has_media for m in burst_of(claimed))
+
+
+def fixed_stand_in(claimed: ClaimedMessage) -> str:
+    """The user turn of a burst without the model's note (a reply written before a restart)."""
+    lines: list[str] = []
+    for m in burst_of(claimed):
+        if m.has_media:
+            lines.append(STAND_IN[kind_of(m.media_mimetype)])
+        if m.text:
+            lines.append(m.text)
+    return "\n".join(lines)
+
+
+class MediaTurns:
+    def __init__(self, *, store: Store, settings: Settings, input_kinds: ModelInputKinds | None) -> None:
+        self.store = store
+        self.settings = settings
+        self.input_kinds = input_kinds
+        # A claimed message waits for its file while the download is queued or running (retries included).
+        self.wait_seconds = settings.media_download_timeout_seconds * 2 + 10.0
+        self.budget = MediaBudget()
+
+    async def done(self, turn: MediaTurn) -> None:
+        """The LLM request is over: the turn's files no longer need to be held."""
+        await self.budget.release(turn.reserved)
+
+    async def compose(self, claimed: ClaimedMessage, log: MessageLog) -> MediaTurn | MediaRefusal:
+        """The burst as one user message; a turn holds its files' bytes in `budget` until done() is called."""
+        files: dict[str, tuple[MediaKind, int]] = {}  # dedupe key -> kind, stored size
+        for m in burst_of(claimed):  # every file first: understood, and downloaded
+            if not m.has_media:
+                continue
+            kind = kind_of(m.media_mimetype)
+            if not (self.input_kinds is None or await self.input_kinds.understood(kind)):
+                return self._refuse(MediaFailure.UNSUPPORTED, log, kind=kind, mimetype=m.media_mimetype)
+            if m.media_error is not None:
+                return self._refuse(MediaFailure(m.media_error), log, kind=kind)
+            stored = await await_stored(self.store, m.dedupe_key, wait_seconds=self.wait_seconds)
+            if stored.failure is not None:
+                return self._refuse(stored.failure, log, kind=kind)
+            files[m.dedupe_key] = (kind, stored.size)
+        # The whole burst at once: two replies each holding part of the budget never wait for each other.
+        reserved = sum(size for _, size in files.values())
+        await self.budget.reserve(reserved)
+        try:
+            content: list[dict[str, Any]] = []
+            stand_in: list[str] = []
+            for m in burst_of(claimed):
+                if m.dedupe_key in files:
+                    kind = files[m.dedupe_key][0]
+                    blob = await asyncio.to_thread(self.store.get_media, m.dedupe_key)
+                    if blob is None:
+                        await self.budget.release(reserved)
+                        return self._refuse(MediaFailure.LOST, log, kind=kind)
+                    content.append(
+                        content_part(kind, mimetype=blob.mimetype, data=blob.data, filename=m.media_filename)
+                    )
+                    stand_in.append(STAND_IN[kind])
+                if m.text:
+                    content.append({"type": "text", "text": m.text})
+                    stand_in.append(m.text)
+        except BaseException:
+            await asyncio.shield(self.budget.release(reserved))
+            raise
+        return MediaTurn(content=content, stand_in=stand_in, reserved=reserved)
+
+    def _refuse(
+        self, reason: MediaFailure, log: MessageLog, *, kind: MediaKind, mimetype: str | None = None
+    ) -> MediaRefusal:
+        MEDIA_FAILURES.labels(str(reason)).inc()
+        unsupported = reason is MediaFailure.UNSUPPORTED
+        log.info(
+            "decision=%(decision)s kind=%(kind)s reason=%(reason)s mimetype=%(mimetype)s",
+            {
+                "decision": "media_unsupported" if unsupported else "media_unavailable",
+                "kind": str(kind),
+                "reason": str(reason),
+                "mimetype": (mimetype or "")[:60],
+            },
+        )
+        if unsupported:
+            return MediaRefusal(
+                text=self.settings.media_unsupported_reply, outcome=Outcome.MEDIA_UNSUPPORTED, reason=str(reason)
+            )
+        return MediaRefusal(
+            text=self.settings.media_unavailable_reply, outcome=Outcome.MEDIA_UNAVAILABLE, reason=str(reason)
+        )
