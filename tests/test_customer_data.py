@@ -54,7 +54,8 @@ def test_export_then_forget_leaves_no_trace_and_no_second_answer(make_app, upstr
 
     code, printed = command_line("--export-chat", wp.CUSTOMER_PN)
     assert json.loads(printed) == {"chat_key": f"default:{wp.CUSTOMER_PN}", "messages": [], "history": [],
-                                   "chat_state": None, "marks": {}, "media": [], "sent": []}
+                                   "chat_state": None, "marks": {}, "media": [], "downloads": [],
+                                   "sent": []}
     # WAHA redelivers the forgotten message: recognised, not answered again.
     answered_before = len(upstreams.sent_texts())
     assert post_event(client, said).get_json()["reason"] == "duplicate"

@@ -709,10 +709,14 @@ def test_a_chats_data_is_exported_whole_and_forgetting_it_leaves_only_keys_that_
     store.set_opted_out(first.chat_key, True)
     waiting = incoming(ana, ts=200.0, body="Ainda está aí?", bare="3EB0ANA2")
     store.accept(waiting)
+    voice = media_incoming(bare="3EB0ANA3")  # a voice note whose file is still to be downloaded from WAHA
+    assert voice.chat_key == first.chat_key
+    store.accept(voice)
     answered(store, incoming(other, body="Sou o Bruno", bare="3EB0BRU1"), "Oi, Bruno!")
 
     exported = store.export_chat(first.chat_key)
-    assert [m["message"]["text"] for m in exported.messages] == ["Meu CPF é 123.456.789-00", "Ainda está aí?"]
+    assert [m["message"]["text"] for m in exported.messages][:2] == ["Meu CPF é 123.456.789-00", "Ainda está aí?"]
+    assert [(d["key"], d["state"]) for d in exported.downloads] == [(voice.dedupe_key, "pending")]
     assert exported.messages[0]["outcome"] == "success" and exported.messages[1]["status"] == "queued"
     assert [(t["role"], t["content"]) for t in exported.history] == [
         ("user", "Meu CPF é 123.456.789-00"), ("assistant", "Anotado, Ana!")]
@@ -723,8 +727,10 @@ def test_a_chats_data_is_exported_whole_and_forgetting_it_leaves_only_keys_that_
     assert "Bruno" not in exported.to_json()
 
     report = store.forget_chat(first.chat_key)
-    assert report.deleted == {"chat_state": 1, "media": 1, "history": 2, "chat_marks": 1, "sent": len(exported.sent), "inbox": 1}
-    assert (report.kept_keys, report.dropped_open) == (1, 1)
+    assert report.deleted == {"chat_state": 1, "media": 1, "media_jobs": 1, "history": 2, "chat_marks": 1,
+                              "sent": len(exported.sent), "inbox": 2}
+    assert (report.kept_keys, report.dropped_open) == (1, 2)
+    assert store.media_job(voice.dedupe_key) is None
     assert store.export_chat(first.chat_key).empty
     assert store.get_media(first.dedupe_key) is None
     assert store.history(first.chat_key, since=0, limit=10) == []

@@ -259,6 +259,14 @@ class ChatStore(SQLiteStore):
                         (chat_key,),
                     )
                 ],
+                downloads=[
+                    {"key": key, "url": url, "mimetype": mimetype, "state": state, "reason": reason}
+                    for key, url, mimetype, state, reason in c.execute(
+                        "SELECT key, url, mimetype, state, reason FROM media_jobs"
+                        " WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?) ORDER BY created_at",
+                        (chat_key,),
+                    )
+                ],
                 sent=[
                     {"sent_message_id": bare_id, "sent_at": sent_at}
                     for bare_id, sent_at in c.execute(
@@ -280,6 +288,9 @@ class ChatStore(SQLiteStore):
                 "chat_state": c.execute("DELETE FROM chat_state WHERE chat_key = ?", (chat_key,)).rowcount,
                 "media": c.execute(
                     "DELETE FROM media WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?)", (chat_key,)
+                ).rowcount,
+                "media_jobs": c.execute(
+                    "DELETE FROM media_jobs WHERE key IN (SELECT key FROM inbox WHERE chat_key = ?)", (chat_key,)
                 ).rowcount,
                 "history": c.execute("DELETE FROM history WHERE chat_key = ?", (chat_key,)).rowcount,
                 "chat_marks": c.execute("DELETE FROM chat_marks WHERE chat_key = ?", (chat_key,)).rowcount,

@@ -28,11 +28,14 @@ class ChatExport:
     chat_state: dict[str, Any] | None = None  # pauses, opt-out, rate-limit window
     marks: dict[str, str] = field(default_factory=dict)  # e.g. the last out-of-hours notice's period
     media: list[dict[str, Any]] = field(default_factory=list)  # kept voice notes and photos (size, not bytes)
+    downloads: list[dict[str, Any]] = field(default_factory=list)  # files still to be fetched from WAHA (URL)
     sent: list[dict[str, Any]] = field(default_factory=list)  # the WhatsApp ids of our replies
 
     @property
     def empty(self) -> bool:
-        return not (self.messages or self.history or self.chat_state or self.marks or self.media or self.sent)
+        return not (
+            self.messages or self.history or self.chat_state or self.marks or self.media or self.downloads or self.sent
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2, sort_keys=False)

@@ -253,6 +253,14 @@ class PostgresChatStore(PostgresBase):
                         (chat_key,),
                     ).fetchall()
                 ],
+                downloads=[
+                    {"key": key, "url": url, "mimetype": mimetype, "state": state, "reason": reason}
+                    for key, url, mimetype, state, reason in c.execute(
+                        "SELECT key, url, mimetype, state, reason FROM media_jobs"
+                        " WHERE key IN (SELECT key FROM inbox WHERE chat_key = %s) ORDER BY created_at",
+                        (chat_key,),
+                    ).fetchall()
+                ],
                 sent=[
                     {"sent_message_id": bare_id, "sent_at": sent_at}
                     for bare_id, sent_at in c.execute(
@@ -276,6 +284,9 @@ class PostgresChatStore(PostgresBase):
             deleted = {"chat_state": deleting("DELETE FROM chat_state WHERE chat_key = %s")}
             deleted |= {
                 "media": deleting("DELETE FROM media WHERE key IN (SELECT key FROM inbox WHERE chat_key = %s)"),
+                "media_jobs": deleting(
+                    "DELETE FROM media_jobs WHERE key IN (SELECT key FROM inbox WHERE chat_key = %s)"
+                ),
                 "history": deleting("DELETE FROM history WHERE chat_key = %s"),
                 "chat_marks": deleting("DELETE FROM chat_marks WHERE chat_key = %s"),
                 "sent": deleting("DELETE FROM sent WHERE chat_key = %s"),
