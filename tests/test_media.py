@@ -149,6 +149,54 @@ def test_any_other_host_is_refused(url: str) -> None:
     assert source.verdict is OriginVerdict.REFUSED and source.url is None
 
 
+@pytest.mark.parametrize("url", [
+    "http://localhost:3000/api/screenshot?session=default",  # WAHA's key would open any endpoint
+    "http://waha:3000/api/sessions",
+    "http://localhost:3000/api/files/../screenshot?session=default",  # httpx would send /api/screenshot
+    "http://waha:3000/api/files/default/../../screenshot",
+    "http://localhost:3000/api/files/./default/A.oga",
+    "http://localhost:3000/api/files/%2e%2e/screenshot",
+    "http://localhost:3000/api/files/%2E%2E/screenshot",
+    "http://localhost:3000/api/files/default%2F..%2F..%2Fscreenshot",
+    "http://localhost:3000/api/files/default%5c..%5cscreenshot",
+    "http://localhost:3000/api/files/default\\..\\screenshot",
+    "http://localhost:3000/api/files/",
+    "http://localhost:3000/api/filesystem/x",
+    "http://localhost:3000/",
+])
+def test_on_wahas_origin_only_a_file_under_api_files_is_fetched(url: str) -> None:
+    source = media_source(url, waha_base_url=WAHA)
+    assert source.verdict is OriginVerdict.REFUSED and source.url is None and not source.sends_api_key
+
+
+def test_waha_base_urls_path_prefix_is_kept_and_wahas_query_dropped() -> None:
+    behind_proxy = "http://proxy:8080/waha/"
+    rewritten = media_source("http://localhost:3000/api/files/default/A.oga?session=x", waha_base_url=behind_proxy)
+    assert rewritten.url == "http://proxy:8080/waha/api/files/default/A.oga" and rewritten.sends_api_key
+    own = media_source("http://proxy:8080/waha/api/files/default/A.oga", waha_base_url=behind_proxy)
+    assert own.url == "http://proxy:8080/waha/api/files/default/A.oga"
+    assert media_source("http://proxy:8080/api/files/default/A.oga", waha_base_url=behind_proxy).url is None
+
+
+@pytest.mark.parametrize("data, is_pdf", [
+    (b"%PDF-1.4\n...", True),
+    (b"\xef\xbb\xbf%PDF-1.7\n", True),  # a BOM
+    (b"\r\n \t%PDF-1.5\n", True),  # blank lines some generators write first
+    (b"\xff\xd8\xff\xe0 JPEG whose comment says %PDF-1.4", False),
+    (b"<html>%PDF-1.4</html>", False),
+])
+def test_a_pdf_must_start_with_its_signature(data: bytes, is_pdf: bool) -> None:
+    assert matches_mimetype(data, "application/pdf") is is_pdf
+
+
+def test_wahas_screenshot_is_never_fetched_with_the_key(tmp_path: Path) -> None:
+    with respx.mock(assert_all_mocked=False, assert_all_called=False) as router:
+        screenshot = router.get(url__regex=r".*/api/screenshot.*").respond(200, content=media_bytes("product.jpg"))
+        with pytest.raises(MediaDownloadError) as caught:
+            fetch(tmp_path, "http://localhost:3000/api/screenshot?session=default", "image/jpeg")
+    assert caught.value.reason is MediaFailure.REFUSED_ORIGIN and not screenshot.called
+
+
 # --- the download -----------------------------------------------------------------------------------------
 
 def settings(tmp_path: Path, **overrides: Any) -> Any:
