@@ -88,7 +88,9 @@ class MediaTurns:
             if not m.has_media:
                 continue
             kind = kind_of(m.media_mimetype)
-            if not (self.input_kinds is None or await self.input_kinds.understood(kind)):
+            if kind is MediaKind.UNSUPPORTED or not (
+                self.input_kinds is None or await self.input_kinds.understood(kind)
+            ):
                 return self._refuse(MediaFailure.UNSUPPORTED, log, kind=kind, mimetype=m.media_mimetype)
             if m.media_error is not None:
                 return self._refuse(MediaFailure(m.media_error), log, kind=kind)
