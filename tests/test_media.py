@@ -27,7 +27,18 @@ from whatsapp_webhook.media import (
     media_source,
     strip_media_note,
 )
-from whatsapp_webhook.media_fetch import MediaBudget, MediaDownloadError, MediaFailure, download_media, input_kinds_of
+from whatsapp_webhook import media_fetch
+from whatsapp_webhook.media_fetch import (
+    MEDIA_FETCH_ATTEMPTS,
+    MediaBudget,
+    MediaDownloadError,
+    MediaFailure,
+    MediaFetcher,
+    download_media,
+    input_kinds_of,
+)
+from whatsapp_webhook.store import StateStore
+from whatsapp_webhook.store_api import MediaJobState
 
 MEDIA = Path(make_media.MEDIA_DIR)
 FILES = {  # file -> the mimetype WhatsApp declares for it
@@ -298,6 +309,35 @@ def test_a_slow_file_times_out_as_a_transient_failure(tmp_path: Path) -> None:
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://waha:3000/api/files/a.jpeg", "image/jpeg", media_download_timeout_seconds=0.5)
     assert caught.value.reason is MediaFailure.TIMEOUT and caught.value.transient
+
+
+def test_a_download_that_fails_in_our_own_code_is_given_up_after_the_attempts(tmp_path: Path, monkeypatch) -> None:
+    now = [1_700_000_000.0]
+    store = StateStore(str(tmp_path / "state.db"), clock=lambda: now[0])
+    store.initialize()
+    message = classify(wp.media_message("WEBJS", kind="audio"))
+    store.accept(message)
+
+    async def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(media_fetch, "download_media", broken)
+
+    async def run() -> int:
+        tries = 0
+        async with httpx.AsyncClient() as http:
+            fetcher = MediaFetcher(store=store, http=http, settings=settings(tmp_path))
+            for _ in range(MEDIA_FETCH_ATTEMPTS + 3):  # a minute or so of the fetcher's polling
+                for job in store.claim_media_jobs(fetcher.owner, limit=1, lease_seconds=30):
+                    tries += 1
+                    await fetcher._fetch(job)
+                now[0] += 10
+        return tries
+
+    assert asyncio.run(run()) == MEDIA_FETCH_ATTEMPTS
+    status = store.media_job(message.dedupe_key)
+    assert status is not None and status.state is MediaJobState.FAILED and status.reason == "bug"
+    store.close()
 
 
 # --- what the LLM gets ----------------------------------------------------------------------------------

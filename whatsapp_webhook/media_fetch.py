@@ -56,6 +56,7 @@ class MediaFailure(StrEnum):
     STORE_FULL = "store_full"  # MEDIA_STORE_MAX_BYTES reached
     LOST = "lost"  # no job and no bytes (e.g. recorded by a version without media support)
     UNSUPPORTED = "unsupported"  # a kind the bot or the model cannot take
+    BUG = "bug"  # our own code failed: the log has the traceback
 
 
 class MediaDownloadError(Exception):
@@ -195,8 +196,19 @@ class MediaFetcher:
             )
             return
         except Exception:
-            log.exception("media download failed in our code")
-            await self._quietly(self.store.fail_media_job, job.key, self.owner, reason="bug", retry_in=5.0)
+            again = job.attempts < MEDIA_FETCH_ATTEMPTS  # a bug that always fails must not be retried forever
+            log.exception(
+                "media download failed in our code: attempt=%d then=%s",
+                job.attempts,
+                "retry" if again else "unavailable",
+            )
+            await self._quietly(
+                self.store.fail_media_job,
+                job.key,
+                self.owner,
+                reason=str(MediaFailure.BUG),
+                retry_in=5.0 if again else None,
+            )
             return
         stored = await self._quietly(
             self.store.store_media_job,
