@@ -206,6 +206,15 @@ def test_without_a_note_the_history_keeps_the_fixed_stand_in(client, upstreams) 
     assert upstreams.calls_to("llm")[1]["messages"][1] == {"role": "user", "content": "[imagem]\ngostou?"}
 
 
+def test_a_note_in_a_reply_to_plain_text_never_reaches_the_customer(client, upstreams) -> None:
+    answer_with(upstreams, "Custa R$ 99.\n[[nota]]o cliente perguntou o preço da foto anterior[[/nota]]")
+    post_event(client, wp.text_message("WEBJS", body="quanto custa?"))
+    assert wait_for_replies(upstreams, 1) == ["Custa R$ 99."]
+    answer_with(upstreams, "De nada!")
+    post_event(client, wp.text_message("WEBJS", body="obrigado"))
+    assert upstreams.calls_to("llm")[1]["messages"][2] == {"role": "assistant", "content": "Custa R$ 99."}
+
+
 def test_a_reply_that_is_only_a_note_gets_the_fallback(client, upstreams) -> None:
     answer_with(upstreams, "[[nota]]foto de um produto[[/nota]]")
     photo = wp.media_message("WEBJS", kind="image")
