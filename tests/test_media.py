@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from fakes import make_media
 from fakes import waha_payloads as wp
 from tests.conftest import make_settings
+from whatsapp_webhook import media_fetch
 from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
 from whatsapp_webhook.media import (
     MediaKind,
@@ -27,7 +29,6 @@ from whatsapp_webhook.media import (
     media_source,
     strip_media_note,
 )
-from whatsapp_webhook import media_fetch
 from whatsapp_webhook.media_fetch import (
     MEDIA_FETCH_ATTEMPTS,
     MediaBudget,
@@ -425,3 +426,32 @@ def test_a_log_line_never_carries_a_files_base64_even_inside_an_upstreams_error(
         log.error("llm_failed=%s", f'400 "invalid image: data:image/jpeg;base64,{encoded}"')
     line = TextLogFormatter().format(caplog.records[-1])
     assert encoded[:256] not in line and f"<{len(encoded)} base64 characters left out>" in line
+
+
+UPSTREAM_ERROR = '400 "invalid image: data:image/jpeg;base64,' + base64.b64encode(bytes(range(256))).decode()
+LONG_RUN = re.compile(r"[A-Za-z0-9+/]{64,}")
+
+
+@pytest.mark.parametrize("formatter", ["text", "json"])
+def test_base64_in_a_cut_upstream_error_a_json_field_or_an_exception_is_left_out(caplog, formatter: str) -> None:
+    import json
+    import logging
+
+    from whatsapp_webhook.logs import JsonLogFormatter, MessageLog, TextLogFormatter, log
+    cut = UPSTREAM_ERROR[:200]  # upstream errors are logged cut to 200 characters
+    assert LONG_RUN.search(cut)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        MessageLog(log, chat="5511@c.us").warning("decision=%(decision)s error=%(error)s",
+                                                 {"decision": "llm_failed", "error": cut})
+        try:
+            raise ValueError(cut)
+        except ValueError:
+            log.exception("llm request failed")
+    format_line = (TextLogFormatter() if formatter == "text" else JsonLogFormatter()).format
+    field_line, exception_line = (format_line(record) for record in caplog.records[-2:])
+    for line in (field_line, exception_line):
+        assert LONG_RUN.search(line) is None and "base64 characters left out" in line
+    if formatter == "json":
+        document = json.loads(field_line)
+        assert document["decision"] == "llm_failed" and "base64 characters left out" in document["error"]
+        assert "base64 characters left out" in json.loads(exception_line)["exception"]
