@@ -141,6 +141,47 @@ def test_video_and_other_documents_get_the_unsupported_reply_without_a_download(
     assert upstreams.llm.call_count == 0 and upstreams.media.call_count == 0
 
 
+def burst(client: Any, *envelopes: dict[str, Any]) -> None:
+    for envelope in envelopes:
+        assert post_event(client, envelope).status_code == 202
+
+
+def test_a_video_with_a_question_gets_the_question_answered_and_the_model_told_of_the_video(
+        make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    burst(client, wp.media_message("WEBJS", kind="document", mimetype="video/mp4", filename="v.mp4",
+                                   timestamp=1_764_000_200),
+          wp.text_message("WEBJS", body="tem na cor azul?", timestamp=1_764_000_201))
+    assert wait_for_replies(upstreams, 1) == ["Echo: [o cliente enviou um vídeo, que não consigo ver] tem na cor azul?"]
+    assert last_user_content(upstreams) == [
+        {"type": "text", "text": "[o cliente enviou um vídeo, que não consigo ver]"},
+        {"type": "text", "text": "tem na cor azul?"}]
+    assert upstreams.llm.call_count == 1 and upstreams.media.call_count == 0
+
+
+def test_an_expired_file_beside_a_usable_photo_and_a_text_still_gets_one_answer(make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    base = 1_764_000_300
+    photo = wp.media_message("GOWS", kind="image", timestamp=base)
+    upstreams.serve_media(photo, PHOTO, "image/jpeg")
+    expired = wp.media_message("GOWS", kind="audio", timestamp=base + 1)  # not served: WAHA answers 404
+    burst(client, photo, expired, wp.text_message("GOWS", body="quanto custa?", timestamp=base + 2))
+    assert wait_for_replies(upstreams, 1) == [
+        "Echo: <image_url> [o cliente enviou um áudio que não está mais disponível] quanto custa?"]
+    image, gone, text = last_user_content(upstreams)
+    assert image["image_url"]["url"] == "data:image/jpeg;base64," + b64(PHOTO)
+    assert gone == {"type": "text", "text": "[o cliente enviou um áudio que não está mais disponível]"}
+    assert text == {"type": "text", "text": "quanto custa?"}
+
+
+def test_a_burst_with_nothing_usable_gets_the_fixed_reply(make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    burst(client, wp.media_message("NOWEB", kind="document", mimetype="video/mp4", timestamp=1_764_000_400),
+          wp.media_message("NOWEB", kind="audio", timestamp=1_764_000_401))  # expired
+    assert wait_for_replies(upstreams, 1) == [DEFAULT_MEDIA_UNAVAILABLE_REPLY]
+    assert upstreams.llm.call_count == 0
+
+
 def test_a_kind_the_model_does_not_take_gets_the_unsupported_reply(make_app, upstreams) -> None:
     upstreams.models.side_effect = lambda request: httpx.Response(200, json={"data": [
         {"id": "google/gemini-3.1-flash-lite", "architecture": {"input_modalities": ["text", "image"]}}]})

@@ -246,7 +246,9 @@ NOTE_INSTRUCTION = (
     "The customer's message includes audio, images or documents, in the order they were sent. Answer the "
     "customer as usual. Then, on a last line of its own, write [[nota]] followed by a transcript of each audio "
     "(word for word) or a one-sentence description of each image or document, then [[/nota]]. That line is "
-    "only for your memory: it is removed before the customer sees the answer."
+    "only for your memory: it is removed before the customer sees the answer. A part in square brackets, "
+    "such as [o cliente enviou um vídeo, que não consigo ver], stands for a file you cannot see or hear: "
+    "answer the rest, and say briefly that you could not open that file."
 )
 
 NOTE_MAX_CHARS = 600
