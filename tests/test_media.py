@@ -38,6 +38,7 @@ from whatsapp_webhook.media_fetch import (
     download_media,
     input_kinds_of,
 )
+from whatsapp_webhook.media_reply import MediaTurns
 from whatsapp_webhook.store import StateStore
 from whatsapp_webhook.store_api import MediaJobState
 
@@ -338,6 +339,36 @@ def test_a_download_that_fails_in_our_own_code_is_given_up_after_the_attempts(tm
     assert asyncio.run(run()) == MEDIA_FETCH_ATTEMPTS
     status = store.media_job(message.dedupe_key)
     assert status is not None and status.state is MediaJobState.FAILED and status.reason == "bug"
+    store.close()
+
+
+def test_a_reply_waits_for_a_file_through_all_its_download_attempts(tmp_path: Path) -> None:
+    """Three 30 s attempts and their backoff take ~93 s: a reply that gave up at 70 s sent the unavailable
+    reply for a file a retry was about to get. The wait stays under WAHA's 180 s file lifetime."""
+    now = [1_700_000_000.0]
+    store = StateStore(str(tmp_path / "state.db"), clock=lambda: now[0])
+    store.initialize()
+    message = classify(wp.media_message("WEBJS", kind="audio"))
+    store.accept(message)
+    voice = media_bytes("voice_note.ogg")
+    turns = MediaTurns(store=store, settings=settings(tmp_path), input_kinds=None)
+    assert turns.wait_seconds < 180
+
+    async def one_second_later(seconds: float) -> None:
+        now[0] += 1.0
+        if now[0] - 1_700_000_000.0 in (1.0, 32.0, 64.0):  # attempts 1 and 2 time out, the third gets the file
+            (job,) = store.claim_media_jobs("w1", limit=1, lease_seconds=45)
+            if job.attempts < 3:
+                store.fail_media_job(job.key, "w1", reason="timeout", retry_in=float(job.attempts))
+        if now[0] - 1_700_000_000.0 == 95.0:
+            assert store.store_media_job(message.dedupe_key, "w1", mimetype="audio/ogg", data=voice,
+                                         max_total_bytes=10**6)
+
+    async def run() -> Any:
+        return await media_fetch.await_stored(store, message.dedupe_key, wait_seconds=turns.wait_seconds,
+                                              sleep=one_second_later, clock=lambda: now[0])
+
+    assert asyncio.run(run()) == media_fetch.StoredMedia(size=len(voice))
     store.close()
 
 

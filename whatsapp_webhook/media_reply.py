@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from whatsapp_webhook.logs import MessageLog
 from whatsapp_webhook.media import STAND_IN, MediaKind, content_part, kind_of
-from whatsapp_webhook.media_fetch import MediaBudget, MediaFailure, ModelInputKinds, await_stored
+from whatsapp_webhook.media_fetch import (
+    MediaBudget,
+    MediaFailure,
+    ModelInputKinds,
+    await_stored,
+    media_wait_seconds,
+)
 from whatsapp_webhook.metrics import MEDIA_FAILURES
 from whatsapp_webhook.store_api import Outcome
 
@@ -92,7 +98,7 @@ class MediaTurns:
         self.settings = settings
         self.input_kinds = input_kinds
         # A claimed message waits for its file while the download is queued or running (retries included).
-        self.wait_seconds = settings.media_download_timeout_seconds * 2 + 10.0
+        self.wait_seconds = media_wait_seconds(settings.media_download_timeout_seconds)
         self.budget = MediaBudget()
 
     async def done(self, turn: MediaTurn) -> None:
