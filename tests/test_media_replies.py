@@ -220,6 +220,16 @@ def test_a_media_url_on_another_host_is_never_fetched(client, upstreams) -> None
     assert other.call_count == 0 and upstreams.media.call_count == 0
 
 
+def test_a_media_url_naming_another_waha_endpoint_is_never_fetched_with_the_key(client, upstreams) -> None:
+    screenshot = upstreams.router.get(url__regex=r".*/api/screenshot.*", name="screenshot").respond(
+        200, content=PHOTO, headers={"Content-Type": "image/jpeg"})
+    envelope = wp.media_message("WEBJS", kind="image")
+    envelope["payload"]["media"]["url"] = "http://localhost:3000/api/screenshot?session=default"
+    post_event(client, envelope)
+    assert wait_for_replies(upstreams, 1) == [DEFAULT_MEDIA_UNAVAILABLE_REPLY]
+    assert screenshot.call_count == 0 and upstreams.llm.call_count == 0
+
+
 def test_the_next_turn_remembers_the_transcript_not_the_bytes(client, upstreams) -> None:
     answer_with(upstreams, "Abrimos das 8h às 18h.\n[[nota]]qual o horário de vocês?[[/nota]]")
     voice = wp.media_message("WEBJS", kind="audio")
