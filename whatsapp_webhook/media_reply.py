@@ -133,10 +133,9 @@ class MediaTurns:
             self._count_refusal(failure, log, kind=kind, mimetype=m.media_mimetype)
             refused[m.dedupe_key] = (refused_part(failure, kind=kind, mimetype=m.media_mimetype), failure)
         if not files and not any(m.text for m in burst_of(claimed)):
-            failures = {failure for _, failure in refused.values()}
-            return self._fixed_reply(
-                MediaFailure.UNSUPPORTED if failures == {MediaFailure.UNSUPPORTED} else next(iter(failures))
-            )
+            # Asking to send it again only helps a file that could not be had, not one of a kind never understood.
+            unavailable = [failure for _, failure in refused.values() if failure is not MediaFailure.UNSUPPORTED]
+            return self._fixed_reply(unavailable[0] if unavailable else MediaFailure.UNSUPPORTED)
         # The whole burst at once: two replies each holding part of the budget never wait for each other.
         reserved = sum(size for _, size in files.values())
         await self.budget.reserve(reserved)
