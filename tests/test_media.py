@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from fakes import make_media
 from fakes import waha_payloads as wp
 from tests.conftest import make_settings
+from whatsapp_webhook import media_fetch
 from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
 from whatsapp_webhook.media import (
     MediaKind,
@@ -27,7 +29,18 @@ from whatsapp_webhook.media import (
     media_source,
     strip_media_note,
 )
-from whatsapp_webhook.media_fetch import MediaBudget, MediaDownloadError, MediaFailure, download_media, input_kinds_of
+from whatsapp_webhook.media_fetch import (
+    MEDIA_FETCH_ATTEMPTS,
+    MediaBudget,
+    MediaDownloadError,
+    MediaFailure,
+    MediaFetcher,
+    download_media,
+    input_kinds_of,
+)
+from whatsapp_webhook.media_reply import MediaTurns
+from whatsapp_webhook.store import StateStore
+from whatsapp_webhook.store_api import MediaJobState
 
 MEDIA = Path(make_media.MEDIA_DIR)
 FILES = {  # file -> the mimetype WhatsApp declares for it
@@ -149,6 +162,54 @@ def test_any_other_host_is_refused(url: str) -> None:
     assert source.verdict is OriginVerdict.REFUSED and source.url is None
 
 
+@pytest.mark.parametrize("url", [
+    "http://localhost:3000/api/screenshot?session=default",  # WAHA's key would open any endpoint
+    "http://waha:3000/api/sessions",
+    "http://localhost:3000/api/files/../screenshot?session=default",  # httpx would send /api/screenshot
+    "http://waha:3000/api/files/default/../../screenshot",
+    "http://localhost:3000/api/files/./default/A.oga",
+    "http://localhost:3000/api/files/%2e%2e/screenshot",
+    "http://localhost:3000/api/files/%2E%2E/screenshot",
+    "http://localhost:3000/api/files/default%2F..%2F..%2Fscreenshot",
+    "http://localhost:3000/api/files/default%5c..%5cscreenshot",
+    "http://localhost:3000/api/files/default\\..\\screenshot",
+    "http://localhost:3000/api/files/",
+    "http://localhost:3000/api/filesystem/x",
+    "http://localhost:3000/",
+])
+def test_on_wahas_origin_only_a_file_under_api_files_is_fetched(url: str) -> None:
+    source = media_source(url, waha_base_url=WAHA)
+    assert source.verdict is OriginVerdict.REFUSED and source.url is None and not source.sends_api_key
+
+
+def test_waha_base_urls_path_prefix_is_kept_and_wahas_query_dropped() -> None:
+    behind_proxy = "http://proxy:8080/waha/"
+    rewritten = media_source("http://localhost:3000/api/files/default/A.oga?session=x", waha_base_url=behind_proxy)
+    assert rewritten.url == "http://proxy:8080/waha/api/files/default/A.oga" and rewritten.sends_api_key
+    own = media_source("http://proxy:8080/waha/api/files/default/A.oga", waha_base_url=behind_proxy)
+    assert own.url == "http://proxy:8080/waha/api/files/default/A.oga"
+    assert media_source("http://proxy:8080/api/files/default/A.oga", waha_base_url=behind_proxy).url is None
+
+
+@pytest.mark.parametrize("data, is_pdf", [
+    (b"%PDF-1.4\n...", True),
+    (b"\xef\xbb\xbf%PDF-1.7\n", True),  # a BOM
+    (b"\r\n \t%PDF-1.5\n", True),  # blank lines some generators write first
+    (b"\xff\xd8\xff\xe0 JPEG whose comment says %PDF-1.4", False),
+    (b"<html>%PDF-1.4</html>", False),
+])
+def test_a_pdf_must_start_with_its_signature(data: bytes, is_pdf: bool) -> None:
+    assert matches_mimetype(data, "application/pdf") is is_pdf
+
+
+def test_wahas_screenshot_is_never_fetched_with_the_key(tmp_path: Path) -> None:
+    with respx.mock(assert_all_mocked=False, assert_all_called=False) as router:
+        screenshot = router.get(url__regex=r".*/api/screenshot.*").respond(200, content=media_bytes("product.jpg"))
+        with pytest.raises(MediaDownloadError) as caught:
+            fetch(tmp_path, "http://localhost:3000/api/screenshot?session=default", "image/jpeg")
+    assert caught.value.reason is MediaFailure.REFUSED_ORIGIN and not screenshot.called
+
+
 # --- the download -----------------------------------------------------------------------------------------
 
 def settings(tmp_path: Path, **overrides: Any) -> Any:
@@ -252,6 +313,65 @@ def test_a_slow_file_times_out_as_a_transient_failure(tmp_path: Path) -> None:
     assert caught.value.reason is MediaFailure.TIMEOUT and caught.value.transient
 
 
+def test_a_download_that_fails_in_our_own_code_is_given_up_after_the_attempts(tmp_path: Path, monkeypatch) -> None:
+    now = [1_700_000_000.0]
+    store = StateStore(str(tmp_path / "state.db"), clock=lambda: now[0])
+    store.initialize()
+    message = classify(wp.media_message("WEBJS", kind="audio"))
+    store.accept(message)
+
+    async def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(media_fetch, "download_media", broken)
+
+    async def run() -> int:
+        tries = 0
+        async with httpx.AsyncClient() as http:
+            fetcher = MediaFetcher(store=store, http=http, settings=settings(tmp_path))
+            for _ in range(MEDIA_FETCH_ATTEMPTS + 3):  # a minute or so of the fetcher's polling
+                for job in store.claim_media_jobs(fetcher.owner, limit=1, lease_seconds=30):
+                    tries += 1
+                    await fetcher._fetch(job)
+                now[0] += 10
+        return tries
+
+    assert asyncio.run(run()) == MEDIA_FETCH_ATTEMPTS
+    status = store.media_job(message.dedupe_key)
+    assert status is not None and status.state is MediaJobState.FAILED and status.reason == "bug"
+    store.close()
+
+
+def test_a_reply_waits_for_a_file_through_all_its_download_attempts(tmp_path: Path) -> None:
+    """Three 30 s attempts and their backoff take ~93 s: a reply that gave up at 70 s sent the unavailable
+    reply for a file a retry was about to get. The wait stays under WAHA's 180 s file lifetime."""
+    now = [1_700_000_000.0]
+    store = StateStore(str(tmp_path / "state.db"), clock=lambda: now[0])
+    store.initialize()
+    message = classify(wp.media_message("WEBJS", kind="audio"))
+    store.accept(message)
+    voice = media_bytes("voice_note.ogg")
+    turns = MediaTurns(store=store, settings=settings(tmp_path), input_kinds=None)
+    assert turns.wait_seconds < 180
+
+    async def one_second_later(seconds: float) -> None:
+        now[0] += 1.0
+        if now[0] - 1_700_000_000.0 in (1.0, 32.0, 64.0):  # attempts 1 and 2 time out, the third gets the file
+            (job,) = store.claim_media_jobs("w1", limit=1, lease_seconds=45)
+            if job.attempts < 3:
+                store.fail_media_job(job.key, "w1", reason="timeout", retry_in=float(job.attempts))
+        if now[0] - 1_700_000_000.0 == 95.0:
+            assert store.store_media_job(message.dedupe_key, "w1", mimetype="audio/ogg", data=voice,
+                                         max_total_bytes=10**6)
+
+    async def run() -> Any:
+        return await media_fetch.await_stored(store, message.dedupe_key, wait_seconds=turns.wait_seconds,
+                                              sleep=one_second_later, clock=lambda: now[0])
+
+    assert asyncio.run(run()) == media_fetch.StoredMedia(size=len(voice))
+    store.close()
+
+
 # --- what the LLM gets ----------------------------------------------------------------------------------
 
 def test_content_parts_follow_openrouters_multimodal_format() -> None:
@@ -337,3 +457,32 @@ def test_a_log_line_never_carries_a_files_base64_even_inside_an_upstreams_error(
         log.error("llm_failed=%s", f'400 "invalid image: data:image/jpeg;base64,{encoded}"')
     line = TextLogFormatter().format(caplog.records[-1])
     assert encoded[:256] not in line and f"<{len(encoded)} base64 characters left out>" in line
+
+
+UPSTREAM_ERROR = '400 "invalid image: data:image/jpeg;base64,' + base64.b64encode(bytes(range(256))).decode()
+LONG_RUN = re.compile(r"[A-Za-z0-9+/]{64,}")
+
+
+@pytest.mark.parametrize("formatter", ["text", "json"])
+def test_base64_in_a_cut_upstream_error_a_json_field_or_an_exception_is_left_out(caplog, formatter: str) -> None:
+    import json
+    import logging
+
+    from whatsapp_webhook.logs import JsonLogFormatter, MessageLog, TextLogFormatter, log
+    cut = UPSTREAM_ERROR[:200]  # upstream errors are logged cut to 200 characters
+    assert LONG_RUN.search(cut)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        MessageLog(log, chat="5511@c.us").warning("decision=%(decision)s error=%(error)s",
+                                                 {"decision": "llm_failed", "error": cut})
+        try:
+            raise ValueError(cut)
+        except ValueError:
+            log.exception("llm request failed")
+    format_line = (TextLogFormatter() if formatter == "text" else JsonLogFormatter()).format
+    field_line, exception_line = (format_line(record) for record in caplog.records[-2:])
+    for line in (field_line, exception_line):
+        assert LONG_RUN.search(line) is None and "base64 characters left out" in line
+    if formatter == "json":
+        document = json.loads(field_line)
+        assert document["decision"] == "llm_failed" and "base64 characters left out" in document["error"]
+        assert "base64 characters left out" in json.loads(exception_line)["exception"]

@@ -137,6 +137,48 @@ def test_a_file_waha_has_not_got_gets_the_unavailable_reply(client, upstreams, o
 def test_video_and_other_documents_get_the_unsupported_reply_without_a_download(client, upstreams, mimetype) -> None:
     post_event(client, wp.media_message("WEBJS", kind="document", mimetype=mimetype, filename="x.docx"))
     assert wait_for_replies(upstreams, 1) == [DEFAULT_MEDIA_UNSUPPORTED_REPLY]
+    time.sleep(1.5)  # the media queue is polled every second
+    assert upstreams.llm.call_count == 0 and upstreams.media.call_count == 0
+
+
+def burst(client: Any, *envelopes: dict[str, Any]) -> None:
+    for envelope in envelopes:
+        assert post_event(client, envelope).status_code == 202
+
+
+def test_a_video_with_a_question_gets_the_question_answered_and_the_model_told_of_the_video(
+        make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    burst(client, wp.media_message("WEBJS", kind="document", mimetype="video/mp4", filename="v.mp4",
+                                   timestamp=1_764_000_200),
+          wp.text_message("WEBJS", body="tem na cor azul?", timestamp=1_764_000_201))
+    assert wait_for_replies(upstreams, 1) == ["Echo: [o cliente enviou um vídeo, que não consigo ver] tem na cor azul?"]
+    assert last_user_content(upstreams) == [
+        {"type": "text", "text": "[o cliente enviou um vídeo, que não consigo ver]"},
+        {"type": "text", "text": "tem na cor azul?"}]
+    assert upstreams.llm.call_count == 1 and upstreams.media.call_count == 0
+
+
+def test_an_expired_file_beside_a_usable_photo_and_a_text_still_gets_one_answer(make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    base = 1_764_000_300
+    photo = wp.media_message("GOWS", kind="image", timestamp=base)
+    upstreams.serve_media(photo, PHOTO, "image/jpeg")
+    expired = wp.media_message("GOWS", kind="audio", timestamp=base + 1)  # not served: WAHA answers 404
+    burst(client, photo, expired, wp.text_message("GOWS", body="quanto custa?", timestamp=base + 2))
+    assert wait_for_replies(upstreams, 1) == [
+        "Echo: <image_url> [o cliente enviou um áudio que não está mais disponível] quanto custa?"]
+    image, gone, text = last_user_content(upstreams)
+    assert image["image_url"]["url"] == "data:image/jpeg;base64," + b64(PHOTO)
+    assert gone == {"type": "text", "text": "[o cliente enviou um áudio que não está mais disponível]"}
+    assert text == {"type": "text", "text": "quanto custa?"}
+
+
+def test_a_burst_with_nothing_usable_gets_the_fixed_reply(make_app, upstreams) -> None:
+    client = make_app(debounce_seconds=1.0, webhook_sync_wait_seconds=0).test_client()
+    burst(client, wp.media_message("NOWEB", kind="document", mimetype="video/mp4", timestamp=1_764_000_400),
+          wp.media_message("NOWEB", kind="audio", timestamp=1_764_000_401))  # expired
+    assert wait_for_replies(upstreams, 1) == [DEFAULT_MEDIA_UNAVAILABLE_REPLY]
     assert upstreams.llm.call_count == 0
 
 
@@ -178,6 +220,16 @@ def test_a_media_url_on_another_host_is_never_fetched(client, upstreams) -> None
     assert other.call_count == 0 and upstreams.media.call_count == 0
 
 
+def test_a_media_url_naming_another_waha_endpoint_is_never_fetched_with_the_key(client, upstreams) -> None:
+    screenshot = upstreams.router.get(url__regex=r".*/api/screenshot.*", name="screenshot").respond(
+        200, content=PHOTO, headers={"Content-Type": "image/jpeg"})
+    envelope = wp.media_message("WEBJS", kind="image")
+    envelope["payload"]["media"]["url"] = "http://localhost:3000/api/screenshot?session=default"
+    post_event(client, envelope)
+    assert wait_for_replies(upstreams, 1) == [DEFAULT_MEDIA_UNAVAILABLE_REPLY]
+    assert screenshot.call_count == 0 and upstreams.llm.call_count == 0
+
+
 def test_the_next_turn_remembers_the_transcript_not_the_bytes(client, upstreams) -> None:
     answer_with(upstreams, "Abrimos das 8h às 18h.\n[[nota]]qual o horário de vocês?[[/nota]]")
     voice = wp.media_message("WEBJS", kind="audio")
@@ -203,6 +255,15 @@ def test_without_a_note_the_history_keeps_the_fixed_stand_in(client, upstreams) 
     assert wait_for_replies(upstreams, 1) == ["Que foto bonita! [[nota]"]
     post_event(client, wp.text_message("WEBJS", body="e aí?"))
     assert upstreams.calls_to("llm")[1]["messages"][1] == {"role": "user", "content": "[imagem]\ngostou?"}
+
+
+def test_a_note_in_a_reply_to_plain_text_never_reaches_the_customer(client, upstreams) -> None:
+    answer_with(upstreams, "Custa R$ 99.\n[[nota]]o cliente perguntou o preço da foto anterior[[/nota]]")
+    post_event(client, wp.text_message("WEBJS", body="quanto custa?"))
+    assert wait_for_replies(upstreams, 1) == ["Custa R$ 99."]
+    answer_with(upstreams, "De nada!")
+    post_event(client, wp.text_message("WEBJS", body="obrigado"))
+    assert upstreams.calls_to("llm")[1]["messages"][2] == {"role": "assistant", "content": "Custa R$ 99."}
 
 
 def test_a_reply_that_is_only_a_note_gets_the_fallback(client, upstreams) -> None:

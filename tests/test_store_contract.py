@@ -579,6 +579,16 @@ def test_a_message_with_a_file_is_queued_for_download_once_for_message_and_messa
     assert store.media_job(job.key).state is MediaJobState.FETCHING
 
 
+@pytest.mark.parametrize("mimetype", ["video/mp4", "application/vnd.openxmlformats-officedocument.wordprocessingml"])
+def test_a_file_the_bot_cannot_use_is_never_queued_for_download(store, clock, mimetype: str) -> None:
+    envelope = wp.media_message("WEBJS", kind="document", mimetype=mimetype, filename="x.docx", message_id="VIDEO1")
+    message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
+    assert isinstance(message, IncomingMessage) and message.media_url
+    store.accept(message)
+    assert store.claim_media_jobs("w1", limit=10, lease_seconds=30) == []
+    assert store.media_job(message.dedupe_key) is None
+
+
 def test_stored_bytes_are_the_messages_until_it_is_finished(store, clock) -> None:
     voice = bytes(range(256)) * 30
     message = media_incoming()

@@ -4,8 +4,9 @@ Pure functions over plain values (the download itself is media_fetch.py). The ru
 openrouter.md §13:
   * kinds: voice notes and audio (ogg/opus, mp3, m4a/aac, wav), images (jpeg, png, webp, gif), PDFs; any
     other document and video are unsupported;
-  * a webhook body never chooses what the server fetches: only WAHA_BASE_URL's origin and
-    MEDIA_ALLOWED_ORIGINS; WAHA's default `http://localhost:3000` URLs are rewritten to WAHA_BASE_URL's origin;
+  * a webhook body never chooses what the server fetches: only files under WAHA's /api/files/ (the request
+    carries X-Api-Key) and MEDIA_ALLOWED_ORIGINS; WAHA's default `http://localhost:3000` URLs are rewritten
+    to WAHA_BASE_URL;
   * the bytes must look like what the mimetype says (magic numbers);
   * later turns remember a short text stand-in, never the bytes: the model writes it in a [[nota]] block
     that strip_media_note() removes before anything reaches the customer or the log.
@@ -19,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+
+import httpx
 
 
 class MediaKind(StrEnum):
@@ -92,12 +95,12 @@ _MAGIC: dict[str, Callable[[bytes], bool]] = {
     "image/png": lambda d: d.startswith(b"\x89PNG\r\n\x1a\n"),
     "image/webp": lambda d: d.startswith(b"RIFF") and d[8:12] == b"WEBP",
     "image/gif": lambda d: d.startswith((b"GIF87a", b"GIF89a")),
-    "application/pdf": lambda d: b"%PDF-" in d[:1024],
+    "application/pdf": lambda d: d.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n\x0c").startswith(b"%PDF-"),
 }
 
 
 def matches_mimetype(data: bytes, mimetype: str | None) -> bool:
-    """Whether the bytes start the way files of the declared type do (a PDF may have junk before %PDF-)."""
+    """Whether the bytes start the way files of the declared type do (a PDF may start with a BOM or blanks)."""
     check = _MAGIC.get(content_type_of(mimetype))
     return bool(check and check(data))
 
@@ -147,12 +150,37 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{shown_host}" + (f":{port}" if port and port != default else "")
 
 
+WAHA_FILES_PATH = "/api/files/"  # the only WAHA path a media.url may name: WAHA's key opens every other endpoint
+_ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)  # an encoded '.', '/' or '\\'
+
+
+def _waha_file_url(base: SplitResult, path: str) -> str | None:
+    """WAHA_BASE_URL (its path prefix kept) joined with a path under /api/files/, or None when the path could
+    name anything else: dot segments, encoded separators or dots, backslashes. The query is dropped (WAHA's
+    file URLs have none), and the path httpx will really send (it resolves '..') is checked again."""
+    if not path.startswith(WAHA_FILES_PATH) or "\\" in path or _ENCODED_SEPARATOR.search(path):
+        return None
+    if any(segment in ("", ".", "..") for segment in path[len(WAHA_FILES_PATH) :].split("/")):
+        return None
+    wanted = base.path.rstrip("/") + path
+    url = urlunsplit((base.scheme, base.netloc, wanted, "", ""))
+    try:
+        sent = httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
+    if sent.path != unquote(wanted) or not sent.path.startswith(base.path.rstrip("/") + WAHA_FILES_PATH):
+        return None
+    return url
+
+
 def media_source(url: str, *, waha_base_url: str, allowed_origins: tuple[str, ...] = ()) -> MediaSource:
     """Where a media.url may be fetched from, decided by the server's settings and never by the webhook body.
 
     WAHA builds media.url from its own WAHA_BASE_URL, `http://localhost:3000` unless set: a loopback host
-    is WAHA talking about itself, so the path is fetched from WAHA_BASE_URL's origin. Any other origin
-    must be WAHA's or one listed in MEDIA_ALLOWED_ORIGINS; the rest is refused before any connection.
+    is WAHA talking about itself, so the path is fetched from WAHA_BASE_URL (with its path prefix, if any).
+    Any other origin must be WAHA's or one listed in MEDIA_ALLOWED_ORIGINS; the rest is refused before any
+    connection. On WAHA's origin the request carries X-Api-Key, so only a file under /api/files/ may be
+    named there (never /api/screenshot, /api/sessions, ...).
     """
     refused = MediaSource(verdict=OriginVerdict.REFUSED, url=None)
     try:
@@ -164,15 +192,18 @@ def media_source(url: str, *, waha_base_url: str, allowed_origins: tuple[str, ..
         return refused
     if any(ch in url for ch in "\r\n\t\\ ") or not url.isprintable():
         return refused
-    waha_origin = origin_of(waha_base_url)
-    if parts.hostname.lower() in LOOPBACK_HOSTS:
-        base = urlsplit(waha_base_url)
-        rewritten = urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
-        return MediaSource(verdict=OriginVerdict.WAHA, url=rewritten)
-    origin = origin_of(url)
-    if origin == waha_origin:
-        return MediaSource(verdict=OriginVerdict.WAHA, url=urlunsplit(parts._replace(fragment="")))
-    if origin in {origin_of(o) for o in allowed_origins}:
+    base = urlsplit(waha_base_url)
+    prefix = base.path.rstrip("/")
+    on_waha = origin_of(url) == origin_of(waha_base_url)
+    if on_waha or parts.hostname.lower() in LOOPBACK_HOSTS:
+        path = parts.path
+        if prefix and path.startswith(prefix + WAHA_FILES_PATH):
+            path = path[len(prefix) :]
+        elif on_waha and prefix:
+            return refused  # WAHA's own URLs carry its prefix
+        waha_url = _waha_file_url(base, path)
+        return refused if waha_url is None else MediaSource(verdict=OriginVerdict.WAHA, url=waha_url)
+    if origin_of(url) in {origin_of(o) for o in allowed_origins}:
         return MediaSource(verdict=OriginVerdict.ALLOWED, url=urlunsplit(parts._replace(fragment="")))
     return refused
 
@@ -215,7 +246,9 @@ NOTE_INSTRUCTION = (
     "The customer's message includes audio, images or documents, in the order they were sent. Answer the "
     "customer as usual. Then, on a last line of its own, write [[nota]] followed by a transcript of each audio "
     "(word for word) or a one-sentence description of each image or document, then [[/nota]]. That line is "
-    "only for your memory: it is removed before the customer sees the answer."
+    "only for your memory: it is removed before the customer sees the answer. A part in square brackets, "
+    "such as [o cliente enviou um vídeo, que não consigo ver], stands for a file you cannot see or hear: "
+    "answer the rest, and say briefly that you could not open that file."
 )
 
 NOTE_MAX_CHARS = 600

@@ -37,6 +37,19 @@ if TYPE_CHECKING:
 
 MEDIA_FETCHES_IN_FLIGHT = 4  # per worker: bounds the media bytes one worker holds at once
 MEDIA_FETCH_ATTEMPTS = 3  # a timeout or a 5xx is tried again; a 404 or a refused origin is not
+LEASE_SLACK_SECONDS = 15.0  # a download's lease outlives its timeout by this much; then another worker takes it
+WAHA_FILE_LIFETIME_SECONDS = 180.0  # WHATSAPP_FILES_LIFETIME's default (waha.md §15): no file is had after it
+
+
+def media_wait_seconds(download_timeout: float) -> float:
+    """How long a reply waits for its file while the download is queued or running: every attempt timing
+    out, the retries' backoff (1 s, 2 s), one lease running out after a worker's kill -9 and the queue's
+    polling, but never as long as WAHA keeps the file (past that, waiting cannot help)."""
+    backoff = sum(range(1, MEDIA_FETCH_ATTEMPTS))
+    worst = MEDIA_FETCH_ATTEMPTS * (download_timeout + 1.0) + backoff + LEASE_SLACK_SECONDS
+    return min(worst, WAHA_FILE_LIFETIME_SECONDS - 10.0)
+
+
 CHUNK_BYTES = 64 * 1024
 
 
@@ -56,6 +69,7 @@ class MediaFailure(StrEnum):
     STORE_FULL = "store_full"  # MEDIA_STORE_MAX_BYTES reached
     LOST = "lost"  # no job and no bytes (e.g. recorded by a version without media support)
     UNSUPPORTED = "unsupported"  # a kind the bot or the model cannot take
+    BUG = "bug"  # our own code failed: the log has the traceback
 
 
 class MediaDownloadError(Exception):
@@ -130,7 +144,7 @@ class MediaFetcher:
         self.settings = settings
         self.poll_seconds = poll_seconds
         self.owner = f"{os.uname().nodename}:{os.getpid()}:media:{os.urandom(3).hex()}"
-        self.lease_seconds = settings.media_download_timeout_seconds + 15.0
+        self.lease_seconds = settings.media_download_timeout_seconds + LEASE_SLACK_SECONDS
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
@@ -195,8 +209,19 @@ class MediaFetcher:
             )
             return
         except Exception:
-            log.exception("media download failed in our code")
-            await self._quietly(self.store.fail_media_job, job.key, self.owner, reason="bug", retry_in=5.0)
+            again = job.attempts < MEDIA_FETCH_ATTEMPTS  # a bug that always fails must not be retried forever
+            log.exception(
+                "media download failed in our code: attempt=%d then=%s",
+                job.attempts,
+                "retry" if again else "unavailable",
+            )
+            await self._quietly(
+                self.store.fail_media_job,
+                job.key,
+                self.owner,
+                reason=str(MediaFailure.BUG),
+                retry_in=5.0 if again else None,
+            )
             return
         stored = await self._quietly(
             self.store.store_media_job,
@@ -277,10 +302,11 @@ async def await_stored(
     wait_seconds: float,
     poll_seconds: float = 0.2,
     sleep: Callable[[float], Any] = asyncio.sleep,
+    clock: Callable[[], float] | None = None,
 ) -> StoredMedia:
-    """Wait up to `wait_seconds` while the message's download is still queued or running."""
-    loop = asyncio.get_running_loop()
-    give_up_at = loop.time() + wait_seconds
+    """Wait up to `wait_seconds` while the message's download is still queued or running (retries included)."""
+    now = clock or asyncio.get_running_loop().time
+    give_up_at = now() + wait_seconds
     while True:
         status = await asyncio.to_thread(store.media_job, key)
         if status is None:  # recorded before the media queue existed, or put_media'd directly
@@ -291,7 +317,7 @@ async def await_stored(
         if status.state is MediaJobState.FAILED:
             reason = status.reason or ""
             return StoredMedia(failure=MediaFailure(reason) if reason in set(MediaFailure) else MediaFailure.HTTP_ERROR)
-        if loop.time() >= give_up_at:
+        if now() >= give_up_at:
             return StoredMedia(failure=MediaFailure.TIMEOUT)
         await sleep(poll_seconds)
 

@@ -397,9 +397,12 @@ class ReplyPipeline:
         cost = (reply.cost_usd or 0.0) if reply is not None else 0.0
         await self.business.record_spend(profile, cost)
         answer = reply.text if reply is not None else ""
-        if media_turn is not None:  # the note is for the history only: it never reaches the customer
-            noted = strip_media_note(answer)
-            answer, user_turn = noted.text, media_turn.history_text(noted.note)
+        # The note is for the history only: it never reaches the customer, even on a text-only turn
+        # (the model may write one after an earlier turn's media).
+        noted = strip_media_note(answer)
+        answer = noted.text
+        if media_turn is not None:
+            user_turn = media_turn.history_text(noted.note)
         formatted = await asyncio.to_thread(markdown_to_whatsapp, answer) if answer else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
