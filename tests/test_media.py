@@ -411,6 +411,19 @@ def test_a_malformed_note_can_lose_the_note_but_never_leak_it(reply: str, text: 
     assert (noted.text, noted.note) == (text, note)
 
 
+@pytest.mark.parametrize("reply, text", [
+    ("[[[[/nota]]nota]]", ""),  # found by hypothesis: removing the inner tag joined the outer one
+    ("Oi [[[[[[/nota]]/nota]]nota]] tchau", "Oi  tchau"),
+    ("[" * 40 + "[[/nota]]" * 1 + "nota]]" * 20, None),
+])
+def test_removing_a_stray_tag_never_leaves_a_new_one(reply: str, text: str | None) -> None:
+    shown = strip_media_note(reply).text
+    assert "[[nota]]" not in shown.lower().replace(" ", "") and "[[/nota]]" not in shown.lower().replace(" ", "")
+    if text is not None:
+        assert shown == text
+
+
+
 @given(st.lists(st.sampled_from(["[[nota]]", "[[/nota]]", "[[ Nota]]", "oi ", "[[", "]]", "nota", "\n", "/"]),
                 max_size=12))
 def test_no_reply_ever_shows_a_note_marker(pieces: list[str]) -> None:

@@ -264,6 +264,18 @@ class NotedReply:
     note: str | None  # the model's transcript/description, for the history only
 
 
+def _without_note_tags(text: str, *, passes: int = 8) -> str:
+    """Stray tags removed until none is left: removing one can join its neighbours into a new one
+    ("[[[[/nota]]nota]]" -> "[[nota]]"). Past a few passes (only a reply built to defeat this gets there)
+    the brackets themselves go, which no tag survives, so the work stays linear in the reply's length."""
+    for _ in range(passes):
+        stripped = _NOTE_TAG.sub("", text)
+        if stripped == text:
+            return text
+        text = stripped
+    return text.replace("[", "(").replace("]", ")") if _NOTE_TAG.search(text) else text
+
+
 def strip_media_note(reply: str) -> NotedReply:
     """Split the model's reply into what the customer gets and the note it wrote for later turns.
 
@@ -280,6 +292,6 @@ def strip_media_note(reply: str) -> NotedReply:
         note_parts.append(after[: closing.start()] if closing else after)
         rest = after[closing.end() :] if closing else ""
     kept.append(rest)
-    text = _NOTE_TAG.sub("", "".join(kept)).strip()
+    text = _without_note_tags("".join(kept)).strip()
     note = " ".join(_CONTROL.sub(" ", _NOTE_TAG.sub("", " ".join(note_parts))).split())[:NOTE_MAX_CHARS]
     return NotedReply(text=text, note=note or None)
