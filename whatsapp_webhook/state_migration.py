@@ -135,7 +135,7 @@ def _copy(state_db: str, url: str, *, timeout: float) -> MigrationReport:
         hint = "; start it, or fix the URL" if isinstance(exc, StoreUnavailable) else ""
         raise SettingsError(reason + hint) from None
     migrating = state_db + MIGRATING_SUFFIX
-    renamed = in_doubt = False
+    renamed = may_have_committed = False
     source = sqlite3.connect(state_db, timeout=timeout, isolation_level=None)
     try:
         # SQLite's write lock, held until the file is renamed: one consistent reading, and a worker orphaned
@@ -156,16 +156,20 @@ def _copy(state_db: str, url: str, *, timeout: float) -> MigrationReport:
                 connection.commit()
             except psycopg.Error as exc:
                 if connection.broken:  # the commit's answer was lost: it may have happened
-                    in_doubt = True
+                    may_have_committed = True
                     raise SettingsError(
                         f"the connection to {redact_url(url)} broke during the commit ({exc}): the state file "
                         f"is kept as {migrating}; if the database holds the messages, set STATE_DB to it and "
                         f"delete that file, if it is empty, rename the file back to {state_db} and migrate again"
                     ) from None
                 raise
+            except BaseException:  # interrupted while the commit was on its way: it may have happened
+                may_have_committed = True
+                raise
+            may_have_committed = True  # from here on, the file never goes back to STATE_DB
         return report
     except BaseException as exc:
-        if renamed and not in_doubt:
+        if renamed and not may_have_committed:
             _rename_state_file(migrating, state_db)  # the commit was refused: the file is still the state
         if isinstance(exc, psycopg.Error):
             raise SettingsError(f"copying into {redact_url(url)} failed, nothing was moved: {exc}") from None
