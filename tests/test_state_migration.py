@@ -180,3 +180,161 @@ def test_an_unreachable_target_is_named_as_the_target_and_nothing_moves(tmp_path
         migrate_to_postgres(str(state_db), "postgresql://bot:segredo@127.0.0.1:1/bot", timeout=2)
     assert "segredo" not in str(error.value)  # the password never shows
     assert state_db.exists()
+
+
+def cli_env(monkeypatch, tmp_path: Path, state_db: Path) -> None:
+    for name, value in {"STATE_DB": str(state_db), "OPENROUTER_API_KEY": "k", "WAHA_API_KEY": "w",
+                        "WEBHOOK_ENV_FILE": str(tmp_path / "none.env"), "LOG_FILE": ""}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_the_old_path_is_refused_after_the_move_instead_of_becoming_a_new_empty_state_file(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    from whatsapp_webhook.cli import main
+    from whatsapp_webhook.settings import SettingsError
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    migrate_to_postgres(str(state_db), postgres.fresh_database())
+    # A server started with the old settings, or a check: no new file on the old path, and it says why.
+    for open_it in (StateStore(str(state_db)).initialize, StateStore(str(state_db)).check_usable):
+        with pytest.raises(SettingsError, match=r"was moved to PostgreSQL by --migrate-to-postgres: set STATE_DB to "
+                                                r"that postgresql:// URL, or delete .*state\.db\.migrated-to-postgresql"):
+            open_it()
+    cli_env(monkeypatch, tmp_path, state_db)
+    assert main(["--check-settings"]) == 2
+    assert "moved to PostgreSQL by --migrate-to-postgres" in capsys.readouterr().err
+    assert not state_db.exists()
+    os.remove(str(state_db) + MIGRATED_SUFFIX)  # what the message says to do to start afresh
+    StateStore(str(state_db)).initialize()
+    assert state_db.exists()
+
+
+def test_a_commit_refused_by_postgresql_puts_the_state_file_back_and_a_lost_commit_leaves_it_refused(
+        tmp_path: Path, monkeypatch) -> None:
+    import psycopg
+
+    from whatsapp_webhook.settings import SettingsError
+    from whatsapp_webhook.sqlite_base import MIGRATING_SUFFIX
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    url = postgres.fresh_database()
+    seen_at_commit: list[tuple[bool, bool]] = []
+    real_commit = psycopg.Connection.commit
+
+    def refused_commit(self: psycopg.Connection) -> None:
+        seen_at_commit.append((state_db.exists(), os.path.exists(str(state_db) + MIGRATING_SUFFIX)))
+        self.execute("SELECT 1/0")  # PostgreSQL refuses: the transaction is rolled back, the connection lives
+
+    monkeypatch.setattr(psycopg.Connection, "commit", refused_commit)
+    with pytest.raises(SettingsError, match="nothing was moved"):
+        migrate_to_postgres(str(state_db), url)
+    assert seen_at_commit == [(False, True)]  # renamed away from STATE_DB before the commit
+    assert state_db.exists() and not os.path.exists(str(state_db) + MIGRATING_SUFFIX)  # and back after
+    StateStore(str(state_db)).check_usable()  # still the state file
+
+    def lost_commit(self: psycopg.Connection) -> None:
+        real_commit(self)  # it happened, but the answer never came back
+        self.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.Connection, "commit", lost_commit)
+    monkeypatch.setattr(psycopg.Connection, "broken", property(lambda self: True))
+    with pytest.raises(SettingsError, match="broke during the commit.*migrating-to-postgresql"):
+        migrate_to_postgres(str(state_db), url)
+    monkeypatch.undo()
+    assert not state_db.exists()  # no usable full file beside the full database
+    with pytest.raises(SettingsError, match="--migrate-to-postgres of STATE_DB .* was interrupted"):
+        StateStore(str(state_db)).initialize()
+    assert not state_db.exists()
+
+
+def test_the_command_line_names_a_state_file_folder_it_cannot_use(tmp_path: Path, monkeypatch, capsys) -> None:
+    from whatsapp_webhook.cli import main
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    os.mkdir(str(state_db) + ".server.lock")  # the claim cannot be taken: an OSError, not a traceback
+    cli_env(monkeypatch, tmp_path, state_db)
+    assert main(["--migrate-to-postgres", "postgresql://postgres@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert "FAIL migrate: STATE_DB" in err and "cannot be moved" in err and "Traceback" not in err
+    assert state_db.exists()
+
+
+def test_a_media_download_in_progress_is_due_at_once_on_postgresql(tmp_path: Path) -> None:
+    import dataclasses
+
+    from whatsapp_webhook.store_api import MediaJobState
+
+    state_db = tmp_path / "state.db"
+    old = StateStore(str(state_db))
+    old.initialize()
+    voice = dataclasses.replace(incoming(CUSTOMER, ts=100, body="áudio"), media_url="http://waha:3000/api/files/a.oga",
+                                media_mimetype="audio/ogg")
+    old.accept(voice)
+    assert [j.key for j in old.claim_media_jobs("old:1:a", limit=5, lease_seconds=3600)] == [voice.dedupe_key]
+    old.close()  # the old server died mid-download: its job is 'fetching' with an hour-long lease
+    url = postgres.fresh_database()
+    migrate_to_postgres(str(state_db), url)
+    new = PostgresStore(url)
+    try:
+        status = new.media_job(voice.dedupe_key)
+        assert status is not None and status.state is MediaJobState.PENDING
+        assert [j.key for j in new.claim_media_jobs("new:1:a", limit=5, lease_seconds=30)] == [voice.dedupe_key]
+    finally:
+        new.close()
+
+
+def test_a_worker_left_by_a_killed_server_cannot_write_to_the_file_while_it_moves(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import sqlite3
+
+    import psycopg
+
+    state_db = tmp_path / "state.db"
+    a_used_state_file(state_db).close()
+    orphan = sqlite3.connect(state_db, timeout=0, isolation_level=None)  # its master is gone, it is not
+    refused: list[str] = []
+    real_commit = psycopg.Connection.commit
+
+    def commit_after_a_write_attempt(self: psycopg.Connection) -> None:
+        try:
+            orphan.execute("UPDATE inbox SET status = 'done' WHERE status = 'queued'")
+        except sqlite3.OperationalError as exc:
+            refused.append(str(exc))
+        real_commit(self)
+
+    monkeypatch.setattr(psycopg.Connection, "commit", commit_after_a_write_attempt)
+    try:
+        migrate_to_postgres(str(state_db), postgres.fresh_database())
+    finally:
+        orphan.close()
+    assert refused and set(refused) == {"database is locked"}  # the lock is held up to the commit
+
+
+def test_two_migrations_into_one_database_at_once_move_one_file(tmp_path: Path) -> None:
+    import concurrent.futures
+    import threading
+
+    url = postgres.fresh_database()
+    PostgresStore(url, pooled=False).initialize()  # the schema exists: both go straight to the copy
+    files = [tmp_path / "a" / "state.db", tmp_path / "b" / "state.db"]
+    for path in files:
+        path.parent.mkdir()
+        a_used_state_file(path).close()
+    start = threading.Barrier(2)
+
+    def migrate(path: Path) -> str:
+        start.wait()
+        try:
+            migrate_to_postgres(str(path), url)
+        except MigrationRefused as exc:
+            return str(exc)
+        return "moved"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = sorted(pool.map(migrate, files))
+    assert results[0] == "moved" and "already holds data" in results[1], results
+    assert sum(path.exists() for path in files) == 1  # the refused one is still a state file

@@ -300,6 +300,37 @@ def test_a_reply_waha_took_is_recorded_even_after_the_lease_was_taken_over(store
     assert not store.mark_part_sent(message.dedupe_key, "live-host", parts_sent=1, sent_message_id=None)
 
 
+def test_a_reply_waha_took_is_recorded_after_the_new_owner_failed_to_send_it_and_put_it_back(store, clock) -> None:
+    # Host B sent; host A took the message over, its own sendText failed and put the message back in the
+    # queue with the reply kept. B's word that WAHA took the text must still count: the retry (previous
+    # status 'queued') would not ask WAHA first, and would send a second copy.
+    message = incoming()
+    store.accept(message)
+    stale = claim(store, "host-b", lease=30)
+    assert store.begin_send(message.dedupe_key, "host-b", parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
+    clock.now += 31
+    current = claim(store, "host-a")
+    assert current.previous_status == "sending"
+    store.record_failure(message.dedupe_key, "host-a", "sendText: timeout", max_attempts=10, retry_in=0)
+    assert store.entry(message.dedupe_key).status == "queued"
+    store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="true_x",
+                 last_part_id="true_x")
+    entry = store.entry(message.dedupe_key)
+    assert (entry.status, entry.sent_message_id) == ("done", "true_x")
+    assert claim(store, "host-a") is None  # no retry, no second copy
+
+
+def test_a_reply_not_yet_written_cannot_be_finished_by_a_worker_that_lost_the_lease(store, clock) -> None:
+    message = incoming()
+    store.accept(message)
+    stale = claim(store, "host-b", lease=30)
+    clock.now += 31
+    claim(store, "host-a")
+    store.record_failure(message.dedupe_key, "host-a", "llm: timeout", max_attempts=10, retry_in=0)
+    store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="true_x")
+    assert store.entry(message.dedupe_key).status == "queued"  # no reply began sending: B's word does not count
+
+
 def test_finished_messages_are_pruned_but_counters_and_open_messages_stay(store, clock) -> None:
     done, still_open = incoming(wp.CUSTOMER_PN), incoming(wp.OTHER_PN)
     store.accept(done)

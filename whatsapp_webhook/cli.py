@@ -272,6 +272,9 @@ def migrate_command(settings: Settings, url: str) -> int:
     except (MigrationRefused, SettingsError) as exc:
         print(f"FAIL migrate: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the state file's folder: its claim file, a rename (the message names the path)
+        print(f"FAIL migrate: STATE_DB {settings.state_db!r} cannot be moved ({exc})", file=sys.stderr)
+        return 2
     for line in report.lines():
         print(line)
     print(f"next: set STATE_DB={redact_url(url)} (with its password) on every server, then start them")

@@ -74,6 +74,28 @@ _BUMP = (
 )
 
 
+# --migrate-to-postgres renames the state file (state_migration.py): to MIGRATING_SUFFIX before its
+# PostgreSQL commit, to MIGRATED_SUFFIX after. Either beside STATE_DB means the messages may be in PostgreSQL:
+# a new empty file on the old path would answer a second time whatever WAHA delivers to both stores.
+MIGRATING_SUFFIX = ".migrating-to-postgresql"
+MIGRATED_SUFFIX = ".migrated-to-postgresql"
+
+
+def refuse_if_moved_to_postgres(path: str) -> None:
+    moved, moving = path + MIGRATED_SUFFIX, path + MIGRATING_SUFFIX
+    if os.path.exists(moved):
+        raise SettingsError(
+            f"STATE_DB {path!r} was moved to PostgreSQL by --migrate-to-postgres: set STATE_DB to that "
+            f"postgresql:// URL, or delete {moved} to start an empty state file"
+        )
+    if os.path.exists(moving):
+        raise SettingsError(
+            f"a --migrate-to-postgres of STATE_DB {path!r} was interrupted: if the PostgreSQL database holds "
+            f"the messages, set STATE_DB to its postgresql:// URL and delete {moving}; if it is empty, rename "
+            f"{moving} back to {path}"
+        )
+
+
 class SQLiteStore:
     """One SQLite file shared by every thread and gunicorn worker: reads run beside writers (WAL), writes
     queue at the WriterGate. Connections are per thread and per process: one must never cross a fork.
@@ -100,6 +122,7 @@ class SQLiteStore:
         Each migration runs in the transaction that also sets the new PRAGMA user_version, so a
         migration cut short leaves the file at the version before it, and runs again next time.
         """
+        refuse_if_moved_to_postgres(self.path)
         folder = os.path.dirname(os.path.abspath(self.path))
         pinned = _pinned_identity(self.path)
         if pinned is not None:
@@ -136,6 +159,7 @@ class SQLiteStore:
 
     def check_usable(self) -> None:
         """Open the file for writing without touching the schema (that is for the server that owns it)."""
+        refuse_if_moved_to_postgres(self.path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             connection = self._open()

@@ -9,9 +9,15 @@ progress when the old server stopped is due at once on PostgreSQL; one caught mi
 status, so the next server asks WAHA whether the part left before sending it again.
 
 It refuses to run while a server uses the state file (it takes the server's own claim, ownership.py),
-and into a database that already holds messages. Afterwards the file is renamed (STATE_DB +
-".migrated-to-postgresql"): a server started on the old path by mistake finds an empty file, not the
-same messages to answer a second time.
+and into a database that already holds messages (checked under an advisory lock, so two migrations into
+one database cannot both find it empty). The file is read under SQLite's write lock, held until the
+file is renamed: a worker orphaned by a killed server cannot write after the reading.
+
+The file is renamed to STATE_DB + ".migrating-to-postgresql" just before the PostgreSQL commit and to
+".migrated-to-postgresql" after it (back to STATE_DB when the commit is refused). A crash at any point
+leaves no usable full file on the STATE_DB path beside a full database, and the SQLite store refuses to
+open STATE_DB while either name is beside it (sqlite_base.refuse_if_moved_to_postgres): a new empty file
+on the old path would answer again whatever WAHA delivers to both stores.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 from whatsapp_webhook.ownership import StateFileBusy, StateFileOwner
 from whatsapp_webhook.settings import SettingsError, is_postgres_url, redact_url
+from whatsapp_webhook.sqlite_base import MIGRATED_SUFFIX, MIGRATING_SUFFIX
 from whatsapp_webhook.store import StateStore
 from whatsapp_webhook.store_api import OPEN_STATUSES, StoreUnavailable
 
 if TYPE_CHECKING:
     from whatsapp_webhook.pg_base import Connection
 
-MIGRATED_SUFFIX = ".migrated-to-postgresql"
+__all__ = ["MIGRATED_SUFFIX", "MIGRATING_SUFFIX", "MigrationRefused", "MigrationReport", "migrate_to_postgres"]
+
+# pg_advisory_xact_lock key of the migration (any fixed number: only migrations take it): "STATEMIG".
+MIGRATION_LOCK_KEY = 0x535441544D4947
+STATE_FILE_PARTS = ("", "-wal", "-shm")  # SQLite's file and its write-ahead log
 BATCH_ROWS = 200  # rows per INSERT batch
 MEDIA_BATCH_ROWS = 4  # media rows carry their bytes (a video may be megabytes): a few at a time
 # Written by a server that was pointed at the new database before the move (a /health, a check): kept.
@@ -82,15 +93,34 @@ def migrate_to_postgres(state_db: str, url: str, *, timeout: float = 30.0) -> Mi
         source.close()
         report = _copy(state_db, url, timeout=timeout)
         kept_as = state_db + MIGRATED_SUFFIX
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(state_db + suffix):
-                os.replace(state_db + suffix, kept_as + suffix)
+        try:
+            _rename_state_file(state_db + MIGRATING_SUFFIX, kept_as)
+        except OSError as exc:
+            raise SettingsError(
+                f"everything was moved into {redact_url(url)}, but renaming {state_db + MIGRATING_SUFFIX} to "
+                f"{kept_as} failed ({exc}): rename it by hand, then set STATE_DB to the database"
+            ) from None
         return MigrationReport(report.rows, report.open_messages, report.media_bytes, kept_as)
     finally:
         owner.release()
 
 
+def _rename_state_file(old: str, new: str) -> None:
+    """Rename the file and its write-ahead log; on a failure, put back what was already renamed."""
+    done: list[str] = []
+    try:
+        for suffix in STATE_FILE_PARTS:
+            if os.path.exists(old + suffix):
+                os.replace(old + suffix, new + suffix)
+                done.append(suffix)
+    except OSError:
+        for suffix in reversed(done):
+            os.replace(new + suffix, old + suffix)
+        raise
+
+
 def _copy(state_db: str, url: str, *, timeout: float) -> MigrationReport:
+    """Copy everything in one PostgreSQL transaction; the file is at STATE_DB + MIGRATING_SUFFIX once it commits."""
     import psycopg
 
     from whatsapp_webhook.pg_base import connection_info
@@ -104,25 +134,66 @@ def _copy(state_db: str, url: str, *, timeout: float) -> MigrationReport:
         reason = str(exc).replace("STATE_DB ", "the target database ", 1)
         hint = "; start it, or fix the URL" if isinstance(exc, StoreUnavailable) else ""
         raise SettingsError(reason + hint) from None
-    source = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=timeout)
+    migrating = state_db + MIGRATING_SUFFIX
+    renamed = may_have_committed = False
+    source = sqlite3.connect(state_db, timeout=timeout, isolation_level=None)
     try:
+        # SQLite's write lock, held until the file is renamed: one consistent reading, and a worker orphaned
+        # by a killed server (the claim in ownership.py is the master's) cannot write after it.
+        source.execute("BEGIN IMMEDIATE")
         with psycopg.connect(connection_info(url, timeout=timeout)) as connection:  # one transaction: all or nothing
             connection.execute("SET LOCAL statement_timeout = 0")  # a big copy is not a hung database
+            # Two migrations into one database: the second waits here, then finds it full.
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
             report = _copy_tables(source, connection)
-            connection.execute(
-                "UPDATE inbox SET lease_owner = NULL, lease_expires_at = 0 WHERE status IN ('processing', 'sending')"
-            )
+            _reset_leases(connection)
+            try:
+                _rename_state_file(state_db, migrating)
+            except OSError as exc:
+                raise SettingsError(f"renaming STATE_DB {state_db!r} failed, nothing was moved: {exc}") from None
+            renamed = True
+            try:
+                connection.commit()
+            except psycopg.Error as exc:
+                if connection.broken:  # the commit's answer was lost: it may have happened
+                    may_have_committed = True
+                    raise SettingsError(
+                        f"the connection to {redact_url(url)} broke during the commit ({exc}): the state file "
+                        f"is kept as {migrating}; if the database holds the messages, set STATE_DB to it and "
+                        f"delete that file, if it is empty, rename the file back to {state_db} and migrate again"
+                    ) from None
+                raise
+            except BaseException:  # interrupted while the commit was on its way: it may have happened
+                may_have_committed = True
+                raise
+            may_have_committed = True  # from here on, the file never goes back to STATE_DB
         return report
-    except psycopg.Error as exc:
-        raise SettingsError(f"copying into {redact_url(url)} failed, nothing was moved: {exc}") from None
-    except sqlite3.Error as exc:
-        raise SettingsError(f"reading STATE_DB {state_db!r} failed, nothing was moved: {exc}") from None
+    except BaseException as exc:
+        if renamed and not may_have_committed:
+            _rename_state_file(migrating, state_db)  # the commit was refused: the file is still the state
+        if isinstance(exc, psycopg.Error):
+            raise SettingsError(f"copying into {redact_url(url)} failed, nothing was moved: {exc}") from None
+        if isinstance(exc, sqlite3.Error):
+            raise SettingsError(f"reading STATE_DB {state_db!r} failed, nothing was moved: {exc}") from None
+        raise
     finally:
         source.close()
 
 
+def _reset_leases(connection: Connection) -> None:
+    """The old server's leases (messages and media downloads in progress) went with it: due at once here."""
+    connection.execute(
+        "UPDATE inbox SET lease_owner = NULL, lease_expires_at = 0 WHERE status IN ('processing', 'sending')"
+    )
+    has_media_jobs = connection.execute("SELECT to_regclass('media_jobs') IS NOT NULL").fetchone()
+    if has_media_jobs and has_media_jobs[0]:
+        connection.execute(
+            "UPDATE media_jobs SET state = 'pending', lease_owner = NULL, lease_expires_at = 0,"
+            " next_attempt_at = 0 WHERE state = 'fetching'"
+        )
+
+
 def _copy_tables(source: sqlite3.Connection, target: Connection) -> MigrationReport:
-    source.execute("BEGIN")  # one consistent reading of the file
     target_columns = _target_columns(target)
     source_tables = [
         row[0]

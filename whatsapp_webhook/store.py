@@ -340,7 +340,8 @@ class StateStore(ChatStore, SQLiteMediaQueue):
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
         Fencing: without the lease (another worker or host took the message over) only a reply whose
-        sending began may be finished here: once WAHA took the text, the message is answered, and saying
+        sending began may be finished here (its text kept, whatever the status since: the new owner's own
+        failed send puts it back in the queue): once WAHA took the text, the message is answered, and saying
         so stops the new owner from sending a second copy. A decision not to send (outcome 'skipped')
         belongs to the current owner alone.
         """
@@ -350,7 +351,8 @@ class StateStore(ChatStore, SQLiteMediaQueue):
             row = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = COALESCE(?, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ?"
-                " AND status != 'done' AND (lease_owner = ? OR (status = 'sending' AND ? != 'skipped'))"
+                " AND status != 'done' AND (lease_owner = ?"
+                " OR (reply_text IS NOT NULL AND status != 'failed' AND ? != 'skipped'))"
                 " RETURNING chat_key",
                 (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
             ).fetchone()

@@ -236,23 +236,64 @@ def test_postgresql_restarted_mid_burst_costs_503s_then_everything_is_answered_o
     assert_hosts_agree(host_a, host_b)
 
 
+def live_leases_of(host: GunicornServer) -> list[str]:
+    """Keys of the messages whose lease, still running, is held by one of `host`'s workers (from the database)."""
+    import psycopg
+
+    with psycopg.connect(host.env["STATE_DB"], connect_timeout=5) as connection:
+        rows = connection.execute(
+            "SELECT key, lease_owner FROM inbox WHERE status IN ('processing', 'sending')"
+            " AND lease_owner IS NOT NULL AND lease_expires_at > %s", (time.time(),)).fetchall()
+    workers = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == host.process.pid:
+            workers.add(int(pid))
+    return [key for key, owner in rows if int(owner.split(":")[1]) in workers]  # owner: node:pid:random
+
+
 def test_a_host_restarted_while_the_other_is_busy_steals_no_lease(
         two_hosts, fake_waha: FakeWaha, fake_llm: FakeOpenRouter) -> None:
     # Leases long enough that none runs out on a busy machine: any second LLM call would be a stolen lease.
-    busy, restarted = two_hosts(LEASE_SECONDS="20")
+    # LLM timeouts above the slow answers below, so a slow answer is not retried either.
+    busy, restarted = two_hosts(LEASE_SECONDS="20", LLM_TIMEOUT_SECONDS="30", LLM_DEADLINE_SECONDS="60")
     fake_llm.latency_s = 0.3  # the busy host always has replies in progress
+    held_at_start: list[list[str]] = []
+    restart_errors: list[str] = []
 
     def restart_host() -> None:
-        assert restarted.stop() == 0  # graceful: its own replies finish or are handed back untried
-        restarted.start()
+        try:
+            stopped = restarted.stop()
+            assert stopped == 0, f"graceful stop ended with {stopped}"  # its replies finish or are handed back
+            # Only the busy host calls the LLM now: its next answers take longer than the restart, so its
+            # leases are live and its replies in progress while the restarted host recovers at start.
+            fake_llm.add_fault("/chat/completions", delay_s=8, times=40)
+            wait_for(lambda: len(live_leases_of(busy)) >= 3, timeout=30)
+            held_at_start.append(live_leases_of(busy))
+            restarted.start()
+        except Exception as exc:  # a failure here must fail the test with its reason, not vanish with the thread
+            restart_errors.append(repr(exc))
+            if restarted.process is None or restarted.process.poll() is not None:
+                restarted.start()  # so the burst can end
+        finally:
+            fake_llm.clear_faults()
 
     try:
         restarter = when_delivered(fake_waha, 150, restart_host)
         Sender((busy, restarted), seed=3).send_all(chats())
-        restarter.join(timeout=60)
+        restarter.join(timeout=90)
         assert_every_message_answered_once_in_order(fake_waha)
     finally:
         fake_llm.latency_s = 0.0
+        fake_llm.clear_faults()
+    assert not restart_errors, restart_errors
+    assert held_at_start and held_at_start[0], "the busy host held no live lease when the other host started"
+    recovered = [line for line in (restarted.log_text() + restarted.tail(400)).splitlines() if "recovering" in line]
+    assert not recovered, recovered  # nothing of the busy host's was taken at the restarted host's start
     asked = collections.Counter(body["messages"][-1]["content"] for body in fake_llm.completions())
     twice = {text: n for text, n in asked.items() if n > 1}
     assert not twice, f"{len(twice)} messages got a second LLM call, e.g. {next(iter(twice.items()))}"
