@@ -130,6 +130,30 @@ def test_writes_that_wait_for_another_worker_are_committed_together(store, tmp_p
     assert max(batches) == 10  # one lock turn for all ten, not one each
 
 
+def test_writes_from_many_threads_at_once_never_get_an_api_misuse_error(store) -> None:
+    """A write whose work returned its cursor (count_many's executemany, clear_history's DELETE) handed that
+    cursor, which belongs to the leading thread's connection, to the waiting thread; its clean-up there raced
+    the leader's next statement and SQLite answered SQLITE_MISUSE ("bad parameter or other API misuse") to a
+    random write: in the bench, a reply stuck until its lease ran out."""
+    errors: list[str] = []
+    stop = time.monotonic() + 3
+
+    def writer(n: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                store.count_many({f"session.s{n}.success": 1, f"session.s{n}.llm_cost_nanousd": 7})
+                store.clear_history(f"default:{n}@c.us")
+            except StoreUnavailable as exc:
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
 def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
     """One task renews every lease of the worker: an error it does not expect must not end it."""
     class FlakyStore:

@@ -275,7 +275,14 @@ class SQLiteStore:
             for item in batch:
                 connection.execute("SAVEPOINT one_write")
                 try:
-                    item.result = item.work(connection)
+                    result = item.work(connection)
+                    if isinstance(result, sqlite3.Cursor):
+                        # A cursor belongs to this, the leading thread's, connection. Handed to the waiting thread
+                        # it would be cleaned up there while this thread goes on using the connection: SQLite then
+                        # answers "bad parameter or other API misuse" to whichever write is running.
+                        result.close()
+                        result = None
+                    item.result = result
                 except (
                     sqlite3.IntegrityError,
                     sqlite3.ProgrammingError,
