@@ -195,8 +195,14 @@ def test_kill_9_of_one_host_mid_burst_and_the_survivor_answers_everything_once(
     doomed, survivor = two_hosts()
     fake_llm.latency_s = 0.05  # replies overlap, so the doomed host dies with some in progress
     seen_at_kill: list[int] = []
+    held_at_kill: list[str] = []
 
     def kill_host() -> None:
+        # Killed while it holds replies in progress (seen in the database), so the survivor must take them over.
+        deadline = time.monotonic() + 10
+        while not (held := live_leases_of(doomed)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held_at_kill.extend(held)
         seen_at_kill.append(len(fake_waha.delivered_texts()))
         os.killpg(doomed.process.pid, signal.SIGKILL)  # master and workers at once, like a power cut
         doomed.process.wait()
@@ -210,6 +216,7 @@ def test_kill_9_of_one_host_mid_burst_and_the_survivor_answers_everything_once(
         fake_llm.latency_s = 0.0
     assert seen_at_kill and seen_at_kill[0] < CHATS * TURNS  # it really died mid-burst
     assert doomed.process.poll() is not None
+    assert held_at_kill, "the doomed host held no reply in progress when it was killed"
     assert "decision=working attempt=2" in survivor.log_text()  # it took over leases of the dead host
     assert_hosts_agree(survivor)
 
