@@ -177,7 +177,11 @@ class ReplyPipeline:
         if claimed.attempts > self.settings.reply_max_attempts and not mid_send:
             # Taken more often than REPLY_MAX_ATTEMPTS without an attempt ending (the store kept refusing the
             # reply's writes, or workers kept dying on it): give up rather than call the LLM without end.
-            await self._give_up_unended(claimed)
+            await self._record_failure(
+                claimed,
+                f"taken {claimed.attempts} times and no attempt ended (REPLY_MAX_ATTEMPTS): the state store kept "
+                "failing mid-reply, or workers kept dying",
+            )
             return
         if claimed_text is not None:
             # A reply was already written (and maybe partly sent): the customer must get exactly it.
@@ -271,7 +275,7 @@ class ReplyPipeline:
                     claimed, part=parts[index], index=index, since=send_started - CLOCK_SKEW_SECONDS
                 ):
                     continue
-                await self._record_failure(claimed, exc)
+                await self._record_failure(claimed, str(exc))
                 return
             if index == parts_sent:
                 await self._report(
@@ -518,39 +522,28 @@ class ReplyPipeline:
             await self.sleep(remaining)
         await self._quietly("stopTyping", self.waha.stop_typing(session=message.session, chat_id=message.chat_id))
 
-    async def _give_up_unended(self, claimed: ClaimedMessage) -> None:
+    async def _record_failure(self, claimed: ClaimedMessage, error: str) -> None:
+        """An attempt that ended without a reply: due again after the backoff, or given up once attempts are used."""
         message = claimed.message
         result = await asyncio.to_thread(
             self.store.record_failure,
             message.dedupe_key,
             claimed.lease_owner,
-            f"taken {claimed.attempts} times without an attempt ending (REPLY_MAX_ATTEMPTS)",
-            max_attempts=self.settings.reply_max_attempts,
-            retry_in=0.0,
-        )
-        if result is FailureVerdict.FAILED:
-            MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
-        message_log(message).error(
-            "decision=%(decision)s key=%(key)s attempt=%(attempt)d then=%(then)s (no attempt ended: the state "
-            "store kept failing mid-reply, or workers kept dying)",
-            {"decision": "send_failed", "key": message.dedupe_key, "attempt": claimed.attempts, "then": str(result)},
-        )
-
-    async def _record_failure(self, claimed: ClaimedMessage, exc: WahaError) -> None:
-        message = claimed.message
-        result = await asyncio.to_thread(
-            self.store.record_failure,
-            message.dedupe_key,
-            claimed.lease_owner,
-            str(exc),
+            error,
             max_attempts=self.settings.reply_max_attempts,
             retry_in=retry_delay_seconds(claimed.attempts, base=self.settings.reply_retry_seconds),
         )
         if result is FailureVerdict.FAILED:
             MESSAGES_FAILED.labels("undelivered").inc(1 + len(claimed.merged))
         message_log(message).error(
-            "decision=%(decision)s attempt=%(attempt)d then=%(then)s error=%(error)s",
-            {"decision": "send_failed", "attempt": claimed.attempts, "then": str(result), "error": str(exc)},
+            "decision=%(decision)s key=%(key)s attempt=%(attempt)d then=%(then)s error=%(error)s",
+            {
+                "decision": "send_failed",
+                "key": message.dedupe_key,
+                "attempt": claimed.attempts,
+                "then": str(result),
+                "error": error,
+            },
         )
 
     async def _finish(
