@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
 import respx
+import respx.mocks
 
 from fakes import waha_payloads as wp
 from fakes.fake_openrouter import CURRENT_MODELS, FakeOpenRouter
@@ -130,9 +131,41 @@ def completion(content: Any, *, model: str = "google/gemini-3.1-flash-lite", fin
             "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}}
 
 
+class Http11Mocker(respx.mocks.HTTPCoreMocker):
+    """respx at the worker's transport seam: `respx.mock(using="http11")`.
+
+    The worker's clients run on whatsapp_webhook.http11.KeepAliveTransport, not httpcore, so
+    respx's default patch never sees their requests. This one patches both: httpcore for plain
+    httpx clients, and our transport's handle_async_request, whose request is already an
+    httpx.Request and whose response is handed back unread (as a socket would: aiter_raw works).
+    """
+
+    name = "http11"
+    targets: ClassVar[list[str]] = [*respx.mocks.HTTPCoreMocker.targets, "whatsapp_webhook.http11.KeepAliveTransport"]
+
+    @classmethod
+    def prepare_async_request(cls, httpx_request: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs["request"], httpx.Request):
+            return respx.mocks.AbstractRequestMocker.prepare_async_request(httpx_request, **kwargs)
+        return super().prepare_async_request(httpx_request, **kwargs)
+
+    @classmethod
+    def to_httpx_request(cls, **kwargs: Any) -> Any:
+        request = kwargs["request"]
+        return request if isinstance(request, httpx.Request) else super().to_httpx_request(**kwargs)
+
+    @classmethod
+    async def from_async_httpx_response(cls, httpx_response: Any, target: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs["request"], httpx.Request):
+            return httpx.Response(httpx_response.status_code, headers=httpx_response.headers.raw,
+                                  stream=httpx.ByteStream(httpx_response.content),
+                                  extensions=httpx_response.extensions)
+        return await super().from_async_httpx_response(httpx_response, target, **kwargs)
+
+
 @pytest.fixture
 def upstreams() -> Iterator[Upstreams]:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_mocked=True, assert_all_called=False) as router:
         yield Upstreams(router)
 
 

@@ -2,7 +2,7 @@
 and gunicorn_worker's pieces (what its poller gathers, the reader that keeps the read deadline; the worker as a
 whole runs under real gunicorn in tests/e2e/test_faults.py).
 
-(The sharded upstream pools have their own file, test_upstream_pools.py, with real loopback sockets.)
+(The upstream transport has its own file, test_http11.py, with real loopback sockets.)
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def run_client(route_responses: list[httpx.Response | Exception], **options) -> 
             except LLMError as exc:
                 return exc
 
-    with respx.mock(assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_called=False) as router:
         route = router.post(URL)
         route.side_effect = route_responses
         result = asyncio.run(scenario())
@@ -147,7 +147,7 @@ def test_one_deadline_bounds_all_attempts() -> None:
                 await client.complete(PROMPT)
             return loop.time() - started
 
-    with respx.mock(assert_all_called=False) as router:  # a cancelled call is never recorded as made
+    with respx.mock(using="http11", assert_all_called=False) as router:  # a cancelled call is never recorded as made
         router.post(URL).side_effect = hang
         elapsed = asyncio.run(scenario())
     assert elapsed < 1.0  # deadline 0.5 s, not 10 attempts x 0.2 s
@@ -214,7 +214,7 @@ def test_a_model_that_is_not_served_is_a_configuration_error_and_the_next_model_
 
     unavailable = LLM_MODEL_UNAVAILABLE.labels("google/gemini-2.0-flash-001")
     before = unavailable._value.get()
-    with respx.mock() as router, caplog.at_level("ERROR", logger="whatsapp_webhook"):
+    with respx.mock(using="http11") as router, caplog.at_level("ERROR", logger="whatsapp_webhook"):
         route = router.post(LOCAL_URL)
         route.side_effect = not_served
         first, second, third = asyncio.run(scenario())

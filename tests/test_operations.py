@@ -22,7 +22,7 @@ from whatsapp_webhook.store_api import StoreUnavailable
 
 def run_check(tmp_path: Any, routes: dict[str, Any], **overrides: Any) -> list[CheckResult]:
     settings = make_settings(tmp_path, **overrides)
-    with respx.mock(assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_called=False) as router:
         for url, response in routes.items():
             method, url = url.split(" ", 1) if " " in url else ("GET", url)
             router.route(method=method, url=url).mock(side_effect=response if isinstance(response, Exception) else None,

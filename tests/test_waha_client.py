@@ -31,7 +31,7 @@ def run(coro_factory, responses: dict[str, list]) -> tuple[object, dict[str, res
             except WahaError as exc:
                 return exc
 
-    with respx.mock(assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_called=False) as router:
         routes = {}
         for path, side_effect in responses.items():
             routes[path] = router.post(BASE + path)
@@ -148,7 +148,7 @@ def test_find_sent_text_asks_for_our_recent_messages_in_the_chat() -> None:
             return await client.find_sent_texts(session="loja 1", chat_id="200000000000002@lid", text="Olá!",
                                                 since=1700000000.5)
 
-    with respx.mock() as router:
+    with respx.mock(using="http11") as router:
         route = router.get(f"{BASE}/api/loja%201/chats/200000000000002%40lid/messages").respond(200, json=[
             {"id": "true_200000000000002@lid_AAA", "body": "Outra coisa", "fromMe": True},
             {"id": "true_200000000000002@lid_BBB", "body": "Olá!", "fromMe": True}])
@@ -180,7 +180,7 @@ def test_a_path_that_would_leave_wahas_api_is_never_requested(session: str, chat
             except WahaError as exc:
                 return exc
 
-    with respx.mock(assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_called=False) as router:
         anywhere = router.route().respond(200, json=[])
         result = asyncio.run(scenario())
     assert isinstance(result, WahaError) and not result.transient and "leaves WAHA's /api/" in str(result)

@@ -31,6 +31,7 @@ How one message travels (module.function, and the thread it runs on):
        business_gate.BusinessGate sends a notice once per closed period or stays silent; the daily budget;
        the prompt: system prompt, knowledge.KnowledgeBase, turns, hours note),
        then llm.LLMClient.complete (retries, model fallbacks, cost) and formatting.markdown_to_whatsapp.
+       Every upstream call goes through httpx over http11.KeepAliveTransport (keep-alive HTTP/1.1, on this loop).
     8. StateStore.begin_send stores the reply and checks order and handoff once more; formatting.split_message
        cuts it into parts and waha.WahaClient.send_text sends each (typing first, WAHA's anti-ban advice).
     9. StateStore.finish records the outcome and the turn in history; metrics count it; CompletionBoard wakes
@@ -49,7 +50,7 @@ How one message travels (module.function, and the thread it runs on):
 Dependencies point one way, leaves first: texts, env_reader, hours, knowledge, sessions_config, settings, logs,
 ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events, media,
 customer_data, concurrency, sqlite_base, chat_store, sqlite_media, store, pg_base, pg_chat_store, pg_media,
-pg_store, stores, state_migration, upstream, llm, media_fetch, media_reply, business, business_gate, waha,
+pg_store, stores, state_migration, http11, upstream, llm, media_fetch, media_reply, business, business_gate, waha,
 pipeline, worker, service, gunicorn_worker, app, cli.
 """
 

@@ -1,24 +1,20 @@
-"""The concurrency machinery: the cross-worker write gate with group commit, small upstream pools side by
-side, the completion board webhook threads wait on, and the worker's event-loop thread."""
+"""The concurrency machinery: the cross-worker write gate with group commit, the completion board webhook
+threads wait on, and the worker's event-loop thread. (The upstream connections are http11's.)"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import fcntl
-import math
 import os
 import sqlite3
 import threading
 from collections.abc import (
-    AsyncIterator,
     Callable,
     Coroutine,
 )
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-
-import httpx
 
 from whatsapp_webhook.store_api import StoreUnavailable
 
@@ -126,79 +122,6 @@ class WriterGate:
             batch = self._queue[: self.MAX_BATCH]
             del self._queue[: self.MAX_BATCH]
         return batch
-
-
-class ShardedPoolTransport(httpx.AsyncBaseTransport):
-    """Several small connection pools behind one transport; each request goes to the least busy pool.
-
-    httpcore re-examines every connection of a pool (a readability check with getpeername
-    and poll on each idle one) whenever a request starts or ends, so with a few hundred LLM
-    calls in flight one big pool spent more of the event loop's time than everything else
-    the reply pipeline does (bench/README.md, "Where the time went"). Pools of
-    CONNECTIONS_PER_SHARD keep that walk short.
-    """
-
-    CONNECTIONS_PER_SHARD = 8
-
-    def __init__(self, *, max_connections: int) -> None:
-        count = max(1, math.ceil(max_connections / self.CONNECTIONS_PER_SHARD))
-        size = math.ceil(max_connections / count)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        tls = httpx.create_ssl_context()  # loading the CA bundle costs ~25 ms: once, not per pool
-        self._shards = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(count)]
-        self._busy = [0] * count
-
-    @property
-    def shard_count(self) -> int:
-        return len(self._shards)
-
-    @property
-    def requests_in_flight(self) -> int:
-        return sum(self._busy)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        index = min(range(len(self._shards)), key=self._busy.__getitem__)
-        self._busy[index] += 1
-        try:
-            response = await self._shards[index].handle_async_request(request)
-        except BaseException:
-            self._busy[index] -= 1
-            raise
-        response.stream = _ReleasingStream(response.stream, lambda: self._release(index))
-        return response
-
-    def _release(self, index: int) -> None:
-        self._busy[index] -= 1
-
-    async def aclose(self) -> None:
-        errors = [
-            e
-            for e in await asyncio.gather(*(shard.aclose() for shard in self._shards), return_exceptions=True)
-            if e is not None
-        ]
-        if errors:  # every pool was still closed
-            raise errors[0]
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that tells its pool's counter when it is closed (read to the end or abandoned)."""
-
-    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            if self._release is not None:  # once, however often the body is closed
-                release = self._release
-                self._release = None
-                release()
 
 
 class BackgroundLoop:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from whatsapp_webhook.concurrency import ShardedPoolTransport
+from whatsapp_webhook.http11 import KeepAliveTransport
 
 
 class UpstreamError(Exception):
@@ -143,14 +143,14 @@ WAHA_MAX_CONNECTIONS = 100  # per worker; sendText takes milliseconds, so far fe
 def upstream_client(
     *, transport: httpx.AsyncBaseTransport | None, max_connections: int, timeout: httpx.Timeout
 ) -> httpx.AsyncClient:
-    """A worker's client for one upstream: small pools side by side, or httpx's own pool behind a proxy.
+    """A worker's client for one upstream: httpx over http11.KeepAliveTransport, or httpx's own one behind a proxy.
 
     httpx honours HTTP(S)_PROXY only with its default transport, so where the environment
     names a proxy that one is kept (with a bounded keep-alive set, which keeps its walk short).
     """
     proxied = bool({"http", "https", "all"} & urllib.request.getproxies_environment().keys())  # what httpx reads
     if transport is None and not proxied:
-        transport = ShardedPoolTransport(max_connections=max_connections)
+        transport = KeepAliveTransport(max_connections=max_connections)
     return httpx.AsyncClient(
         transport=transport,
         timeout=timeout,
