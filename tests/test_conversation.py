@@ -118,6 +118,16 @@ def test_a_burst_is_answered_once_with_every_message_in_the_prompt(make_app, ups
     assert (counts["messages_received"], counts["messages_processed"], counts["messages_in_progress"]) == (3, 3, 0)
 
 
+def test_a_lone_message_is_answered_when_its_window_ends_not_at_the_next_poll(make_app, upstreams,
+                                                                            monkeypatch) -> None:
+    """The dispatcher is woken when the window closes; with polls an hour apart the reply still comes."""
+    monkeypatch.setattr("whatsapp_webhook.worker.POLL_SECONDS", 3600.0)
+    client = make_app(debounce_seconds=0.3).test_client()
+    response = post_event(client, customer("oi, vocês abrem amanhã?"))
+    assert response.get_json()["result"]["status"] == "success"
+    assert [t["text"] for t in upstreams.sent_texts()] == ["Echo: oi, vocês abrem amanhã?"]
+
+
 def test_debounce_zero_answers_each_message(client, upstreams) -> None:
     for text in ("um", "dois"):
         post_event(client, customer(text))

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 
 CLAIM_BATCH = 32  # due messages taken per inbox transaction
+POLL_SECONDS = 1.0  # how often every worker looks for due messages it was not woken for (a dead worker's)
+WINDOW_SLACK_SECONDS = 0.005  # the window is measured on the wall clock at accept, the wake-up on the loop's
 
 
 class Dispatcher:
@@ -49,7 +51,7 @@ class Dispatcher:
         store: Store,
         pipeline: ReplyPipeline,
         settings: Settings,
-        poll_seconds: float = 1.0,
+        poll_seconds: float | None = None,
         prune_every_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -57,7 +59,7 @@ class Dispatcher:
         self.pipeline = pipeline
         self.settings = settings
         self.clock = clock  # wall time, as the store's timestamps are
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
         self.prune_every_seconds = prune_every_seconds
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(3).hex()}"
         self._tasks: dict[asyncio.Task[None], str] = {}  # reply in progress -> its message's key
@@ -76,6 +78,16 @@ class Dispatcher:
     def wake(self) -> None:
         """Call on the loop."""
         self._wake.set()
+
+    def message_arrived(self) -> None:
+        """Call on the loop when a new message was recorded: claim now, and again when its debounce window ends.
+
+        Without the second wake-up a lone message waited for the next poll, up to poll_seconds after its
+        window (bench run 5b measured 260 ms after a 1.5 s window).
+        """
+        self._wake.set()
+        if self.settings.debounce_seconds > 0:
+            asyncio.get_running_loop().call_later(self.settings.debounce_seconds + WINDOW_SLACK_SECONDS, self._wake.set)
 
     def add_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(key)` is called (on the loop) whenever an attempt on a message ends."""
@@ -280,8 +292,12 @@ class WorkerRuntime:
         self._announcing = task  # the loop holds tasks weakly
 
     def wake_dispatcher(self) -> None:
-        self.background.call(self.dispatcher.wake)
-        self.background.call(self.media_fetcher.wake)
+        """A new message was recorded (called from a request thread): one hop to the loop wakes both queues."""
+        self.background.call(self._message_arrived)
+
+    def _message_arrived(self) -> None:
+        self.dispatcher.message_arrived()
+        self.media_fetcher.wake()
 
     def close(self, *, drain_seconds: float = 10.0) -> None:
         async def stop() -> None:
