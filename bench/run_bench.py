@@ -9,7 +9,7 @@ baseline; drives them with wrk (bench/wrk/*.lua); counts replies from the fake W
 a Markdown table. See bench/README.md for what each run measures.
 
 Exit status: 0 = figures printed (missed targets are reported, not failed); 1 = a message was not answered
-exactly once in run 2 or 3; 2 = the harness itself failed.
+exactly once in run 2, 3 or 5; 2 = the harness itself failed.
 """
 
 from __future__ import annotations
@@ -1274,7 +1274,7 @@ class Bench:
         except PostgresUnavailable as exc:
             raise HarnessError(f"--store {self.args.store}: {exc}") from None
         self.procs.started.append(self.pg)  # type: ignore[arg-type] # stopped with the rest, whatever happens
-        say(f"PostgreSQL for runs 2-3: {self.pg.url()} (pid {self.pg.backend_pid()}, settings of "
+        say(f"PostgreSQL for runs 2, 3 and 5: {self.pg.url()} (pid {self.pg.backend_pid()}, settings of "
             "fakes/postgres_server.py: fsync off, like SQLite's synchronous=NORMAL it survives process crashes)")
 
     # -- whole thing -----------------------------------------------------------------------------
@@ -1377,7 +1377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="DEBOUNCE_SECONDS of run 5b (not a whole second: see bench/README.md)")
     p.add_argument("--skip-floor", action="store_true", help="do not measure run 3's perfect-server floor")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run 2 and run 3 this many times, each on a fresh server; the table shows the median")
+                   help="runs 2, 3 and 5 this many times, each on a fresh server; the table shows the median")
     p.add_argument("--llm-latency", type=float, default=1.0)
     p.add_argument("--waha-latency", type=float, default=0.05)
     p.add_argument("--debounce-seconds", type=float, default=0.0,
@@ -1392,7 +1392,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-app", default="whatsapp_webhook_server:app",
                    help="diagnostics: the WSGI app gunicorn loads (e.g. an instrumented wrapper)")
     p.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql", "both"),
-                   help="STATE_DB of our server; both = runs 2 and 3 on SQLite, then on PostgreSQL (started by the "
+                   help="STATE_DB of our server; both = runs 2, 3 and 5 on SQLite, then on PostgreSQL (started by the "
                         "bench from the machine's binaries, fakes/postgres_server.py), compared side by side")
     p.add_argument("--wrk", help="path to wrk (default: on PATH; installed with apt-get when root)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, wrk output, state files)")
