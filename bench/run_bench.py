@@ -9,7 +9,7 @@ baseline; drives them with wrk (bench/wrk/*.lua); counts replies from the fake W
 a Markdown table. See bench/README.md for what each run measures.
 
 Exit status: 0 = figures printed (missed targets are reported, not failed); 1 = a message was not answered
-exactly once in run 2 or 3; 2 = the harness itself failed.
+exactly once in run 2, 3 or 5; 2 = the harness itself failed.
 """
 
 from __future__ import annotations
@@ -488,6 +488,29 @@ def check_once(sent: Iterable[str], delivered: list[tuple[float, str]]) -> OnceC
                      unexpected=sum(1 for t in counts if t not in sent_set))
 
 
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated linearly between the closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def reply_delays(posted: dict[str, float], delivered: Iterable[tuple[float, str]], *,
+                 window_s: float = 0.0) -> dict[str, float]:
+    """token -> seconds from its POST's start, plus `window_s` (a debounce window), to the first accepted
+    sendText that carried the token (its arrival at the fake WAHA). Tokens not posted are ignored; posted
+    tokens without a reply are left out (check_once counts them)."""
+    first: dict[str, float] = {}
+    for arrived, token in delivered:
+        if token in posted and arrived < first.get(token, float("inf")):
+            first[token] = arrived
+    return {token: first[token] - posted[token] - window_s for token in posted if token in first}
+
+
 @dataclass
 class OnceRun:
     """One pass of once.lua plus the replies it caused."""
@@ -746,8 +769,9 @@ class Bench:
         return name + ("_pg" if self.store == "postgresql" else "")
 
     # -- starting things -------------------------------------------------------------------------
-    def server_env(self, name: str) -> dict[str, str]:
-        """Our server's settings; fakes.gunicorn_server adds a fresh STATE_DB and an empty WEBHOOK_ENV_FILE."""
+    def server_env(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Our server's settings; fakes.gunicorn_server adds a fresh STATE_DB and an empty WEBHOOK_ENV_FILE.
+        `extra`: what a run fixes by definition (run 5's DEBOUNCE_SECONDS), over everything else."""
         assert self.llm and self.waha
         return {"LOG_FILE": "", "LOG_LEVEL": self.args.log_level, "TYPING_SIMULATION": "false",
                 "WEBHOOK_HMAC_KEY": self.hmac_key,
@@ -760,7 +784,8 @@ class Bench:
                 "RATE_LIMIT_PER_MINUTE": "100000", "DAILY_MESSAGE_LIMIT": "1000000",
                 "PROMETHEUS_MULTIPROC_DIR": str(self.folder / name / "metrics"),
                 **self.state_env(name),
-                **dict(item.split("=", 1) for item in self.args.server_env)}
+                **dict(item.split("=", 1) for item in self.args.server_env),
+                **(extra or {})}
 
     def state_env(self, name: str) -> dict[str, str]:
         """On PostgreSQL: a fresh database of the bench's server (SQLite: the launcher's fresh file)."""
@@ -769,8 +794,8 @@ class Bench:
         assert self.pg is not None
         return {"STATE_DB": self.pg.create_database(re.sub(r"\W", "_", name))}
 
-    def start_server(self, name: str) -> Gunicorn:
-        server = Gunicorn(self.procs, name, self.server_env(name), workers=self.args.workers,
+    def start_server(self, name: str, extra_env: dict[str, str] | None = None) -> Gunicorn:
+        server = Gunicorn(self.procs, name, self.server_env(name, extra_env), workers=self.args.workers,
                           app=self.args.server_app)
         if not self.server_config:
             self.server_config = gunicorn_config(server.command, server.env)
@@ -1037,6 +1062,88 @@ class Bench:
                           "rss_rest": rest, "rss_peak": peak, "cpu": meter.result, "cpu_wall": meter.wall}
         return took
 
+    # -- run 5: single-message overhead ----------------------------------------------------------
+    def single_messages(self, server: Gunicorn, *, tag: str, count: int, window_s: float) -> dict[str, Any]:
+        """`count` signed text messages, each from its own chat, strictly one at a time: the next POST starts
+        only when the fake WAHA has logged the previous one's sendText. Each delay is taken from the POST's
+        start (bench clock) to that sendText's arrival (the fake's `t_wall`, taken when it has read the request;
+        same machine, same wall clock), minus `window_s`."""
+        assert self.llm and self.waha
+        self.llm.configure(latency=0.0)
+        self.waha.configure(latency=0.0)
+        replies = ReplyLog(self.waha.log)
+        self.warm_up(server, replies, count=5)  # first connections to the fakes are not what is measured
+        wp.seed(5)
+        posted: dict[str, float] = {}
+        statuses: Counter[int] = Counter()
+        wait_s = window_s + 10.0
+        with httpx.Client(base_url=server.url, timeout=wait_s + 30) as http:  # one keep-alive connection, as WAHA
+            for index in range(count):
+                token = f"{tag}-{index:06d}"
+                body = wp.dumps(wp.text_message("WEBJS", sender=chat_id(5, index), body=f"Oi, tudo bem? #{token}",
+                                                message_id=f"3EB005{tag.encode().hex().upper()}{index:010X}"))
+                headers = {"Content-Type": "application/json", "X-Webhook-Hmac": wp.sign(body, self.hmac_key),
+                           "X-Webhook-Hmac-Algorithm": "sha512", "X-Webhook-Request-Id": uuid.uuid4().hex,
+                           "X-Webhook-Timestamp": str(int(time.time() * 1000))}
+                posted[token] = time.time()
+                statuses[http.post(WEBHOOK_PATH, content=body, headers=headers).status_code] += 1
+                deadline = time.monotonic() + wait_s
+                while replies.distinct(tag) <= index and time.monotonic() < deadline:
+                    replies.poll()
+                    time.sleep(0.0005)
+                if replies.distinct(tag) <= index:
+                    say(f"  {token}: no sendText within {wait_s:.0f} s of its POST; going on")
+        time.sleep(min(self.args.drain_seconds, 1.0))  # a late second copy would show up here
+        replies.poll()
+        delivered = replies.delivered(tag)
+        delays = reply_delays(posted, delivered, window_s=window_s)
+        ms = [1000 * d for d in delays.values()]
+        return {"messages": count, "window_s": window_s, "statuses": dict(statuses),
+                "p50_ms": percentile(ms, 50) if ms else None, "p99_ms": percentile(ms, 99) if ms else None,
+                "min_ms": min(ms, default=None), "max_ms": max(ms, default=None), "delays_ms": ms,
+                "check": check_once(posted, delivered), "failed_sends": replies.failed_sends(tag)}
+
+    def run5_rows(self, label: str, key: str, data: dict[str, Any]) -> None:
+        r = self.results
+        check: OnceCheck = data.pop("check")
+        value = check.text() + (f" ({data['failed_sends']} sendText attempts not accepted by the fake)"
+                                if data["failed_sends"] else "")
+        r.row(label, "Every message answered exactly once (fake WAHA log)", value, "all exactly once",
+              "PASS" if check.ok else "FAIL")
+        if not check.ok:
+            r.once_violations.append(f"run {label}: {check.text()}")
+        data["check"] = check.__dict__
+        r.data[key] = data
+
+    def run5a(self, server: Gunicorn) -> float | None:
+        a = self.args
+        say(f"run 5a: {a.run5_messages} single messages, one at a time, each from its own chat, fakes at 0 ms, "
+            "DEBOUNCE_SECONDS=0")
+        data = self.single_messages(server, tag="o5a", count=a.run5_messages, window_s=0.0)
+        p50, p99 = data["p50_ms"], data["p99_ms"]
+        shown = f"{p50:.1f} / {p99:.1f} ms" if p50 is not None else "no reply"
+        say(f"  POST → sendText at the fake WAHA: p50 / p99 {shown} (HTTP {data['statuses']})")
+        self.results.row(self.lab("5a"), f"Single message, debounce off: POST start → its sendText reaching the "
+                         f"fake WAHA, p50 / p99 ({a.run5_messages} msgs one at a time, own chat each, fakes at 0 ms)",
+                         shown, "< 10 ms p50", verdict(p50 is not None and p50 < 10))
+        self.run5_rows(self.lab("5a"), self.key("run5a"), data)
+        return p50
+
+    def run5b(self, server: Gunicorn) -> float | None:
+        a = self.args
+        window = a.run5_debounce
+        say(f"run 5b: {a.run5_debounce_messages} single messages, one at a time, DEBOUNCE_SECONDS={window:g}")
+        data = self.single_messages(server, tag="o5b", count=a.run5_debounce_messages, window_s=window)
+        p50, p99 = data["p50_ms"], data["p99_ms"]
+        shown = f"{p50:.0f} / {p99:.0f} ms" if p50 is not None else "no reply"
+        say(f"  sendText at the fake WAHA after the window closed: p50 / p99 {shown} (HTTP {data['statuses']})")
+        self.results.row(self.lab("5b"), f"Debounce on (DEBOUNCE_SECONDS={window:g}): the reply reaches the fake "
+                         "WAHA this long after the window (sendText arrival − POST start − window), p50 / p99 "
+                         f"({a.run5_debounce_messages} msgs one at a time)",
+                         shown, "≤ 100 ms after the window (p50)", verdict(p50 is not None and p50 <= 100))
+        self.run5_rows(self.lab("5b"), self.key("run5b"), data)
+        return p50
+
     # -- seed baseline ---------------------------------------------------------------------------
     def baseline(self, our_time: float | None) -> None:
         a = self.args
@@ -1086,7 +1193,8 @@ class Bench:
 
     # -- repetitions -----------------------------------------------------------------------------
     def repeated(self, label: str, key: str, runner: Callable[[Gunicorn], float | None], *,
-                 higher_is_better: bool) -> float | None:
+                 higher_is_better: bool, env: dict[str, str] | None = None,
+                 show: Callable[[float], str] | None = None) -> float | None:
         """Run 2 or 3 --repeat times, each on a fresh server and state file; the table shows the median run.
 
         These machines are noisy (±15 % between runs), so one run is an anecdote; the median run's rows go
@@ -1097,7 +1205,7 @@ class Bench:
             rows, notes = r.rows, r.notes
             r.rows, r.notes = [], []
             self.repetition = (f"-{index + 1}" if self.args.repeat > 1 else "") + self.key("")
-            server = self.start_server(f"server-{label.replace(' ', '-')}{self.repetition}")
+            server = self.start_server(f"server-{label.replace(' ', '-')}{self.repetition}", env)
             value = None
             watch = PgConnections(self.pg.url()) if self.store == "postgresql" and self.pg else None
             try:
@@ -1122,10 +1230,13 @@ class Bench:
         r.notes += notes
         r.data[key] = data
         if len(outcomes) > 1:
-            unit = "messages/s" if higher_is_better else "s"
-            figures = ", ".join(f"{o[0]:,.0f}" if higher_is_better else f"{o[0]:.2f}" for o in measured)
-            r.row(label, f"… {len(outcomes)} repetitions, each on a fresh server (rows above: the median one)",
-                  f"{figures} {unit}; median {value:,.{0 if higher_is_better else 2}f}")
+            if show is None:
+                unit = "messages/s" if higher_is_better else "s"
+                figures = ", ".join(f"{o[0]:,.0f}" if higher_is_better else f"{o[0]:.2f}" for o in measured)
+                text = f"{figures} {unit}; median {value:,.{0 if higher_is_better else 2}f}"
+            else:
+                text = ", ".join(show(o[0]) for o in measured) + f"; median {show(value)}"
+            r.row(label, f"… {len(outcomes)} repetitions, each on a fresh server (rows above: the median one)", text)
             r.data[key + "_repetitions"] = [o[3] for o in outcomes]
         return value
 
@@ -1163,7 +1274,7 @@ class Bench:
         except PostgresUnavailable as exc:
             raise HarnessError(f"--store {self.args.store}: {exc}") from None
         self.procs.started.append(self.pg)  # type: ignore[arg-type] # stopped with the rest, whatever happens
-        say(f"PostgreSQL for runs 2-3: {self.pg.url()} (pid {self.pg.backend_pid()}, settings of "
+        say(f"PostgreSQL for runs 2, 3 and 5: {self.pg.url()} (pid {self.pg.backend_pid()}, settings of "
             "fakes/postgres_server.py: fsync off, like SQLite's synchronous=NORMAL it survives process crashes)")
 
     # -- whole thing -----------------------------------------------------------------------------
@@ -1197,6 +1308,12 @@ class Bench:
             for self.store in stores:
                 times[self.store] = self.repeated(self.lab("3"), self.key("run3"), self.run3, higher_is_better=False)
             our_time = times.get(stores[0])
+        if 5 in a.runs:
+            for self.store in stores:
+                self.repeated(self.lab("5a"), self.key("run5a"), self.run5a, higher_is_better=False,
+                              env={"DEBOUNCE_SECONDS": "0"}, show=lambda ms: f"{ms:.1f} ms")
+                self.repeated(self.lab("5b"), self.key("run5b"), self.run5b, higher_is_better=False,
+                              env={"DEBOUNCE_SECONDS": f"{a.run5_debounce:g}"}, show=lambda ms: f"{ms:.0f} ms")
         self.compare_stores(rates, times)
         self.store = stores[0]
         if not a.skip_baseline and 3 in a.runs:
@@ -1242,7 +1359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-baseline", action="store_true", help="do not run the seed-style baseline")
     p.add_argument("--baseline-messages", type=int, default=None,
                    help="messages sent to the seed baseline (default 1000; 40 with --quick); fewer = extrapolated")
-    p.add_argument("--runs", default="1,2,3", help="which runs (4 = memory, measured within run 3)")
+    p.add_argument("--runs", default="1,2,3,5",
+                   help="which runs (4 = memory, measured within run 3; 5 = single-message overhead)")
     p.add_argument("--run1-seconds", type=float, default=None, help="length of each run 1 wrk pass (5; 2 quick)")
     p.add_argument("--run1-reps", type=int, default=None, help="alternating ours/bare pairs in run 1 (3; 1 quick)")
     p.add_argument("--run2-messages", type=int, default=None, help="messages in run 2 (4000; 600 quick)")
@@ -1251,9 +1369,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run3-chats", type=int, default=500)
     p.add_argument("--run3-per-chat", type=int, default=2)
     p.add_argument("--run3-connections", type=int, default=256, help="concurrent deliveries (WAHA does not wait)")
+    p.add_argument("--run5-messages", type=int, default=None,
+                   help="single messages in run 5a, debounce off (200; 40 quick)")
+    p.add_argument("--run5-debounce-messages", type=int, default=None,
+                   help="single messages in run 5b, debounce on (8; 3 quick): each waits the window")
+    p.add_argument("--run5-debounce", type=float, default=1.5,
+                   help="DEBOUNCE_SECONDS of run 5b (not a whole second: see bench/README.md)")
     p.add_argument("--skip-floor", action="store_true", help="do not measure run 3's perfect-server floor")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run 2 and run 3 this many times, each on a fresh server; the table shows the median")
+                   help="runs 2, 3 and 5 this many times, each on a fresh server; the table shows the median")
     p.add_argument("--llm-latency", type=float, default=1.0)
     p.add_argument("--waha-latency", type=float, default=0.05)
     p.add_argument("--debounce-seconds", type=float, default=0.0,
@@ -1268,7 +1392,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-app", default="whatsapp_webhook_server:app",
                    help="diagnostics: the WSGI app gunicorn loads (e.g. an instrumented wrapper)")
     p.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql", "both"),
-                   help="STATE_DB of our server; both = runs 2 and 3 on SQLite, then on PostgreSQL (started by the "
+                   help="STATE_DB of our server; both = runs 2, 3 and 5 on SQLite, then on PostgreSQL (started by the "
                         "bench from the machine's binaries, fakes/postgres_server.py), compared side by side")
     p.add_argument("--wrk", help="path to wrk (default: on PATH; installed with apt-get when root)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, wrk output, state files)")
@@ -1277,7 +1401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = {"run1_seconds": 2.0 if quick else 5.0, "run1_reps": 1 if quick else 3,
                 "run2_messages": 600 if quick else 4000, "baseline_messages": 40 if quick else 1000,
-                "drain_seconds": 1.0 if quick else 3.0}
+                "drain_seconds": 1.0 if quick else 3.0, "run5_messages": 40 if quick else 200,
+                "run5_debounce_messages": 3 if quick else 8}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -6,6 +6,7 @@ message was answered exactly once (the command exits 1 otherwise).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("wrk") is None,
                     reason="the benchmark's load generator wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
-def test_quick_benchmark_prints_its_table() -> None:
-    result = subprocess.run([sys.executable, "-m", "bench.run_bench", "--quick", "--skip-baseline"], cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
+def test_quick_benchmark_prints_its_table(tmp_path: Path) -> None:
+    figures = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench.run_bench", "--quick", "--skip-baseline",
+                             "--json", str(figures)], cwd=REPO, capture_output=True, text=True, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "| Run | Measure | Result | Target | Verdict |" in result.stdout, output[-4000:]
-    for run in ("| 1 |", "| 2 |", "| 3 |", "| 4 |"):
+    for run in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5a |", "| 5b |"):
         assert run in result.stdout, f"no {run} row:\n{result.stdout[-4000:]}"
     assert "answered once, 0 duplicated, 0 unanswered, 0 unexpected" in result.stdout
+    # Run 5: every single message got its own delay (its sendText matched to it), with and without debounce.
+    data = json.loads(figures.read_text())["data"]
+    for key in ("run5a", "run5b"):
+        assert len(data[key]["delays_ms"]) == data[key]["messages"] > 0, data[key]
+        assert data[key]["check"]["answered_once"] == data[key]["messages"], data[key]
+    assert data["run5b"]["window_s"] > 0 and data["run5a"]["window_s"] == 0
