@@ -13,6 +13,8 @@ import gzip
 import json
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -49,6 +51,7 @@ class LoopbackServer:
         self.tls = tls
         self.request_lines: list[str] = []
         self.heads: list[str] = []
+        self.bodies: list[bytes] = []
         self.peers: list[int] = []
         self.connections = 0
         self._held = 0
@@ -90,6 +93,7 @@ class LoopbackServer:
                     body = await reader.readexactly(length)
                 self.request_lines.append(lines[0])
                 self.heads.append(head)
+                self.bodies.append(body)
                 self.peers.append(peer)
                 if self.hold and lines[0].split(" ")[1].startswith("/held"):
                     self._held += 1
@@ -256,12 +260,14 @@ def test_a_body_larger_than_a_read_arrives_intact_and_a_gzip_one_is_decoded() ->
     run(scenario)
 
 
-def test_interim_100_answers_are_skipped_and_head_and_204_have_no_body() -> None:
+def test_interim_100_answers_are_skipped_and_head_204_and_304_have_no_body() -> None:
     async def reply(line: str, body: bytes) -> bytes:
         if line.startswith("HEAD"):
             return b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"
         if "/empty" in line:
             return b"HTTP/1.1 204 No Content\r\n\r\n"
+        if "/cached" in line:
+            return b"HTTP/1.1 304 Not Modified\r\nContent-Length: 500\r\n\r\n"
         return b"HTTP/1.1 100 Continue\r\n\r\n" + ok()
 
     async def scenario() -> None:
@@ -270,6 +276,7 @@ def test_interim_100_answers_are_skipped_and_head_and_204_have_no_body() -> None
             head = await client.head(upstream.url + "/x")
             assert head.status_code == 200 and head.content == b""
             assert (await client.delete(upstream.url + "/empty")).status_code == 204
+            assert (await client.get(upstream.url + "/cached")).content == b""
             assert (await client.get(upstream.url + "/again")).json() == {"ok": True}
             assert upstream.connections == 1
 
@@ -286,6 +293,7 @@ def test_the_request_goes_out_with_its_headers_and_body_and_a_streamed_upload_ch
                 yield b"world"
             await client.post(upstream.url + "/upload", content=parts())
         first, second = upstream.heads
+        assert upstream.bodies == [b'{"text":"oi"}', b"hello world"]
         assert first.startswith("POST /api/sendText?x=1 HTTP/1.1\r\n")
         assert f"host: 127.0.0.1:{upstream.port}" in first.lower() and "x-api-key: k" in first.lower()
         assert "content-length: 13" in first.lower()
@@ -314,6 +322,10 @@ def test_a_refused_connection_is_a_connect_error_that_never_left() -> None:
     (b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n", httpx.RemoteProtocolError),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", httpx.RemoteProtocolError),
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", httpx.RemoteProtocolError),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", httpx.RemoteProtocolError),  # not ValueError
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", httpx.RemoteProtocolError),
+    (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", httpx.RemoteProtocolError),  # never asked for
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + ok(), httpx.RemoteProtocolError),  # interim answers without end
 ])
 def test_a_broken_answer_is_a_protocol_error_that_may_have_been_sent(answer: bytes | tuple[bytes, bool] | None,
                                                                      error: type[Exception]) -> None:
@@ -433,5 +445,232 @@ def test_without_a_proxy_the_worker_uses_the_keep_alive_transport(monkeypatch: p
                 assert isinstance(client._transport, KeepAliveTransport)
             assert all(r.status_code == 200 for r in responses)
             assert upstream.request_lines[0] == "GET /held HTTP/1.1"  # straight to the server
+
+    run(scenario)
+
+
+# --- timeouts: each phase its own, and which ones mean "never left" -------------------------------------------
+
+def test_a_connect_that_never_completes_is_a_connect_timeout_that_never_left() -> None:
+    """A listener whose accept queue is full drops new SYNs: the connect hangs. Only the connect timeout
+    (0.2 s) applies there, not the read timeout (30 s): the scenario's own 30 s limit would fail first."""
+    import socket
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue (never accepted); later SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+
+    async def scenario() -> None:
+        async with client_for(timeout=httpx.Timeout(30, connect=0.2)) as (client, transport):
+            with pytest.raises(httpx.ConnectTimeout) as caught:
+                await client.post(f"http://127.0.0.1:{port}/api/sendText", json={})
+            assert isinstance(caught.value, NOT_SENT) and transport.requests_in_flight == 0
+
+    try:
+        run(scenario)
+    finally:
+        for sock in (*fillers, full):
+            sock.close()
+
+
+def test_a_server_that_stops_reading_is_a_write_timeout_that_may_have_been_sent() -> None:
+    async def scenario() -> None:
+        stalled = asyncio.Event()
+
+        async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await stalled.wait()
+            writer.close()
+
+        server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with client_for(timeout=httpx.Timeout(30, write=0.3)) as (client, transport):
+                with pytest.raises(httpx.WriteTimeout) as caught:
+                    await client.post(f"http://127.0.0.1:{port}/upload", content=b"x" * (64 * 1024 * 1024))
+                assert not isinstance(caught.value, NOT_SENT) and transport.requests_in_flight == 0
+        finally:
+            stalled.set()
+            server.close()
+
+    run(scenario)
+
+
+# --- what must never happen on a kept-alive connection ------------------------------------------------------
+
+def test_bytes_left_after_a_response_are_never_read_as_the_next_response() -> None:
+    """A server that sends past its Content-Length: the extra bytes must not become the next caller's answer."""
+    async def reply(line: str, body: bytes) -> bytes:
+        if "/first" in line:
+            return ok(b"ok") + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+        return ok(b"fresh")
+
+    async def scenario() -> None:
+        async with LoopbackServer(reply) as upstream, client_for() as (client, _):
+            assert (await client.get(upstream.url + "/first")).text == "ok"
+            await asyncio.sleep(0.05)
+            assert (await client.post(upstream.url + "/api/sendText", json={})).text == "fresh"
+            assert upstream.connections == 2
+
+    run(scenario)
+
+
+def test_a_connection_closed_while_the_loop_was_busy_is_not_reused() -> None:
+    """The server's FIN is in the kernel but the client's loop has not run since (busy with other replies),
+    so asyncio does not know yet: the transport must still see it and open a new connection for the sendText.
+    The server runs on a thread of its own, so it can hang up while the client's loop is blocked."""
+    started, ports = threading.Event(), []
+    stop = threading.Event()
+
+    async def answer_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(ok())
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        writer.close()
+
+    def serve() -> None:
+        async def main() -> None:
+            server = await asyncio.start_server(answer_then_hang_up, "127.0.0.1", 0)
+            ports.append(server.sockets[0].getsockname()[1])
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            server.close()
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(10)
+
+    async def scenario() -> None:
+        async with client_for() as (client, _):
+            await client.get(f"http://127.0.0.1:{ports[0]}/a")
+            time.sleep(0.2)  # the loop is blocked while the server's FIN arrives
+            assert (await client.post(f"http://127.0.0.1:{ports[0]}/api/sendText", json={})).status_code == 200
+
+    try:
+        run(scenario)
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_a_huge_chunk_reaches_the_caller_in_pieces_so_a_size_cap_can_stop_it() -> None:
+    """media_fetch stops at MEDIA_MAX_BYTES by counting what aiter_raw yields: one 32 MiB chunk must not be
+    buffered whole before the first piece arrives."""
+    size = 32 * 1024 * 1024
+    sent = [0]
+
+    async def scenario() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % size)
+            block = b"x" * (1024 * 1024)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(size // len(block)):
+                    writer.write(block)
+                    await writer.drain()
+                    sent[0] += len(block)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with client_for() as (client, transport):
+            async with client.stream("GET", f"http://127.0.0.1:{port}/file") as response:
+                await response.aiter_raw(64 * 1024).__anext__()
+                assert sent[0] < 4 * 1024 * 1024, f"first piece only after {sent[0]} bytes"
+            assert transport.requests_in_flight == 0 and transport.idle_connections == 0
+        server.close()
+
+    run(scenario)
+
+
+def test_an_abandoned_body_or_a_connection_close_answer_closes_the_socket() -> None:
+    """media_fetch gives up past its cap; the server must see the client hang up, not a socket left open."""
+    async def scenario() -> None:
+        hung_up = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 70000)
+            await writer.drain()
+            if await reader.read(1) == b"":
+                hung_up.set()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with client_for() as (client, _):
+            async with client.stream("GET", f"http://127.0.0.1:{port}/file") as response:
+                await response.aiter_raw(1000).__anext__()
+            await asyncio.wait_for(hung_up.wait(), 5)  # closed by us, not by a garbage collection some day
+        server.close()
+
+    run(scenario)
+
+
+def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    async def scenario() -> None:
+        async with LoopbackServer() as upstream, client_for() as (client, transport):
+            with pytest.raises(httpx.LocalProtocolError):
+                await client.post(upstream.url + "/api/sendText", json={}, headers={"X-Api-Key": "k\r\nX-Injected: 1"})
+            with pytest.raises(httpx.LocalProtocolError):
+                await client.post(upstream.url + "/api/sendText", content=b"abcdef", headers={"Content-Length": "3"})
+            assert upstream.request_lines == [] and transport.requests_in_flight == 0
+
+    run(scenario)
+
+
+def test_idle_connections_past_their_expiry_are_closed_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("whatsapp_webhook.http11.KEEPALIVE_EXPIRY_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        async with LoopbackServer(hold=10) as upstream, client_for() as (client, transport):
+            await asyncio.gather(*(client.get(upstream.url + "/held") for _ in range(10)))
+            assert transport.idle_connections == 10
+            await asyncio.sleep(0.3)
+            await client.get(upstream.url + "/one")  # steady traffic afterwards
+            assert transport.idle_connections == 1
+
+    run(scenario)
+
+
+def test_a_body_closed_after_the_transport_was_closed_closes_its_connection() -> None:
+    async def scenario() -> None:
+        async with LoopbackServer() as upstream:
+            transport = KeepAliveTransport(max_connections=4)
+            client = httpx.AsyncClient(transport=transport, timeout=5)
+            response = await client.send(client.build_request("GET", upstream.url + "/x"), stream=True)
+            await client.aclose()
+            await response.aread()
+            await response.aclose()
+            assert transport.idle_connections == 0 and transport.requests_in_flight == 0
+
+    run(scenario)
+
+
+def test_a_body_that_stops_arriving_is_a_read_timeout_for_every_framing() -> None:
+    """The read timeout applies to each read of the body too, not only to the head."""
+    async def scenario() -> None:
+        for head in (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n",
+                     b"HTTP/1.1 200 OK\r\n\r\n"):
+            async def stall(line: str, body: bytes, head: bytes = head) -> bytes:
+                return head + b"partial"  # and then nothing, with the connection open
+
+            async with LoopbackServer(stall) as upstream, \
+                    client_for(timeout=httpx.Timeout(30, read=0.2)) as (client, transport):
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.get(upstream.url + "/slow-body")
+                assert transport.requests_in_flight == 0 and transport.idle_connections == 0
 
     run(scenario)

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import select
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,8 +35,11 @@ import httpx
 
 KEEPALIVE_EXPIRY_SECONDS = 4.0  # under Node's default keepAliveTimeout (5 s), which WAHA runs on
 READ_CHUNK = 64 * 1024
+MAX_INTERIM_ANSWERS = 8  # 1xx answers skipped before the real one; more is a misbehaving server
 MAX_HEAD_BYTES = 64 * 1024  # the StreamReader's limit: a longer status line + headers is a protocol error
 NO_TIMEOUT: dict[str, float | None] = {}
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_BAD_HEADER_BYTES = re.compile(rb"[\x00\r\n]")
 
 
 class Framing(Enum):
@@ -52,11 +58,21 @@ class _Connection:
     idle_since: float = 0.0
 
     def is_reusable(self, now: float) -> bool:
-        return (
-            now - self.idle_since < KEEPALIVE_EXPIRY_SECONDS
-            and not self.reader.at_eof()
-            and not self.writer.is_closing()
-        )
+        # Bytes nobody asked for (a server sending past its Content-Length) would be the next request's answer.
+        leftover: bytes = getattr(self.reader, "_buffer", b"")
+        if (
+            now - self.idle_since >= KEEPALIVE_EXPIRY_SECONDS
+            or self.reader.at_eof()
+            or self.writer.is_closing()
+            or leftover
+        ):
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()  # not select(): fds above 1024 (hundreds of upstream sockets per worker)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)  # readable while idle = a FIN (or bytes) the loop has not processed yet
 
     def close(self) -> None:
         self.writer.close()
@@ -74,7 +90,7 @@ class _Head:
 
 @dataclass(slots=True)
 class _Origin:
-    idle: list[_Connection] = field(default_factory=list)
+    idle: deque[_Connection] = field(default_factory=deque)  # oldest first: reuse from the right, expire from the left
 
 
 @contextlib.contextmanager
@@ -120,7 +136,7 @@ def parse_head(raw: bytes, *, method: bytes, request: httpx.Request) -> _Head:
         headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
-            if not value.isdigit() or (length is not None and int(value) != length):
+            if not value.isdigit() or len(value) > 18 or (length is not None and int(value) != length):
                 raise _protocol_error(f"Bad Content-Length: {value[:40]!r}", request)
             length = int(value)
         elif lowered == b"transfer-encoding":
@@ -142,7 +158,10 @@ def parse_head(raw: bytes, *, method: bytes, request: httpx.Request) -> _Head:
 def _request_head(request: httpx.Request) -> bytes:
     target = request.url.raw_path
     lines = [request.method.encode("ascii") + b" " + target + b" HTTP/1.1"]
-    lines.extend(name + b": " + value for name, value in request.headers.raw)
+    for name, value in request.headers.raw:
+        if _BAD_HEADER_BYTES.search(name + value) or b":" in name or not name.strip():
+            raise httpx.LocalProtocolError(f"Illegal header {name[:40]!r}", request=request)
+        lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -199,29 +218,33 @@ class ResponseBody(httpx.AsyncByteStream):
         while True:
             async with asyncio.timeout(self._read_timeout):
                 line = await reader.readuntil(b"\r\n")
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _protocol_error(f"Bad chunk size line: {line[:40]!r}", self._request) from None
-            if size < 0:
+            size_text = line.split(b";", 1)[0].rstrip(b"\r\n \t")
+            if not _HEX.fullmatch(size_text):
                 raise _protocol_error(f"Bad chunk size line: {line[:40]!r}", self._request)
+            size = int(size_text, 16)
             if size == 0:
                 async with asyncio.timeout(self._read_timeout):
                     while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, ignored
                         pass
                 return
+            while size:
+                async with asyncio.timeout(self._read_timeout):
+                    data = await reader.read(min(size, READ_CHUNK))
+                if not data:
+                    raise _protocol_error("Server closed the connection inside a chunk.", self._request)
+                size -= len(data)
+                yield data
             async with asyncio.timeout(self._read_timeout):
-                data = await reader.readexactly(size + 2)
-            if data[-2:] != b"\r\n":
-                raise _protocol_error("Chunk not followed by CRLF.", self._request)
-            yield data[:-2]
+                if await reader.readexactly(2) != b"\r\n":
+                    raise _protocol_error("Chunk not followed by CRLF.", self._request)
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:  # once, however often the body is closed
             return
         reusable = self._complete and self._head.keep_alive
+        if not reusable:
+            connection.close()
         self._transport._release(self._key, connection if reusable else None)
 
 
@@ -234,6 +257,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._origins: dict[tuple[bytes, bytes, int], _Origin] = {}
         self._ssl_context = ssl_context
         self._in_flight = 0
+        self._closed = False
 
     @property
     def requests_in_flight(self) -> int:
@@ -319,18 +343,24 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                     if chunked:
                         writer.write(b"0\r\n\r\n")
                 else:
+                    declared = request.headers.get("content-length")
+                    if declared is not None and declared != str(len(body)):
+                        raise httpx.LocalProtocolError("Content-Length is not the body's length", request=request)
                     writer.write(_request_head(request) + body)
                 await writer.drain()
 
     async def _read_head(self, connection: _Connection, request: httpx.Request, timeout: float | None) -> _Head:
         method = request.method.encode("ascii")
         with _mapped(request, timeout=httpx.ReadTimeout, error=httpx.ReadError):
-            while True:
-                async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # one deadline for the answer, interim ones included
+                for _ in range(MAX_INTERIM_ANSWERS + 1):
                     raw = await connection.reader.readuntil(b"\r\n\r\n")
-                head = parse_head(raw, method=method, request=request)
-                if not (100 <= head.status < 200) or head.status == 101:
-                    return head
+                    head = parse_head(raw, method=method, request=request)
+                    if head.status == 101:  # never asked for: the connection now speaks something else
+                        raise _protocol_error("Unexpected 101 Switching Protocols.", request)
+                    if not 100 <= head.status < 200:
+                        return head
+        raise _protocol_error(f"More than {MAX_INTERIM_ANSWERS} interim (1xx) answers.", request)
 
     def _release(self, key: tuple[bytes, bytes, int], connection: _Connection | None) -> None:
         """A request is over: free its slot, and keep its connection for the next one when it can be reused."""
@@ -338,14 +368,21 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._slots.release()
         if connection is None:
             return
+        if self._closed:
+            connection.close()
+            return
         origin = self._origins.setdefault(key, _Origin())
+        now = asyncio.get_running_loop().time()
+        while origin.idle and now - origin.idle[0].idle_since >= KEEPALIVE_EXPIRY_SECONDS:
+            origin.idle.popleft().close()  # expired: the server has (or soon will have) closed it
         if len(origin.idle) >= self._max_idle:
             connection.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = now
         origin.idle.append(connection)
 
     async def aclose(self) -> None:
+        self._closed = True  # a body closed after this closes its connection instead of keeping it
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().close()
