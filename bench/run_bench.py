@@ -870,7 +870,7 @@ class Bench:
         r = self.results
         r.row("1", f"Ignored `message.ack`: our server, req/s ({n}, each {a.run1_seconds:g} s)", f"{o_rps:,.0f}")
         r.row("1", "Ignored `message.ack`: bare Flask hello app, req/s (same gunicorn settings)", f"{h_rps:,.0f}")
-        r.row("1", "Our throughput / bare app's", f"{100 * ratio:.1f} %", "≥ 50 %", verdict(ratio >= 0.5))
+        r.row("1", "Our throughput / bare app's", f"{100 * ratio:.1f} %", "≥ 75 %", verdict(ratio >= 0.75))
         r.row("1", "Latency p50 / p99, ours",
               f"{med(ours, lambda x: x.ms('p50_us')):.1f} / {med(ours, lambda x: x.ms('p99_us')):.1f} ms")
         r.row("1", "Latency p50 / p99, bare app",
@@ -911,7 +911,10 @@ class Bench:
         self.webhook_row(self.lab("2"), run)
         self.once_row(self.lab("2"), run)
         cpu_per_message = (meter.result.get("server workers", 0.0) + meter.result.get("server master", 0.0)) / max(1, len(tokens))
-        r.row(self.lab("2"), "Server CPU per processed message (workers' CPU seconds / messages)", f"{cpu_per_message * 1000:.1f} ms")
+        cpu_target = self.store == "sqlite"  # issue 21: ≤ 2.5 ms on SQLite; PostgreSQL is reported beside it
+        r.row(self.lab("2"), "Server CPU per processed message (workers' CPU seconds / messages)",
+              f"{cpu_per_message * 1000:.1f} ms", "≤ 2.5 ms" if cpu_target else "",
+              verdict(cpu_per_message <= 0.0025) if cpu_target else "")
         r.data[self.key("run2")] = {"messages": len(tokens), "chats": chats, "elapsed_s": elapsed, "rate": rate,
                           "cpu_per_message_s": cpu_per_message,
                           "all_sent_s": ingest, "wrk": run.wrk.data, "check": run.check.__dict__,

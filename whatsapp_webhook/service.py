@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import time
@@ -71,6 +73,12 @@ class RequestHeaders(Protocol):
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@functools.cache
+def ignored_metric(reason: str) -> Any:
+    """The counter's child for one reason, looked up once (labels() validates and locks on every call)."""
+    return MESSAGES_IGNORED.labels(reason)
 
 
 class RequestTally:
@@ -395,10 +403,12 @@ class WebhookService:
         return None
 
     def _ignore(self, event_id: str | None, chat_id: str | None, ignored: Ignored) -> tuple[dict[str, Any], int]:
-        MessageLog(event=event_id, chat=chat_id).info(
-            "decision=%(decision)s reason=%(reason)s", {"decision": "ignored", "reason": ignored.reason}
-        )
-        MESSAGES_IGNORED.labels(ignored.reason).inc()
+        # Most of WAHA's traffic ends here (an ack per message), so it costs a counter, not a log record.
+        if log.isEnabledFor(logging.INFO):
+            MessageLog(event=event_id, chat=chat_id).info(
+                "decision=%(decision)s reason=%(reason)s", {"decision": "ignored", "reason": ignored.reason}
+            )
+        ignored_metric(ignored.reason).inc()
         self.tally.add(IGNORED_COUNTER_PREFIX + ignored.reason)
         return {"status": "ignored", "reason": ignored.reason, "detail": ignored.detail}, 200
 
