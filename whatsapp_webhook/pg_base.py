@@ -324,15 +324,18 @@ class PostgresBase:
 
     def count_many(self, amounts: Mapping[str, int]) -> None:
         """Add several counters in one write (a worker's batch of rejected and ignored requests)."""
+        if any(amounts.values()):
+            self._write(lambda c: self._bump_many(c, amounts))
+
+    @staticmethod
+    def _bump_many(c: Connection, amounts: Mapping[str, int]) -> None:
         names = [name for name, amount in amounts.items() if amount]
         if names:
-            self._write(
-                lambda c: c.execute(
-                    "INSERT INTO counters (name, shard, value)"
-                    " SELECT name, %s, amount FROM unnest(%s::text[], %s::bigint[]) AS batch (name, amount)"
-                    " ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
-                    (c.info.backend_pid % COUNTER_SHARDS, names, [amounts[name] for name in names]),
-                )
+            c.execute(
+                "INSERT INTO counters (name, shard, value)"
+                " SELECT name, %s, amount FROM unnest(%s::text[], %s::bigint[]) AS batch (name, amount)"
+                " ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
+                (c.info.backend_pid % COUNTER_SHARDS, names, [amounts[name] for name in names]),
             )
 
     def ping(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -323,6 +323,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         sent_message_id: str | None,
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
@@ -376,6 +377,8 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
                 (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
                 counters=[counter],
             )
+            if counts:  # the session's counts, in the same commit
+                self._bump_many(c, counts)
 
         self._write(work)
 

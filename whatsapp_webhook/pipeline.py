@@ -556,6 +556,7 @@ class ReplyPipeline:
         last_part_id: str | None = None,
         llm_cost_usd: float = 0.0,
     ) -> None:
+        count = 1 + len(claimed.merged)
         await asyncio.to_thread(
             self.store.finish,
             claimed.message.dedupe_key,
@@ -564,9 +565,8 @@ class ReplyPipeline:
             sent_message_id=sent_message_id,
             history=history,
             last_part_id=last_part_id,
+            counts=self.business.finished_counts(claimed.message.session, str(outcome), count, llm_cost_usd),
         )
-        count = 1 + len(claimed.merged)
-        await self.business.count_finished(claimed.message.session, str(outcome), count, llm_cost_usd)
         if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
         elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import (
     Callable,
     Iterable,
+    Mapping,
 )
 from datetime import UTC, datetime
 
@@ -336,6 +337,7 @@ class StateStore(ChatStore, SQLiteMediaQueue):
         sent_message_id: str | None,
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
@@ -381,6 +383,9 @@ class StateStore(ChatStore, SQLiteMediaQueue):
                 Outcome.NOTICE: "messages_skipped",
             }.get(outcome, "messages_processed")
             self._bump(c, counter, 1 + followers)
+            for name, amount in (counts or {}).items():  # the session's counts, in the same commit
+                if amount:
+                    self._bump(c, name, amount)
             if history is not None:
                 c.executemany(
                     "INSERT INTO history (chat_key, role, content, created_at) VALUES (?, ?, ?, ?)",

@@ -269,6 +269,7 @@ class Store(Protocol):
         sent_message_id: str | None,
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
+        counts: Mapping[str, int] | None = None,  # added with the finish, only if it takes effect
     ) -> None: ...
     def record_failure(
         self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float
