@@ -82,6 +82,18 @@ def claim(store: Store, owner: str = "w1", lease: float = 30.0, **options: Any) 
     return batch[0] if batch else None
 
 
+def taken_over(store: Store, clock: Clock, *, stale: str = "stale-host", live: str = "live-host") -> tuple[
+        IncomingMessage, ClaimedMessage, ClaimedMessage]:
+    """A message `stale` claimed and then lost: its 30 s lease ran out and `live` took it over."""
+    message = incoming()
+    store.accept(message)
+    first = claim(store, stale, lease=30)
+    clock.now += 31
+    current = claim(store, live)
+    assert first is not None and current is not None
+    return message, first, current
+
+
 # --- the inbox ---------------------------------------------------------------------------------------
 
 def test_a_message_is_recorded_once_and_survives_a_new_connection(store, reopen) -> None:
@@ -265,11 +277,7 @@ def test_restart_recovery_on_a_shared_database_takes_only_leases_that_ran_out(st
 
 def test_a_worker_whose_lease_was_taken_over_cannot_finish_the_message_it_did_not_send(store, clock) -> None:
     # Fencing: the first owner came back (a host paused, a partition) after another took its message over.
-    message = incoming()
-    store.accept(message)
-    stale = claim(store, "stale-host", lease=30)
-    clock.now += 31
-    current = claim(store, "live-host")
+    message, stale, current = taken_over(store, clock)
     assert current.attempts == 2
     store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SKIPPED, sent_message_id=None)
     assert store.entry(message.dedupe_key).status == "processing"
@@ -287,11 +295,7 @@ def test_a_worker_whose_lease_was_taken_over_cannot_finish_the_message_it_did_no
 
 def test_a_finish_adds_its_counts_in_the_same_commit_and_only_when_it_finishes(store, clock) -> None:
     """The per-session counts ride on finish (one write per message, not two) and cannot count a message twice."""
-    message = incoming()
-    store.accept(message)
-    stale = claim(store, "stale-host", lease=30)
-    clock.now += 31
-    claim(store, "live-host")
+    message, stale, _ = taken_over(store, clock)
     counts = {"session.default.success": 1, "session.default.llm_cost_nanousd": 2500, "session.default.empty": 0}
     store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SKIPPED, sent_message_id=None, counts=counts)
     assert "session.default.success" not in store.snapshot().counters  # lost the lease: the finish did nothing
@@ -338,11 +342,7 @@ def test_a_reply_waha_took_is_recorded_after_the_new_owner_failed_to_send_it_and
 
 
 def test_a_reply_not_yet_written_cannot_be_finished_by_a_worker_that_lost_the_lease(store, clock) -> None:
-    message = incoming()
-    store.accept(message)
-    stale = claim(store, "host-b", lease=30)
-    clock.now += 31
-    claim(store, "host-a")
+    message, stale, _ = taken_over(store, clock, stale="host-b", live="host-a")
     store.record_failure(message.dedupe_key, "host-a", "llm: timeout", max_attempts=10, retry_in=0)
     store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="true_x")
     assert store.entry(message.dedupe_key).status == "queued"  # no reply began sending: B's word does not count
