@@ -3,6 +3,7 @@ session, seen from WAHA, the LLM and an operator (respx fakes; the budget's day 
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -275,22 +276,32 @@ def test_check_asks_waha_for_each_number_and_the_llm_server_for_each_numbers_mod
     assert "set [loja2] openrouter_model to a listed id" in model.hint
 
 
-def test_a_per_session_count_the_store_cannot_take_does_not_undo_a_sent_reply(make_app, upstreams,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_finish_the_store_refuses_is_counted_once_when_the_retry_finishes(make_app, upstreams,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts ride on finish: a refused finish counts nothing (not in /stats, not in /metrics), and the retry,
+    which finds the reply already at WAHA, counts the message once."""
     from whatsapp_webhook import EXTENSION_KEY
     from whatsapp_webhook.store_api import StoreUnavailable
 
-    app = make_app()
+    app = make_app(lease_seconds=1.0)
     store = app.extensions[EXTENSION_KEY].store
+    real_finish = store.finish
+    refused: list[str] = []
 
-    def refuse(amounts: Any) -> None:
-        raise StoreUnavailable("database is locked")
+    def refuse_once(key: str, owner: str, **kwargs: Any) -> bool:
+        if not refused:
+            refused.append(key)
+            raise StoreUnavailable("database or disk is full")
+        return real_finish(key, owner, **kwargs)
 
     client = app.test_client()
-    processed = ("webhook_messages_processed_total", ())
-    before = scraped(client).get(processed, 0.0)
-    monkeypatch.setattr(store, "count_many", refuse)
-    response = post_event(client, from_session("default", "Oi"))
-    assert response.get_json()["result"]["status"] == "success"
-    assert [s["text"] for s in upstreams.sent_texts()] == ["Echo: Oi"]
-    assert scraped(client)[processed] - before == 1  # the rest of the bookkeeping still ran
+    session_success = ("webhook_session_messages_total", (("outcome", "success"), ("session", "default")))
+    before = scraped(client).get(session_success, 0.0)
+    monkeypatch.setattr(store, "finish", refuse_once)
+    post_event(client, from_session("default", "Oi"))
+    give_up = time.monotonic() + 20
+    while stats(client)["by_session"].get("default", {}).get("messages") != {"success": 1}:
+        assert time.monotonic() < give_up, "the retry never finished the message"
+        time.sleep(0.1)
+    assert refused and [s["text"] for s in upstreams.sent_texts()] == ["Echo: Oi"]  # sent once, not again
+    assert scraped(client)[session_success] - before == 1

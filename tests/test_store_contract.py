@@ -293,14 +293,18 @@ def test_a_worker_whose_lease_was_taken_over_cannot_finish_the_message_it_did_no
     assert store.snapshot().counters.get("messages_skipped", 0) == 0
 
 
-def test_a_finish_adds_its_counts_in_the_same_commit_and_only_when_it_finishes(store, clock) -> None:
-    """The per-session counts ride on finish (one write per message, not two) and cannot count a message twice."""
+def test_a_finish_adds_its_counts_only_when_it_finishes_and_says_whether_it_did(store, clock) -> None:
+    """The per-session counts ride on finish (one write per message, not two) and cannot count a message twice;
+    its answer tells the pipeline whether to count /metrics too."""
     message, stale, _ = taken_over(store, clock)
     counts = {"session.default.success": 1, "session.default.llm_cost_nanousd": 2500, "session.default.empty": 0}
-    store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SKIPPED, sent_message_id=None, counts=counts)
+    assert not store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SKIPPED, sent_message_id=None,
+                            counts=counts)
     assert "session.default.success" not in store.snapshot().counters  # lost the lease: the finish did nothing
-    store.finish(message.dedupe_key, "live-host", outcome=Outcome.SUCCESS, sent_message_id="true_y", counts=counts)
-    store.finish(message.dedupe_key, "live-host", outcome=Outcome.SUCCESS, sent_message_id="true_y", counts=counts)
+    assert store.finish(message.dedupe_key, "live-host", outcome=Outcome.SUCCESS, sent_message_id="true_y",
+                        counts=counts)
+    assert not store.finish(message.dedupe_key, "live-host", outcome=Outcome.SUCCESS, sent_message_id="true_y",
+                            counts=counts)  # already done
     counters = store.snapshot().counters
     assert (counters["session.default.success"], counters["session.default.llm_cost_nanousd"]) == (1, 2500)
     assert "session.default.empty" not in counters

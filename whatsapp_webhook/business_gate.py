@@ -98,9 +98,12 @@ class BusinessGate:
 
     def finished_counts(self, session: str, outcome: str, count: int, cost_usd: float) -> dict[str, int]:
         """/stats' per-session counts of a finished message, for the store to add in the finish's own commit
-        (a second write per message cost a thread hop and a transaction); /metrics' are counted here."""
+        (a second write per message cost a thread hop and a transaction)."""
+        return finished_counts(self.profiles.profile(session).counted_as, outcome, count, cost_usd)
+
+    def count_finished(self, session: str, outcome: str, count: int, cost_usd: float) -> None:
+        """/metrics' per-session counts: only once the store says this finish took effect."""
         counted_as = self.profiles.profile(session).counted_as
         SESSION_MESSAGES.labels(counted_as, outcome).inc(count)
         if cost_usd:
             SESSION_LLM_COST_USD.labels(counted_as).inc(cost_usd)
-        return finished_counts(counted_as, outcome, count, cost_usd)

@@ -324,18 +324,19 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
         counts: Mapping[str, int] | None = None,
-    ) -> None:
+    ) -> bool:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
         Fencing: without the lease (another worker or host took the message over) only a reply whose
         sending began may be finished here (its text kept, whatever the status since: the new owner's own
         failed send puts it back in the queue): once WAHA took the text, the message is answered, and saying
         so stops the new owner from sending a second copy. A decision not to send (outcome 'skipped')
-        belongs to the current owner alone.
+        belongs to the current owner alone. True when this call finished the message (False: nothing
+        changed, and nothing was counted).
         """
         now = self.clock()
 
-        def work(c: Connection) -> None:
+        def work(c: Connection) -> bool:
             row = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = %s, sent_message_id = COALESCE(%s, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = %s, updated_at = %s WHERE key = %s"
@@ -345,7 +346,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
                 (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
             ).fetchone()
             if row is None:
-                return
+                return False
             chat_key = row[0]
             # Its bytes (and those of the burst) were only needed to write this reply.
             c.execute(
@@ -379,8 +380,9 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
             )
             if counts:  # the session's counts, in the same commit
                 self._bump_many(c, counts)
+            return True
 
-        self._write(work)
+        return self._write(work)
 
     def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> FailureVerdict:
         """After a failed attempt: due again later, or given up once attempts are used (policy.failure_verdict)."""

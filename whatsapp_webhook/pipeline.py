@@ -557,7 +557,8 @@ class ReplyPipeline:
         llm_cost_usd: float = 0.0,
     ) -> None:
         count = 1 + len(claimed.merged)
-        await asyncio.to_thread(
+        session = claimed.message.session
+        finished = await asyncio.to_thread(
             self.store.finish,
             claimed.message.dedupe_key,
             claimed.lease_owner,
@@ -565,8 +566,11 @@ class ReplyPipeline:
             sent_message_id=sent_message_id,
             history=history,
             last_part_id=last_part_id,
-            counts=self.business.finished_counts(claimed.message.session, str(outcome), count, llm_cost_usd),
+            counts=self.business.finished_counts(session, str(outcome), count, llm_cost_usd),
         )
+        if not finished:  # another worker took the message over and finishes (and counts) it
+            return
+        self.business.count_finished(session, str(outcome), count, llm_cost_usd)
         if outcome is Outcome.FALLBACK:
             MESSAGES_FAILED.labels("llm").inc(count)
         elif outcome in (Outcome.SKIPPED, Outcome.NOTICE):

@@ -338,18 +338,19 @@ class StateStore(ChatStore, SQLiteMediaQueue):
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
         counts: Mapping[str, int] | None = None,
-    ) -> None:
+    ) -> bool:
         """The reply is out (or deliberately not sent: outcome 'skipped'); merged messages finish with it.
 
         Fencing: without the lease (another worker or host took the message over) only a reply whose
         sending began may be finished here (its text kept, whatever the status since: the new owner's own
         failed send puts it back in the queue): once WAHA took the text, the message is answered, and saying
         so stops the new owner from sending a second copy. A decision not to send (outcome 'skipped')
-        belongs to the current owner alone.
+        belongs to the current owner alone. True when this call finished the message (False: nothing
+        changed, and nothing was counted).
         """
         now = self.clock()
 
-        def work(c: sqlite3.Connection) -> None:
+        def work(c: sqlite3.Connection) -> bool:
             row = c.execute(
                 "UPDATE inbox SET status = 'done', outcome = ?, sent_message_id = COALESCE(?, sent_message_id),"
                 " lease_owner = NULL, reply_text = NULL, finished_at = ?, updated_at = ? WHERE key = ?"
@@ -359,7 +360,7 @@ class StateStore(ChatStore, SQLiteMediaQueue):
                 (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
             ).fetchone()
             if row is None:
-                return
+                return False
             # Its bytes (and those of the burst) were only needed to write this reply.
             c.execute(
                 "DELETE FROM media WHERE key = ? OR key IN (SELECT key FROM inbox WHERE merged_into = ?)", (key, key)
@@ -391,8 +392,9 @@ class StateStore(ChatStore, SQLiteMediaQueue):
                     "INSERT INTO history (chat_key, role, content, created_at) VALUES (?, ?, ?, ?)",
                     [(row[0], turn.role, turn.content, now) for turn in history],
                 )
+            return True
 
-        self._transaction(work)
+        return self._transaction(work)
 
     def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> FailureVerdict:
         """After a failed attempt: due again later, or given up once attempts are used (policy.failure_verdict)."""

@@ -270,7 +270,7 @@ class Store(Protocol):
         history: tuple[Turn, Turn] | None = None,
         last_part_id: str | None = None,
         counts: Mapping[str, int] | None = None,  # added with the finish, only if it takes effect
-    ) -> None: ...
+    ) -> bool: ...  # True when it took effect (this call finished the message)
     def record_failure(
         self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float
     ) -> FailureVerdict: ...
