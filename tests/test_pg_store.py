@@ -124,18 +124,25 @@ def test_four_processes_claim_every_message_once_and_one_chat_at_a_time_in_order
 
 
 def test_a_pool_never_crosses_a_fork(url: str, store) -> None:
-    parent_pid = store._run(lambda c: c.info.backend_pid)
+    def backend_and_its_process(c: Any) -> tuple[int, int]:
+        name = c.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+        return c.info.backend_pid, int(name.rsplit(":", 1)[1])  # the pool names its connections by process
+
+    parent_backend, opened_by = store._run(backend_and_its_process)
+    assert opened_by == os.getpid()
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            os.write(writer, str(store._run(lambda c: c.info.backend_pid)).encode())
+            backend, opener = store._run(backend_and_its_process)
+            os.write(writer, f"{backend} {opener}".encode())
         finally:
             os._exit(0)
     os.waitpid(child, 0)
-    child_pid = int(os.read(reader, 32))
-    assert child_pid != parent_pid
-    assert store._run(lambda c: c.info.backend_pid) == parent_pid  # the parent's connection still works
+    child_backend, child_opener = map(int, os.read(reader, 64).split())
+    assert child_opener == child and child_backend != parent_backend  # the child dialled its own connection
+    # The parent's pool still works, on connections the parent opened (it may hold more than one by now).
+    assert store._run(backend_and_its_process)[1] == os.getpid()
 
 
 # --- migrations ----------------------------------------------------------------------------------------
