@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,17 @@ def server() -> PostgresServer:
         unavailable(_problem or "unknown")
     assert _server is not None
     return _server
+
+
+def private_server() -> Iterator[PostgresServer]:
+    """A server of the caller's own (a fixture body), so stopping or restarting it disturbs no other test."""
+    server()  # skips (or fails under CI) the same way when PostgreSQL cannot be had
+    try:
+        own = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        unavailable(str(exc))
+    yield own
+    own.stop()
 
 
 def fresh_database() -> str:

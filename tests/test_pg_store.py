@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fakes import waha_payloads as wp
-from fakes.postgres_server import PostgresServer, PostgresUnavailable
+from fakes.postgres_server import PostgresServer
 from tests import postgres
 from tests.conftest import post_event
 from whatsapp_webhook import EXTENSION_KEY
@@ -200,13 +200,7 @@ def test_a_bad_password_or_database_is_a_settings_error_not_an_outage(url: str) 
 @pytest.fixture
 def own_server() -> Iterator[PostgresServer]:
     """A server of this test's own, so stopping it does not disturb the others."""
-    postgres.server()  # skips (or fails under CI) the same way when PostgreSQL cannot be had
-    try:
-        server = PostgresServer.start()
-    except PostgresUnavailable as exc:
-        postgres.unavailable(str(exc))
-    yield server
-    server.stop()
+    yield from postgres.private_server()
 
 
 def test_an_outage_costs_503s_loses_nothing_and_heals_by_itself(own_server: PostgresServer, make_app,

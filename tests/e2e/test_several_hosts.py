@@ -29,7 +29,7 @@ import pytest
 from fakes import FakeOpenRouter, FakeWaha
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import REPO, GunicornServer
-from fakes.postgres_server import PostgresServer, PostgresUnavailable
+from fakes.postgres_server import PostgresServer
 from tests import postgres
 from tests.e2e.test_gunicorn import deliver, stats, wait_for
 
@@ -47,13 +47,7 @@ HOST_ENV = {"LEASE_SECONDS": "3", "WEBHOOK_SYNC_WAIT_SECONDS": "0.2", "WAHA_TIME
 
 @pytest.fixture(scope="module")
 def database_server() -> Iterator[PostgresServer]:
-    postgres.server()  # skips (or fails under CI) the same way when PostgreSQL cannot be had
-    try:
-        server = PostgresServer.start()
-    except PostgresUnavailable as exc:
-        postgres.unavailable(str(exc))
-    yield server
-    server.stop()
+    yield from postgres.private_server()
 
 
 _databases = iter(range(1, 1000))
