@@ -82,12 +82,15 @@ def claim(store: Store, owner: str = "w1", lease: float = 30.0, **options: Any) 
     return batch[0] if batch else None
 
 
-def taken_over(store: Store, clock: Clock, *, stale: str = "stale-host", live: str = "live-host") -> tuple[
-        IncomingMessage, ClaimedMessage, ClaimedMessage]:
-    """A message `stale` claimed and then lost: its 30 s lease ran out and `live` took it over."""
+def taken_over(store: Store, clock: Clock, *, stale: str = "stale-host", live: str = "live-host",
+               sent_first: bool = False) -> tuple[IncomingMessage, ClaimedMessage, ClaimedMessage]:
+    """A message `stale` claimed (and, with `sent_first`, began sending as "x") and then lost: its 30 s lease
+    ran out and `live` took it over."""
     message = incoming()
     store.accept(message)
     first = claim(store, stale, lease=30)
+    if sent_first:
+        assert store.begin_send(message.dedupe_key, stale, parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
     clock.now += 31
     current = claim(store, live)
     assert first is not None and current is not None
@@ -312,12 +315,7 @@ def test_a_finish_adds_its_counts_only_when_it_finishes_and_says_whether_it_did(
 
 def test_a_reply_waha_took_is_recorded_even_after_the_lease_was_taken_over(store, clock) -> None:
     # The other side of fencing: the text left, so saying so stops the new owner from sending a second copy.
-    message = incoming()
-    store.accept(message)
-    stale = claim(store, "stale-host", lease=30)
-    assert store.begin_send(message.dedupe_key, "stale-host", parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
-    clock.now += 31
-    current = claim(store, "live-host")
+    message, stale, current = taken_over(store, clock, sent_first=True)
     assert current.previous_status == "sending"
     store.finish(message.dedupe_key, stale.lease_owner, outcome=Outcome.SUCCESS, sent_message_id="true_x",
                  last_part_id="true_x")
@@ -329,12 +327,7 @@ def test_a_reply_waha_took_is_recorded_after_the_new_owner_failed_to_send_it_and
     # Host B sent; host A took the message over, its own sendText failed and put the message back in the
     # queue with the reply kept. B's word that WAHA took the text must still count: the retry (previous
     # status 'queued') would not ask WAHA first, and would send a second copy.
-    message = incoming()
-    store.accept(message)
-    stale = claim(store, "host-b", lease=30)
-    assert store.begin_send(message.dedupe_key, "host-b", parts=["x"], reply=("x", Outcome.SUCCESS)) == "send"
-    clock.now += 31
-    current = claim(store, "host-a")
+    message, stale, current = taken_over(store, clock, stale="host-b", live="host-a", sent_first=True)
     assert current.previous_status == "sending"
     store.record_failure(message.dedupe_key, "host-a", "sendText: timeout", max_attempts=10, retry_in=0)
     assert store.entry(message.dedupe_key).status == "queued"
