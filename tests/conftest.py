@@ -137,7 +137,8 @@ class Http11Mocker(respx.mocks.HTTPCoreMocker):
     The worker's clients run on whatsapp_webhook.http11.KeepAliveTransport, not httpcore, so
     respx's default patch never sees their requests. This one patches both: httpcore for plain
     httpx clients, and our transport's handle_async_request, whose request is already an
-    httpx.Request and whose response is handed back unread (as a socket would: aiter_raw works).
+    httpx.Request and whose response is handed back unread, on the route's own stream (as a socket would:
+    aiter_raw works, and a streamed route is read as it yields).
     """
 
     name = "http11"
@@ -158,7 +159,7 @@ class Http11Mocker(respx.mocks.HTTPCoreMocker):
     async def from_async_httpx_response(cls, httpx_response: Any, target: Any, **kwargs: Any) -> Any:
         if isinstance(kwargs["request"], httpx.Request):
             return httpx.Response(httpx_response.status_code, headers=httpx_response.headers.raw,
-                                  stream=httpx.ByteStream(httpx_response.content),
+                                  stream=httpx_response.stream,
                                   extensions=httpx_response.extensions)
         return await super().from_async_httpx_response(httpx_response, target, **kwargs)
 

@@ -41,6 +41,7 @@ from whatsapp_webhook.media_fetch import (
 from whatsapp_webhook.media_reply import MediaTurns
 from whatsapp_webhook.store import StateStore
 from whatsapp_webhook.store_api import MediaJobState
+from whatsapp_webhook.upstream import upstream_client
 
 MEDIA = Path(make_media.MEDIA_DIR)
 FILES = {  # file -> the mimetype WhatsApp declares for it
@@ -203,7 +204,7 @@ def test_a_pdf_must_start_with_its_signature(data: bytes, is_pdf: bool) -> None:
 
 
 def test_wahas_screenshot_is_never_fetched_with_the_key(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=False, assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_mocked=False, assert_all_called=False) as router:
         screenshot = router.get(url__regex=r".*/api/screenshot.*").respond(200, content=media_bytes("product.jpg"))
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://localhost:3000/api/screenshot?session=default", "image/jpeg")
@@ -217,15 +218,16 @@ def settings(tmp_path: Path, **overrides: Any) -> Any:
 
 
 def fetch(tmp_path: Path, url: str, mimetype: str, **overrides: Any) -> bytes:
+    """download_media over the client a worker downloads with (httpx on http11; respx patches its transport)."""
     async def run() -> bytes:
-        async with httpx.AsyncClient() as http:
+        async with upstream_client(transport=None, max_connections=4, timeout=httpx.Timeout(10)) as http:
             return await download_media(http, url, mimetype=mimetype, settings=settings(tmp_path, **overrides))
     return asyncio.run(run())
 
 
 def test_a_voice_note_is_downloaded_from_waha_with_the_api_key(tmp_path: Path) -> None:
     voice = media_bytes("voice_note.ogg")
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         route = router.get("http://waha:3000/api/files/default/A.oga").respond(200, content=voice)
         assert fetch(tmp_path, "http://localhost:3000/api/files/default/A.oga", "audio/ogg; codecs=opus") == voice
     assert route.calls.last.request.headers["X-Api-Key"] == "test-waha-key"
@@ -233,7 +235,7 @@ def test_a_voice_note_is_downloaded_from_waha_with_the_api_key(tmp_path: Path) -
 
 def test_an_allowed_origin_never_gets_wahas_key(tmp_path: Path) -> None:
     photo = media_bytes("product.jpg")
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         route = router.get("https://bucket.test/p.jpeg").respond(200, content=photo)
         assert fetch(tmp_path, "https://bucket.test/p.jpeg", "image/jpeg",
                      media_allowed_origins=("https://bucket.test",)) == photo
@@ -241,7 +243,7 @@ def test_an_allowed_origin_never_gets_wahas_key(tmp_path: Path) -> None:
 
 
 def test_another_host_is_never_contacted(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_mocked=True, assert_all_called=False) as router:
         other = router.get(url__regex=r"http://evil\.test/.*").respond(200, content=media_bytes("product.jpg"))
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://evil.test/api/files/p.jpeg", "image/jpeg")
@@ -249,7 +251,7 @@ def test_another_host_is_never_contacted(tmp_path: Path) -> None:
 
 
 def test_an_expired_file_is_not_found(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         router.get("http://waha:3000/api/files/default/A.oga").respond(404, json={"statusCode": 404})
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://waha:3000/api/files/default/A.oga", "audio/ogg")
@@ -257,7 +259,7 @@ def test_an_expired_file_is_not_found(tmp_path: Path) -> None:
 
 
 def test_a_redirect_is_not_followed(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_mocked=True, assert_all_called=False) as router:
         router.get("http://waha:3000/api/files/a.jpeg").respond(302, headers={"Location": "http://evil.test/x"})
         elsewhere = router.get("http://evil.test/x").respond(200, content=media_bytes("product.jpg"))
         with pytest.raises(MediaDownloadError):
@@ -266,7 +268,7 @@ def test_a_redirect_is_not_followed(tmp_path: Path) -> None:
 
 
 def test_a_declared_size_over_the_cap_is_refused_before_reading(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         router.get("http://waha:3000/api/files/big.jpeg").respond(
             200, headers={"Content-Length": "5000000"}, content=b"\xff\xd8\xff" + b"0" * 4_999_997)
         with pytest.raises(MediaDownloadError) as caught:
@@ -284,7 +286,7 @@ def test_an_undeclared_size_over_the_cap_stops_reading_at_the_cap(tmp_path: Path
                 yielded.append(1)
                 yield b"0" * 65_536
 
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         router.get("http://waha:3000/api/files/big.jpeg").mock(
             return_value=httpx.Response(200, stream=Endless()))
         with pytest.raises(MediaDownloadError) as caught:
@@ -294,7 +296,7 @@ def test_an_undeclared_size_over_the_cap_stops_reading_at_the_cap(tmp_path: Path
 
 
 def test_bytes_that_are_not_the_declared_type_are_refused(tmp_path: Path) -> None:
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="http11", assert_all_mocked=True) as router:
         router.get("http://waha:3000/api/files/a.pdf").respond(200, content=media_bytes("product.jpg"))
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://waha:3000/api/files/a.pdf", "application/pdf")
@@ -306,7 +308,7 @@ def test_a_slow_file_times_out_as_a_transient_failure(tmp_path: Path) -> None:
         await asyncio.sleep(5)
         return httpx.Response(200, content=media_bytes("product.jpg"))
 
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+    with respx.mock(using="http11", assert_all_mocked=True, assert_all_called=False) as router:
         router.get("http://waha:3000/api/files/a.jpeg").mock(side_effect=slow)
         with pytest.raises(MediaDownloadError) as caught:
             fetch(tmp_path, "http://waha:3000/api/files/a.jpeg", "image/jpeg", media_download_timeout_seconds=0.5)
