@@ -212,11 +212,7 @@ class ResponseBody(httpx.AsyncByteStream):
             if self._head.framing is Framing.LENGTH:
                 remaining = self._head.length
                 while remaining:
-                    if getattr(reader, "_buffer", None):  # already here (a small JSON answer): no wait to time
-                        chunk = await reader.read(min(remaining, READ_CHUNK))
-                    else:
-                        async with asyncio.timeout(self._read_timeout):
-                            chunk = await reader.read(min(remaining, READ_CHUNK))
+                    chunk = await self._read(reader, min(remaining, READ_CHUNK))
                     if not chunk:
                         raise _protocol_error(
                             "Server closed the connection before the whole body arrived.", self._request
@@ -227,13 +223,17 @@ class ResponseBody(httpx.AsyncByteStream):
                 async for chunk in self._chunks(reader):
                     yield chunk
             else:
-                while True:
-                    async with asyncio.timeout(self._read_timeout):
-                        chunk = await reader.read(READ_CHUNK)
-                    if not chunk:
-                        break
+                while chunk := await self._read(reader, READ_CHUNK):
                     yield chunk
         self._complete = True
+
+    async def _read(self, reader: asyncio.StreamReader, size: int) -> bytes:
+        """Up to `size` bytes. Only a wait (nothing buffered yet) needs the read timeout's timer: a small JSON
+        answer usually arrived with its head."""
+        if getattr(reader, "_buffer", None):
+            return await reader.read(size)
+        async with asyncio.timeout(self._read_timeout):
+            return await reader.read(size)
 
     async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         while True:
@@ -249,8 +249,7 @@ class ResponseBody(httpx.AsyncByteStream):
                         pass
                 return
             while size:
-                async with asyncio.timeout(self._read_timeout):
-                    data = await reader.read(min(size, READ_CHUNK))
+                data = await self._read(reader, min(size, READ_CHUNK))
                 if not data:
                     raise _protocol_error("Server closed the connection inside a chunk.", self._request)
                 size -= len(data)
