@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import sys
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench.run_bench import children, rss_mb
 from fakes import FakeOpenRouter, FakeWaha
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornServer
@@ -39,28 +39,6 @@ VOICE = Path(__file__).resolve().parent.parent / "fakes" / "data" / "media" / "v
 WAHA_KEY, LLM_KEY = "bench-waha-key", "bench-llm-key"
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if entry.isdigit() and int(fields[1]) == pid:
-            found.append(int(entry))
-    return sorted(found)
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 class PeakRss(threading.Thread):
     def __init__(self, master: int) -> None:
         super().__init__(daemon=True)
@@ -69,7 +47,7 @@ class PeakRss(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.1):
             for pid in children(self.master):
-                self.peak[pid] = max(self.peak.get(pid, 0.0), rss_mb(pid))
+                self.peak[pid] = max(self.peak.get(pid, 0.0), rss_mb(pid) or 0.0)  # None: the worker is gone
 
 
 def run_once(kind: str, *, messages: int, chats: int, waha: FakeWaha, llm: FakeOpenRouter, folder: Path,
