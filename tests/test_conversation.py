@@ -174,8 +174,10 @@ def test_a_reply_interrupted_between_parts_resumes_after_the_last_part_sent(make
     assert upstreams.llm.call_count == 1
 
 
-def test_formatting_and_splitting_run_off_the_event_loop(make_app, upstreams, monkeypatch) -> None:
-    """A long hostile reply is CPU work: on the loop's thread it would freeze every other chat of the worker."""
+def test_a_long_reply_is_formatted_and_split_off_the_event_loop(make_app, upstreams, monkeypatch) -> None:
+    """A long hostile reply is CPU work: on the loop's thread it would freeze every other chat of the worker.
+    (A short one is cheaper to format on the loop than to hand to a thread.)"""
+    assert len(LONG_MARKDOWN) > pipeline.INLINE_TEXT_CHARS
     on_loop: list[tuple[str, bool]] = []
 
     def watched(name, function):

@@ -11,7 +11,7 @@ from collections.abc import (
     Callable,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from whatsapp_webhook.business import BusinessProfiles, OutOfHoursAction, SessionProfile
 from whatsapp_webhook.business_gate import BusinessGate
@@ -55,12 +55,24 @@ if TYPE_CHECKING:
     from whatsapp_webhook.store_api import ClaimedMessage, Store
     from whatsapp_webhook.waha import WahaClient
 
+T = TypeVar("T")
 
 PRESENCE_TIMEOUT_SECONDS = 3.0
+
+# Formatting and splitting cost ~0.4 µs a character: up to this length on the loop (< 0.5 ms, less than a
+# thread hop, which under load waits behind store calls); longer, maybe hostile, texts on a thread.
+INLINE_TEXT_CHARS = 1000
 
 
 # WhatsApp timestamps our messages with the phone's/server's clock, not ours.
 CLOCK_SKEW_SECONDS = 10.0
+
+
+async def off_loop_if_long(transform: Callable[..., T], text: str, *args: Any) -> T:
+    """`transform(text, *args)`, on a worker thread when `text` is too long for the loop (INLINE_TEXT_CHARS)."""
+    if len(text) <= INLINE_TEXT_CHARS:
+        return transform(text, *args)
+    return await asyncio.to_thread(transform, text, *args)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +201,7 @@ class ReplyPipeline:
             if claimed.outcome is Outcome.SUCCESS:
                 said = fixed_stand_in(claimed) if has_media(claimed) else "\n".join(claimed.texts)
                 history = (Turn(role="user", content=said), Turn(role="assistant", content=text))
-            parts = await asyncio.to_thread(split_message, text, self.settings.max_message_chars)
+            parts = await off_loop_if_long(split_message, text, self.settings.max_message_chars)
             # The worker before us died mid-send: did that part leave?
             if (
                 claimed.previous_status is InboxStatus.SENDING
@@ -224,7 +236,7 @@ class ReplyPipeline:
                     )
                 return
             text, outcome, history, cost = composed.text, composed.outcome, composed.history, composed.llm_cost_usd
-            parts, parts_sent = await asyncio.to_thread(split_message, text, self.settings.max_message_chars), 0
+            parts, parts_sent = await off_loop_if_long(split_message, text, self.settings.max_message_chars), 0
 
         verdict = await asyncio.to_thread(
             self.store.begin_send,
@@ -407,7 +419,7 @@ class ReplyPipeline:
         answer = noted.text
         if media_turn is not None:
             user_turn = media_turn.history_text(noted.note)
-        formatted = await asyncio.to_thread(markdown_to_whatsapp, answer) if answer else ""
+        formatted = await off_loop_if_long(markdown_to_whatsapp, answer) if answer else ""
         # Nothing left after formatting (an LLM answering only '---', or no LLM reply at all) is no answer.
         if not formatted or reply is None:
             return ComposedReply(text=profile.settings.fallback_message, outcome=Outcome.FALLBACK, llm_cost_usd=cost)
