@@ -21,6 +21,8 @@ from whatsapp_webhook.health import CheckStatus
 from whatsapp_webhook.store import StateStore
 from whatsapp_webhook.store_api import (
     Acceptance,
+    Admission,
+    AdmissionRequest,
     ChatLimits,
     ClaimedMessage,
     MediaJobState,
@@ -550,6 +552,73 @@ def test_our_own_long_reply_echoed_back_is_a_loop_but_a_short_ok_is_not(store) -
     answered(store, incoming(body="horário?"), long_reply)
     assert store.admit(CHAT, texts=["ok"], limits=LIMITS).verdict is Verdict.OK
     assert store.admit(CHAT, texts=[long_reply.upper()], limits=LIMITS).verdict is Verdict.LOOP
+
+
+def admit_fresh(claimed: ClaimedMessage) -> AdmissionRequest:
+    """What the dispatcher asks of a claim for a reply not written yet: its admission, an hour of turns."""
+    return AdmissionRequest(texts=claimed.texts, limits=LIMITS, history_seconds=3600, history_turns=10)
+
+
+def test_a_claim_decides_the_admission_asked_for_and_reads_the_history_of_an_admitted_chat(store, clock) -> None:
+    answered(store, incoming(body="qual o horário?", ts=100), "das 8h às 18h")
+    clock.now += 10
+    store.accept(incoming(body="e no sábado?", ts=200))
+    store.accept(incoming(chat=wp.OTHER_PN, body="oi", ts=201))
+    store.pause_chat(f"default:{wp.OTHER_PN}", until=1e12, reason="operator")
+    batch = {c.message.chat_key: c for c in store.claim_due("w1", limit=10, lease_seconds=30, admit=admit_fresh)}
+    admitted, paused = batch[CHAT], batch[f"default:{wp.OTHER_PN}"]
+    assert admitted.admission == Admission(verdict=Verdict.OK)
+    assert [(t.role, t.content) for t in admitted.history] == [
+        ("user", "qual o horário?"), ("assistant", "das 8h às 18h")]
+    assert paused.admission == Admission(verdict=Verdict.PAUSED) and paused.history == ()
+
+
+def test_a_claims_admission_counts_against_the_limits_and_a_claim_asking_none_counts_nothing(store) -> None:
+    store.accept(incoming(body="m0", ts=100))
+    store.accept(incoming(chat=wp.OTHER_PN, body="m0", ts=100))
+    counted = claim(store, admit=lambda claimed: admit_fresh(claimed) if claimed.message.chat_key == CHAT else None)
+    uncounted = claim(store)
+    assert counted.admission.verdict is Verdict.OK and uncounted.admission is None and uncounted.history == ()
+    # LIMITS allow 3 a minute: the claim used one of this chat's, none of the other's.
+    assert [store.admit(CHAT, texts=[f"m{n}"], limits=LIMITS).verdict for n in (1, 2, 3)] == [
+        Verdict.OK, Verdict.OK, Verdict.RATE_LIMITED]
+    other = f"default:{wp.OTHER_PN}"
+    assert [store.admit(other, texts=[f"m{n}"], limits=LIMITS).verdict for n in (1, 2, 3)] == [Verdict.OK] * 3
+
+
+def test_a_claim_asks_for_the_admission_of_the_whole_burst_and_decides_it_on_all_of_its_texts(store, clock) -> None:
+    asked: list[list[str]] = []
+
+    def admit(claimed: ClaimedMessage) -> AdmissionRequest:
+        asked.append(claimed.texts)
+        return admit_fresh(claimed)
+
+    long_reply = "Olá! Nosso horário de atendimento é de segunda a sexta, das 8h às 18h."
+    answered(store, incoming(body="horário?", ts=100), long_reply)
+    clock.now += 10
+    # Another bot: a greeting, then our own long reply echoed back, typed together.
+    store.accept(incoming(body="oi", ts=200))
+    store.accept(incoming(body=long_reply, ts=201))
+    clock.now += 10
+    claimed = claim(store, debounce_seconds=3, mergeable=text_only, admit=admit)
+    assert asked == [["oi", long_reply]] and claimed.admission == Admission(verdict=Verdict.LOOP)
+    assert store.snapshot().paused == {"loop": 1}
+
+
+def test_a_claim_that_fails_takes_nothing_and_decides_nothing(store) -> None:
+    message = incoming(body="m0")
+    store.accept(message)
+
+    def broken(claimed: ClaimedMessage) -> AdmissionRequest:
+        raise RuntimeError("a bug in the dispatcher's admit")
+
+    with pytest.raises(RuntimeError):
+        store.claim_due("w1", limit=1, lease_seconds=30, admit=broken)
+    assert store.entry(message.dedupe_key).status == "queued"
+    retried = claim(store, admit=admit_fresh)
+    assert retried.attempts == 1 and retried.admission.verdict is Verdict.OK
+    assert [store.admit(CHAT, texts=[f"m{n}"], limits=LIMITS).verdict for n in (1, 2, 3)] == [
+        Verdict.OK, Verdict.OK, Verdict.RATE_LIMITED]
 
 
 def test_our_messages_are_known_by_id_and_by_recent_words(store, clock) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from whatsapp_webhook.customer_data import (
@@ -22,7 +23,16 @@ from whatsapp_webhook.policy import (
     later_pause,
 )
 from whatsapp_webhook.sqlite_base import SQLiteStore
-from whatsapp_webhook.store_api import OPEN_STATUSES, Admission, ChatLimits, StoreSnapshot, Turn
+from whatsapp_webhook.store_api import (
+    OPEN_STATUSES,
+    Admission,
+    AdmissionRequest,
+    ChatLimits,
+    ClaimedMessage,
+    StoreSnapshot,
+    Turn,
+    Verdict,
+)
 
 OPEN_STATUSES_SQL = "(" + ", ".join(f"'{status}'" for status in OPEN_STATUSES) + ")"
 
@@ -34,13 +44,14 @@ class ChatStore(SQLiteStore):
 
     def history(self, chat_key: str, *, since: float, limit: int) -> list[Turn]:
         """The chat's latest turns, oldest first."""
-        rows = self._transaction(
-            lambda c: c.execute(
-                "SELECT role, content FROM history WHERE chat_key = ? AND created_at >= ? ORDER BY id DESC LIMIT ?",
-                (chat_key, since, limit),
-            ).fetchall(),
-            begin="BEGIN",
-        )
+        return self._transaction(lambda c: self._history_in(c, chat_key, since=since, limit=limit), begin="BEGIN")
+
+    @staticmethod
+    def _history_in(c: sqlite3.Connection, chat_key: str, *, since: float, limit: int) -> list[Turn]:
+        rows = c.execute(
+            "SELECT role, content FROM history WHERE chat_key = ? AND created_at >= ? ORDER BY id DESC LIMIT ?",
+            (chat_key, since, limit),
+        ).fetchall()
         return [Turn(role=role, content=content) for role, content in reversed(rows)]
 
     def clear_history(self, chat_key: str) -> None:
@@ -121,44 +132,61 @@ class ChatStore(SQLiteStore):
         in this one write transaction, so two workers cannot both pass a limit.
         """
         now = self.clock()
+        return self._transaction(lambda c: self._admit_in(c, chat_key, texts=texts, limits=limits, now=now))
+
+    def _admit_in(
+        self, c: sqlite3.Connection, chat_key: str, *, texts: list[str], limits: ChatLimits, now: float
+    ) -> Admission:
+        """admit's decision and its writes, inside the caller's write transaction (admit's own, or a claim's)."""
         today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-
-        def work(c: sqlite3.Connection) -> Admission:
-            c.execute("INSERT INTO chat_state (chat_key) VALUES (?) ON CONFLICT (chat_key) DO NOTHING", (chat_key,))
-            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = c.execute(
-                "SELECT paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
-                " FROM chat_state WHERE chat_key = ?",
-                (chat_key,),
-            ).fetchone()
-            decision = decide_admission(
-                paused_until=paused_until,
-                opted_out=bool(opted_out),
-                window=RateWindow(
-                    minute_start=minute_start,
-                    minute_count=minute_count,
-                    day=day,
-                    day_count=day_count,
-                    notice_at=notice_at,
-                ),
-                evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
-                now=now,
-                today=today,
-                limits=limits,
+        c.execute("INSERT INTO chat_state (chat_key) VALUES (?) ON CONFLICT (chat_key) DO NOTHING", (chat_key,))
+        paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = c.execute(
+            "SELECT paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
+            " FROM chat_state WHERE chat_key = ?",
+            (chat_key,),
+        ).fetchone()
+        decision = decide_admission(
+            paused_until=paused_until,
+            opted_out=bool(opted_out),
+            window=RateWindow(
+                minute_start=minute_start,
+                minute_count=minute_count,
+                day=day,
+                day_count=day_count,
+                notice_at=notice_at,
+            ),
+            evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
+            now=now,
+            today=today,
+            limits=limits,
+        )
+        if decision.loop_pause_until is not None:
+            c.execute(
+                "UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
+                (decision.loop_pause_until, chat_key),
             )
-            if decision.loop_pause_until is not None:
-                c.execute(
-                    "UPDATE chat_state SET paused_until = ?, pause_reason = 'loop' WHERE chat_key = ?",
-                    (decision.loop_pause_until, chat_key),
-                )
-            if (saved := decision.window) is not None:
-                c.execute(
-                    "UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
-                    " notice_at = ? WHERE chat_key = ?",
-                    (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
-                )
-            return decision.admission
+        if (saved := decision.window) is not None:
+            c.execute(
+                "UPDATE chat_state SET minute_start = ?, minute_count = ?, day = ?, day_count = ?,"
+                " notice_at = ? WHERE chat_key = ?",
+                (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
+            )
+        return decision.admission
 
-        return self._transaction(work)
+    def _admitted(
+        self, c: sqlite3.Connection, claimed: ClaimedMessage, request: AdmissionRequest | None, *, now: float
+    ) -> ClaimedMessage:
+        """`claimed` with the admission its dispatcher asked for decided, and its history read, in the claim's
+        transaction: what admit and history would answer, one write transaction and one thread hop less."""
+        if request is None:
+            return claimed
+        chat_key = claimed.message.chat_key
+        admission = self._admit_in(c, chat_key, texts=request.texts, limits=request.limits, now=now)
+        history: tuple[Turn, ...] = ()
+        if admission.verdict is Verdict.OK and request.history_turns:
+            since = now - request.history_seconds
+            history = tuple(self._history_in(c, chat_key, since=since, limit=request.history_turns))
+        return replace(claimed, admission=admission, history=history)
 
     def mark_once(self, chat_key: str, name: str, value: str) -> bool:
         """Set the chat's mark `name` to `value`; True only for the one caller that changed it (once per value)."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
+from itertools import accumulate
 from typing import Any
 
 from whatsapp_webhook.customer_data import (
@@ -23,10 +26,24 @@ from whatsapp_webhook.policy import (
     decide_admission,
     later_pause,
 )
-from whatsapp_webhook.store_api import Admission, ChatLimits, StoreSnapshot, Turn
+from whatsapp_webhook.store_api import (
+    Admission,
+    AdmissionRequest,
+    ChatLimits,
+    ClaimedMessage,
+    StoreSnapshot,
+    Turn,
+    Verdict,
+)
 
 # Makes sure the chat's row exists and locks it, in one statement (an upsert takes the row lock): whoever
 # decides about this chat next waits for this transaction.
+# The same for several chats at once, in key order (two claims never lock each other's chats the other way).
+LOCK_CHATS_SQL = (
+    "INSERT INTO chat_state (chat_key) SELECT unnest(%s::text[]) ON CONFLICT (chat_key)"
+    " DO UPDATE SET chat_key = excluded.chat_key"
+    " RETURNING chat_key, paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
+)
 LOCK_CHAT_SQL = (
     "INSERT INTO chat_state (chat_key) VALUES (%s)"
     " ON CONFLICT (chat_key) DO UPDATE SET chat_key = excluded.chat_key RETURNING {columns}"
@@ -116,41 +133,119 @@ class PostgresChatStore(PostgresBase):
         their results saved before the lock goes, so two workers cannot both pass a limit.
         """
         now = self.clock()
-        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        return self._write(lambda c: self._admit_chats(c, [(chat_key, texts, limits)], now=now))[0]
 
-        def work(c: Connection) -> Admission:
-            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = self._lock_chat(
-                c, chat_key, "paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
-            )
+    def _admit_chats(
+        self, c: Connection, wanted: list[tuple[str, list[str], ChatLimits]], *, now: float
+    ) -> list[Admission]:
+        """admit's decision for each (chat, texts, limits), inside the caller's transaction (admit's own, or a
+        claim's for its whole batch): three statements however many chats, as each is a round trip."""
+        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        rows = c.execute(LOCK_CHATS_SQL, (sorted({chat for chat, _, _ in wanted}),)).fetchall()
+        state = {row[0]: row[1:] for row in rows}
+        evidence = self._loop_evidence(c, [(chat, texts, now - limits.loop_window) for chat, texts, limits in wanted])
+        admissions: list[Admission] = []
+        pauses: dict[str, float] = {}  # decided in this batch, so a chat's second burst would see them
+        windows: dict[str, RateWindow] = {}
+        for (chat_key, _, limits), found in zip(wanted, evidence, strict=True):
+            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = state[chat_key]
             decision = decide_admission(
-                paused_until=paused_until,
+                paused_until=pauses.get(chat_key, float(paused_until)),
                 opted_out=bool(opted_out),
-                window=RateWindow(
+                window=windows.get(chat_key)
+                or RateWindow(
                     minute_start=minute_start,
                     minute_count=minute_count,
                     day=day,
                     day_count=day_count,
                     notice_at=notice_at,
                 ),
-                evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
+                evidence=partial(list, found),
                 now=now,
                 today=today,
                 limits=limits,
             )
             if decision.loop_pause_until is not None:
-                c.execute(
-                    "UPDATE chat_state SET paused_until = %s, pause_reason = 'loop' WHERE chat_key = %s",
-                    (decision.loop_pause_until, chat_key),
-                )
-            if (saved := decision.window) is not None:
-                c.execute(
-                    "UPDATE chat_state SET minute_start = %s, minute_count = %s, day = %s, day_count = %s,"
-                    " notice_at = %s WHERE chat_key = %s",
-                    (saved.minute_start, saved.minute_count, saved.day, saved.day_count, saved.notice_at, chat_key),
-                )
-            return decision.admission
+                pauses[chat_key] = decision.loop_pause_until
+            if decision.window is not None:
+                windows[chat_key] = decision.window
+            admissions.append(decision.admission)
+        # Nothing waits for these: they leave with the COMMIT (pipeline mode).
+        if pauses:
+            c.execute(
+                "UPDATE chat_state SET paused_until = p.until, pause_reason = 'loop'"
+                " FROM unnest(%s::text[], %s::float8[]) AS p(chat, until) WHERE chat_key = p.chat",
+                (list(pauses), list(pauses.values())),
+            )
+        if windows:
+            saved = list(windows.values())
+            c.execute(
+                "UPDATE chat_state SET minute_start = w.minute_start, minute_count = w.minute_count, day = w.day,"
+                " day_count = w.day_count, notice_at = w.notice_at"
+                " FROM unnest(%s::text[], %s::float8[], %s::int[], %s::text[], %s::int[], %s::float8[])"
+                " AS w(chat, minute_start, minute_count, day, day_count, notice_at) WHERE chat_key = w.chat",
+                (
+                    list(windows),
+                    [w.minute_start for w in saved],
+                    [w.minute_count for w in saved],
+                    [w.day for w in saved],
+                    [w.day_count for w in saved],
+                    [w.notice_at for w in saved],
+                ),
+            )
+        return admissions
 
-        return self._write(work)
+    def _admitted(
+        self,
+        c: Connection,
+        claimed: list[ClaimedMessage],
+        requests: list[AdmissionRequest | None],
+        *,
+        now: float,
+    ) -> list[ClaimedMessage]:
+        """The claimed messages with the admissions their dispatcher asked for decided, and the admitted
+        chats' history read, in the claim's transaction: one transaction and pool checkout less per reply,
+        and a handful of statements per batch (the claim holds CLAIM_LOCK meanwhile)."""
+        asked = [(one, request) for one, request in zip(claimed, requests, strict=True) if request is not None]
+        if not asked:
+            return claimed
+        admissions = self._admit_chats(
+            c, [(one.message.chat_key, request.texts, request.limits) for one, request in asked], now=now
+        )
+        decided = {
+            one.message.dedupe_key: (admission, request)
+            for (one, request), admission in zip(asked, admissions, strict=True)
+        }
+        wants = [
+            (one.message.chat_key, now - request.history_seconds, request.history_turns)
+            for one, request in asked
+            if decided[one.message.dedupe_key][0].verdict is Verdict.OK and request.history_turns
+        ]
+        turns = self._histories(c, wants)
+        result = []
+        for one in claimed:
+            if (found := decided.get(one.message.dedupe_key)) is not None:
+                admission = found[0]
+                history = tuple(turns.get(one.message.chat_key, ())) if admission.verdict is Verdict.OK else ()
+                one = replace(one, admission=admission, history=history)
+            result.append(one)
+        return result
+
+    @staticmethod
+    def _histories(c: Connection, wants: list[tuple[str, float, int]]) -> dict[str, list[Turn]]:
+        """Each (chat, since, limit)'s latest turns, oldest first, in one statement."""
+        if not wants:
+            return {}
+        rows = c.execute(
+            "SELECT w.chat, h.role, h.content FROM unnest(%s::text[], %s::float8[], %s::int[]) AS w(chat, since, lim)"
+            " CROSS JOIN LATERAL (SELECT id, role, content FROM history WHERE chat_key = w.chat"
+            " AND created_at >= w.since ORDER BY id DESC LIMIT w.lim) AS h ORDER BY w.chat, h.id",
+            ([chat for chat, _, _ in wants], [since for _, since, _ in wants], [limit for _, _, limit in wants]),
+        ).fetchall()
+        turns: dict[str, list[Turn]] = {}
+        for chat, role, content in rows:
+            turns.setdefault(chat, []).append(Turn(role=role, content=content))
+        return turns
 
     def mark_once(self, chat_key: str, name: str, value: str) -> bool:
         """Set the chat's mark `name` to `value`; True only for the one caller that changed it (once per value)."""
@@ -180,21 +275,31 @@ class PostgresChatStore(PostgresBase):
         return {name: 0 for name in wanted} | {name: int(total) for name, total in rows}
 
     @staticmethod
-    def _loop_evidence(c: Connection, chat_key: str, texts: list[str], *, since: float) -> list[LoopEvidence]:
-        """For each text of the burst, in one statement: its repeats in the window, and whether we sent it."""
-        if not texts:
-            return []
-        rows = c.execute(
-            "SELECT (SELECT COUNT(*) FROM inbox WHERE chat_key = %(chat)s AND text_hash = t.hash"
-            " AND received_at >= %(since)s AND merged_into IS NULL),"
-            " EXISTS (SELECT 1 FROM sent WHERE chat_key = %(chat)s AND text_hash = t.hash AND sent_at >= %(since)s)"
-            " FROM unnest(%(hashes)s::text[]) WITH ORDINALITY AS t(hash, n) ORDER BY t.n",
-            {"chat": chat_key, "since": since, "hashes": [text_fingerprint(text) for text in texts]},
-        ).fetchall()
-        return [
+    def _loop_evidence(c: Connection, bursts: list[tuple[str, list[str], float]]) -> list[list[LoopEvidence]]:
+        """For each (chat, texts, since), each text's repeats in the window and whether we sent it: one statement."""
+        asked = [(chat, text, since) for chat, texts, since in bursts for text in texts]
+        rows = (
+            c.execute(
+                "SELECT (SELECT COUNT(*) FROM inbox WHERE chat_key = t.chat AND text_hash = t.hash"
+                " AND received_at >= t.since AND merged_into IS NULL),"
+                " EXISTS (SELECT 1 FROM sent WHERE chat_key = t.chat AND text_hash = t.hash AND sent_at >= t.since)"
+                " FROM unnest(%s::text[], %s::text[], %s::float8[]) WITH ORDINALITY AS t(chat, hash, since, n)"
+                " ORDER BY t.n",
+                (
+                    [chat for chat, _, _ in asked],
+                    [text_fingerprint(text) for _, text, _ in asked],
+                    [since for _, _, since in asked],
+                ),
+            ).fetchall()
+            if asked
+            else []
+        )
+        evidence = [
             LoopEvidence(chars=len(text), repeats_in_window=repeats, matches_our_reply=bool(ours))
-            for text, (repeats, ours) in zip(texts, rows, strict=True)
+            for (_, text, _), (repeats, ours) in zip(asked, rows, strict=True)
         ]
+        ends = list(accumulate(len(texts) for _, texts, _ in bursts))
+        return [evidence[end - len(texts) : end] for (_, texts, _), end in zip(bursts, ends, strict=True)]
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
     SENDS_SPENT_ERROR,
     Acceptance,
+    AdmissionRequest,
     ClaimedMessage,
     FailureVerdict,
     InboxEntry,
@@ -117,8 +118,10 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         lease_seconds: float,
         debounce_seconds: float = 0.0,
         mergeable: Callable[[IncomingMessage], bool] = lambda message: False,
+        admit: Callable[[ClaimedMessage], AdmissionRequest | None] = lambda claimed: None,
     ) -> list[ClaimedMessage]:
-        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction."""
+        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction, with the
+        admission `admit` asks for (called in the transaction, after the bursts are merged) decided in it too."""
         now = self.clock()
         params = {
             "now": now,
@@ -135,7 +138,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
             claimed = [self._claimed(row, owner) for row in rows]
             if debounce_seconds:
                 claimed = self._merge_bursts(c, claimed, now=now, mergeable=mergeable)
-            return claimed
+            return self._admitted(c, claimed, [admit(one) for one in claimed], now=now)
 
         return self._write(work)
 

@@ -19,6 +19,7 @@ from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
     SENDS_SPENT_ERROR,
     Acceptance,
+    AdmissionRequest,
     ClaimedMessage,
     FailureVerdict,
     InboxEntry,
@@ -118,8 +119,10 @@ class StateStore(ChatStore, SQLiteMediaQueue):
         lease_seconds: float,
         debounce_seconds: float = 0.0,
         mergeable: Callable[[IncomingMessage], bool] = lambda message: False,
+        admit: Callable[[ClaimedMessage], AdmissionRequest | None] = lambda claimed: None,
     ) -> list[ClaimedMessage]:
-        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction.
+        """Take up to `limit` due messages, at most one per chat (the earliest), in one transaction, with the
+        admission `admit` asks for (called in the transaction, after the burst is merged) decided in it too.
 
         Claiming in batches keeps the write lock short per message when hundreds are waiting.
         """
@@ -132,8 +135,9 @@ class StateStore(ChatStore, SQLiteMediaQueue):
         }
 
         def work(c: sqlite3.Connection) -> list[ClaimedMessage]:
-            return [
-                self._claim_one(
+            claimed = []
+            for (key,) in c.execute(NEXT_DUE_SQL, params).fetchall():
+                one = self._claim_one(
                     c,
                     key,
                     owner,
@@ -142,8 +146,8 @@ class StateStore(ChatStore, SQLiteMediaQueue):
                     debounce_seconds=debounce_seconds,
                     mergeable=mergeable,
                 )
-                for (key,) in c.execute(NEXT_DUE_SQL, params).fetchall()
-            ]
+                claimed.append(self._admitted(c, one, admit(one), now=now))
+            return claimed
 
         return self._transaction(work)
 

@@ -130,6 +130,9 @@ class ClaimedMessage:
     received_at: float
     parts_sent: int = 0
     merged: tuple[IncomingMessage, ...] = ()
+    # Decided in the claim's own transaction when the dispatcher asked (claim_due's `admit`), else None.
+    admission: Admission | None = None
+    history: tuple[Turn, ...] = ()  # the chat's latest turns, oldest first, when admitted and asked for
 
     @property
     def texts(self) -> list[str]:
@@ -165,6 +168,17 @@ class ChatLimits:
     loop_window: float  # seconds
     loop_pause: float  # seconds
     notice_every: float = 3600.0  # the "too many messages" notice, at most this often
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionRequest:
+    """What claim_due should decide for a message it claims, in the claim's transaction: the chat's
+    admission (as `admit`) and, when admitted, its latest turns (as `history`). One write less per reply."""
+
+    texts: list[str]
+    limits: ChatLimits
+    history_seconds: float = 0.0  # how far back history reaches; 0 with history_turns 0: none wanted
+    history_turns: int = 0  # at most this many rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +261,7 @@ class Store(Protocol):
         lease_seconds: float,
         debounce_seconds: float = 0.0,
         mergeable: Callable[[IncomingMessage], bool] = ...,
+        admit: Callable[[ClaimedMessage], AdmissionRequest | None] = ...,  # called in the transaction
     ) -> list[ClaimedMessage]: ...
     def renew_leases(self, keys: Iterable[str], owner: str, *, lease_seconds: float) -> int: ...
     def begin_send(
