@@ -24,9 +24,11 @@ How one message travels (module.function, and the thread it runs on):
 
   the worker's event-loop thread (concurrency.BackgroundLoop, started after the fork by worker.WorkerRuntime):
     6. worker.Dispatcher claims due messages (StateStore.claim_due: one per chat, in order, with a lease,
-       merging a burst) and runs pipeline.ReplyPipeline.process for each as a task; store calls go to a
-       small thread pool (asyncio.to_thread) so the loop never blocks on SQLite.
-    7. ReplyPipeline._compose: commands, StateStore.admit (pause, opt-out, loops, rate limits), history,
+       merging a burst, and in the same transaction the admission admission.ChatAdmission.request asks
+       for: pause, opt-out, loops, rate limits, then the chat's history) and runs
+       pipeline.ReplyPipeline.process for each as a task; store calls go to a small thread pool
+       (asyncio.to_thread) so the loop never blocks on SQLite.
+    7. ReplyPipeline._compose: commands, the claim's admission (skipped: a notice or silence),
        the session's business.SessionProfile (SESSIONS_FILE over the settings; opening hours: out of hours
        business_gate.BusinessGate sends a notice once per closed period or stays silent; the daily budget;
        the prompt: system prompt, knowledge.KnowledgeBase, turns, hours note),
@@ -50,7 +52,8 @@ How one message travels (module.function, and the thread it runs on):
 Dependencies point one way, leaves first: texts, env_reader, hours, knowledge, sessions_config, settings, logs,
 ownership, formatting, signature, metrics, store_api, policy, store_schema, pg_schema, health, events, media,
 customer_data, concurrency, sqlite_base, chat_store, sqlite_media, store, pg_base, pg_chat_store, pg_media,
-pg_store, stores, state_migration, http11, upstream, llm, media_fetch, media_reply, business, business_gate, waha,
+pg_store, stores, state_migration, http11, upstream, llm, media_fetch, media_reply, business, admission,
+business_gate, waha,
 pipeline, worker, service, gunicorn_worker, app, cli.
 """
 

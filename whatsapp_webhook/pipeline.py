@@ -13,6 +13,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from whatsapp_webhook.admission import UNLIMITED_COMMANDS, ChatAdmission, is_mid_send, written_reply
 from whatsapp_webhook.business import BusinessProfiles, OutOfHoursAction, SessionProfile
 from whatsapp_webhook.business_gate import BusinessGate
 from whatsapp_webhook.events import bare_message_id
@@ -31,12 +32,9 @@ from whatsapp_webhook.metrics import (
 from whatsapp_webhook.policy import (
     EveryMinute,
     retry_delay_seconds,
-    trim_history,
     typing_pause_seconds,
 )
 from whatsapp_webhook.store_api import (
-    Admission,
-    ChatLimits,
     FailureVerdict,
     InboxStatus,
     Outcome,
@@ -73,14 +71,6 @@ async def off_loop_if_long(transform: Callable[..., T], text: str, *args: Any) -
     if len(text) <= INLINE_TEXT_CHARS:
         return transform(text, *args)
     return await asyncio.to_thread(transform, text, *args)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AdmittedChat:
-    """Whether the chat gets an answer now, and (if so) the recent turns the LLM should see."""
-
-    admission: Admission
-    history: list[Turn]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,12 +117,8 @@ class ReplyPipeline:
         self.clock = clock  # wall time (unix seconds), as the store's and WhatsApp's timestamps are
         self._notices = EveryMinute()
         self.business = BusinessGate(profiles=self.profiles, store=store, health=self.health, clock=clock)
-        self.limits = ChatLimits(
-            per_minute=settings.rate_limit_per_minute,
-            per_day=settings.daily_message_limit,
-            loop_repeats=settings.loop_repeats,
-            loop_window=settings.loop_window_seconds,
-            loop_pause=settings.loop_pause_minutes * 60,
+        self.admission = ChatAdmission(
+            settings=settings, store=store, profiles=self.profiles, media_on=self.media is not None, clock=clock
         )
 
     async def _report(self, name: str, status: CheckStatus, reason: str) -> None:
@@ -182,9 +168,8 @@ class ReplyPipeline:
         started = loop.time()
         parts_sent = claimed.parts_sent
         typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
-        mid_send = claimed.previous_status is InboxStatus.SENDING or parts_sent > 0
-        # A reply whose sending began must be finished word for word; only an unsent fallback is rewritten.
-        claimed_text = claimed.reply_text if claimed.outcome is not Outcome.FALLBACK or mid_send else None
+        mid_send = is_mid_send(claimed)
+        claimed_text = written_reply(claimed)  # a reply whose sending began is finished word for word
         claimed_reply = claimed_text is not None
         if claimed.attempts > self.settings.reply_max_attempts and not mid_send:
             # Taken more often than REPLY_MAX_ATTEMPTS without an attempt ending (the store kept refusing the
@@ -350,7 +335,7 @@ class ReplyPipeline:
                 "decision=%(decision)s reason=%(reason)s", {"decision": "skipped", "reason": "session_disabled"}
             )
             return None
-        if command in ("stop", "start"):
+        if command in UNLIMITED_COMMANDS:
             paused = await asyncio.to_thread(self.store.set_opted_out, message.chat_key, command == "stop")
             context.info(
                 "decision=%(decision)s" + (" (chat paused: no confirmation sent)" if paused else ""),
@@ -365,12 +350,7 @@ class ReplyPipeline:
                 )
             )
         with_media = self.media is not None and has_media(claimed)
-        admitted = await asyncio.to_thread(
-            self._admit,
-            message.chat_key,
-            claimed.texts,
-            with_history=(bool(claimed.texts) or with_media) and command != "reset",
-        )
+        admitted = await self.admission.admitted(claimed, command)
         admission, history = admitted.admission, admitted.history
         if admission.verdict is not Verdict.OK:
             context.info(
@@ -426,18 +406,6 @@ class ReplyPipeline:
         # History keeps the LLM's own Markdown: fed WhatsApp marks, it would start writing them back.
         turns = (Turn(role="user", content=user_turn), Turn(role="assistant", content=answer))
         return ComposedReply(text=formatted, outcome=Outcome.SUCCESS, history=turns, llm_cost_usd=cost)
-
-    def _admit(self, chat_key: str, texts: list[str], *, with_history: bool) -> AdmittedChat:
-        """The chat's admission and, if admitted, its recent turns: one trip to a store thread, two transactions
-        (the history read stays outside the write lock, which every worker shares)."""
-        settings = self.settings
-        admission = self.store.admit(chat_key, texts=texts, limits=self.limits)
-        if admission.verdict is not Verdict.OK or not with_history or not settings.history_turns:
-            return AdmittedChat(admission=admission, history=[])
-        turns = self.store.history(
-            chat_key, since=self.clock() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
-        )
-        return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
 
     async def _ask_llm(
         self,

@@ -114,18 +114,24 @@ class Dispatcher:
 
     async def _claim_due(self) -> None:
         while not self._stopping and (room := self.settings.max_replies_in_flight - len(self._tasks)) > 0:
-            batch = await asyncio.to_thread(
-                self.store.claim_due,
-                self.owner,
-                limit=min(room, CLAIM_BATCH),
-                lease_seconds=self.settings.lease_seconds,
-                debounce_seconds=self.settings.debounce_seconds,
-                mergeable=self._mergeable,
-            )
+            batch = await asyncio.to_thread(self._claim, min(room, CLAIM_BATCH))
             for claimed in batch:
                 self._start(claimed)
             if len(batch) < min(room, CLAIM_BATCH):
                 return
+
+    def _claim(self, limit: int) -> list[ClaimedMessage]:
+        """On a store thread: the claim, with the admissions the pipeline asks for decided in its transaction."""
+        admission = self.pipeline.admission
+        admission.prepare()  # a changed SESSIONS_FILE is read here, not inside the claim's write lock
+        return self.store.claim_due(
+            self.owner,
+            limit=limit,
+            lease_seconds=self.settings.lease_seconds,
+            debounce_seconds=self.settings.debounce_seconds,
+            mergeable=self._mergeable,
+            admit=admission.request,
+        )
 
     def _start(self, claimed: ClaimedMessage) -> None:
         if claimed.attempts > 1 or claimed.previous_status is InboxStatus.SENDING:
