@@ -20,7 +20,7 @@ from tests.conftest import post_event
 from whatsapp_webhook import EXTENSION_KEY
 from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
 from whatsapp_webhook.settings import Settings, SettingsError
-from whatsapp_webhook.store_api import ChatLimits, Outcome, StoreUnavailable, Verdict
+from whatsapp_webhook.store_api import AdmissionRequest, ChatLimits, Outcome, StoreUnavailable, Verdict
 from whatsapp_webhook.stores import open_store
 
 psycopg = pytest.importorskip("psycopg")
@@ -96,6 +96,42 @@ def _claim_and_finish_all(url: str, owner: str, results: Any) -> None:
             store.finish(claimed.message.dedupe_key, owner, outcome=Outcome.SUCCESS, sent_message_id=None)
     store.close()
     results.put(events)
+
+
+def deadlocks(url: str) -> int:
+    """How many deadlocks PostgreSQL has broken in this database (each one logged and one transaction undone)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("SELECT pg_stat_clear_snapshot()")
+        row = c.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
+        return int(row[0])
+
+
+def test_forgetting_a_chat_while_a_claim_decides_its_admission_waits_instead_of_deadlocking(url: str, store) -> None:
+    """--forget-chat locks the chat's state row, then its messages; a claim locks its messages, then (deciding
+    the admission) the chat's state row. Forgetting waits for the claim instead of meeting it halfway."""
+    chat = f"default:{wp.CUSTOMER_PN}"
+    store.set_opted_out(chat, False)  # the chat has its state row, as any chat answered before
+    store.accept(incoming(body="oi"))
+    before = deadlocks(url)
+    cli = PostgresStore(url)
+    deciding, reports = threading.Event(), []
+
+    def slow(claimed: Any) -> AdmissionRequest:
+        deciding.set()
+        time.sleep(0.5)  # the claim holds the message's row meanwhile; the forget starts now
+        return AdmissionRequest(texts=claimed.texts, limits=ChatLimits(per_minute=5, per_day=100, loop_repeats=1000,
+                                                                       loop_window=60, loop_pause=60))
+
+    forgetting = threading.Thread(target=lambda: deciding.wait(10) and reports.append(cli.forget_chat(chat)))
+    forgetting.start()
+    try:
+        claimed = store.claim_due("w1", limit=1, lease_seconds=30, admit=slow)
+    finally:
+        forgetting.join(30)
+        cli.close()
+        store.close()  # its backends end, and with them their statistics are written
+    assert [c.admission.verdict for c in claimed] == [Verdict.OK] and reports[0].dropped_open == 1
+    assert deadlocks(url) == before
 
 
 def test_four_processes_claim_every_message_once_and_one_chat_at_a_time_in_order(url: str, store) -> None:

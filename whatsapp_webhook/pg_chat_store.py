@@ -18,7 +18,7 @@ from whatsapp_webhook.customer_data import (
 )
 from whatsapp_webhook.events import bare_message_id, text_fingerprint
 from whatsapp_webhook.pg_base import Connection, PostgresBase
-from whatsapp_webhook.pg_schema import OPEN_SQL
+from whatsapp_webhook.pg_schema import CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.policy import (
     LoopEvidence,
     Pause,
@@ -38,15 +38,15 @@ from whatsapp_webhook.store_api import (
 
 # Makes sure the chat's row exists and locks it, in one statement (an upsert takes the row lock): whoever
 # decides about this chat next waits for this transaction.
-# The same for several chats at once, in key order (two claims never lock each other's chats the other way).
+LOCK_CHAT_SQL = (
+    "INSERT INTO chat_state (chat_key) VALUES (%s)"
+    " ON CONFLICT (chat_key) DO UPDATE SET chat_key = excluded.chat_key RETURNING {columns}"
+)
+# The same for several chats at once, in key order, with what an admission reads.
 LOCK_CHATS_SQL = (
     "INSERT INTO chat_state (chat_key) SELECT unnest(%s::text[]) ON CONFLICT (chat_key)"
     " DO UPDATE SET chat_key = excluded.chat_key"
     " RETURNING chat_key, paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
-)
-LOCK_CHAT_SQL = (
-    "INSERT INTO chat_state (chat_key) VALUES (%s)"
-    " ON CONFLICT (chat_key) DO UPDATE SET chat_key = excluded.chat_key RETURNING {columns}"
 )
 
 
@@ -141,19 +141,20 @@ class PostgresChatStore(PostgresBase):
         """admit's decision for each (chat, texts, limits), inside the caller's transaction (admit's own, or a
         claim's for its whole batch): three statements however many chats, as each is a round trip."""
         today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-        rows = c.execute(LOCK_CHATS_SQL, (sorted({chat for chat, _, _ in wanted}),)).fetchall()
-        state = {row[0]: row[1:] for row in rows}
+        chats = {chat for chat, _, _ in wanted}
+        if len(chats) != len(wanted):  # a claim takes one message per chat; admit() decides one chat
+            raise ValueError("one admission per chat in a batch")
+        state = {row[0]: row[1:] for row in c.execute(LOCK_CHATS_SQL, (sorted(chats),)).fetchall()}
         evidence = self._loop_evidence(c, [(chat, texts, now - limits.loop_window) for chat, texts, limits in wanted])
         admissions: list[Admission] = []
-        pauses: dict[str, float] = {}  # decided in this batch, so a chat's second burst would see them
+        pauses: dict[str, float] = {}
         windows: dict[str, RateWindow] = {}
         for (chat_key, _, limits), found in zip(wanted, evidence, strict=True):
             paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = state[chat_key]
             decision = decide_admission(
-                paused_until=pauses.get(chat_key, float(paused_until)),
+                paused_until=paused_until,
                 opted_out=bool(opted_out),
-                window=windows.get(chat_key)
-                or RateWindow(
+                window=RateWindow(
                     minute_start=minute_start,
                     minute_count=minute_count,
                     day=day,
@@ -175,7 +176,7 @@ class PostgresChatStore(PostgresBase):
             c.execute(
                 "UPDATE chat_state SET paused_until = p.until, pause_reason = 'loop'"
                 " FROM unnest(%s::text[], %s::float8[]) AS p(chat, until) WHERE chat_key = p.chat",
-                (list(pauses), list(pauses.values())),
+                (list(pauses), [float(until) for until in pauses.values()]),
             )
         if windows:
             saved = list(windows.values())
@@ -186,11 +187,11 @@ class PostgresChatStore(PostgresBase):
                 " AS w(chat, minute_start, minute_count, day, day_count, notice_at) WHERE chat_key = w.chat",
                 (
                     list(windows),
-                    [w.minute_start for w in saved],
+                    [float(w.minute_start) for w in saved],
                     [w.minute_count for w in saved],
                     [w.day for w in saved],
                     [w.day_count for w in saved],
-                    [w.notice_at for w in saved],
+                    [float(w.notice_at) for w in saved],
                 ),
             )
         return admissions
@@ -240,7 +241,7 @@ class PostgresChatStore(PostgresBase):
             "SELECT w.chat, h.role, h.content FROM unnest(%s::text[], %s::float8[], %s::int[]) AS w(chat, since, lim)"
             " CROSS JOIN LATERAL (SELECT id, role, content FROM history WHERE chat_key = w.chat"
             " AND created_at >= w.since ORDER BY id DESC LIMIT w.lim) AS h ORDER BY w.chat, h.id",
-            ([chat for chat, _, _ in wants], [since for _, since, _ in wants], [limit for _, _, limit in wants]),
+            ([chat for chat, _, _ in wants], [float(since) for _, since, _ in wants], [limit for _, _, limit in wants]),
         ).fetchall()
         turns: dict[str, list[Turn]] = {}
         for chat, role, content in rows:
@@ -288,7 +289,7 @@ class PostgresChatStore(PostgresBase):
                 (
                     [chat for chat, _, _ in asked],
                     [text_fingerprint(text) for _, text, _ in asked],
-                    [since for _, _, since in asked],
+                    [float(since) for _, _, since in asked],
                 ),
             ).fetchall()
             if asked
@@ -385,6 +386,9 @@ class PostgresChatStore(PostgresBase):
                 # A write runs in a pipeline, which has no rowcount until it syncs: count what RETURNING gives.
                 return self._count(c, f"WITH gone AS ({sql} RETURNING 1) SELECT COUNT(*) FROM gone", (chat_key,))
 
+            # No claim meanwhile: a claim locks the chat's inbox rows and then its chat_state row (its admission),
+            # and this locks them the other way round.
+            c.execute(f"SELECT pg_advisory_xact_lock({CLAIM_LOCK}, {SCHEMA_KEY})")
             # The chat's row first, as every decision about the chat locks it: none runs halfway through this.
             deleted = {"chat_state": deleting("DELETE FROM chat_state WHERE chat_key = %s")}
             deleted |= {
