@@ -4,7 +4,7 @@ what it reads; and the admission decided when the reply is composed, for a claim
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,19 +38,26 @@ def claimed(message: IncomingMessage, **fields: Any) -> ClaimedMessage:
     return replace(fresh, **fields)
 
 
-def admission_for(tmp_path: Path, **overrides: Any) -> ChatAdmission:
-    settings = make_settings(tmp_path, **overrides)
-    store = StateStore(settings.state_db)
-    return ChatAdmission(settings=settings, store=store, profiles=BusinessProfiles(settings),
-                         media_on=settings.media_enabled)
+@pytest.fixture
+def admission_for(tmp_path: Path) -> Iterator[Callable[..., ChatAdmission]]:
+    """A ChatAdmission over settings with `overrides`, on a store in tmp_path (closed after the test)."""
+    stores: list[StateStore] = []
+
+    def make(**overrides: Any) -> ChatAdmission:
+        settings = make_settings(tmp_path, **overrides)
+        stores.append(store := StateStore(settings.state_db))
+        store.initialize()
+        return ChatAdmission(settings=settings, store=store, profiles=BusinessProfiles(settings),
+                             media_on=settings.media_enabled)
+
+    yield make
+    for store in stores:
+        store.close()
 
 
 @pytest.fixture
-def admission(tmp_path: Path) -> Iterator[ChatAdmission]:
-    chosen = admission_for(tmp_path, rate_limit_per_minute=2, history_turns=4, history_ttl_minutes=30)
-    chosen.store.initialize()
-    yield chosen
-    chosen.store.close()
+def admission(admission_for: Callable[..., ChatAdmission]) -> ChatAdmission:
+    return admission_for(rate_limit_per_minute=2, history_turns=4, history_ttl_minutes=30)
 
 
 def test_a_reply_not_written_yet_asks_for_its_admission_and_the_chats_recent_turns(admission) -> None:
@@ -73,10 +80,11 @@ def test_a_reply_already_written_or_given_up_asks_for_none(admission) -> None:
     assert admission.request(worn_out) is None  # the pipeline gives it up without an answer
 
 
-def test_stop_start_and_a_disabled_number_ask_for_no_admission_and_reset_reads_no_history(tmp_path) -> None:
+def test_stop_start_and_a_disabled_number_ask_for_no_admission_and_reset_reads_no_history(
+        admission_for, tmp_path) -> None:
     sessions = tmp_path / "sessions.toml"
     sessions.write_text('[loja2]\nenabled = false\n', encoding="utf-8")
-    admission = admission_for(tmp_path, sessions_file=str(sessions))
+    admission = admission_for(sessions_file=str(sessions))
     settings = admission.settings
     assert admission.request(claimed(incoming(settings.stop_word))) is None  # an opt-out always gets through
     assert admission.request(claimed(incoming(settings.start_word.lower()))) is None
@@ -86,17 +94,16 @@ def test_stop_start_and_a_disabled_number_ask_for_no_admission_and_reset_reads_n
     assert admission.request(claimed(incoming("Oi"))).history_turns == 2 * admission.settings.history_turns
 
 
-def test_a_file_without_text_reads_history_only_when_the_llm_gets_the_file(tmp_path) -> None:
+def test_a_file_without_text_reads_history_only_when_the_llm_gets_the_file(admission_for) -> None:
     voice_note = claimed(incoming(None, media=True))
-    assert admission_for(tmp_path, media_enabled=True).request(voice_note).history_turns > 0
-    without_media = admission_for(tmp_path, media_enabled=False).request(voice_note)
+    assert admission_for(media_enabled=True).request(voice_note).history_turns > 0
+    without_media = admission_for(media_enabled=False).request(voice_note)
     assert without_media is not None and without_media.history_turns == 0  # answered NON_TEXT_REPLY
-    assert admission_for(tmp_path, history_turns=0).request(claimed(incoming("Oi"))).history_turns == 0
+    assert admission_for(history_turns=0).request(claimed(incoming("Oi"))).history_turns == 0
 
 
-def test_the_claims_admission_is_used_as_decided_and_its_history_trimmed(tmp_path) -> None:
-    admission = admission_for(tmp_path, history_max_chars=12, rate_limit_per_minute=1)
-    admission.store.initialize()
+def test_the_claims_admission_is_used_as_decided_and_its_history_trimmed(admission_for) -> None:
+    admission = admission_for(history_max_chars=12, rate_limit_per_minute=1)
     turns = (Turn(role="user", content="a" * 10), Turn(role="assistant", content="b" * 10),
              Turn(role="user", content="oi"), Turn(role="assistant", content="olá"))
     decided = claimed(incoming(), admission=Admission(verdict=Verdict.OK), history=turns)
@@ -107,9 +114,8 @@ def test_the_claims_admission_is_used_as_decided_and_its_history_trimmed(tmp_pat
     assert admission.store.admit(chat, texts=["x"], limits=admission.limits).verdict is Verdict.OK
 
 
-def test_a_claim_made_without_asking_is_admitted_when_its_reply_is_composed(tmp_path) -> None:
-    admission = admission_for(tmp_path, rate_limit_per_minute=1)
-    admission.store.initialize()
+def test_a_claim_made_without_asking_is_admitted_when_its_reply_is_composed(admission_for) -> None:
+    admission = admission_for(rate_limit_per_minute=1)
     first, second = claimed(incoming("Oi")), claimed(incoming("Oi de novo"))
     assert asyncio.run(admission.admitted(first, None)).admission.verdict is Verdict.OK
     limited = asyncio.run(admission.admitted(second, None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -11,7 +12,7 @@ import httpx
 
 from fakes import waha_payloads as wp
 from tests.conftest import completion, post_event
-from whatsapp_webhook import EXTENSION_KEY, pipeline
+from whatsapp_webhook import EXTENSION_KEY, admission, pipeline
 from whatsapp_webhook.events import classify_event, parse_event
 from whatsapp_webhook.formatting import markdown_to_whatsapp, split_message
 from whatsapp_webhook.settings import (
@@ -263,6 +264,26 @@ def test_the_daily_cap(make_app, upstreams) -> None:
     client = make_app(daily_message_limit=2, rate_limit_per_minute=100).test_client()
     statuses = [post_event(client, customer(f"pedido {n}")).get_json()["result"]["status"] for n in range(4)]
     assert statuses == ["success", "success", "notice", "skipped"]
+
+
+def test_a_message_the_claim_cannot_be_told_how_to_admit_is_still_answered_and_other_chats_too(
+        make_app, upstreams, monkeypatch, caplog) -> None:
+    """A bug deciding what a claim should admit must not fail every claim (no chat would be answered again)."""
+    asks = admission.ChatAdmission.request
+
+    def broken_for_one_chat(self, claimed):
+        if claimed.message.chat_id.startswith(wp.OTHER_PN):
+            raise KeyError("a payload shape nobody expected")
+        return asks(self, claimed)
+
+    monkeypatch.setattr(admission.ChatAdmission, "request", broken_for_one_chat)
+    client = make_app(rate_limit_per_minute=1).test_client()
+    monkeypatch.setattr(logging.getLogger("whatsapp_webhook"), "propagate", True)  # the app turned it off
+    assert post_event(client, customer("oi", chat=wp.OTHER_PN)).get_json()["result"]["status"] == "success"
+    assert post_event(client, customer("oi")).get_json()["result"]["status"] == "success"
+    # Admitted when its reply was composed instead: its limits still count.
+    assert post_event(client, customer("de novo", chat=wp.OTHER_PN)).get_json()["result"]["status"] == "notice"
+    assert "could not tell the claim what to admit" in caplog.text
 
 
 def test_a_bot_repeating_itself_is_detected_as_a_loop_and_the_chat_paused(client, upstreams) -> None:

@@ -8,6 +8,8 @@ SQLite-only behaviour (group commit, several processes, upgrades of old files) i
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -571,6 +573,51 @@ def test_a_claim_decides_the_admission_asked_for_and_reads_the_history_of_an_adm
     assert [(t.role, t.content) for t in admitted.history] == [
         ("user", "qual o horário?"), ("assistant", "das 8h às 18h")]
     assert paused.admission == Admission(verdict=Verdict.PAUSED) and paused.history == ()
+
+
+def test_a_batch_claim_decides_each_chat_on_its_own_texts_and_history(store, clock) -> None:
+    chats = [wp.CUSTOMER_PN, wp.OTHER_PN, "5511900000003", "5511900000004"]
+    long_reply = "Olá! Nosso horário de atendimento é de segunda a sexta, das 8h às 18h."
+    for n, chat in enumerate(chats):
+        answered(store, incoming(chat=chat, body=f"pergunta {n}", ts=100 + n),
+                 long_reply if n == 1 else f"resposta {n}")
+    clock.now += 10
+    for n, chat in enumerate(chats):  # the second echoes our long reply back: a loop
+        store.accept(incoming(chat=chat, body=long_reply if n == 1 else f"de novo {n}", ts=200 + n))
+    skip = f"default:{chats[2]}"
+    batch = store.claim_due("w1", limit=10, lease_seconds=30,
+                            admit=lambda claimed: None if claimed.message.chat_key == skip else admit_fresh(claimed))
+    decided = {c.message.chat_key.split(":")[1]: (c.admission and c.admission.verdict, c.history) for c in batch}
+    assert decided == {
+        chats[0]: (Verdict.OK, (Turn(role="user", content="pergunta 0"), Turn(role="assistant", content="resposta 0"))),
+        chats[1]: (Verdict.LOOP, ()),
+        chats[2]: (None, ()),
+        chats[3]: (Verdict.OK, (Turn(role="user", content="pergunta 3"), Turn(role="assistant", content="resposta 3"))),
+    }
+
+
+def test_a_chat_can_be_forgotten_while_a_claim_decides_its_admission(store, reopen) -> None:
+    """--forget-chat and a claim lock the chat's rows in opposite orders; neither may fail for it."""
+    store.set_opted_out(CHAT, False)  # the chat has its state row, as every chat answered before has
+    store.accept(incoming(body="oi"))
+    cli = reopen()  # the command line, beside the running server
+    deciding, reports = threading.Event(), []
+
+    def slow(claimed: ClaimedMessage) -> AdmissionRequest:
+        deciding.set()
+        time.sleep(0.5)  # the claim holds the message's row meanwhile; the forget starts now
+        return admit_fresh(claimed)
+
+    forgetting = threading.Thread(target=lambda: deciding.wait(10) and reports.append(cli.forget_chat(CHAT)))
+    forgetting.start()
+    try:
+        claimed = claim(store, admit=slow)
+    finally:
+        forgetting.join(30)
+        cli.close()
+    assert claimed.admission.verdict is Verdict.OK
+    assert len(reports) == 1 and reports[0].dropped_open == 1  # it waited for the claim, then forgot it all
+    assert store.export_chat(CHAT).messages == []
 
 
 def test_a_claims_admission_counts_against_the_limits_and_a_claim_asking_none_counts_nothing(store) -> None:

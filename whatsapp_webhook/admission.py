@@ -45,6 +45,11 @@ def written_reply(claimed: ClaimedMessage) -> str | None:
     return claimed.reply_text if claimed.outcome is not Outcome.FALLBACK or is_mid_send(claimed) else None
 
 
+def is_worn_out(claimed: ClaimedMessage, *, max_attempts: int) -> bool:
+    """Taken more than REPLY_MAX_ATTEMPTS times with no attempt ending, and nothing sent yet: given up."""
+    return claimed.attempts > max_attempts and not is_mid_send(claimed)
+
+
 class ChatAdmission:
     """Asks the store whether a chat is answered now (pause, opt-out, loops, rate limits) and for its turns."""
 
@@ -72,19 +77,21 @@ class ChatAdmission:
 
     def prepare(self) -> None:
         """Before a claim, on its thread: SESSIONS_FILE, if it changed, is read now, so `request` (inside the
-        claim's write lock) finds the sessions' profiles in memory."""
+        claim's write lock) usually finds the profiles in memory; a claim that waits for the lock longer than
+        the file's check interval (1 s) may still look at the file from inside it."""
         self.profiles.profile("default")  # any session's lookup rereads a changed file
 
     def request(self, claimed: ClaimedMessage) -> AdmissionRequest | None:
         """What the claim should decide for `claimed`, or None when its reply asks no admission: a reply
         already written, one given up (REPLY_MAX_ATTEMPTS), stop/start, a disabled session.
 
-        Runs on a store thread inside the claim's transaction: plain values only (see `prepare`).
+        Runs inside the claim's transaction, on whichever thread commits it (with SQLite's group commit, maybe a
+        request thread): plain values only (see `prepare`).
         """
         settings, message = self.settings, claimed.message
         if written_reply(claimed) is not None:
             return None
-        if claimed.attempts > settings.reply_max_attempts and not is_mid_send(claimed):
+        if is_worn_out(claimed, max_attempts=settings.reply_max_attempts):
             return None
         command = settings.command_of(message.text)
         if command in UNLIMITED_COMMANDS or not self.profiles.profile(message.session).enabled:

@@ -11,9 +11,9 @@ from collections.abc import (
     Callable,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from whatsapp_webhook.admission import UNLIMITED_COMMANDS, ChatAdmission, is_mid_send, written_reply
+from whatsapp_webhook.admission import UNLIMITED_COMMANDS, ChatAdmission, is_worn_out, written_reply
 from whatsapp_webhook.business import BusinessProfiles, OutOfHoursAction, SessionProfile
 from whatsapp_webhook.business_gate import BusinessGate
 from whatsapp_webhook.events import bare_message_id
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from whatsapp_webhook.waha import WahaClient
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 PRESENCE_TIMEOUT_SECONDS = 3.0
 
@@ -66,11 +67,13 @@ INLINE_TEXT_CHARS = 1000
 CLOCK_SKEW_SECONDS = 10.0
 
 
-async def off_loop_if_long(transform: Callable[..., T], text: str, *args: Any) -> T:
-    """`transform(text, *args)`, on a worker thread when `text` is too long for the loop (INLINE_TEXT_CHARS)."""
+async def off_loop_if_long(
+    transform: Callable[Concatenate[str, P], T], text: str, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`transform(text, ...)`, on a worker thread when `text` is too long for the loop (INLINE_TEXT_CHARS)."""
     if len(text) <= INLINE_TEXT_CHARS:
-        return transform(text, *args)
-    return await asyncio.to_thread(transform, text, *args)
+        return transform(text, *args, **kwargs)
+    return await asyncio.to_thread(transform, text, *args, **kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,10 +171,9 @@ class ReplyPipeline:
         started = loop.time()
         parts_sent = claimed.parts_sent
         typing_since: float | None = None  # set when typing already shows (it started with the LLM call)
-        mid_send = is_mid_send(claimed)
         claimed_text = written_reply(claimed)  # a reply whose sending began is finished word for word
         claimed_reply = claimed_text is not None
-        if claimed.attempts > self.settings.reply_max_attempts and not mid_send:
+        if is_worn_out(claimed, max_attempts=self.settings.reply_max_attempts):
             # Taken more often than REPLY_MAX_ATTEMPTS without an attempt ending (the store kept refusing the
             # reply's writes, or workers kept dying on it): give up rather than call the LLM without end.
             await self._record_failure(

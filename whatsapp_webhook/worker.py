@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from whatsapp_webhook.events import IncomingMessage
     from whatsapp_webhook.health import HealthReporter
     from whatsapp_webhook.settings import Settings
-    from whatsapp_webhook.store_api import ClaimedMessage, Store
+    from whatsapp_webhook.store_api import AdmissionRequest, ClaimedMessage, Store
 
 
 CLAIM_BATCH = 32  # due messages taken per inbox transaction
@@ -123,14 +123,26 @@ class Dispatcher:
     def _claim(self, limit: int) -> list[ClaimedMessage]:
         """On a store thread: the claim, with the admissions the pipeline asks for decided in its transaction."""
         admission = self.pipeline.admission
-        admission.prepare()  # a changed SESSIONS_FILE is read here, not inside the claim's write lock
+        admission.prepare()  # a changed SESSIONS_FILE is (mostly) read here, not inside the claim's write lock
+
+        def admit(claimed: ClaimedMessage) -> AdmissionRequest | None:
+            # A bug here must not fail the whole claim, again at every poll (no chat would be answered): this
+            # message is admitted when its reply is composed instead, where a failure is its own.
+            try:
+                return admission.request(claimed)
+            except Exception:
+                MessageLog(event=claimed.message.event_id, chat=claimed.message.chat_id).exception(
+                    "could not tell the claim what to admit; admitted when the reply is composed"
+                )
+                return None
+
         return self.store.claim_due(
             self.owner,
             limit=limit,
             lease_seconds=self.settings.lease_seconds,
             debounce_seconds=self.settings.debounce_seconds,
             mergeable=self._mergeable,
-            admit=admission.request,
+            admit=admit,
         )
 
     def _start(self, claimed: ClaimedMessage) -> None:
