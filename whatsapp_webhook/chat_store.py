@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime
 
 from whatsapp_webhook.customer_data import (
     FORGOTTEN_CHAT,
@@ -16,10 +15,10 @@ from whatsapp_webhook.customer_data import (
 )
 from whatsapp_webhook.events import bare_message_id, text_fingerprint
 from whatsapp_webhook.policy import (
+    ADMISSION_STATE_COLUMNS,
     LoopEvidence,
     Pause,
-    RateWindow,
-    decide_admission,
+    decide_admission_from_state,
     later_pause,
 )
 from whatsapp_webhook.sqlite_base import SQLiteStore
@@ -138,26 +137,14 @@ class ChatStore(SQLiteStore):
         self, c: sqlite3.Connection, chat_key: str, *, texts: list[str], limits: ChatLimits, now: float
     ) -> Admission:
         """admit's decision and its writes, inside the caller's write transaction (admit's own, or a claim's)."""
-        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         c.execute("INSERT INTO chat_state (chat_key) VALUES (?) ON CONFLICT (chat_key) DO NOTHING", (chat_key,))
-        paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = c.execute(
-            "SELECT paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
-            " FROM chat_state WHERE chat_key = ?",
-            (chat_key,),
+        state = c.execute(
+            f"SELECT {ADMISSION_STATE_COLUMNS} FROM chat_state WHERE chat_key = ?", (chat_key,)
         ).fetchone()
-        decision = decide_admission(
-            paused_until=paused_until,
-            opted_out=bool(opted_out),
-            window=RateWindow(
-                minute_start=minute_start,
-                minute_count=minute_count,
-                day=day,
-                day_count=day_count,
-                notice_at=notice_at,
-            ),
+        decision = decide_admission_from_state(
+            state,
             evidence=lambda: self._loop_evidence(c, chat_key, texts, since=now - limits.loop_window),
             now=now,
-            today=today,
             limits=limits,
         )
         if decision.loop_pause_until is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 from itertools import accumulate
 from typing import Any
@@ -20,10 +19,11 @@ from whatsapp_webhook.events import bare_message_id, text_fingerprint
 from whatsapp_webhook.pg_base import Connection, PostgresBase
 from whatsapp_webhook.pg_schema import CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.policy import (
+    ADMISSION_STATE_COLUMNS,
     LoopEvidence,
     Pause,
     RateWindow,
-    decide_admission,
+    decide_admission_from_state,
     later_pause,
 )
 from whatsapp_webhook.store_api import (
@@ -46,7 +46,7 @@ LOCK_CHAT_SQL = (
 LOCK_CHATS_SQL = (
     "INSERT INTO chat_state (chat_key) SELECT unnest(%s::text[]) ON CONFLICT (chat_key)"
     " DO UPDATE SET chat_key = excluded.chat_key"
-    " RETURNING chat_key, paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
+    f" RETURNING chat_key, {ADMISSION_STATE_COLUMNS}"
 )
 
 
@@ -140,7 +140,6 @@ class PostgresChatStore(PostgresBase):
     ) -> list[Admission]:
         """admit's decision for each (chat, texts, limits), inside the caller's transaction (admit's own, or a
         claim's for its whole batch): three statements however many chats, as each is a round trip."""
-        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         chats = {chat for chat, _, _ in wanted}
         if len(chats) != len(wanted):  # a claim takes one message per chat; admit() decides one chat
             raise ValueError("one admission per chat in a batch")
@@ -150,21 +149,8 @@ class PostgresChatStore(PostgresBase):
         pauses: dict[str, float] = {}
         windows: dict[str, RateWindow] = {}
         for (chat_key, _, limits), found in zip(wanted, evidence, strict=True):
-            paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = state[chat_key]
-            decision = decide_admission(
-                paused_until=paused_until,
-                opted_out=bool(opted_out),
-                window=RateWindow(
-                    minute_start=minute_start,
-                    minute_count=minute_count,
-                    day=day,
-                    day_count=day_count,
-                    notice_at=notice_at,
-                ),
-                evidence=partial(list, found),
-                now=now,
-                today=today,
-                limits=limits,
+            decision = decide_admission_from_state(
+                state[chat_key], evidence=partial(list, found), now=now, limits=limits
             )
             if decision.loop_pause_until is not None:
                 pauses[chat_key] = decision.loop_pause_until

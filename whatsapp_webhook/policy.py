@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
 
 from whatsapp_webhook.store_api import Admission, ChatLimits, FailureVerdict, SendVerdict, Turn, Verdict
 
@@ -171,6 +173,28 @@ def decide_admission(
         return AdmissionDecision(admission=Admission(verdict=Verdict.LOOP), loop_pause_until=now + limits.loop_pause)
     decision = count_reply(window, now=now, today=today, limits=limits)
     return AdmissionDecision(admission=decision.admission, window=decision.window)
+
+
+# The chat_state columns an admission reads, in the order decide_admission_from_state takes them.
+ADMISSION_STATE_COLUMNS = "paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at"
+
+
+def decide_admission_from_state(
+    state: Sequence[Any], *, evidence: Callable[[], Iterable[LoopEvidence]], now: float, limits: ChatLimits
+) -> AdmissionDecision:
+    """decide_admission over a chat's stored state (ADMISSION_STATE_COLUMNS, as both stores read it)."""
+    paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at = state
+    return decide_admission(
+        paused_until=paused_until,
+        opted_out=bool(opted_out),
+        window=RateWindow(
+            minute_start=minute_start, minute_count=minute_count, day=day, day_count=day_count, notice_at=notice_at
+        ),
+        evidence=evidence,
+        now=now,
+        today=datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d"),
+        limits=limits,
+    )
 
 
 # --- pauses and sends ------------------------------------------------------------------------------
