@@ -178,6 +178,20 @@ def test_an_edited_sessions_file_takes_effect_without_a_restart_and_a_broken_one
     assert "Pão francês" in llm_calls(upstreams)[-1]["messages"][0]["content"]
 
 
+def test_a_file_read_while_an_editor_rewrites_it_keeps_the_sessions_it_had(tmp_path: Path) -> None:
+    """Editors and `>` truncate the file, then write it: read in between, every number would lose its profile."""
+    path = two_numbers(tmp_path)
+    sessions = sessions_config.SessionsFile(str(path), check_seconds=0.0)
+    assert set(sessions.current().sessions) == {"default", "loja2"}
+    path.write_text("", encoding="utf-8")  # truncated: the new text is not there yet
+    assert set(sessions.current().sessions) == {"default", "loja2"}
+    path.write_text(TWO_NUMBERS.replace("[loja2]", "[loja3]"), encoding="utf-8")
+    assert set(sessions.current().sessions) == {"default", "loja3"}
+    path.write_text("", encoding="utf-8")  # emptied on purpose: still empty at the next look
+    sessions.current()
+    assert sessions.current().sessions == {}
+
+
 # --- the daily budget ------------------------------------------------------------------------------
 
 def priced(cost: float) -> Any:

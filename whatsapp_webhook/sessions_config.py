@@ -197,7 +197,8 @@ def sessions_problems(settings: Settings) -> list[str]:
 
 class SessionsFile:
     """SESSIONS_FILE as it is now: re-read when its modification time or size changes (looked at once a
-    second at most); an edit that breaks it keeps the last good configuration and is logged once."""
+    second at most); an edit that breaks it keeps the last good configuration and is logged once, and a file
+    found empty mid-write is not taken for a configuration without sessions."""
 
     def __init__(
         self, path: str, *, clock: Callable[[], float] = time.monotonic, check_seconds: float | None = None
@@ -207,6 +208,7 @@ class SessionsFile:
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
         self._signature: tuple[int, int] | None = None
+        self._empty_seen: tuple[int, int] | None = None  # an empty file looked at once, not applied yet
         self._config = SessionsConfig(path=path)
         self.version = 0
 
@@ -224,6 +226,12 @@ class SessionsFile:
             except OSError:
                 signature = (-1, -1)
             if signature == self._signature:
+                return self._config
+            if signature[1] == 0 and self._config.sessions and signature != self._empty_seen:
+                # Editors and `>` truncate the file, then write it: read in between, it would be a configuration
+                # with no sessions, and every number would get the global profile until the next look. An
+                # empty file is applied only if it is still empty at the next look.
+                self._empty_seen = signature
                 return self._config
             self._signature = signature
             try:

@@ -268,6 +268,9 @@ def test_a_host_restarted_while_the_other_is_busy_steals_no_lease(
 
     def restart_host() -> None:
         try:
+            # Slower answers while it stops, so the busy host cannot finish the whole burst meanwhile (the
+            # wait below needs replies of its in progress).
+            fake_llm.latency_s = 2.0
             stopped = restarted.stop()
             assert stopped == 0, f"graceful stop ended with {stopped}"  # its replies finish or are handed back
             # Only the busy host calls the LLM now: its next answers take longer than the restart, so its
