@@ -273,6 +273,7 @@ def test_a_host_restarted_while_the_other_is_busy_steals_no_lease(
             fake_llm.latency_s = 2.0
             stopped = restarted.stop()
             assert stopped == 0, f"graceful stop ended with {stopped}"  # its replies finish or are handed back
+            fake_llm.latency_s = 0.3
             # Only the busy host calls the LLM now: its next answers take longer than the restart, so its
             # leases are live and its replies in progress while the restarted host recovers at start.
             fake_llm.add_fault("/chat/completions", delay_s=8, times=40)
