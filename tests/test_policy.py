@@ -106,6 +106,27 @@ def test_history_is_trimmed_from_the_oldest_and_starts_with_the_customer() -> No
     assert trim_history(turns, max_chars=5) == []
 
 
+def test_admission_from_a_stored_chat_state_reads_its_columns_and_counts_the_utc_day() -> None:
+    from datetime import UTC, datetime
+
+    from whatsapp_webhook.policy import decide_admission_from_state
+    from whatsapp_webhook.store_api import ChatLimits, Verdict
+
+    limits = ChatLimits(per_minute=5, per_day=2, loop_repeats=3, loop_window=60, loop_pause=600)
+    last_second = datetime(2026, 12, 1, 23, 59, 59, tzinfo=UTC).timestamp()
+
+    def state(*, opted_out: object = 0, day: str = "2026-12-01", day_count: int = 2) -> tuple[object, ...]:
+        # ADMISSION_STATE_COLUMNS: paused_until, opted_out, minute_start, minute_count, day, day_count, notice_at
+        return (0.0, opted_out, 0.0, 0, day, day_count, 0.0)
+
+    def verdict(row: tuple[object, ...], now: float = last_second) -> Verdict:
+        return decide_admission_from_state(row, evidence=list, now=now, limits=limits).admission.verdict
+
+    assert verdict(state(opted_out=1)) is verdict(state(opted_out=True)) is Verdict.OPTED_OUT  # SQLite's 1, PG's true
+    assert verdict(state()) is Verdict.DAILY_CAP  # two replies today already
+    assert verdict(state(), now=last_second + 1) is Verdict.OK  # a new day in UTC: the count starts again
+
+
 def test_admission_checks_pauses_then_loops_then_limits_and_loads_loop_evidence_only_when_needed() -> None:
     from whatsapp_webhook.policy import LoopEvidence, RateWindow, decide_admission
     from whatsapp_webhook.store_api import ChatLimits, Verdict

@@ -181,14 +181,18 @@ def test_an_edited_sessions_file_takes_effect_without_a_restart_and_a_broken_one
 def test_a_file_read_while_an_editor_rewrites_it_keeps_the_sessions_it_had(tmp_path: Path) -> None:
     """Editors and `>` truncate the file, then write it: read in between, every number would lose its profile."""
     path = two_numbers(tmp_path)
-    sessions = sessions_config.SessionsFile(str(path), check_seconds=0.0)
+    now = [0.0]
+    sessions = sessions_config.SessionsFile(str(path), clock=lambda: now[0], check_seconds=0.0)
     assert set(sessions.current().sessions) == {"default", "loja2"}
     path.write_text("", encoding="utf-8")  # truncated: the new text is not there yet
     assert set(sessions.current().sessions) == {"default", "loja2"}
-    path.write_text(TWO_NUMBERS.replace("[loja2]", "[loja3]"), encoding="utf-8")
-    assert set(sessions.current().sessions) == {"default", "loja3"}
-    path.write_text("", encoding="utf-8")  # emptied on purpose: still empty at the next look
-    sessions.current()
+    assert set(sessions.current().sessions) == {"default", "loja2"}  # however often it is looked at meanwhile
+    path.write_text(TWO_NUMBERS.replace("[loja2]", "[filial3]"), encoding="utf-8")
+    assert set(sessions.current().sessions) == {"default", "filial3"}
+    path.write_text("", encoding="utf-8")  # emptied on purpose: it stays empty
+    now[0] += 0.5
+    assert set(sessions.current().sessions) == {"default", "filial3"}
+    now[0] += sessions_config.EMPTY_FILE_SECONDS
     assert sessions.current().sessions == {}
 
 

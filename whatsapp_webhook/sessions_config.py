@@ -195,6 +195,10 @@ def sessions_problems(settings: Settings) -> list[str]:
     return problems
 
 
+# How long SESSIONS_FILE must stay empty before that counts as "no sessions" (an editor rewriting it takes far less).
+EMPTY_FILE_SECONDS = 1.0
+
+
 class SessionsFile:
     """SESSIONS_FILE as it is now: re-read when its modification time or size changes (looked at once a
     second at most); an edit that breaks it keeps the last good configuration and is logged once, and a file
@@ -208,7 +212,7 @@ class SessionsFile:
         self._lock = threading.Lock()
         self._checked_at = -float("inf")
         self._signature: tuple[int, int] | None = None
-        self._empty_seen: tuple[int, int] | None = None  # an empty file looked at once, not applied yet
+        self._empty_since: float | None = None  # when the file was first found empty (not applied yet)
         self._config = SessionsConfig(path=path)
         self.version = 0
 
@@ -227,12 +231,15 @@ class SessionsFile:
                 signature = (-1, -1)
             if signature == self._signature:
                 return self._config
-            if signature[1] == 0 and self._config.sessions and signature != self._empty_seen:
+            if signature[1] == 0 and self._config.sessions:
                 # Editors and `>` truncate the file, then write it: read in between, it would be a configuration
                 # with no sessions, and every number would get the global profile until the next look. An
-                # empty file is applied only if it is still empty at the next look.
-                self._empty_seen = signature
-                return self._config
+                # empty file is applied only once it has stayed empty for EMPTY_FILE_SECONDS.
+                if self._empty_since is None:
+                    self._empty_since = now
+                if now - self._empty_since < EMPTY_FILE_SECONDS:
+                    return self._config
+            self._empty_since = None
             self._signature = signature
             try:
                 config = read_sessions_file(self.path)

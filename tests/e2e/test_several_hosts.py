@@ -285,6 +285,7 @@ def test_a_host_restarted_while_the_other_is_busy_steals_no_lease(
             if restarted.process is None or restarted.process.poll() is not None:
                 restarted.start()  # so the burst can end
         finally:
+            fake_llm.latency_s = 0.3
             fake_llm.clear_faults()
 
     try:
