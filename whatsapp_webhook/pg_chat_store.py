@@ -199,24 +199,21 @@ class PostgresChatStore(PostgresBase):
         admissions = self._admit_chats(
             c, [(one.message.chat_key, request.texts, request.limits) for one, request in asked], now=now
         )
-        decided = {
-            one.message.dedupe_key: (admission, request)
-            for (one, request), admission in zip(asked, admissions, strict=True)
-        }
-        wants = [
-            (one.message.chat_key, now - request.history_seconds, request.history_turns)
-            for one, request in asked
-            if decided[one.message.dedupe_key][0].verdict is Verdict.OK and request.history_turns
+        decided = {one.message.dedupe_key: admission for (one, _), admission in zip(asked, admissions, strict=True)}
+        turns = self._histories(
+            c,
+            [
+                (one.message.chat_key, now - request.history_seconds, request.history_turns)
+                for one, request in asked
+                if decided[one.message.dedupe_key].verdict is Verdict.OK and request.history_turns
+            ],
+        )
+        return [
+            replace(one, admission=admission, history=tuple(turns.get(one.message.chat_key, ())))
+            if (admission := decided.get(one.message.dedupe_key)) is not None
+            else one
+            for one in claimed
         ]
-        turns = self._histories(c, wants)
-        result = []
-        for one in claimed:
-            if (found := decided.get(one.message.dedupe_key)) is not None:
-                admission = found[0]
-                history = tuple(turns.get(one.message.chat_key, ())) if admission.verdict is Verdict.OK else ()
-                one = replace(one, admission=admission, history=history)
-            result.append(one)
-        return result
 
     @staticmethod
     def _histories(c: Connection, wants: list[tuple[str, float, int]]) -> dict[str, list[Turn]]:

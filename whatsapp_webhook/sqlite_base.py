@@ -346,9 +346,12 @@ class SQLiteStore:
 
     def count_many(self, amounts: Mapping[str, int]) -> None:
         """Add several counters in one write (a worker's batch of rejected and ignored requests)."""
-        rows = [(name, amount) for name, amount in amounts.items() if amount]
-        if rows:
-            self._transaction(lambda c: c.executemany(_BUMP, rows))
+        if any(amounts.values()):
+            self._transaction(lambda c: self._bump_many(c, amounts))
+
+    @staticmethod
+    def _bump_many(connection: sqlite3.Connection, amounts: Mapping[str, int]) -> None:
+        connection.executemany(_BUMP, [(name, amount) for name, amount in amounts.items() if amount])
 
     def ping(self) -> None:
         """Can the store take a message now? A real write the size of a big message (inserted and deleted in

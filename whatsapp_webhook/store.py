@@ -388,9 +388,8 @@ class StateStore(ChatStore, SQLiteMediaQueue):
                 Outcome.NOTICE: "messages_skipped",
             }.get(outcome, "messages_processed")
             self._bump(c, counter, 1 + followers)
-            for name, amount in (counts or {}).items():  # the session's counts, in the same commit
-                if amount:
-                    self._bump(c, name, amount)
+            if counts:  # the session's counts, in the same commit
+                self._bump_many(c, counts)
             if history is not None:
                 c.executemany(
                     "INSERT INTO history (chat_key, role, content, created_at) VALUES (?, ?, ?, ?)",
