@@ -763,6 +763,21 @@ def test_stored_bytes_are_the_messages_until_it_is_finished(store, clock) -> Non
     assert store.get_media(job.key) is None and store.media_job(job.key) is None
 
 
+def test_a_bursts_files_and_their_downloads_go_when_its_reply_is_out(store, clock) -> None:
+    burst = [media_incoming(bare="VOICE1"), media_incoming(bare="VOICE2")]
+    for message in burst:
+        store.accept(message)
+        store.put_media(message.dedupe_key, mimetype="audio/ogg", data=b"OggS" + message.dedupe_key.encode())
+    clock.now += 10  # the chat went quiet
+    claimed = claim(store, debounce_seconds=3, mergeable=lambda message: True)
+    assert claimed.message.dedupe_key == "default:VOICE1"
+    assert [m.dedupe_key for m in claimed.merged] == ["default:VOICE2"]
+    assert store.finish("default:VOICE1", claimed.lease_owner, outcome=Outcome.SUCCESS, sent_message_id=None)
+    for message in burst:
+        assert store.get_media(message.dedupe_key) is None and store.media_job(message.dedupe_key) is None
+    assert store.snapshot().media_bytes == 0
+
+
 def test_a_download_whose_worker_died_is_taken_over_when_its_lease_runs_out(reopen, store, clock) -> None:
     store.accept(media_incoming())
     (job,) = store.claim_media_jobs("dead", limit=1, lease_seconds=30)

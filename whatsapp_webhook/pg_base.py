@@ -213,11 +213,14 @@ class PostgresBase:
         return {} if self._named_by_url else {"application_name": f"{APPLICATION_NAME}:{os.getpid()}"}
 
     def _run(self, work: Callable[[Connection], T], *, begin: str | None = None) -> T:
-        """`work` on a pooled connection: alone in autocommit (reads), or inside `begin` ... COMMIT (writes).
+        """`work` on a pooled connection: alone in autocommit (reads, and writes of one statement, which is
+        atomic by itself), or inside `begin` ... COMMIT (writes of several statements).
 
         A connection that died while idle in the pool (the server restarted) is not an outage: the pool's
         idle connections are checked and the work runs once more, which is safe because nothing was
-        committed. Every other database failure is StoreUnavailable, and the connection goes back clean.
+        committed. (A one-statement write whose server died while committing it may have committed: its
+        second run then finds it done, which each such write answers as a duplicate: nothing twice.)
+        Every other database failure is StoreUnavailable, and the connection goes back clean.
         """
         if not self.pooled:
             try:

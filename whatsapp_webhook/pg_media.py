@@ -25,13 +25,6 @@ class PostgresMediaQueue(PostgresBase):
         )
 
     @staticmethod
-    def _forget_media(c: Connection, key: str) -> None:
-        c.execute(
-            "DELETE FROM media_jobs WHERE key = %s OR key IN (SELECT key FROM inbox WHERE merged_into = %s)",
-            (key, key),
-        )
-
-    @staticmethod
     def _prune_media(c: Connection) -> None:
         c.execute(
             "DELETE FROM media_jobs j WHERE NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.key = j.key"

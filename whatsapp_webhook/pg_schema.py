@@ -188,3 +188,48 @@ SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent, m.sends,
 FROM inbox m WHERE m.key = %(key)s
 FOR UPDATE OF m
 """
+
+# A reply's end in one statement, so one round trip and no BEGIN/COMMIT (a single statement is atomic):
+# `done` finishes the message when this worker may (see PostgresStore.finish); every other part acts only
+# if it did. The parts run on one snapshot, which is why each touches rows no other part touches, and the
+# counters get one row per name (a statement must not change a row twice). The messages merged into it
+# (the burst) finish with it; the files of the burst, their download jobs, the last part's id (so its echo
+# is known as ours), the two turns of history (in order: ids follow ORDINALITY) and the counts go with it.
+FINISH_SQL = """
+WITH done AS (
+    UPDATE inbox SET status = 'done', outcome = %(outcome)s, sent_message_id = COALESCE(%(sent_id)s, sent_message_id),
+        lease_owner = NULL, reply_text = NULL, finished_at = %(now)s, updated_at = %(now)s
+    WHERE key = %(key)s AND status <> 'done' AND (lease_owner = %(owner)s
+        OR (reply_text IS NOT NULL AND status <> 'failed' AND %(outcome)s <> 'skipped'))
+    RETURNING chat_key
+), burst AS (
+    SELECT %(key)s::text AS key FROM done
+    UNION ALL SELECT key FROM inbox WHERE merged_into = %(key)s AND EXISTS (SELECT 1 FROM done)
+), followers AS (
+    UPDATE inbox SET status = 'done', outcome = %(followers_outcome)s, finished_at = %(now)s, updated_at = %(now)s
+    WHERE merged_into = %(key)s AND status = 'merged' AND EXISTS (SELECT 1 FROM done)
+    RETURNING 1
+), files AS (
+    DELETE FROM media WHERE key IN (SELECT key FROM burst)
+), downloads AS (
+    DELETE FROM media_jobs WHERE key IN (SELECT key FROM burst)
+), echo AS (
+    INSERT INTO sent (chat_key, text_hash, bare_id, sent_at)
+    SELECT chat_key, '', %(last_part)s::text, %(now)s FROM done WHERE %(last_part)s::text IS NOT NULL
+), turns AS (
+    INSERT INTO history (chat_key, role, content, created_at)
+    SELECT done.chat_key, turn.role, turn.content, %(now)s
+    FROM done, unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS turn (role, content, n)
+    ORDER BY turn.n
+), counted AS (
+    INSERT INTO counters (name, shard, value)
+    SELECT name, %(shard)s, SUM(amount) FROM (
+        SELECT %(counter)s::text AS name, 1 + (SELECT COUNT(*) FROM followers) AS amount FROM done
+        UNION ALL
+        SELECT name, amount FROM unnest(%(names)s::text[], %(amounts)s::bigint[]) AS counts (name, amount)
+        WHERE EXISTS (SELECT 1 FROM done)
+    ) AS bumps GROUP BY name
+    ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
+)
+SELECT chat_key FROM done
+"""

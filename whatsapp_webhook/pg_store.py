@@ -12,7 +12,15 @@ from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_finge
 from whatsapp_webhook.pg_base import Connection
 from whatsapp_webhook.pg_chat_store import PostgresChatStore
 from whatsapp_webhook.pg_media import PostgresMediaQueue
-from whatsapp_webhook.pg_schema import BEGIN_SEND_SQL, CLAIM_DUE_SQL, CLAIM_LOCK, OPEN_SQL, SCHEMA_KEY
+from whatsapp_webhook.pg_schema import (
+    BEGIN_SEND_SQL,
+    CLAIM_DUE_SQL,
+    CLAIM_LOCK,
+    COUNTER_SHARDS,
+    FINISH_SQL,
+    OPEN_SQL,
+    SCHEMA_KEY,
+)
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
     CHAT_MARKS_KEPT_SECONDS,
@@ -338,54 +346,34 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         changed, and nothing was counted).
         """
         now = self.clock()
+        # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
+        # ("too many messages") is not an answer either. Merged messages count with it.
+        counter = {
+            Outcome.FALLBACK: "messages_failed",
+            Outcome.SKIPPED: "messages_skipped",
+            Outcome.NOTICE: "messages_skipped",
+        }.get(outcome, "messages_processed")
+        names = [name for name, amount in (counts or {}).items() if amount]
+        params = {
+            "key": key,
+            "owner": owner,
+            "now": now,
+            "outcome": str(outcome),
+            "followers_outcome": str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome),
+            "sent_id": sent_message_id,
+            "last_part": bare_message_id(last_part_id) if last_part_id else None,
+            "roles": [turn.role for turn in history or ()],
+            "contents": [turn.content for turn in history or ()],
+            "counter": counter,
+            "names": names,
+            "amounts": [(counts or {})[name] for name in names],
+        }
 
         def work(c: Connection) -> bool:
-            row = c.execute(
-                "UPDATE inbox SET status = 'done', outcome = %s, sent_message_id = COALESCE(%s, sent_message_id),"
-                " lease_owner = NULL, reply_text = NULL, finished_at = %s, updated_at = %s WHERE key = %s"
-                " AND status <> 'done' AND (lease_owner = %s"
-                " OR (reply_text IS NOT NULL AND status <> 'failed' AND %s <> 'skipped'))"
-                " RETURNING chat_key",
-                (str(outcome), sent_message_id, now, now, key, owner, str(outcome)),
-            ).fetchone()
-            if row is None:
-                return False
-            chat_key = row[0]
-            # Its bytes (and those of the burst) were only needed to write this reply.
-            c.execute(
-                "DELETE FROM media WHERE key = %s OR key IN (SELECT key FROM inbox WHERE merged_into = %s)", (key, key)
-            )
-            self._forget_media(c, key)
-            if last_part_id:  # so its echo (message.any) is known as ours, like the earlier parts
-                c.execute(
-                    "INSERT INTO sent (chat_key, text_hash, bare_id, sent_at) VALUES (%s, '', %s, %s)",
-                    (chat_key, bare_message_id(last_part_id), now),
-                )
-            if history is not None:
-                c.execute(
-                    "INSERT INTO history (chat_key, role, content, created_at)"
-                    " SELECT %s, role, content, %s FROM unnest(%s::text[], %s::text[]) AS turn(role, content)",
-                    (chat_key, now, [turn.role for turn in history], [turn.content for turn in history]),
-                )
-            # A fallback reply means the LLM failed: the customer got an apology, not an answer. A notice
-            # ("too many messages") is not an answer either. Merged messages count with it.
-            counter = {
-                Outcome.FALLBACK: "messages_failed",
-                Outcome.SKIPPED: "messages_skipped",
-                Outcome.NOTICE: "messages_skipped",
-            }.get(outcome, "messages_processed")
-            self._bump_with_followers(
-                c,
-                "UPDATE inbox SET status = 'done', outcome = %s, finished_at = %s, updated_at = %s"
-                " WHERE merged_into = %s AND status = 'merged'",
-                (str(Outcome.MERGED if outcome == Outcome.SUCCESS else outcome), now, now, key),
-                counters=[counter],
-            )
-            if counts:  # the session's counts, in the same commit
-                self._bump_many(c, counts)
-            return True
+            # One statement, in autocommit (FINISH_SQL): nothing else can be seen half done.
+            return c.execute(FINISH_SQL, {**params, "shard": c.info.backend_pid % COUNTER_SHARDS}).fetchone() is not None
 
-        return self._write(work)
+        return self._run(work)
 
     def record_failure(self, key: str, owner: str, error: str, *, max_attempts: int, retry_in: float) -> FailureVerdict:
         """After a failed attempt: due again later, or given up once attempts are used (policy.failure_verdict)."""
