@@ -38,8 +38,9 @@ OWNER = "store-bench"
 
 
 def incoming(n: int) -> IncomingMessage:
-    envelope = wp.text_message("WEBJS", sender=f"55119{n + 100_000:08d}@c.us", body=f"Oi, pedido {n}",
-                               message_id=f"3EB0{n:016X}")
+    envelope = wp.text_message(
+        "WEBJS", sender=f"55119{n + 100_000:08d}@c.us", body=f"Oi, pedido {n}", message_id=f"3EB0{n:016X}"
+    )
     message = classify_event(parse_event(wp.dumps(envelope)), reply_in_groups=True)
     assert isinstance(message, IncomingMessage), message
     return message
@@ -86,7 +87,10 @@ def one_round(store: Any, messages: list[IncomingMessage], *, claim_batch: int) 
             store.begin_send(key, OWNER, parts=[reply], reply=(reply, Outcome.SUCCESS), llm_cost_usd=0.0001)
         with tally.timed("finish"):
             finished = store.finish(
-                key, OWNER, outcome=Outcome.SUCCESS, sent_message_id=f"true_{item.message.chat_id}_{key[-8:]}",
+                key,
+                OWNER,
+                outcome=Outcome.SUCCESS,
+                sent_message_id=f"true_{item.message.chat_id}_{key[-8:]}",
                 history=(Turn(role="user", content=item.message.text or ""), Turn(role="assistant", content=reply)),
                 last_part_id=f"true_{item.message.chat_id}_{key[-8:]}",
                 counts={f"session:{item.message.session}:messages_processed": 1},
@@ -96,7 +100,9 @@ def one_round(store: Any, messages: list[IncomingMessage], *, claim_batch: int) 
     return tally
 
 
-def measure(name: str, make_store: Callable[[], Any], *, messages: int, rounds: int, claim_batch: int) -> dict[str, float]:
+def measure(
+    name: str, make_store: Callable[[], Any], *, messages: int, rounds: int, claim_batch: int
+) -> dict[str, float]:
     store = make_store()
     store.initialize()
     try:
@@ -110,8 +116,11 @@ def measure(name: str, make_store: Callable[[], Any], *, messages: int, rounds: 
     median = {call: statistics.median(t.per_call_us()[call] for t in results) for call in CALLS}
     median["reply"] = sum(median[call] for call in CALLS)
     spread = [sum(t.per_call_us().values()) for t in results]
-    print(f"{name:<11} " + "  ".join(f"{call} {median[call]:6.0f}" for call in CALLS)
-          + f"  | one reply {median['reply']:6.0f} µs CPU (rounds: {', '.join(f'{s:.0f}' for s in spread)})")
+    print(
+        f"{name:<11} "
+        + "  ".join(f"{call} {median[call]:6.0f}" for call in CALLS)
+        + f"  | one reply {median['reply']:6.0f} µs CPU (rounds: {', '.join(f'{s:.0f}' for s in spread)})"
+    )
     return median
 
 
@@ -122,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--claim-batch", type=int, default=CLAIM_BATCH, help="messages per claim (worker.CLAIM_BATCH)")
     a = p.parse_args(argv)
-    print(f"store bench: {a.messages} messages per round, {a.rounds} rounds, claims of {a.claim_batch}; "
-          "median round, µs of this process's CPU per call (claim_due: per claimed message)")
+    print(
+        f"store bench: {a.messages} messages per round, {a.rounds} rounds, claims of {a.claim_batch}; "
+        "median round, µs of this process's CPU per call (claim_due: per claimed message)"
+    )
     sizes = {"messages": a.messages, "rounds": a.rounds, "claim_batch": a.claim_batch}
     if a.store in ("sqlite", "both"):
         with tempfile.TemporaryDirectory(prefix="store-bench-") as folder:

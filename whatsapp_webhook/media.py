@@ -67,6 +67,13 @@ def kind_of(mimetype: str | None) -> MediaKind:
     return known[0] if known else MediaKind.UNSUPPORTED
 
 
+def worth_downloading(url: str | None, mimetype: str | None) -> bool:
+    """Whether accept queues a download job: WAHA has a file, and the bot can use it. A file it cannot use
+    (video, documents other than PDF) only gets MEDIA_UNSUPPORTED_REPLY, or a word to the model beside the
+    burst's other parts."""
+    return url is not None and kind_of(mimetype) is not MediaKind.UNSUPPORTED
+
+
 def content_type_of(mimetype: str | None) -> str:
     """The format word (audio) or data-URL mimetype (images, PDF) the LLM is told; '' when unsupported."""
     known = _KNOWN_TYPES.get(bare_mimetype(mimetype))

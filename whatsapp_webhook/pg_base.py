@@ -304,7 +304,7 @@ class PostgresBase:
         )
 
     @staticmethod
-    def _count(c: Connection, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> int:
+    def _count(c: Connection, sql: str, params: tuple[Any, ...] | list[Any] | Mapping[str, Any] = ()) -> int:
         """The one number a `WITH changed AS (... RETURNING 1) SELECT COUNT(*)` statement answers (a pipeline
         has no rowcount until it syncs; a result is asked for, so it does)."""
         row = c.execute(sql, params).fetchone()

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from whatsapp_webhook.events import IncomingMessage
-from whatsapp_webhook.media import MediaKind, kind_of
 from whatsapp_webhook.pg_base import Connection, PostgresBase
 from whatsapp_webhook.pg_schema import MEDIA_STORE_LOCK, OPEN_SQL, SCHEMA_KEY
 from whatsapp_webhook.store_api import MediaJob, MediaJobState, MediaJobStatus
 
 
 class PostgresMediaQueue(PostgresBase):
-    @staticmethod
-    def _queue_media(c: Connection, message: IncomingMessage, now: float) -> None:
-        """Inside accept's transaction: a message WAHA has a file for gets a download job (once per key).
-
-        A file the bot cannot use (video, documents other than PDF) is never downloaded: it only gets
-        MEDIA_UNSUPPORTED_REPLY, or a word to the model beside the burst's other parts."""
-        if message.media_url is None or kind_of(message.media_mimetype) is MediaKind.UNSUPPORTED:
-            return
-        c.execute(
-            "INSERT INTO media_jobs (key, url, mimetype, state, next_attempt_at, created_at, updated_at)"
-            " VALUES (%s, %s, %s, 'pending', %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-            (message.dedupe_key, message.media_url, message.media_mimetype or "", now, now, now),
-        )
-
     @staticmethod
     def _prune_media(c: Connection) -> None:
         c.execute(

@@ -233,3 +233,24 @@ WITH done AS (
 )
 SELECT chat_key FROM done
 """
+
+# A new message recorded in one statement (autocommit, atomic by itself), with its count and, when WAHA has
+# a file worth downloading (media.worth_downloading), its download job. Nothing at all for a key already in
+# the inbox: PostgresStore.accept then looks at that row in a transaction of its own.
+ACCEPT_SQL = """
+WITH new AS (
+    INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at, updated_at)
+    VALUES (%(key)s, %(chat_key)s, %(sort_ts)s, %(message)s, %(text_hash)s, 'queued', %(now)s, %(now)s, %(now)s)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+), counted AS (
+    INSERT INTO counters (name, shard, value) SELECT 'messages_received', %(shard)s, 1 FROM new
+    ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
+), download AS (
+    INSERT INTO media_jobs (key, url, mimetype, state, next_attempt_at, created_at, updated_at)
+    SELECT key, %(url)s::text, %(mimetype)s, 'pending', %(now)s, %(now)s, %(now)s FROM new
+    WHERE %(url)s::text IS NOT NULL
+    ON CONFLICT (key) DO NOTHING
+)
+SELECT COUNT(*) FROM new
+"""

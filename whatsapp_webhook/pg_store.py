@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
+from whatsapp_webhook.media import worth_downloading
 from whatsapp_webhook.pg_base import Connection
 from whatsapp_webhook.pg_chat_store import PostgresChatStore
 from whatsapp_webhook.pg_media import PostgresMediaQueue
 from whatsapp_webhook.pg_schema import (
+    ACCEPT_SQL,
     BEGIN_SEND_SQL,
     CLAIM_DUE_SQL,
     CLAIM_LOCK,
@@ -52,30 +54,27 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
     # --- the webhook side ------------------------------------------------------------------------
 
     def accept(self, message: IncomingMessage) -> Acceptance:
-        """Record a delivery durably, once per message; a redelivery after a failed send makes it due now."""
+        """Record a delivery durably, once per message; a redelivery after a failed send makes it due now.
+
+        A new message is one statement (ACCEPT_SQL); only a key already in the inbox costs a transaction.
+        """
         now = self.clock()
         key = message.dedupe_key
+        wanted = worth_downloading(message.media_url, message.media_mimetype)
+        params = {
+            "key": key,
+            "chat_key": message.chat_key,
+            "sort_ts": message.timestamp or now,
+            "message": message.to_json(),
+            "text_hash": text_fingerprint(message.text),
+            "now": now,
+            "url": message.media_url if wanted else None,
+            "mimetype": message.media_mimetype or "",
+        }
+        if self._run(lambda c: self._count(c, ACCEPT_SQL, {**params, "shard": c.info.backend_pid % COUNTER_SHARDS})):
+            return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
 
-        def work(c: Connection) -> Acceptance:
-            inserted = c.execute(
-                "INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at,"
-                " updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s, %s)"
-                " ON CONFLICT (key) DO NOTHING RETURNING 1",
-                (
-                    key,
-                    message.chat_key,
-                    message.timestamp or now,
-                    message.to_json(),
-                    text_fingerprint(message.text),
-                    now,
-                    now,
-                    now,
-                ),
-            ).fetchone()
-            if inserted:
-                self._bump(c, "messages_received")
-                self._queue_media(c, message, now)
-                return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
+        def known(c: Connection) -> Acceptance:
             row = c.execute(
                 "SELECT status, attempts, last_error FROM inbox WHERE key = %s FOR UPDATE", (key,)
             ).fetchone()
@@ -92,7 +91,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
                 return Acceptance(stored=True, status=InboxStatus(status), attempts=attempts - 1)
             return Acceptance(stored=False, status=InboxStatus(status), attempts=attempts)
 
-        return self._write(work)
+        return self._write(known)
 
     def entry(self, key: str) -> InboxEntry | None:
         """A message's state; a message merged into another reports that one's sent id and error."""
@@ -371,7 +370,8 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
 
         def work(c: Connection) -> bool:
             # One statement, in autocommit (FINISH_SQL): nothing else can be seen half done.
-            return c.execute(FINISH_SQL, {**params, "shard": c.info.backend_pid % COUNTER_SHARDS}).fetchone() is not None
+            shard = c.info.backend_pid % COUNTER_SHARDS
+            return c.execute(FINISH_SQL, {**params, "shard": shard}).fetchone() is not None
 
         return self._run(work)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 from whatsapp_webhook.events import IncomingMessage
-from whatsapp_webhook.media import MediaKind, kind_of
+from whatsapp_webhook.media import worth_downloading
 from whatsapp_webhook.sqlite_base import SQLiteStore
 from whatsapp_webhook.store_api import MediaJob, MediaJobState, MediaJobStatus, StoreUnavailable
 
@@ -23,11 +23,8 @@ DUE_MEDIA_SQL = (
 class SQLiteMediaQueue(SQLiteStore):
     @staticmethod
     def _queue_media(c: sqlite3.Connection, message: IncomingMessage, now: float) -> None:
-        """Inside accept's transaction: a message WAHA has a file for gets a download job (once per key).
-
-        A file the bot cannot use (video, documents other than PDF) is never downloaded: it only gets
-        MEDIA_UNSUPPORTED_REPLY, or a word to the model beside the burst's other parts."""
-        if message.media_url is None or kind_of(message.media_mimetype) is MediaKind.UNSUPPORTED:
+        """Inside accept's transaction: a message WAHA has a file for gets a download job (once per key)."""
+        if not worth_downloading(message.media_url, message.media_mimetype):
             return
         c.execute(
             "INSERT INTO media_jobs (key, url, mimetype, state, next_attempt_at, created_at, updated_at)"
