@@ -35,6 +35,7 @@ from whatsapp_webhook.store_api import (
     Turn,
     Verdict,
 )
+from whatsapp_webhook.store_schema import LLM_COST_COUNTER
 
 
 class Clock:
@@ -315,6 +316,16 @@ def test_a_finish_adds_its_counts_only_when_it_finishes_and_says_whether_it_did(
     counters = store.snapshot().counters
     assert (counters["session.default.success"], counters["session.default.llm_cost_nanousd"]) == (1, 2500)
     assert "session.default.empty" not in counters
+
+
+def test_what_writing_a_reply_cost_is_counted_whether_or_not_it_is_sent(store, clock) -> None:
+    """/stats' llm_cost_usd: money spent on the LLM is spent, even when the reply then may not go out."""
+    message, stale, _ = taken_over(store, clock)
+    assert store.begin_send(message.dedupe_key, stale.lease_owner, parts=["x"], reply=("x", Outcome.SUCCESS),
+                            llm_cost_usd=0.0000015) == "lost"
+    assert store.begin_send(message.dedupe_key, "live-host", parts=["y"], reply=("y", Outcome.SUCCESS),
+                            llm_cost_usd=0.000002) == "send"
+    assert store.snapshot().counters[LLM_COST_COUNTER] == 1500 + 2000  # billionths of a dollar
 
 
 def test_a_reply_waha_took_is_recorded_even_after_the_lease_was_taken_over(store, clock) -> None:

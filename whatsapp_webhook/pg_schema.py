@@ -254,3 +254,21 @@ WITH new AS (
 )
 SELECT COUNT(*) FROM new
 """
+
+# begin_send's writes once the verdict is SEND, in one statement: the parts' fingerprints (so our own echo
+# is never taken for a human), what writing the reply cost (when it cost anything) and the message's
+# state: sending, with a new reply's text stored so a retry resends the same words.
+SENDING_SQL = """
+WITH echoes AS (
+    INSERT INTO sent (chat_key, text_hash, sent_at)
+    SELECT %(chat_key)s, hash, %(now)s FROM unnest(%(hashes)s::text[]) AS hash
+), cost AS (
+    INSERT INTO counters (name, shard, value) SELECT %(cost_name)s, %(shard)s, %(cost)s WHERE %(cost)s::bigint > 0
+    ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
+)
+UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s, sends = sends + %(sending)s,
+    reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,
+    outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,
+    parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END
+WHERE key = %(key)s
+"""

@@ -22,6 +22,7 @@ from whatsapp_webhook.pg_schema import (
     FINISH_SQL,
     OPEN_SQL,
     SCHEMA_KEY,
+    SENDING_SQL,
 )
 from whatsapp_webhook.policy import failure_verdict, send_verdict
 from whatsapp_webhook.store_api import (
@@ -244,6 +245,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         Each SEND counts one send of the message; once `max_sends` are used it is given up (SPENT).
         """
         now = self.clock()
+        cost = round(llm_cost_usd * 1e9)  # in billionths of a dollar: the counters are integers
 
         def work(c: Connection) -> SendVerdict:
             row = c.execute(BEGIN_SEND_SQL, {"key": key, "now": now}).fetchone()
@@ -273,29 +275,27 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
                 )
                 c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = %s", (key,))
             elif verdict is SendVerdict.SEND:
-                # Remember what we are about to say, so our own echo (message.any) is never taken for a human.
+                # Remember what we are about to say, so our own echo (message.any) is never taken for a human;
+                # the cost goes in the same statement (SENDING_SQL).
                 c.execute(
-                    "INSERT INTO sent (chat_key, text_hash, sent_at)"
-                    " SELECT %s, hash, %s FROM unnest(%s::text[]) AS hash",
-                    (chat_key, now, [text_fingerprint(part) for part in parts]),
-                )
-                c.execute(
-                    "UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s,"
-                    " sends = sends + %(sending)s,"
-                    " reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,"
-                    " outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,"
-                    " parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END WHERE key = %(key)s",
+                    SENDING_SQL,
                     {
+                        "key": key,
+                        "chat_key": chat_key,
                         "now": now,
+                        "hashes": [text_fingerprint(part) for part in parts],
                         "sending": 1 if parts else 0,
                         "new": reply is not None,
                         "text": reply[0] if reply else None,
                         "outcome": str(reply[1]) if reply else None,
-                        "key": key,
+                        "cost_name": LLM_COST_COUNTER,
+                        "cost": cost,
+                        "shard": c.info.backend_pid % COUNTER_SHARDS,
                     },
                 )
-            if llm_cost_usd > 0:
-                self._bump(c, LLM_COST_COUNTER, round(llm_cost_usd * 1e9))
+                return verdict
+            if cost > 0:
+                self._bump(c, LLM_COST_COUNTER, cost)
             return verdict
 
         return self._write(work)
