@@ -107,6 +107,20 @@ def test_messages_from_the_bots_own_ids_are_ignored(engine: str) -> None:
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_message_comes_back_from_the_inbox_as_it_went_in(engine: str) -> None:
+    """The inbox keeps each message as to_json's text; a worker answers what from_json makes of it."""
+    quoting = wp.text_message(engine, group=wp.GROUP_ID, sender=wp.CUSTOMER_LID, body="e para amanhã? 😊",
+                              reply_to={"id": f"true_{wp.GROUP_ID}_3EB0ABC", "participant": wp.BOT_LID,
+                                        "body": "Hoje abrimos às 9h."})
+    quoting["me"] = {"id": wp.BOT_ID, "lid": wp.BOT_LID, "pushName": "Bot"}
+    for envelope in (wp.text_message(engine), quoting, wp.media_message(engine, kind="audio", caption="ouça")):
+        message = classify(envelope, reply_in_groups=True)
+        assert isinstance(message, IncomingMessage)
+        assert IncomingMessage.from_json(message.to_json()) == message
+        assert "😊" not in (message.text or "") or "😊" in message.to_json()  # kept as written, not escaped
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
 def test_media_uses_the_caption_or_is_flagged_as_non_text(engine: str) -> None:
     assert classify(wp.media_message(engine, caption="Quanto custa este?")).text == "Quanto custa este?"
     for kind in ("image", "audio", "sticker", "document"):

@@ -77,11 +77,16 @@ class IncomingMessage:
         return f"{self.session}:{self.chat_id}"
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+        # Every field is a plain value: a dict of them, not dataclasses.asdict's deep copy (4x the time,
+        # once per delivery).
+        return json.dumps({name: getattr(self, name) for name in _INCOMING_FIELDS}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> IncomingMessage:
         return cls(**json.loads(text))
+
+
+_INCOMING_FIELDS = tuple(field.name for field in dataclasses.fields(IncomingMessage))
 
 
 @dataclass(frozen=True, kw_only=True)
