@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 
 TALLY_FLUSH_SECONDS = 1.0  # how often each worker writes its counts of rejected and ignored requests
+RUNTIME_UNAVAILABLE = "reply runtime unavailable; the message waits in the inbox"
 
 
 class RequestHeaders(Protocol):
@@ -278,33 +279,45 @@ class WebhookService:
         key = message.dedupe_key
         try:
             runtime = self.runtime()
-            runtime.wake_dispatcher()
         except Exception:
-            MessageLog(event=message.event_id).exception("reply runtime unavailable; the message waits in the inbox")
+            MessageLog(event=message.event_id).exception(RUNTIME_UNAVAILABLE)
             return self._accepted(message)
         if self._waiting_slots is None or not self._waiting_slots.acquire(blocking=False):
+            self._woke(runtime, message)
             return self._accepted(message)
+        # Watched before the dispatcher is woken, so an attempt this worker ends at once still wakes us; the
+        # message was only just recorded, so the inbox is read only once something may have happened.
         ended = runtime.completions.watch(key)
-        deadline = time.monotonic() + self.settings.webhook_sync_wait_seconds
         try:
-            while True:
+            if not self._woke(runtime, message):
+                return self._accepted(message)
+            deadline = time.monotonic() + self.settings.webhook_sync_wait_seconds
+            while (remaining := deadline - time.monotonic()) > 0 and not self._shutting_down.is_set():
+                # Woken at once when this worker ends the attempt; polling covers the other workers.
+                ended.wait(min(remaining, self.poll_seconds))
+                ended.clear()
                 entry = self.store.entry(key)
                 if entry is not None and (
                     entry.status in ("done", "failed")
                     or (entry.status == "queued" and entry.attempts > attempts_before and entry.last_error)
                 ):
                     return self._outcome(message, entry)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._shutting_down.is_set():
-                    return self._accepted(message)
-                # Woken at once when this worker ends the attempt; polling covers the other workers.
-                ended.wait(min(remaining, self.poll_seconds))
-                ended.clear()
+            return self._accepted(message)
         except StoreUnavailable:
             return self._accepted(message)  # the message is recorded; a worker will finish it
         finally:
             runtime.completions.unwatch(key)
             self._waiting_slots.release()
+
+    @staticmethod
+    def _woke(runtime: WorkerRuntime, message: IncomingMessage) -> bool:
+        """Wake this worker's dispatcher; False (and logged) when the reply runtime cannot be reached."""
+        try:
+            runtime.wake_dispatcher()
+        except Exception:
+            MessageLog(event=message.event_id).exception(RUNTIME_UNAVAILABLE)
+            return False
+        return True
 
     def _notice_own_message(self, own: OwnMessage) -> Ignored:
         """Our echo is ignored; a person writing from this account pauses the bot there (human handoff)."""
