@@ -1,6 +1,6 @@
-"""The concurrency machinery on its own: the write gate's group commit, the completion board, the loop thread,
-and gunicorn_worker's pieces (what its poller gathers, the reader that keeps the read deadline; the worker as a
-whole runs under real gunicorn in tests/e2e/test_faults.py).
+"""The concurrency machinery on its own: the write gate's group commit, the Batcher, the completion board, the
+loop thread, and gunicorn_worker's pieces (what its poller gathers, the reader that keeps the read deadline; the
+worker as a whole runs under real gunicorn in tests/e2e/test_faults.py).
 
 (The upstream transport has its own file, test_http11.py, with real loopback sockets.)
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from whatsapp_webhook.concurrency import BackgroundLoop, CompletionBoard, QueuedWrite, WriterGate
+from whatsapp_webhook.concurrency import BackgroundLoop, Batcher, CompletionBoard, QueuedWrite, WriterGate
 from whatsapp_webhook.gunicorn_worker import (
     GATHER_BODY_BYTES,
     HEAD_LIMIT_BYTES,
@@ -109,6 +109,74 @@ def test_the_gate_waits_for_another_process_holding_the_lock(tmp_path) -> None:
     release.set()
     assert done.wait(10)
     other.join(10)
+
+
+class HeldBatches:
+    """A batch step that records each batch and answers item * 10; the first batch waits for `release`."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        if not self.batches:
+            self.entered.set()
+            self.release.wait(5)
+        self.batches.append(items)
+        return [item * 10 for item in items]
+
+
+def submit_behind_a_running_batch(batcher: Batcher[int, int], step: HeldBatches, items: range) -> dict[int, int]:
+    """Item 0 goes out first and is held; `items` are handed in by a thread each meanwhile; then all finish."""
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, batcher.submit(n))) for n in (0, *items)]
+    threads[0].start()
+    assert step.entered.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while len(batcher._queue) < len(items) and time.monotonic() < deadline:  # all of them waiting
+        time.sleep(0.005)
+    step.release.set()
+    for thread in threads:
+        thread.join(5)
+    return results
+
+
+def test_an_item_alone_goes_out_at_once_and_gets_its_result() -> None:
+    step = HeldBatches()
+    step.release.set()
+    assert Batcher(step).submit(7) == 70
+    assert step.batches == [[7]]
+
+
+def test_items_handed_in_while_a_batch_runs_go_out_together_each_with_its_own_result() -> None:
+    step = HeldBatches()
+    results = submit_behind_a_running_batch(Batcher(step), step, range(1, 11))
+    assert results == {n: n * 10 for n in range(11)}
+    assert step.batches[0] == [0] and sorted(step.batches[1]) == list(range(1, 11))  # ten items, one batch
+
+
+def test_a_batch_is_at_most_max_batch_items() -> None:
+    step = HeldBatches()
+    results = submit_behind_a_running_batch(Batcher(step, max_batch=4), step, range(1, 11))
+    assert results == {n: n * 10 for n in range(11)}
+    assert [len(batch) for batch in step.batches] == [1, 4, 4, 2]
+
+
+def test_a_failed_batch_fails_each_of_its_items_and_the_next_one_goes_out() -> None:
+    calls: list[list[int]] = []
+
+    def step(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise StoreUnavailable("state store error: connection refused")
+        return items
+
+    batcher: Batcher[int, int] = Batcher(step)
+    with pytest.raises(StoreUnavailable, match="connection refused"):
+        batcher.submit(1)
+    assert batcher.submit(2) == 2
 
 
 def test_the_completion_board_wakes_every_watcher_of_a_key_and_forgets_it_after() -> None:

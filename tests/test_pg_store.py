@@ -60,6 +60,24 @@ def test_open_store_picks_the_backend_from_state_db(url: str, tmp_path) -> None:
     assert type(sqlite).__name__ == "StateStore"
 
 
+def test_a_batch_of_deliveries_is_recorded_in_the_order_it_came_each_key_once(store) -> None:
+    """What the deliveries recorded together in one statement get: per-chat order follows the batch (two
+    messages of one chat in the same second), a key twice in it is new once, a voice note gets its download."""
+    first, second = incoming(body="oi", bare="3EB0A1"), incoming(body="preço?", bare="3EB0A2")
+    voice = wp.media_message("WEBJS", kind="audio", sender="5511977776666@c.us", message_id="3EB0B1")
+    voice_note = classify_event(parse_event(wp.dumps(voice)), reply_in_groups=True)
+    assert isinstance(voice_note, IncomingMessage)
+    assert store._record_new([first, second, voice_note, second]) == [True, True, True, False]
+    assert store.snapshot().counters["messages_received"] == 3
+    assert store.media_job(voice_note.dedupe_key) is not None and store.media_job(first.dedupe_key) is None
+    assert not store.accept(first).stored  # already recorded: a duplicate now
+    lead = store.claim_due("w1", limit=5, lease_seconds=30)
+    assert [c.message.dedupe_key for c in lead if c.message.chat_key == first.chat_key] == [first.dedupe_key]
+    store.finish(first.dedupe_key, "w1", outcome=Outcome.SUCCESS, sent_message_id=None)
+    (after,) = [c for c in store.claim_due("w1", limit=5, lease_seconds=30) if c.message.chat_key == first.chat_key]
+    assert after.message.dedupe_key == second.dedupe_key
+
+
 # --- many workers at once ----------------------------------------------------------------------------
 
 def test_workers_admitting_one_chat_at_the_same_moment_never_pass_the_limit_together(url: str, store) -> None:

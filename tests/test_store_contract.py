@@ -385,6 +385,32 @@ def test_stats_add_up(store) -> None:
     assert counters["messages_received"] == counters["messages_processed"] + counters["messages_failed"] + in_progress
 
 
+def test_deliveries_recorded_by_many_threads_at_once_are_each_kept_and_counted_once(store, clock) -> None:
+    """WAHA delivers concurrently (and message + message.any of one message): every key is recorded once,
+    reported new to exactly one of its deliveries, and counted once."""
+    messages = [incoming(chat=f"5511988{n % 40:06d}@c.us", bare=f"3EB0{n:08X}", body=f"pedido {n}") for n in range(160)]
+    deliveries = messages + messages[::4]  # a quarter delivered twice
+    results: list[tuple[str, bool]] = []
+    lock = threading.Lock()
+
+    def deliver(share: list[IncomingMessage]) -> None:
+        for message in share:
+            accepted = store.accept(message)
+            with lock:
+                results.append((message.dedupe_key, accepted.stored))
+
+    threads = [threading.Thread(target=deliver, args=(deliveries[n::16],)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == len(deliveries)
+    stored = [key for key, new in results if new]
+    assert sorted(stored) == sorted(m.dedupe_key for m in messages)  # each key new to one delivery only
+    snapshot = store.snapshot()
+    assert snapshot.counters["messages_received"] == len(messages) and snapshot.by_status["queued"] == len(messages)
+
+
 def text_only(message: IncomingMessage) -> bool:
     return message.text is not None and message.text != "/reset"
 

@@ -234,25 +234,31 @@ WITH done AS (
 SELECT chat_key FROM done
 """
 
-# A new message recorded in one statement (autocommit, atomic by itself), with its count and, when WAHA has
-# a file worth downloading (media.worth_downloading), its download job. Nothing at all for a key already in
-# the inbox: PostgresStore.accept then looks at that row in a transaction of its own.
+# New messages recorded in one statement (autocommit, atomic by itself): a batch of deliveries, in the
+# order they came (ORDINALITY: `seq`, the tie-break of per-chat order, follows it), with their count and,
+# for a file worth downloading (media.worth_downloading), a download job. A key already in the inbox (or
+# twice in the batch: the first one counts) adds nothing; PostgresStore.accept then looks at that row itself.
 ACCEPT_SQL = """
-WITH new AS (
+WITH batch AS (
+    SELECT * FROM unnest(%(keys)s::text[], %(chat_keys)s::text[], %(sort_ts)s::float8[], %(messages)s::text[],
+        %(text_hashes)s::text[], %(urls)s::text[], %(mimetypes)s::text[])
+        WITH ORDINALITY AS b (key, chat_key, sort_ts, message, text_hash, url, mimetype, n)
+), new AS (
     INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at, updated_at)
-    VALUES (%(key)s, %(chat_key)s, %(sort_ts)s, %(message)s, %(text_hash)s, 'queued', %(now)s, %(now)s, %(now)s)
+    SELECT key, chat_key, sort_ts, message, text_hash, 'queued', %(now)s, %(now)s, %(now)s FROM batch ORDER BY n
     ON CONFLICT (key) DO NOTHING
     RETURNING key
 ), counted AS (
-    INSERT INTO counters (name, shard, value) SELECT 'messages_received', %(shard)s, 1 FROM new
+    INSERT INTO counters (name, shard, value) SELECT 'messages_received', %(shard)s, COUNT(*) FROM new
+    HAVING COUNT(*) > 0
     ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
 ), download AS (
     INSERT INTO media_jobs (key, url, mimetype, state, next_attempt_at, created_at, updated_at)
-    SELECT key, %(url)s::text, %(mimetype)s, 'pending', %(now)s, %(now)s, %(now)s FROM new
-    WHERE %(url)s::text IS NOT NULL
+    SELECT b.key, b.url, b.mimetype, 'pending', %(now)s, %(now)s, %(now)s FROM batch b JOIN new ON new.key = b.key
+    WHERE b.url IS NOT NULL
     ON CONFLICT (key) DO NOTHING
 )
-SELECT COUNT(*) FROM new
+SELECT key FROM new
 """
 
 # begin_send's writes once the verdict is SEND, in one statement: the parts' fingerprints (so our own echo

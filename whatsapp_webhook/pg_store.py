@@ -6,8 +6,10 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
+from whatsapp_webhook.concurrency import Batcher
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.media import worth_downloading
 from whatsapp_webhook.pg_base import Connection
@@ -41,6 +43,8 @@ from whatsapp_webhook.store_api import (
 )
 from whatsapp_webhook.store_schema import LLM_COST_COUNTER
 
+ACCEPT_BATCH = 64  # deliveries recorded in one statement at most (under load; alone, one goes out at once)
+
 
 class PostgresStore(PostgresChatStore, PostgresMediaQueue):
     """The Store interface on PostgreSQL (STATE_DB=postgresql://...); store.StateStore is the SQLite one.
@@ -54,26 +58,20 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
 
     # --- the webhook side ------------------------------------------------------------------------
 
+    @cached_property
+    def _new_messages(self) -> Batcher[IncomingMessage, bool]:
+        return Batcher(self._record_new, max_batch=ACCEPT_BATCH)
+
     def accept(self, message: IncomingMessage) -> Acceptance:
         """Record a delivery durably, once per message; a redelivery after a failed send makes it due now.
 
-        A new message is one statement (ACCEPT_SQL); only a key already in the inbox costs a transaction.
+        A new message goes in with the other deliveries this worker's threads are recording at that moment
+        (one statement, ACCEPT_SQL); only a key already in the inbox costs a transaction of its own.
         """
+        if self._new_messages.submit(message):
+            return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
         now = self.clock()
         key = message.dedupe_key
-        wanted = worth_downloading(message.media_url, message.media_mimetype)
-        params = {
-            "key": key,
-            "chat_key": message.chat_key,
-            "sort_ts": message.timestamp or now,
-            "message": message.to_json(),
-            "text_hash": text_fingerprint(message.text),
-            "now": now,
-            "url": message.media_url if wanted else None,
-            "mimetype": message.media_mimetype or "",
-        }
-        if self._run(lambda c: self._count(c, ACCEPT_SQL, {**params, "shard": c.info.backend_pid % COUNTER_SHARDS})):
-            return Acceptance(stored=True, status=InboxStatus.QUEUED, attempts=0)
 
         def known(c: Connection) -> Acceptance:
             row = c.execute(
@@ -93,6 +91,36 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
             return Acceptance(stored=False, status=InboxStatus(status), attempts=attempts)
 
         return self._write(known)
+
+    def _record_new(self, messages: list[IncomingMessage]) -> list[bool]:
+        """ACCEPT_SQL for a batch: which of `messages` it recorded (a key twice in it: the first one)."""
+        now = self.clock()
+        wanted = [worth_downloading(m.media_url, m.media_mimetype) for m in messages]
+        params = {
+            "keys": [m.dedupe_key for m in messages],
+            "chat_keys": [m.chat_key for m in messages],
+            "sort_ts": [float(m.timestamp or now) for m in messages],
+            "messages": [m.to_json() for m in messages],
+            "text_hashes": [text_fingerprint(m.text) for m in messages],
+            "urls": [m.media_url if want else None for m, want in zip(messages, wanted, strict=True)],
+            "mimetypes": [m.media_mimetype or "" for m in messages],
+            "now": now,
+        }
+        inserted = set(
+            self._run(
+                lambda c: [
+                    key
+                    for (key,) in c.execute(
+                        ACCEPT_SQL, {**params, "shard": c.info.backend_pid % COUNTER_SHARDS}
+                    ).fetchall()
+                ]
+            )
+        )
+        recorded = []
+        for message in messages:
+            recorded.append(message.dedupe_key in inserted)
+            inserted.discard(message.dedupe_key)
+        return recorded
 
     def entry(self, key: str) -> InboxEntry | None:
         """A message's state; a message merged into another reports that one's sent id and error."""
