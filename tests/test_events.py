@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from fakes import waha_payloads as wp
@@ -118,6 +119,17 @@ def test_a_message_comes_back_from_the_inbox_as_it_went_in(engine: str) -> None:
         assert isinstance(message, IncomingMessage)
         assert IncomingMessage.from_json(message.to_json()) == message
         assert "😊" not in (message.text or "") or "😊" in message.to_json()  # kept as written, not escaped
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_files_mimetype_and_name_lose_what_no_store_or_log_can_hold(engine: str) -> None:
+    """A NUL or a lone surrogate in media.mimetype / media.filename (unchecked JSON strings) is dropped, not kept
+    to be refused later by the database (PostgreSQL's text cannot hold NUL) or written into a log line."""
+    envelope = wp.media_message(engine, kind="document", mimetype="application/pdf\x00", filename="nota\ud800\n.pdf")
+    # json.dumps escapes both as \\u0000 and \\ud800, as a sender's JSON may; parse_event decodes them back.
+    message = classify_event(parse_event(json.dumps(envelope).encode()), reply_in_groups=False)
+    assert isinstance(message, IncomingMessage)
+    assert (message.media_mimetype, message.media_filename) == ("application/pdf", "nota.pdf")
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)

@@ -466,10 +466,18 @@ def _media_fields(payload: Mapping[str, Any], *, has_media: bool, media: Mapping
     return {
         "has_media": True,
         "media_url": url if error is None else None,
-        "media_mimetype": (mimetype or _raw_mimetype(payload.get("_data")) or "")[:200] or None,
-        "media_filename": filename[:200] if filename else None,
+        "media_mimetype": _label(mimetype or _raw_mimetype(payload.get("_data"))),
+        "media_filename": _label(filename),
         "media_error": error,
     }
+
+
+def _label(text: str | None) -> str | None:
+    """A file's mimetype or name as WAHA sent it, less what no store, log or URL can carry: control characters
+    (NUL among them) and lone surrogates."""
+    if not text:
+        return None
+    return "".join(char for char in text if char.isprintable())[:200] or None
 
 
 def _raw_mimetype(node: object, depth: int = 0) -> str | None:
