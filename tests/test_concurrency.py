@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from whatsapp_webhook.concurrency import BackgroundLoop, Batcher, CompletionBoard, QueuedWrite, WriterGate
+from whatsapp_webhook.concurrency import (
+    BackgroundLoop,
+    Batcher,
+    CompletionBoard,
+    QueuedWrite,
+    Submitted,
+    WriterGate,
+)
 from whatsapp_webhook.gunicorn_worker import (
     GATHER_BODY_BYTES,
     HEAD_LIMIT_BYTES,
@@ -164,6 +171,49 @@ def test_a_batch_is_at_most_max_batch_items() -> None:
     assert [len(batch) for batch in step.batches] == [1, 4, 4, 2]
 
 
+def test_a_leader_whose_item_is_not_in_its_first_batch_goes_on_until_it_is() -> None:
+    """Items queued ahead of the leader's own (their threads waiting) go first; the leader must not return
+    before its own item went out."""
+    step = HeldBatches()
+    step.release.set()
+    batcher: Batcher[int, int] = Batcher(step, max_batch=1)
+    batcher._for_this_process()
+    ahead = Submitted(99)
+    batcher._queue.append(ahead)  # an item handed in just before, whose thread has not led yet
+    assert batcher.submit(1) == 10
+    assert step.batches == [[99], [1]] and ahead.done and ahead.result == 990
+
+
+def test_an_item_the_batch_step_fails_alone_raises_in_its_own_thread_only() -> None:
+    step = HeldBatches()
+
+    def fails_odd_items(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"item {item} refused") if item % 2 else result for item, result in zip(items, step(items))]
+
+    batcher: Batcher[int, int] = Batcher(fails_odd_items)
+    results: dict[int, Any] = {}
+
+    def hand_in(n: int) -> None:
+        try:
+            results[n] = batcher.submit(n)
+        except ValueError as exc:
+            results[n] = str(exc)
+
+    threads = [threading.Thread(target=hand_in, args=(n,)) for n in (0, *range(1, 7))]
+    threads[0].start()
+    assert step.entered.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while len(batcher._queue) < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    step.release.set()
+    for thread in threads:
+        thread.join(5)
+    assert results == {n: f"item {n} refused" if n % 2 else n * 10 for n in range(7)}
+    assert len(step.batches) == 2  # the failures did not split the batch
+
+
 def test_a_failed_batch_fails_each_of_its_items_and_the_next_one_goes_out() -> None:
     calls: list[list[int]] = []
 
@@ -177,6 +227,41 @@ def test_a_failed_batch_fails_each_of_its_items_and_the_next_one_goes_out() -> N
     with pytest.raises(StoreUnavailable, match="connection refused"):
         batcher.submit(1)
     assert batcher.submit(2) == 2
+
+
+def test_every_item_of_a_failed_batch_gets_its_own_copy_of_the_error_with_its_cause() -> None:
+    step = HeldBatches()
+
+    def outage(items: list[int]) -> list[int]:
+        step(items)
+        try:
+            raise OSError("server closed the connection")
+        except OSError as cause:
+            raise StoreUnavailable("state store error: server closed the connection") from cause
+
+    batcher: Batcher[int, int] = Batcher(outage)
+    errors: dict[int, BaseException] = {}
+
+    def hand_in(n: int) -> None:
+        try:
+            batcher.submit(n)
+        except StoreUnavailable as exc:
+            errors[n] = exc
+
+    threads = [threading.Thread(target=hand_in, args=(n,)) for n in range(4)]
+    threads[0].start()
+    assert step.entered.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while len(batcher._queue) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    step.release.set()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(errors) == [0, 1, 2, 3]
+    assert len({id(exc) for exc in errors.values()}) == 4  # one each: tracebacks never mix across threads
+    assert all(isinstance(exc.__cause__, OSError) for exc in errors.values())
 
 
 def test_the_completion_board_wakes_every_watcher_of_a_key_and_forgets_it_after() -> None:

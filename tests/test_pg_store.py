@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -62,8 +63,9 @@ def test_open_store_picks_the_backend_from_state_db(url: str, tmp_path) -> None:
 
 def test_a_batch_of_deliveries_is_recorded_in_the_order_it_came_each_key_once(store) -> None:
     """What the deliveries recorded together in one statement get: per-chat order follows the batch (two
-    messages of one chat in the same second), a key twice in it is new once, a voice note gets its download."""
-    first, second = incoming(body="oi", bare="3EB0A1"), incoming(body="preço?", bare="3EB0A2")
+    messages of one chat in the same second; the rows go in in key order, so the later one's key is smaller
+    here), a key twice in it is new once, a voice note gets its download."""
+    first, second = incoming(body="oi", bare="3EB0Z1"), incoming(body="preço?", bare="3EB0A2")
     voice = wp.media_message("WEBJS", kind="audio", sender="5511977776666@c.us", message_id="3EB0B1")
     voice_note = classify_event(parse_event(wp.dumps(voice)), reply_in_groups=True)
     assert isinstance(voice_note, IncomingMessage)
@@ -76,6 +78,65 @@ def test_a_batch_of_deliveries_is_recorded_in_the_order_it_came_each_key_once(st
     store.finish(first.dedupe_key, "w1", outcome=Outcome.SUCCESS, sent_message_id=None)
     (after,) = [c for c in store.claim_due("w1", limit=5, lease_seconds=30) if c.message.chat_key == first.chat_key]
     assert after.message.dedupe_key == second.dedupe_key
+
+
+def test_a_delivery_the_database_cannot_take_fails_alone_not_with_its_batch(store) -> None:
+    """Recorded together, deliveries fail together only for an outage: one the database refuses for what it
+    holds is tried alone, and the others are recorded."""
+    good, other = incoming(body="oi", bare="3EB0C1"), incoming(chat="5511944443333@c.us", body="olá", bare="3EB0C2")
+    broken = replace(incoming(chat="5511955554444@c.us", bare="3EB0C3"), text="meio \ud83d emoji")  # lone surrogate
+    results = store._record_new([good, broken, other])
+    assert results[0] is True and results[2] is True and isinstance(results[1], Exception)
+    assert store.entry(good.dedupe_key) is not None and store.entry(other.dedupe_key) is not None
+    assert store.entry(broken.dedupe_key) is None and store.snapshot().counters["messages_received"] == 2
+
+
+def test_two_workers_recording_the_same_keys_in_opposite_orders_do_not_deadlock(url: str, store) -> None:
+    """message and message.any of one WhatsApp message share a key and may reach two workers at once, in
+    batches of different orders; the rows go in in key order, so one batch waits for the other, never both."""
+    import psycopg
+    from whatsapp_webhook.pg_schema import ACCEPT_SQL
+
+    a, b, c, d = (incoming(bare=f"3EB0{x}") for x in ("AAAA", "BBBB", "CCCC", "DDDD"))
+
+    def params(batch: list[IncomingMessage], shard: int) -> dict[str, Any]:
+        return {"keys": [m.dedupe_key for m in batch], "chat_keys": [m.chat_key for m in batch],
+                "sort_ts": [100.0] * len(batch), "messages": [m.to_json() for m in batch],
+                "text_hashes": [None] * len(batch), "urls": [None] * len(batch), "mimetypes": [""] * len(batch),
+                "now": 1000.0, "shard": shard}
+
+    blocker_c, blocker_d = psycopg.connect(url), psycopg.connect(url)  # uncommitted inserts of c and d
+    worker1, worker2 = psycopg.connect(url, autocommit=True), psycopg.connect(url, autocommit=True)
+    errors: list[BaseException] = []
+
+    def run(connection: Any, batch: list[IncomingMessage], shard: int) -> None:
+        try:
+            connection.execute(ACCEPT_SQL, params(batch, shard)).fetchall()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        blocker_c.execute(ACCEPT_SQL, params([c], 1))
+        blocker_d.execute(ACCEPT_SQL, params([d], 2))
+        first = threading.Thread(target=run, args=(worker1, [a, c, b], 3))
+        second = threading.Thread(target=run, args=(worker2, [b, d, a], 4))
+        first.start()
+        second.start()
+        time.sleep(0.5)
+        blocker_c.commit()  # in arrival order, worker 1 would now wait for b and worker 2 for a: a cycle
+        time.sleep(0.3)
+        blocker_d.commit()
+        first.join(10)
+        second.join(10)
+        stuck = first.is_alive() or second.is_alive()
+        if stuck:
+            worker1.cancel()
+            worker2.cancel()
+        assert not stuck and errors == []
+    finally:
+        for connection in (blocker_c, blocker_d, worker1, worker2):
+            connection.close()
+    assert {store.entry(m.dedupe_key).status for m in (a, b, c, d)} == {"queued"}
 
 
 # --- many workers at once ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import fcntl
 import os
 import sqlite3
@@ -139,14 +140,17 @@ class Submitted(Generic[ItemT]):
 
 class Batcher(Generic[ItemT, ResultT]):
     """Items handed in by many threads go out together: a thread that finds no batch running leads, and runs
-    `run(items)` (one result per item, in order) for everything queued meanwhile; the others wait for theirs.
+    `run(items)` for everything queued meanwhile; the others wait for theirs.
 
-    The group commit of WriterGate, for a database that takes concurrent writers (PostgreSQL): under load,
-    one statement for dozens of deliveries instead of one each (bench/README.md, "Where the time went"); alone,
-    an item goes out at once. One batch runs at a time per process. A failed batch fails each of its items.
+    `run` answers one result per item, in order; an exception in that list is raised to that item's thread
+    alone (one bad item need not fail the others), and an exception `run` raises goes to every item of the
+    batch (a copy each, with its cause). The group commit of WriterGate, for a database that takes concurrent
+    writers (PostgreSQL): under load, one statement for dozens of deliveries instead of one each
+    (bench/README.md, "Where the time went"); alone, an item goes out at once. One batch runs at a time per
+    process.
     """
 
-    def __init__(self, run: Callable[[list[ItemT]], list[ResultT]], *, max_batch: int = 64) -> None:
+    def __init__(self, run: Callable[[list[ItemT]], list[ResultT | BaseException]], *, max_batch: int = 64) -> None:
         self._run = run
         self.max_batch = max_batch
         self._guard = threading.Lock()
@@ -199,10 +203,13 @@ class Batcher(Generic[ItemT, ResultT]):
         try:
             results = self._run([submitted.item for submitted in batch])
             for submitted, result in zip(batch, results, strict=True):
-                submitted.result = result
+                if isinstance(result, BaseException):
+                    submitted.error = result
+                else:
+                    submitted.result = result
         except BaseException as exc:
-            for submitted in batch:  # each its own exception: several threads raise them at once
-                submitted.error = StoreUnavailable(str(exc)) if isinstance(exc, StoreUnavailable) else exc
+            for submitted in batch:  # each its own copy: several threads raise them at once
+                submitted.error = _copy_of(exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -210,6 +217,16 @@ class Batcher(Generic[ItemT, ResultT]):
                 for submitted in batch:
                     submitted.done = True
                 self._turns.notify_all()  # their threads return now
+
+
+def _copy_of(exc: BaseException) -> BaseException:
+    """A copy of `exc` to raise in another thread (its traceback would otherwise grow in both), cause kept."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:
+        return exc
+    clone.__cause__ = exc.__cause__
+    return clone
 
 
 class BackgroundLoop:

@@ -83,6 +83,12 @@ def unreachable(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError) and any(words in text for words in TRANSIENT_CONNECT_ERRORS)
 
 
+def database_trouble(exc: BaseException) -> bool:
+    """A store call failed because of the database or the way to it (down, unreachable, too slow, a deadlock),
+    not because of the values it was given: those would fail again, these may pass on a later try."""
+    return isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, psycopg.OperationalError)
+
+
 class PostgresBase:
     """A PostgreSQL database shared by every thread, worker and host.
 

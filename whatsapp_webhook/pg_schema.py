@@ -234,18 +234,25 @@ WITH done AS (
 SELECT chat_key FROM done
 """
 
-# New messages recorded in one statement (autocommit, atomic by itself): a batch of deliveries, in the
-# order they came (ORDINALITY: `seq`, the tie-break of per-chat order, follows it), with their count and,
-# for a file worth downloading (media.worth_downloading), a download job. A key already in the inbox (or
-# twice in the batch: the first one counts) adds nothing; PostgresStore.accept then looks at that row itself.
+# New messages recorded in one statement (autocommit, atomic by itself): a batch of deliveries with their
+# count and, for a file worth downloading (media.worth_downloading), a download job. `seq`, the tie-break of
+# per-chat order, is drawn in the order the deliveries came (ORDINALITY), while the rows go in in key order: two
+# workers' batches holding the same keys then wait for each other in one order, never in a cycle (a deadlock
+# PostgreSQL would break only after a second). A key already in the inbox (or twice in the batch: the first one
+# counts) adds nothing; PostgresStore.accept then looks at that row itself.
 ACCEPT_SQL = """
 WITH batch AS (
-    SELECT * FROM unnest(%(keys)s::text[], %(chat_keys)s::text[], %(sort_ts)s::float8[], %(messages)s::text[],
-        %(text_hashes)s::text[], %(urls)s::text[], %(mimetypes)s::text[])
-        WITH ORDINALITY AS b (key, chat_key, sort_ts, message, text_hash, url, mimetype, n)
+    SELECT b.*, nextval(pg_get_serial_sequence('inbox', 'seq')) AS seq FROM (
+        SELECT * FROM unnest(%(keys)s::text[], %(chat_keys)s::text[], %(sort_ts)s::float8[], %(messages)s::text[],
+            %(text_hashes)s::text[], %(urls)s::text[], %(mimetypes)s::text[])
+            WITH ORDINALITY AS u (key, chat_key, sort_ts, message, text_hash, url, mimetype, n)
+        ORDER BY n
+    ) AS b
 ), new AS (
-    INSERT INTO inbox (key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at, updated_at)
-    SELECT key, chat_key, sort_ts, message, text_hash, 'queued', %(now)s, %(now)s, %(now)s FROM batch ORDER BY n
+    INSERT INTO inbox (seq, key, chat_key, sort_ts, message, text_hash, status, next_attempt_at, received_at,
+        updated_at) OVERRIDING SYSTEM VALUE
+    SELECT seq, key, chat_key, sort_ts, message, text_hash, 'queued', %(now)s, %(now)s, %(now)s FROM batch
+    ORDER BY key, n
     ON CONFLICT (key) DO NOTHING
     RETURNING key
 ), counted AS (

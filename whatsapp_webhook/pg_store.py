@@ -12,7 +12,7 @@ from typing import Any
 from whatsapp_webhook.concurrency import Batcher
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.media import worth_downloading
-from whatsapp_webhook.pg_base import Connection
+from whatsapp_webhook.pg_base import Connection, database_trouble
 from whatsapp_webhook.pg_chat_store import PostgresChatStore
 from whatsapp_webhook.pg_media import PostgresMediaQueue
 from whatsapp_webhook.pg_schema import (
@@ -92,8 +92,26 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
 
         return self._write(known)
 
-    def _record_new(self, messages: list[IncomingMessage]) -> list[bool]:
-        """ACCEPT_SQL for a batch: which of `messages` it recorded (a key twice in it: the first one)."""
+    def _record_new(self, messages: list[IncomingMessage]) -> list[bool | BaseException]:
+        """ACCEPT_SQL for a batch: which of `messages` it recorded (a key twice in it: the first one).
+
+        A batch the database refuses for what one delivery holds (not an outage) is tried again one delivery
+        at a time, so that delivery alone fails (the Batcher raises its error in its own thread).
+        """
+        try:
+            return list(self._insert_new(messages))
+        except Exception as exc:
+            if len(messages) == 1 or database_trouble(exc):
+                raise
+        results: list[bool | BaseException] = []
+        for message in messages:
+            try:
+                results += self._insert_new([message])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _insert_new(self, messages: list[IncomingMessage]) -> list[bool]:
         now = self.clock()
         wanted = [worth_downloading(m.media_url, m.media_mimetype) for m in messages]
         params = {
@@ -103,7 +121,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
             "messages": [m.to_json() for m in messages],
             "text_hashes": [text_fingerprint(m.text) for m in messages],
             "urls": [m.media_url if want else None for m, want in zip(messages, wanted, strict=True)],
-            "mimetypes": [m.media_mimetype or "" for m in messages],
+            "mimetypes": [(m.media_mimetype or "") if want else "" for m, want in zip(messages, wanted, strict=True)],
             "now": now,
         }
         inserted = set(
