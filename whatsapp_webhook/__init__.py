@@ -18,7 +18,8 @@ How one message travels (module.function, and the thread it runs on):
        to the store about once a second).
     4. store.StateStore.accept records the message durably (the inbox) before any 2xx; a duplicate is ignored.
        Writes from every thread and worker queue at concurrency.WriterGate, which commits them in groups.
-       (STATE_DB=postgresql://... : pg_store.PostgresStore does the same in PostgreSQL; stores.open_store picks.)
+       (STATE_DB=postgresql://... : pg_store.PostgresStore does the same in PostgreSQL, where the deliveries a
+       worker's threads record at the same moment go in one statement, concurrency.Batcher; stores.open_store picks.)
     5. The request thread wakes the dispatcher and waits on concurrency.CompletionBoard for up to
        WEBHOOK_SYNC_WAIT_SECONDS, then answers 200 with the outcome or 202 (the inbox keeps the message).
 
