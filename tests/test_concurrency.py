@@ -133,20 +133,25 @@ class HeldBatches:
         return [item * 10 for item in items]
 
 
-def submit_behind_a_running_batch(batcher: Batcher[int, int], step: HeldBatches, items: range) -> dict[int, int]:
-    """Item 0 goes out first and is held; `items` are handed in by a thread each meanwhile; then all finish."""
-    results: dict[int, int] = {}
-    threads = [threading.Thread(target=lambda n=n: results.setdefault(n, batcher.submit(n))) for n in (0, *items)]
+def behind_a_held_batch(batcher: Batcher[int, int], step: HeldBatches, hand_in: Any, waiting: int) -> None:
+    """`hand_in(0)` goes out first and is held; `hand_in(1..waiting)` are handed in meanwhile, a thread each;
+    once they all wait, the first batch is let go and every thread finishes."""
+    threads = [threading.Thread(target=hand_in, args=(n,)) for n in range(waiting + 1)]
     threads[0].start()
     assert step.entered.wait(5)
     for thread in threads[1:]:
         thread.start()
     deadline = time.monotonic() + 5
-    while len(batcher._queue) < len(items) and time.monotonic() < deadline:  # all of them waiting
+    while len(batcher._queue) < waiting and time.monotonic() < deadline:  # all of them waiting
         time.sleep(0.005)
     step.release.set()
     for thread in threads:
         thread.join(5)
+
+
+def submit_behind_a_running_batch(batcher: Batcher[int, int], step: HeldBatches, waiting: int) -> dict[int, int]:
+    results: dict[int, int] = {}
+    behind_a_held_batch(batcher, step, lambda n: results.setdefault(n, batcher.submit(n)), waiting)
     return results
 
 
@@ -159,14 +164,14 @@ def test_an_item_alone_goes_out_at_once_and_gets_its_result() -> None:
 
 def test_items_handed_in_while_a_batch_runs_go_out_together_each_with_its_own_result() -> None:
     step = HeldBatches()
-    results = submit_behind_a_running_batch(Batcher(step), step, range(1, 11))
+    results = submit_behind_a_running_batch(Batcher(step), step, 10)
     assert results == {n: n * 10 for n in range(11)}
     assert step.batches[0] == [0] and sorted(step.batches[1]) == list(range(1, 11))  # ten items, one batch
 
 
 def test_a_batch_is_at_most_max_batch_items() -> None:
     step = HeldBatches()
-    results = submit_behind_a_running_batch(Batcher(step, max_batch=4), step, range(1, 11))
+    results = submit_behind_a_running_batch(Batcher(step, max_batch=4), step, 10)
     assert results == {n: n * 10 for n in range(11)}
     assert [len(batch) for batch in step.batches] == [1, 4, 4, 2]
 
@@ -199,17 +204,7 @@ def test_an_item_the_batch_step_fails_alone_raises_in_its_own_thread_only() -> N
         except ValueError as exc:
             results[n] = str(exc)
 
-    threads = [threading.Thread(target=hand_in, args=(n,)) for n in (0, *range(1, 7))]
-    threads[0].start()
-    assert step.entered.wait(5)
-    for thread in threads[1:]:
-        thread.start()
-    deadline = time.monotonic() + 5
-    while len(batcher._queue) < 6 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    step.release.set()
-    for thread in threads:
-        thread.join(5)
+    behind_a_held_batch(batcher, step, hand_in, 6)
     assert results == {n: f"item {n} refused" if n % 2 else n * 10 for n in range(7)}
     assert len(step.batches) == 2  # the failures did not split the batch
 
@@ -248,17 +243,7 @@ def test_every_item_of_a_failed_batch_gets_its_own_copy_of_the_error_with_its_ca
         except StoreUnavailable as exc:
             errors[n] = exc
 
-    threads = [threading.Thread(target=hand_in, args=(n,)) for n in range(4)]
-    threads[0].start()
-    assert step.entered.wait(5)
-    for thread in threads[1:]:
-        thread.start()
-    deadline = time.monotonic() + 5
-    while len(batcher._queue) < 3 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    step.release.set()
-    for thread in threads:
-        thread.join(5)
+    behind_a_held_batch(batcher, step, hand_in, 3)
     assert sorted(errors) == [0, 1, 2, 3]
     assert len({id(exc) for exc in errors.values()}) == 4  # one each: tracebacks never mix across threads
     assert all(isinstance(exc.__cause__, OSError) for exc in errors.values())
