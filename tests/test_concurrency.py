@@ -224,6 +224,32 @@ def test_a_failed_batch_fails_each_of_its_items_and_the_next_one_goes_out() -> N
     assert batcher.submit(2) == 2
 
 
+def test_a_batch_stopped_by_a_base_exception_leaves_its_other_items_a_store_error() -> None:
+    """SystemExit or KeyboardInterrupt in the leader stops that thread; the request threads of its batch mates
+    answer as for any write that could not be made (503), as with WriterGate."""
+    step = HeldBatches()
+
+    def interrupted(items: list[int]) -> list[int]:
+        step(items)
+        if len(step.batches) == 2:
+            raise SystemExit("worker stopping")
+        return items
+
+    batcher: Batcher[int, int] = Batcher(interrupted)
+    raised: dict[int, str] = {}
+
+    def hand_in(n: int) -> None:
+        try:
+            batcher.submit(n)
+        except BaseException as exc:
+            raised[n] = f"{type(exc).__name__}: {exc}"
+
+    behind_a_held_batch(batcher, step, hand_in, 4)
+    assert sorted(raised) == [1, 2, 3, 4]  # item 0 went out in the first batch
+    assert sorted(raised.values()).count("SystemExit: worker stopping") == 1  # the leader of the second batch
+    assert sorted(raised.values()).count("StoreUnavailable: state store write abandoned") == 3
+
+
 def test_every_item_of_a_failed_batch_gets_its_own_copy_of_the_error_with_its_cause() -> None:
     step = HeldBatches()
 

@@ -122,6 +122,16 @@ def test_a_message_comes_back_from_the_inbox_as_it_went_in(engine: str) -> None:
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)
+def test_a_message_id_no_inbox_can_key_is_ignored_with_its_reason(engine: str) -> None:
+    group_id = f"false_{wp.GROUP_ID}_3EB0C431C26A1916E9C5_{wp.CUSTOMER_PN}"  # a real shape, among the longest
+    assert isinstance(classify(wp.text_message(engine, message_id=group_id)), IncomingMessage)
+    for bad in ("3EB0" + "A" * 600, "3EB0\x00A1"):
+        ignored = classify_event(parse_event(json.dumps(wp.text_message(engine, message_id=bad)).encode()),
+                                 reply_in_groups=False)
+        assert isinstance(ignored, Ignored) and ignored.reason == "invalid_message_id", bad[:10]
+
+
+@pytest.mark.parametrize("engine", wp.ENGINES)
 def test_a_files_mimetype_and_name_lose_what_no_store_or_log_can_hold(engine: str) -> None:
     """A NUL or a lone surrogate in media.mimetype / media.filename (unchecked JSON strings) is dropped, not kept
     to be refused later by the database (PostgreSQL's text cannot hold NUL) or written into a log line."""
@@ -130,6 +140,8 @@ def test_a_files_mimetype_and_name_lose_what_no_store_or_log_can_hold(engine: st
     message = classify_event(parse_event(json.dumps(envelope).encode()), reply_in_groups=False)
     assert isinstance(message, IncomingMessage)
     assert (message.media_mimetype, message.media_filename) == ("application/pdf", "nota.pdf")
+    kept = wp.media_message(engine, kind="document", filename="Relatório\u00a0Final\u2028v2.pdf")
+    assert classify(kept).media_filename == "Relatório\u00a0Final v2.pdf"  # a no-break space is a name's own
 
 
 @pytest.mark.parametrize("engine", wp.ENGINES)

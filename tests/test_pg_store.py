@@ -91,6 +91,57 @@ def test_a_delivery_the_database_cannot_take_fails_alone_not_with_its_batch(stor
     assert store.entry(broken.dedupe_key) is None and store.snapshot().counters["messages_received"] == 2
 
 
+def failed_with(sqlstate: str | None, kind: type[BaseException] | None = None) -> StoreUnavailable:
+    import psycopg
+
+    cause = (kind or psycopg.errors.lookup(sqlstate))("the server said no")  # type: ignore[arg-type]
+    try:
+        raise StoreUnavailable(f"state store error: {cause}") from cause
+    except StoreUnavailable as exc:
+        return exc
+
+
+def test_an_outage_is_told_from_a_value_the_database_refuses() -> None:
+    """Recorded together, deliveries fail together only for an outage (pg_base.database_trouble)."""
+    import psycopg
+    import psycopg_pool
+
+    from whatsapp_webhook.pg_base import database_trouble
+
+    for sqlstate in ("08006", "40P01", "40001", "53100", "57014", "57P01", "25006", "55P03"):
+        assert database_trouble(failed_with(sqlstate)), sqlstate
+    assert database_trouble(failed_with(None, psycopg.OperationalError))  # no connection at all
+    assert database_trouble(failed_with(None, psycopg_pool.PoolTimeout))
+    for sqlstate in ("54000", "22021", "23505", "22P02"):  # index row too big, bad bytes, duplicate, bad input
+        assert not database_trouble(failed_with(sqlstate)), sqlstate
+    assert not database_trouble(ValueError("a bug")) and not database_trouble(StoreUnavailable("no cause"))
+
+
+def test_once_the_database_fails_while_deliveries_are_tried_one_by_one_the_rest_are_not_tried(
+    store, monkeypatch
+) -> None:
+    """A batch refused for one delivery's value is tried one delivery at a time; if the database then goes
+    down, the deliveries left fail at once with it instead of each waiting out the timeout."""
+    messages = [incoming(bare=f"3EB0E{n}", chat=f"55119333{n:05d}@c.us") for n in range(6)]
+    tried: list[int] = []
+    real = PostgresStore._insert_new
+
+    def insert(self: PostgresStore, batch: list[IncomingMessage]) -> list[bool]:
+        tried.append(len(batch))
+        if len(batch) > 1:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        if batch[0] is messages[2]:
+            raise failed_with("57P01")  # the server is shutting down
+        return real(self, batch)
+
+    monkeypatch.setattr(PostgresStore, "_insert_new", insert)
+    results = store._record_new(messages)
+    assert tried == [6, 1, 1, 1]  # the batch, then the first three alone
+    assert results[:2] == [True, True]
+    assert all(isinstance(result, StoreUnavailable) for result in results[2:])
+    assert len({id(result) for result in results[2:]}) == 4  # each delivery its own exception
+
+
 def test_two_workers_recording_the_same_keys_in_opposite_orders_do_not_deadlock(url: str, store) -> None:
     """message and message.any of one WhatsApp message share a key and may reach two workers at once, in
     batches of different orders; the rows go in in key order, so one batch waits for the other, never both."""

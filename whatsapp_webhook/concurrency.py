@@ -209,7 +209,9 @@ class Batcher(Generic[ItemT, ResultT]):
                     submitted.result = result
         except BaseException as exc:
             for submitted in batch:  # each its own copy: several threads raise them at once
-                submitted.error = _copy_of(exc)
+                submitted.error = (
+                    _copy_of(exc) if isinstance(exc, Exception) else StoreUnavailable("state store write abandoned")
+                )
             if not isinstance(exc, Exception):
                 raise
         finally:

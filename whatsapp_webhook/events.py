@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -118,6 +119,7 @@ class IgnoreReason(StrEnum):
     GROUP_CHAT = "group_chat"
     GROUP_NOT_ADDRESSED = "group_not_addressed"
     INVALID_CHAT_ID = "invalid_chat_id"
+    INVALID_MESSAGE_ID = "invalid_message_id"
     INVALID_SESSION = "invalid_session"
     NO_CHAT = "no_chat"
     NO_CONTENT = "no_content"
@@ -406,6 +408,12 @@ def classify_event(
         return Ignored(
             IgnoreReason.NO_MESSAGE_ID, "without payload.id the message cannot be told apart from its redeliveries"
         )
+    if len(message_id) > MAX_MESSAGE_ID_CHARS or not message_id.isprintable():
+        # It becomes the inbox's key: PostgreSQL refuses a NUL, and a key past ~2.7 KB does not fit its index.
+        return Ignored(
+            IgnoreReason.INVALID_MESSAGE_ID,
+            f"payload.id is over {MAX_MESSAGE_ID_CHARS} characters or has characters WhatsApp ids never have",
+        )
     if from_me:
         return OwnMessage(
             event_id=event.event_id,
@@ -439,6 +447,7 @@ def classify_event(
 
 
 MAX_MEDIA_URL_CHARS = 4096
+MAX_MESSAGE_ID_CHARS = 512  # WhatsApp's are under 150 (a group message's, with its participant)
 
 
 def _media_fields(payload: Mapping[str, Any], *, has_media: bool, media: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -474,10 +483,15 @@ def _media_fields(payload: Mapping[str, Any], *, has_media: bool, media: Mapping
 
 def _label(text: str | None) -> str | None:
     """A file's mimetype or name as WAHA sent it, less what no store, log or URL can carry: control characters
-    (NUL among them) and lone surrogates."""
+    (NUL among them) and lone surrogates go, a line or paragraph separator becomes a space."""
     if not text:
         return None
-    return "".join(char for char in text if char.isprintable())[:200] or None
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if category not in ("Cc", "Cs"):
+            kept.append(" " if category in ("Zl", "Zp") else char)
+    return "".join(kept)[:200] or None
 
 
 def _raw_mimetype(node: object, depth: int = 0) -> str | None:

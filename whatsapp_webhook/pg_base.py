@@ -30,6 +30,7 @@ from whatsapp_webhook.store_api import StoreUnavailable
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
+Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 IDLE_IN_TRANSACTION_SECONDS = 60  # a stopped process cannot hold row locks longer than this
 MIGRATION_WAIT_SECONDS = 300  # how long a starting server waits for another one's migration
@@ -83,10 +84,26 @@ def unreachable(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError) and any(words in text for words in TRANSIENT_CONNECT_ERRORS)
 
 
+# SQLSTATE classes and codes of a database in trouble rather than of a statement's values: connection (08),
+# transaction rollback (40: deadlock, serialization), resources (53: disk, memory, connections), operator
+# intervention (57: shutdown, statement timeout), system (58); a read-only database (25006: a standby after a
+# failover, or a full disk on some services) and a lock not had in time (55P03).
+TROUBLE_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+TROUBLE_SQLSTATES = ("25006", "55P03")
+
+
 def database_trouble(exc: BaseException) -> bool:
     """A store call failed because of the database or the way to it (down, unreachable, too slow, a deadlock),
-    not because of the values it was given: those would fail again, these may pass on a later try."""
-    return isinstance(exc, StoreUnavailable) and isinstance(exc.__cause__, psycopg.OperationalError)
+    not because of the values it was given: those would fail again, these may pass on a later try.
+
+    By SQLSTATE: psycopg files some refused values under OperationalError too (54000, an index row too big).
+    A failure with no SQLSTATE is the client's own (no connection, the pool's timeout)."""
+    if not isinstance(exc, StoreUnavailable) or not isinstance(exc.__cause__, psycopg.Error):
+        return False
+    sqlstate = exc.__cause__.sqlstate
+    if sqlstate is None:
+        return isinstance(exc.__cause__, psycopg.OperationalError)
+    return sqlstate[:2] in TROUBLE_SQLSTATE_CLASSES or sqlstate in TROUBLE_SQLSTATES
 
 
 class PostgresBase:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -104,11 +105,16 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
             if len(messages) == 1 or database_trouble(exc):
                 raise
         results: list[bool | BaseException] = []
+        trouble: BaseException | None = None
         for message in messages:
+            if trouble is not None:  # the database itself failed meanwhile: the rest would only wait for it
+                results.append(copy.copy(trouble))
+                continue
             try:
                 results += self._insert_new([message])
             except Exception as exc:
                 results.append(exc)
+                trouble = exc if database_trouble(exc) else None
         return results
 
     def _insert_new(self, messages: list[IncomingMessage]) -> list[bool]:
