@@ -30,7 +30,6 @@ from whatsapp_webhook.store_api import StoreUnavailable
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
-Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 IDLE_IN_TRANSACTION_SECONDS = 60  # a stopped process cannot hold row locks longer than this
 MIGRATION_WAIT_SECONDS = 300  # how long a starting server waits for another one's migration
