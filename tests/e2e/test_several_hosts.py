@@ -193,6 +193,9 @@ def test_kill_9_of_one_host_mid_burst_and_the_survivor_answers_everything_once(
 
     def kill_host() -> None:
         # Killed while it holds replies in progress (seen in the database), so the survivor must take them over.
+        # The LLM is slowed first: at 50 ms a host finished every reply it held between the look and the kill.
+        fake_llm.latency_s = 2.0
+        time.sleep(0.2)  # the replies begun before, at 50 ms, are over
         deadline = time.monotonic() + 10
         while not (held := live_leases_of(doomed)) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -200,6 +203,7 @@ def test_kill_9_of_one_host_mid_burst_and_the_survivor_answers_everything_once(
         seen_at_kill.append(len(fake_waha.delivered_texts()))
         os.killpg(doomed.process.pid, signal.SIGKILL)  # master and workers at once, like a power cut
         doomed.process.wait()
+        fake_llm.latency_s = 0.05
 
     try:
         killer = when_delivered(fake_waha, 150, kill_host)
