@@ -109,7 +109,7 @@ case "$mode" in
     ensure_promtool
     ensure_postgres
     # Lint, format and types first, so pytest's summary stays the last line of the output.
-    "$VENV/bin/ruff" check whatsapp_webhook whatsapp_webhook_server.py gunicorn.conf.py
+    "$VENV/bin/ruff" check .  # the whole repository: tests, bench and fakes too
     "$VENV/bin/ruff" format --check --quiet whatsapp_webhook whatsapp_webhook_server.py
     "$VENV/bin/mypy" --no-error-summary
     exec "$VENV/bin/python" -m pytest "$@"

@@ -146,6 +146,7 @@ def test_two_workers_recording_the_same_keys_in_opposite_orders_do_not_deadlock(
     """message and message.any of one WhatsApp message share a key and may reach two workers at once, in
     batches of different orders; the rows go in in key order, so one batch waits for the other, never both."""
     import psycopg
+
     from whatsapp_webhook.pg_schema import ACCEPT_SQL
 
     a, b, c, d = (incoming(bare=f"3EB0{x}") for x in ("AAAA", "BBBB", "CCCC", "DDDD"))
