@@ -74,6 +74,9 @@ class ChatAdmission:
             loop_window=settings.loop_window_seconds,
             loop_pause=settings.loop_pause_minutes * 60,
         )
+        # How far back a chat's history reaches, and at most how many rows (a turn is a user and an assistant row).
+        self.history_seconds = settings.history_ttl_minutes * 60
+        self.history_rows = settings.history_turns * 2
 
     def prepare(self) -> None:
         """Before a claim, on its thread: SESSIONS_FILE, if it changed, is read now, so `request` (inside the
@@ -100,8 +103,8 @@ class ChatAdmission:
         return AdmissionRequest(
             texts=claimed.texts,
             limits=self.limits,
-            history_seconds=settings.history_ttl_minutes * 60 if wants_history else 0.0,
-            history_turns=settings.history_turns * 2 if wants_history else 0,
+            history_seconds=self.history_seconds if wants_history else 0.0,
+            history_turns=self.history_rows if wants_history else 0,
         )
 
     async def admitted(self, claimed: ClaimedMessage, command: str | None) -> AdmittedChat:
@@ -117,9 +120,7 @@ class ChatAdmission:
         admission = self.store.admit(chat_key, texts=claimed.texts, limits=self.limits)
         if admission.verdict is not Verdict.OK or not self._wants_history(claimed, command):
             return AdmittedChat(admission=admission, history=[])
-        turns = self.store.history(
-            chat_key, since=self.clock() - settings.history_ttl_minutes * 60, limit=settings.history_turns * 2
-        )
+        turns = self.store.history(chat_key, since=self.clock() - self.history_seconds, limit=self.history_rows)
         return AdmittedChat(admission=admission, history=trim_history(turns, max_chars=settings.history_max_chars))
 
     def _wants_history(self, claimed: ClaimedMessage, command: str | None) -> bool:
