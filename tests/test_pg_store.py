@@ -140,6 +140,9 @@ def test_once_the_database_fails_while_deliveries_are_tried_one_by_one_the_rest_
     assert results[:2] == [True, True]
     assert all(isinstance(result, StoreUnavailable) for result in results[2:])
     assert len({id(result) for result in results[2:]}) == 4  # each delivery its own exception
+    from whatsapp_webhook.pg_base import database_trouble
+
+    assert all(database_trouble(result) for result in results[2:])  # each keeps its cause: an outage, logged as one
 
 
 def test_two_workers_recording_the_same_keys_in_opposite_orders_do_not_deadlock(url: str, store) -> None:

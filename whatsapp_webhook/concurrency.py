@@ -209,9 +209,10 @@ class Batcher(Generic[ItemT, ResultT]):
                     submitted.result = result
         except BaseException as exc:
             for submitted in batch:  # each its own copy: several threads raise them at once
-                submitted.error = (
-                    _copy_of(exc) if isinstance(exc, Exception) else StoreUnavailable("state store write abandoned")
-                )
+                if isinstance(exc, Exception):
+                    submitted.error = copy_of_error(exc)
+                else:  # SystemExit, KeyboardInterrupt: the leader's to raise; its batch mates were not written
+                    submitted.error = StoreUnavailable("state store write abandoned")
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -221,7 +222,7 @@ class Batcher(Generic[ItemT, ResultT]):
                 self._turns.notify_all()  # their threads return now
 
 
-def _copy_of(exc: BaseException) -> BaseException:
+def copy_of_error(exc: BaseException) -> BaseException:
     """A copy of `exc` to raise in another thread (its traceback would otherwise grow in both), cause kept."""
     try:
         clone = copy.copy(exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -10,7 +9,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from whatsapp_webhook.concurrency import Batcher
+from whatsapp_webhook.concurrency import Batcher, copy_of_error
 from whatsapp_webhook.events import IncomingMessage, bare_message_id, text_fingerprint
 from whatsapp_webhook.media import worth_downloading
 from whatsapp_webhook.pg_base import Connection, database_trouble
@@ -108,7 +107,7 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         trouble: BaseException | None = None
         for message in messages:
             if trouble is not None:  # the database itself failed meanwhile: the rest would only wait for it
-                results.append(copy.copy(trouble))
+                results.append(copy_of_error(trouble))
                 continue
             try:
                 results += self._insert_new([message])
