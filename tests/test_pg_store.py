@@ -4,6 +4,7 @@ What every backend must do is in test_store_contract.py (which runs on PostgreSQ
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -20,8 +21,17 @@ from tests import postgres
 from tests.conftest import post_event
 from whatsapp_webhook import EXTENSION_KEY
 from whatsapp_webhook.events import IncomingMessage, classify_event, parse_event
+from whatsapp_webhook.policy import send_verdict
 from whatsapp_webhook.settings import Settings, SettingsError
-from whatsapp_webhook.store_api import AdmissionRequest, ChatLimits, Outcome, StoreUnavailable, Verdict
+from whatsapp_webhook.store_api import (
+    AdmissionRequest,
+    ChatLimits,
+    Outcome,
+    SendVerdict,
+    StoreUnavailable,
+    Verdict,
+)
+from whatsapp_webhook.store_schema import LLM_COST_COUNTER
 from whatsapp_webhook.stores import open_store
 
 psycopg = pytest.importorskip("psycopg")
@@ -266,6 +276,55 @@ def test_forgetting_a_chat_while_a_claim_decides_its_admission_waits_instead_of_
         store.close()  # its backends end, and with them their statistics are written
     assert [c.admission.verdict for c in claimed] == [Verdict.OK] and reports[0].dropped_open == 1
     assert deadlocks(url) == before
+
+
+def test_begin_send_gives_policys_verdict_in_every_case_and_a_plain_send_takes_one_statement(
+    url: str, store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """begin_send's common case is one statement (BEGIN_SEND_FAST_SQL), which decides SEND in SQL; anything else
+    goes to the locked transaction, where policy.send_verdict decides. Whatever the path, the verdict and the
+    message's state must be policy's, in every combination of what the decision reads; the cost counts once."""
+    store_transactions = [0]
+    write = store._write
+
+    def counted_write(work: Any) -> Any:
+        store_transactions[0] += 1
+        return write(work)
+
+    monkeypatch.setattr(store, "_write", counted_write)
+    cases = list(itertools.product(("processing", "sending", "queued"), ("w1", "w2"), (0, 1), (False, True),
+                                   (False, True), (0, 2), (True, False)))
+    for n, (status, owner, parts_sent, earlier, paused, sends, with_parts) in enumerate(cases):
+        chat = f"55319{n:08d}@c.us"
+        message = incoming(chat, ts=200, bare=f"3EB0C{n:08d}")
+        store.accept(message)
+        key = message.dedupe_key
+        if earlier:  # an earlier message of the chat, still open: it arrived late
+            store.accept(incoming(chat, ts=100, bare=f"3EB0E{n:08d}"))
+        if paused:
+            store.pause_chat(message.chat_key, until=time.time() + 3600, reason="human")
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("UPDATE inbox SET status = %s, lease_owner = %s, lease_expires_at = %s, parts_sent = %s,"
+                      " sends = %s, attempts = 1 WHERE key = %s",
+                      (status, None if status == "queued" else owner, time.time() + 30, parts_sent, sends, key))
+        expected = send_verdict(holds_lease=status != "queued" and owner == "w1",
+                                already_sending=status == "sending" or parts_sent > 0, earlier_open=earlier,
+                                paused=paused, sends=sends, max_sends=2 if with_parts else None)
+        transactions_before = store_transactions[0]
+        verdict = store.begin_send(key, "w1", parts=["Olá!"] if with_parts else [], max_sends=2,
+                                   reply=("Olá!", Outcome.SUCCESS), llm_cost_usd=0.000001)
+        case = f"case {n}: {status=} {owner=} {parts_sent=} {earlier=} {paused=} {sends=} {with_parts=}"
+        assert verdict is expected, case
+        with psycopg.connect(url, autocommit=True) as c:
+            after = c.execute("SELECT status, sends FROM inbox WHERE key = %s", (key,)).fetchone()
+        if expected is SendVerdict.SEND:
+            assert after == ("sending", sends + (1 if with_parts else 0)), case
+            assert store_transactions[0] == transactions_before, case  # one statement, no transaction
+        else:
+            assert after[0] != "sending" or status == "sending", case
+    assert store.begin_send("no-such-key", "w1", parts=["Olá!"], llm_cost_usd=0.000001) is SendVerdict.LOST
+    # What writing each reply cost (1,000 billionths of a dollar) is counted once, whatever the verdict and path.
+    assert store.read_counters([LLM_COST_COUNTER]) == {LLM_COST_COUNTER: 1000 * (len(cases) + 1)}
 
 
 def test_four_processes_claim_every_message_once_and_one_chat_at_a_time_in_order(url: str, store) -> None:

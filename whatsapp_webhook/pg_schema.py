@@ -268,20 +268,52 @@ WITH batch AS (
 SELECT key FROM new
 """
 
-# begin_send's writes once the verdict is SEND, in one statement: the parts' fingerprints (so our own echo
-# is never taken for a human), what writing the reply cost (when it cost anything) and the message's
-# state: sending, with a new reply's text stored so a retry resends the same words.
-SENDING_SQL = """
-WITH echoes AS (
+# begin_send's writes once the verdict is SEND: the parts' fingerprints (so our own echo is never taken for a
+# human), what writing the reply cost (when it cost anything) and the message's state: sending, with a new
+# reply's text stored so a retry resends the same words.
+_ECHOES_AND_COST = """
+echoes AS (
     INSERT INTO sent (chat_key, text_hash, sent_at)
-    SELECT %(chat_key)s, hash, %(now)s FROM unnest(%(hashes)s::text[]) AS hash
+    SELECT go.chat_key, hash, %(now)s FROM go, unnest(%(hashes)s::text[]) AS hash
 ), cost AS (
     INSERT INTO counters (name, shard, value) SELECT %(cost_name)s, %(shard)s, %(cost)s WHERE %(cost)s::bigint > 0
     ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value
-)
+)"""
+_SENDING_SET = """
 UPDATE inbox SET status = 'sending', send_started_at = %(now)s, updated_at = %(now)s, sends = sends + %(sending)s,
     reply_text = CASE WHEN %(new)s THEN %(text)s ELSE reply_text END,
     outcome = CASE WHEN %(new)s THEN %(outcome)s ELSE outcome END,
     parts_sent = CASE WHEN %(new)s THEN 0 ELSE parts_sent END
-WHERE key = %(key)s
+FROM go WHERE inbox.key = go.key"""
+
+# The writes of a SEND verdict decided under BEGIN_SEND_SQL's lock, in one statement.
+SENDING_SQL = f"""
+WITH go AS (SELECT %(key)s::text AS key, %(chat_key)s::text AS chat_key), {_ECHOES_AND_COST}
+{_SENDING_SET}
+"""
+
+# begin_send's common case in one statement, so one round trip and no BEGIN/COMMIT: the message's row locked
+# and read as BEGIN_SEND_SQL reads it, and the SEND writes made when the reply plainly may go out now (this
+# worker's lease, sends left, and sending begun already or nothing earlier open and no pause). That is never
+# more than policy.send_verdict allows (tests/test_pg_store.py checks every case against it); every other case
+# answers false, and PostgresStore.begin_send decides it under the lock, as before. The cost counts either way.
+BEGIN_SEND_FAST_SQL = f"""
+WITH m AS (
+    SELECT m.key, m.chat_key, m.status, m.lease_owner, m.sends, (m.status = 'sending' OR m.parts_sent > 0) AS begun,
+        EXISTS (SELECT 1 FROM inbox o
+                WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
+                  AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))) AS earlier_open,
+        EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s) AS paused
+    FROM inbox m WHERE m.key = %(key)s
+    FOR UPDATE OF m
+), go AS (
+    SELECT key, chat_key FROM m
+    WHERE lease_owner = %(owner)s AND status IN ('processing', 'sending')
+      AND (%(max_sends)s::int IS NULL OR sends < %(max_sends)s::int)
+      AND (begun OR (NOT earlier_open AND NOT paused))
+), {_ECHOES_AND_COST}, sending AS (
+{_SENDING_SET}
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM sending)
 """

@@ -17,6 +17,7 @@ from whatsapp_webhook.pg_chat_store import PostgresChatStore
 from whatsapp_webhook.pg_media import PostgresMediaQueue
 from whatsapp_webhook.pg_schema import (
     ACCEPT_SQL,
+    BEGIN_SEND_FAST_SQL,
     BEGIN_SEND_SQL,
     CLAIM_DUE_SQL,
     CLAIM_LOCK,
@@ -297,6 +298,25 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         """
         now = self.clock()
         cost = round(llm_cost_usd * 1e9)  # in billionths of a dollar: the counters are integers
+        sending = {
+            "key": key,
+            "now": now,
+            "hashes": [text_fingerprint(part) for part in parts],
+            "sending": 1 if parts else 0,
+            "new": reply is not None,
+            "text": reply[0] if reply else None,
+            "outcome": str(reply[1]) if reply else None,
+            "cost_name": LLM_COST_COUNTER,
+        }
+
+        def at_once(c: Connection) -> bool:
+            params = {**sending, "owner": owner, "max_sends": max_sends if parts else None, "cost": cost}
+            row = c.execute(BEGIN_SEND_FAST_SQL, params | {"shard": c.info.backend_pid % COUNTER_SHARDS}).fetchone()
+            return bool(row and row[0])
+
+        # Almost every reply may go out at once: one statement decides and records that (and counts the cost).
+        if self._run(at_once):
+            return SendVerdict.SEND
 
         def work(c: Connection) -> SendVerdict:
             row = c.execute(BEGIN_SEND_SQL, {"key": key, "now": now}).fetchone()
@@ -325,30 +345,12 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
                     (now, now, key),
                 )
                 c.execute("UPDATE inbox SET status = 'queued', merged_into = NULL WHERE merged_into = %s", (key,))
-            elif verdict is SendVerdict.SEND:
-                # Remember what we are about to say, so our own echo (message.any) is never taken for a human;
-                # the cost goes in the same statement (SENDING_SQL).
-                c.execute(
-                    SENDING_SQL,
-                    {
-                        "key": key,
-                        "chat_key": chat_key,
-                        "now": now,
-                        "hashes": [text_fingerprint(part) for part in parts],
-                        "sending": 1 if parts else 0,
-                        "new": reply is not None,
-                        "text": reply[0] if reply else None,
-                        "outcome": str(reply[1]) if reply else None,
-                        "cost_name": LLM_COST_COUNTER,
-                        "cost": cost,
-                        "shard": c.info.backend_pid % COUNTER_SHARDS,
-                    },
-                )
-                return verdict
-            if cost > 0:
-                self._bump(c, LLM_COST_COUNTER, cost)
+            elif verdict is SendVerdict.SEND:  # it changed since the statement above looked: a SEND after all
+                shard = c.info.backend_pid % COUNTER_SHARDS
+                c.execute(SENDING_SQL, sending | {"chat_key": chat_key, "cost": 0, "shard": shard})
             return verdict
 
+        # The rest (yield, pause, spent, lost) is decided with the row locked, by policy.send_verdict.
         return self._write(work)
 
     def mark_part_sent(self, key: str, owner: str, *, parts_sent: int, sent_message_id: str | None) -> bool:
