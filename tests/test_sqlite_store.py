@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -158,6 +159,7 @@ def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
     """One task renews every lease of the worker: an error it does not expect must not end it."""
     class FlakyStore:
         calls = 0
+        claims_in_a_row = 1
 
         def claim_due(self, *args: Any, **kwargs: Any) -> list:
             return []
@@ -180,6 +182,57 @@ def test_the_lease_keeper_survives_an_unexpected_error(tmp_path) -> None:
 
     asyncio.run(scenario())
     assert FlakyStore.calls >= 3  # kept renewing after the first call failed
+
+
+def test_the_dispatcher_keeps_claiming_full_batches_while_the_loop_is_busy(tmp_path) -> None:
+    """Under a burst the loop is late: on a store that allows claims in a row (PostgreSQL), the next batch is claimed
+    as soon as the last one came back full, not when the loop gets round to it, and each batch's replies start once
+    the loop is free."""
+    claims: list[int] = []
+    seen_while_blocked: list[int] = []
+
+    class FullInbox:
+        claims_in_a_row = 8  # as on PostgreSQL
+
+        def claim_due(self, owner: str, *, limit: int, **kwargs: Any) -> list:
+            claims.append(limit)
+            if len(claims) > 3:
+                return []
+            return [SimpleNamespace(attempts=1, previous_status="queued",
+                                    message=SimpleNamespace(dedupe_key=f"k{len(claims)}-{n}", event_id="e",
+                                                            chat_id="c"))
+                    for n in range(limit)]
+
+        def prune(self, **kwargs: Any) -> int:
+            return 0
+
+        def renew_leases(self, keys: Any, owner: str, *, lease_seconds: float) -> int:
+            return 0
+
+    class LoopHoggingPipeline:
+        admission = SimpleNamespace(prepare=lambda: None, request=lambda claimed: None)
+
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        async def process(self, claimed: Any) -> None:
+            if not self.started:
+                time.sleep(0.5)  # the loop's thread is busy (blocked) for half a second
+                seen_while_blocked.append(len(claims))
+            self.started.append(claimed.message.dedupe_key)
+
+    pipeline = LoopHoggingPipeline()
+
+    async def scenario() -> None:
+        dispatcher = Dispatcher(store=FullInbox(), pipeline=pipeline,  # type: ignore[arg-type]
+                                settings=make_settings(tmp_path, max_replies_in_flight=200), poll_seconds=3600)
+        dispatcher.start()
+        await asyncio.sleep(0.8)
+        await dispatcher.stop(timeout=1)
+
+    asyncio.run(scenario())
+    assert seen_while_blocked == [4]  # three full batches and the empty one, all while the loop was blocked
+    assert len(pipeline.started) == 96 and len(set(pipeline.started)) == 96  # every claimed reply started once
 
 
 # --- versioned schema: old state files upgrade in place -----------------------------------------------

@@ -28,7 +28,8 @@ How one message travels (module.function, and the thread it runs on):
        merging a burst, and in the same transaction the admission admission.ChatAdmission.request asks
        for: pause, opt-out, loops, rate limits, then the chat's history) and runs
        pipeline.ReplyPipeline.process for each as a task; store calls go to a small thread pool
-       (asyncio.to_thread) so the loop never blocks on SQLite.
+       (asyncio.to_thread) so the loop never blocks on SQLite. While the batches come back full, the claims
+       follow each other on one of those threads, each batch handed to the loop as it comes.
     7. ReplyPipeline._compose: commands, the claim's admission (skipped: a notice or silence),
        the session's business.SessionProfile (SESSIONS_FILE over the settings; opening hours: out of hours
        business_gate.BusinessGate sends a notice once per closed period or stays silent; the daily budget;

@@ -57,6 +57,10 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
     about (the message, the chat) before reading them, so each is atomic across workers and hosts.
     """
 
+    # Claims wait for no one here but each other: under a burst a dispatcher takes full batches one after the
+    # other, not once per turn of its (late) loop.
+    claims_in_a_row = 8
+
     # --- the webhook side ------------------------------------------------------------------------
 
     @cached_property
@@ -295,6 +299,8 @@ class PostgresStore(PostgresChatStore, PostgresMediaQueue):
         A new `reply` (text, outcome) is stored in the same step, so a retry resends the same words.
         `llm_cost_usd`, what writing it cost, is added to the shared total whatever the verdict: it was spent.
         Each SEND counts one send of the message; once `max_sends` are used it is given up (SPENT).
+        A plain SEND is one statement (BEGIN_SEND_FAST_SQL); if the connection is lost as it commits, the retry
+        counts that send and the cost twice (the reply still goes out once).
         """
         now = self.clock()
         cost = round(llm_cost_usd * 1e9)  # in billionths of a dollar: the counters are integers

@@ -42,6 +42,10 @@ class StateStore(ChatStore, SQLiteMediaQueue):
     atomic across workers. Connections are per thread and per process: a connection must never cross a fork.
     """
 
+    # A claim takes the write lock every delivery needs: one at a time, so the request threads get it between
+    # claims (claims in a row measured 0.3 ms more CPU per message in bench run 2).
+    claims_in_a_row = 1
+
     # --- the webhook side ------------------------------------------------------------------------
 
     def accept(self, message: IncomingMessage) -> Acceptance:

@@ -253,6 +253,10 @@ class Store(Protocol):
     def entry(self, key: str) -> InboxEntry | None: ...
 
     # The worker side: claims, leases, sends
+    # How many claims a dispatcher makes one after the other on its store thread, without going back to the
+    # loop between them, while they come back full (worker.Dispatcher._claim_due).
+    claims_in_a_row: int
+
     def claim_due(
         self,
         owner: str,

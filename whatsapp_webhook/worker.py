@@ -1,9 +1,10 @@
-"""Per-worker runtime: the dispatcher that claims due messages on the event loop, and what it owns per process."""
+"""Per-worker runtime: the dispatcher that claims due messages for the event loop, and what it owns per process."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import time
 from collections.abc import (
     Awaitable,
@@ -113,12 +114,44 @@ class Dispatcher:
                 pass
 
     async def _claim_due(self) -> None:
-        while not self._stopping and (room := self.settings.max_replies_in_flight - len(self._tasks)) > 0:
-            batch = await asyncio.to_thread(self._claim, min(room, CLAIM_BATCH))
-            for claimed in batch:
-                self._start(claimed)
-            if len(batch) < min(room, CLAIM_BATCH):
-                return
+        """Claim while the batches come back full and there is room, starting each batch's replies at once.
+
+        Up to store.claims_in_a_row claims follow each other on one store thread, not on the loop: under a
+        burst the loop is late (its thread waits for the GIL and a core), and a claim that waited for the loop
+        between batches left the inbox full meanwhile. Each batch is handed to the loop as soon as it is claimed.
+        """
+        loop = asyncio.get_running_loop()
+        claimed_batches: queue.SimpleQueue[list[ClaimedMessage]] = queue.SimpleQueue()
+
+        def start_claimed() -> None:  # on the loop
+            while True:
+                try:
+                    batch = claimed_batches.get_nowait()
+                except queue.Empty:
+                    return
+                for claimed in batch:
+                    self._start(claimed)
+
+        def claim_in_a_row(room: int) -> bool:  # on a store thread; True when the last batch came back full
+            for _ in range(max(1, self.store.claims_in_a_row)):
+                limit = min(room, CLAIM_BATCH)
+                batch = self._claim(limit)
+                claimed_batches.put(batch)
+                loop.call_soon_threadsafe(start_claimed)
+                room -= len(batch)
+                if len(batch) < limit:
+                    return False
+                if room <= 0 or self._stopping:
+                    break
+            return True
+
+        try:
+            while not self._stopping and (room := self.settings.max_replies_in_flight - len(self._tasks)) > 0:
+                if not await asyncio.to_thread(claim_in_a_row, room):
+                    return
+                start_claimed()  # before the room is counted again
+        finally:
+            start_claimed()  # whatever was claimed is started, even if a later claim failed
 
     def _claim(self, limit: int) -> list[ClaimedMessage]:
         """On a store thread: the claim, with the admissions the pipeline asks for decided in its transaction."""
