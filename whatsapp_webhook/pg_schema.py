@@ -183,8 +183,8 @@ BEGIN_SEND_SQL = f"""
 SELECT m.status, m.lease_owner, m.chat_key, m.parts_sent, m.sends,
     EXISTS (SELECT 1 FROM inbox o
             WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
-              AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))),
-    EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s)
+              AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))) AS earlier_open,
+    EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s) AS paused
 FROM inbox m WHERE m.key = %(key)s
 FOR UPDATE OF m
 """
@@ -293,24 +293,16 @@ WITH go AS (SELECT %(key)s::text AS key, %(chat_key)s::text AS chat_key), {_ECHO
 """
 
 # begin_send's common case in one statement, so one round trip and no BEGIN/COMMIT: the message's row locked
-# and read as BEGIN_SEND_SQL reads it, and the SEND writes made when the reply plainly may go out now (this
+# and read by BEGIN_SEND_SQL itself, and the SEND writes made when the reply plainly may go out now (this
 # worker's lease, sends left, and sending begun already or nothing earlier open and no pause). That is never
 # more than policy.send_verdict allows (tests/test_pg_store.py checks every case against it); every other case
 # answers false, and PostgresStore.begin_send decides it under the lock, as before. The cost counts either way.
 BEGIN_SEND_FAST_SQL = f"""
-WITH m AS (
-    SELECT m.key, m.chat_key, m.status, m.lease_owner, m.sends, (m.status = 'sending' OR m.parts_sent > 0) AS begun,
-        EXISTS (SELECT 1 FROM inbox o
-                WHERE o.chat_key = m.chat_key AND o.key <> m.key AND o.status IN {ACTIVE_SQL}
-                  AND (o.sort_ts < m.sort_ts OR (o.sort_ts = m.sort_ts AND o.seq < m.seq))) AS earlier_open,
-        EXISTS (SELECT 1 FROM chat_state s WHERE s.chat_key = m.chat_key AND s.paused_until > %(now)s) AS paused
-    FROM inbox m WHERE m.key = %(key)s
-    FOR UPDATE OF m
-), go AS (
-    SELECT key, chat_key FROM m
+WITH m AS ({BEGIN_SEND_SQL}), go AS (
+    SELECT %(key)s::text AS key, chat_key FROM m
     WHERE lease_owner = %(owner)s AND status IN ('processing', 'sending')
       AND (%(max_sends)s::int IS NULL OR sends < %(max_sends)s::int)
-      AND (begun OR (NOT earlier_open AND NOT paused))
+      AND (status = 'sending' OR parts_sent > 0 OR (NOT earlier_open AND NOT paused))
 ), {_ECHOES_AND_COST}, sending AS (
 {_SENDING_SET}
     RETURNING 1
