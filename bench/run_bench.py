@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
 
 import httpx
 
+from bench import run3_steps
 from fakes import waha_payloads as wp
 from fakes.gunicorn_server import GunicornError, GunicornServer, clean_env, last_lines, stop_process
 from fakes.postgres_server import PostgresServer, PostgresUnavailable
@@ -1027,6 +1028,7 @@ class Bench:
         meter.stop({"wrk": run.wrk_cpu})
         took = run.last_reply + a.waha_latency - run.t0  # the fake answers sendText after its latency
         ratio = took / ideal
+        arrivals: dict[tuple[int, int], float] = {}
         if not a.skip_floor:
             # The same messages replayed by a perfect server (no inbox, no framework) at the moments they
             # reached ours in this run: what is left between the two is our server's own cost.
@@ -1039,6 +1041,10 @@ class Bench:
                 f"({failures} failed calls)")
         say(f"  {run.check.text()}; last reply after {took:.2f}s = {ratio:.2f}x ideal")
         say("  " + meter.summary())
+        steps = self.run3_steps(run.t0, arrivals) if arrivals else {}
+        if steps:
+            say("  per chat, p50 / p90: " + "; ".join(f"{name} {p50:.0f} / {p90:.0f} ms"
+                                                      for name, (p50, p90) in steps.items()))
         r = self.results
         r.row(self.lab("3"), f"Time until the last reply reaches the fake WAHA ({len(tokens):,} msgs / {a.run3_chats} chats)",
               f"{took:.2f} s")
@@ -1048,6 +1054,9 @@ class Bench:
             r.row(self.lab("3"), "… floor: a perfect server calling the same fakes at the same arrivals (asyncio "
                        "client, no inbox); ours / floor", f"{floor:.2f} s = {floor / ideal:.2f}× ideal",
                   f"ours {took / floor:.2f}× floor (target ≤ 1.15×)", verdict(took / floor <= 1.15))
+        if steps:
+            r.row(self.lab("3"), "… per chat, p50 / p90 of each step (a perfect server: ~0 ms; bench/run3_steps.py)",
+                  "; ".join(f"{name}: {p50:.0f} / {p90:.0f} ms" for name, (p50, p90) in steps.items()))
         self.webhook_row(self.lab("3"), run)
         self.once_row(self.lab("3"), run)
 
@@ -1062,8 +1071,19 @@ class Bench:
         r.notes.append("Run 3 CPU: " + meter.summary())
         r.data[self.key("run3")] = {"messages": len(tokens), "took_s": took, "ideal_s": ideal, "ratio": ratio,
                           "floor_s": floor, "wrk": run.wrk.data, "check": run.check.__dict__, "rss_start": start_rss,
-                          "rss_rest": rest, "rss_peak": peak, "cpu": meter.result, "cpu_wall": meter.wall}
+                          "rss_rest": rest, "rss_peak": peak, "cpu": meter.result, "cpu_wall": meter.wall,
+                          "steps_ms": {name: {"p50": p50, "p90": p90} for name, (p50, p90) in steps.items()}}
         return took
+
+    def run3_steps(self, t0: float, arrivals: dict[tuple[int, int], float]) -> dict[str, tuple[float, float]]:
+        """p50 and p90 (ms) of each step of run 3's replies, chat by chat (bench/run3_steps.py)."""
+        a = self.args
+        assert self.llm and self.waha
+        llm, sends = run3_steps.first_calls([*run3_steps.read_log(self.llm.log), *run3_steps.read_log(self.waha.log)],
+                                            tag="r3", since=t0)
+        steps = run3_steps.per_chat_steps(arrivals, llm, sends, t0=t0, chats=a.run3_chats, per_chat=a.run3_per_chat,
+                                          llm_latency=a.llm_latency, waha_latency=a.waha_latency)
+        return {name: (percentile(values, 50), percentile(values, 90)) for name, values in steps.items() if values}
 
     # -- run 5: single-message overhead ----------------------------------------------------------
     def single_messages(self, server: Gunicorn, *, tag: str, count: int, window_s: float) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The benchmark's own arithmetic (bench/run_bench.py): percentiles, matching a sendText to the message it
-answers, reading the fake WAHA's log, and the fake's receive time that run 5's figures rest on."""
+answers, reading the fake WAHA's log, the fake's receive time that run 5's figures rest on, and run 3's steps
+per chat (bench/run3_steps.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import run3_steps
 from bench.run_bench import ReplyLog, check_once, percentile, reply_delays
 from fakes import FakeWaha
 
@@ -80,3 +82,41 @@ def test_the_fake_waha_logs_when_a_request_arrived_not_when_it_answered(tmp_path
     assert r.status_code == 201
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert sent <= record["t_wall"] <= answered - 0.3  # the answer came a whole latency after the arrival
+
+
+def _llm_call(at: float, *turns: tuple[str, str]) -> dict[str, object]:
+    messages = [{"role": "system", "content": "You are the assistant #r3-000777"}]
+    messages += [{"role": role, "content": content} for role, content in turns]
+    return {"path": "/api/v1/chat/completions", "t_wall": at, "status": 200, "body": {"messages": messages}}
+
+
+def _send(at: float, text: str, status: int = 201) -> dict[str, object]:
+    return {"path": "/api/sendText", "t_wall": at, "status": status, "body": {"chatId": "x@c.us", "text": text}}
+
+
+def test_run3_steps_time_each_chats_turns_from_the_fakes_logs() -> None:
+    """Two chats, two messages each (tokens 0, 1 first messages; 2, 3 second ones), times after t0 = 1000."""
+    records = [
+        _send(999.0, "warm-up #r3-000000"),  # before the run: ignored
+        _llm_call(1000.30, ("user", "hi #r3-000000")),
+        _llm_call(1000.50, ("user", "hi #r3-000001")),
+        _llm_call(1001.55, ("user", "again #r3-000000")),  # a retry: the first request counts
+        _send(1001.40, "Echo #r3-000000"),  # 1000.30 + 1 s of LLM -> 100 ms to sendText
+        _send(1001.52, "Echo #r3-000001", status=500),  # refused: not the reply
+        _send(1001.60, "Echo #r3-000001"),
+        # The second message's request carries the first as history: only its last user turn is its own.
+        _llm_call(1001.70, ("user", "hi #r3-000000"), ("assistant", "Echo #r3-000000"), ("user", "and #r3-000002")),
+        _send(1002.72, "Echo #r3-000002"),
+        _llm_call(1001.90, ("user", [{"type": "text", "text": "photo #r3-000003"}])),  # multimodal parts
+    ]
+    llm, sends = run3_steps.first_calls(records, tag="r3", since=1000.0)
+    assert llm == {0: 1000.30, 1: 1000.50, 2: 1001.70, 3: 1001.90}
+    assert sends == {0: 1001.40, 1: 1001.60, 2: 1002.72}  # 777 was never a message; 3 got no reply
+    arrivals = {(0, 0): 0.10, (1, 0): 0.20, (0, 1): 0.20, (1, 1): 0.30}
+    steps = run3_steps.per_chat_steps(
+        arrivals, llm, sends, t0=1000.0, chats=2, per_chat=2, llm_latency=1.0, waha_latency=0.05
+    )
+    assert steps[run3_steps.FIRST_REQUEST] == pytest.approx([200.0, 300.0])  # recorded -> its LLM request
+    assert steps[run3_steps.TO_SEND] == pytest.approx([100.0, 20.0, 100.0])  # chat by chat, message by message
+    # the previous reply's sendText answered (sent + 50 ms) -> the next message's LLM request
+    assert steps[run3_steps.NEXT_TURN] == pytest.approx([250.0, 250.0])
