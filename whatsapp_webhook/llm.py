@@ -178,7 +178,7 @@ class LLMClient:
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        self.url = httpx.URL(f"{self.base_url}/chat/completions")  # parsed once, not on every request
         self.model = model
         self.models = tuple(dict.fromkeys((model, *fallback_models)))
         # OpenRouter tries a `models` list itself; any other server gets one model per request.
