@@ -113,6 +113,9 @@ def test_a_local_openai_compatible_server_needs_no_openrouter_key() -> None:
     ("WEBHOOK_PORT", "70000", "WEBHOOK_PORT must be a whole number"),
     ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'"),
     ("WAHA_BASE_URL", "waha:3000", "WAHA_BASE_URL must be an http:// or https:// URL"),
+    # Passes a scheme-and-host check, but no request could be built from it: told now, not at a worker's boot.
+    ("WAHA_BASE_URL", "http://waha:abc", "WAHA_BASE_URL is not a usable URL (Invalid port: 'abc')"),
+    ("OPENROUTER_BASE_URL", "http://☃.com/api/v1", "OPENROUTER_BASE_URL is not a usable URL (Invalid IDNA hostname"),
     ("WEBHOOK_SYNC_WAIT_SECONDS", "-1", "WEBHOOK_SYNC_WAIT_SECONDS must be a number from 0 to 600"),
     ("REQUEST_READ_TIMEOUT_SECONDS", "0", "REQUEST_READ_TIMEOUT_SECONDS must be a number from 1 to 300, got '0'"),
     ("REQUEST_READ_TIMEOUT_SECONDS", "ten", "REQUEST_READ_TIMEOUT_SECONDS must be a number from 1 to 300"),

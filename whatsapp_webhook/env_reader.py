@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
+import httpx
+
 T = TypeVar("T")
 
 
@@ -212,6 +214,11 @@ class EnvReader:
         parsed = urlparse(raw)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             self.problems.append(f"{name} must be an http:// or https:// URL, got {raw!r}")
+            return default
+        try:
+            httpx.URL(raw)  # the clients build their URLs from it when a worker starts
+        except httpx.InvalidURL as exc:
+            self.problems.append(f"{name} is not a usable URL ({exc}); e.g. http://waha:3000")
             return default
         return raw
 
