@@ -4,7 +4,8 @@ arrival times (the ones the floor replays).
 For every chat, message k (0-based) of the run:
 - k = 0: recorded by our server -> its LLM request reached the fake LLM (claim, admission, the loop's start);
 - every k: the fake LLM answered (request + its latency) -> the reply's sendText reached the fake WAHA;
-- k > 0: the previous reply's sendText was answered -> this message's LLM request (the chat's turn passing on).
+- k > 0: the previous reply's sendText was answered (or this message recorded, if later) -> this message's LLM
+  request (the chat's turn passing on).
 
 A perfect server spends ~0 ms in each. The steps' p50 / p90 are printed under run 3, so a change that moves
 the floor ratio shows which step it moved (bench/README.md, "Where the time went", was measured this way).
@@ -43,8 +44,9 @@ def _llm_tokens(body: Any, tag: str) -> list[int]:
 def first_calls(
     records: Iterable[Mapping[str, Any]], *, tag: str, since: float
 ) -> tuple[dict[int, float], dict[int, float]]:
-    """From the fakes' JSONL records (either log, or both): when each token's first LLM request arrived and
-    when its first accepted sendText (201) arrived, as wall times at or after `since`."""
+    """From the fakes' JSONL records (either log, or both): when each token's earliest LLM request arrived and
+    its earliest accepted sendText (201), as wall times at or after `since`. Earliest, not first in the file: a
+    fake writes its record after answering, so a timed-out attempt is logged after its retry."""
     llm: dict[int, float] = {}
     sends: dict[int, float] = {}
     for record in records:
@@ -53,17 +55,18 @@ def first_calls(
             continue
         if record.get("path") == "/api/v1/chat/completions":
             for token in _llm_tokens(record.get("body"), tag):
-                llm.setdefault(token, at)
+                llm[token] = min(at, llm.get(token, at))
         elif record.get("path") == "/api/sendText" and record.get("status") == 201:
             body = record.get("body")
             for token in _tokens(body.get("text") if isinstance(body, dict) else None, tag):
-                sends.setdefault(token, at)
+                sends[token] = min(at, sends.get(token, at))
     return llm, sends
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
+    """A fake's complete records; a last line still being written (no newline yet) is left out."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def per_chat_steps(
@@ -92,5 +95,8 @@ def per_chat_steps(
             if k == 0 and (recorded := arrivals.get((chat, 0))) is not None:
                 steps[FIRST_REQUEST].append(1000 * (asked - (t0 + recorded)))
             if k > 0 and (previous := sends.get(token - chats)) is not None:
-                steps[NEXT_TURN].append(1000 * (asked - (previous + waha_latency)))
+                ready = previous + waha_latency  # the chat's turn passes on when the last reply was answered...
+                if (recorded := arrivals.get((chat, k))) is not None:
+                    ready = max(ready, t0 + recorded)  # ...unless this message reached us only after that
+                steps[NEXT_TURN].append(1000 * (asked - ready))
     return steps

@@ -108,15 +108,24 @@ def test_run3_steps_time_each_chats_turns_from_the_fakes_logs() -> None:
         _llm_call(1001.70, ("user", "hi #r3-000000"), ("assistant", "Echo #r3-000000"), ("user", "and #r3-000002")),
         _send(1002.72, "Echo #r3-000002"),
         _llm_call(1001.90, ("user", [{"type": "text", "text": "photo #r3-000003"}])),  # multimodal parts
+        _llm_call(1001.85, ("user", "photo #r3-000003")),  # arrived first, logged last (the fake logs on answering)
     ]
     llm, sends = run3_steps.first_calls(records, tag="r3", since=1000.0)
-    assert llm == {0: 1000.30, 1: 1000.50, 2: 1001.70, 3: 1001.90}
+    assert llm == {0: 1000.30, 1: 1000.50, 2: 1001.70, 3: 1001.85}  # the earliest arrival of each
     assert sends == {0: 1001.40, 1: 1001.60, 2: 1002.72}  # 777 was never a message; 3 got no reply
-    arrivals = {(0, 0): 0.10, (1, 0): 0.20, (0, 1): 0.20, (1, 1): 0.30}
+    # Chat 1's second message reached us (t0 + 1.80) after its first reply was answered (1001.65).
+    arrivals = {(0, 0): 0.10, (1, 0): 0.20, (0, 1): 0.20, (1, 1): 1.80}
     steps = run3_steps.per_chat_steps(
         arrivals, llm, sends, t0=1000.0, chats=2, per_chat=2, llm_latency=1.0, waha_latency=0.05
     )
     assert steps[run3_steps.FIRST_REQUEST] == pytest.approx([200.0, 300.0])  # recorded -> its LLM request
     assert steps[run3_steps.TO_SEND] == pytest.approx([100.0, 20.0, 100.0])  # chat by chat, message by message
-    # the previous reply's sendText answered (sent + 50 ms) -> the next message's LLM request
-    assert steps[run3_steps.NEXT_TURN] == pytest.approx([250.0, 250.0])
+    # the previous reply's sendText answered (sent + 50 ms), or the message recorded if later -> its LLM request
+    assert steps[run3_steps.NEXT_TURN] == pytest.approx([250.0, 50.0])
+
+
+def test_run3_steps_leave_out_a_record_still_being_written(tmp_path: Path) -> None:
+    log = tmp_path / "fake-llm.jsonl"
+    whole = json.dumps(_llm_call(1000.3, ("user", "hi #r3-000000")))
+    log.write_text(whole + "\n" + whole[:40])
+    assert run3_steps.read_log(log) == [json.loads(whole)]
